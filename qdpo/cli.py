@@ -1,0 +1,101 @@
+"""The `qdpo` command: thin, typed wrappers over the library."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from qdpo.errors import UserError
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+class _Group(click.Group):
+    """Turns UserError from any command into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            _fail(str(e))
+
+
+@click.group(cls=_Group)
+@click.version_option(package_name="qdpo")
+def main() -> None:
+    """qdpo: DPO-tune a 4-bit model with LoRA on one GPU (or the CPU)."""
+
+
+@main.command()
+@click.option("--preset", default="smoke", show_default=True, help="Preset name (see `qdpo presets`) or a .yaml file.")
+@click.option("--model", default=None, help="Base model: transformers dir, .gguf file or hub id.")
+@click.option("--data", default=None, help="Preference data: .jsonl/.json/.parquet/.csv, save_to_disk dir or hub id.")
+@click.option("--eval-data", default=None, help="Held-out preference data (default: eval_fraction of --data).")
+@click.option("--output", "output_dir", default=None, help="Run directory (default runs/<preset>-<time>).")
+@click.option("--prompt-column", default=None, help="Column holding the prompt.")
+@click.option("--chosen-column", default=None, help="Column holding the preferred response.")
+@click.option("--rejected-column", default=None, help="Column holding the dispreferred response.")
+@click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run in the output directory.")
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar (metrics still go to metrics.jsonl).")
+@click.option("--dry-run", is_flag=True, help="Print the resolved settings as YAML and stop (loads no model or data).")
+@click.argument("overrides", nargs=-1)
+def run(preset: str, model: str | None, data: str | None, eval_data: str | None, output_dir: str | None,
+        prompt_column: str | None, chosen_column: str | None, rejected_column: str | None,
+        overwrite: bool | None, no_progress: bool, dry_run: bool, overrides: tuple[str, ...]) -> None:
+    """Tune LoRA adapters with DPO. OVERRIDES are key=value settings (see `qdpo settings`), e.g. beta=0.2.
+
+    Later sources win: built-in defaults < preset < flags and key=value overrides.
+    """
+    from qdpo.config import build_config, parse_override
+    from qdpo.presets import load_preset
+    from qdpo.train import run as run_training
+
+    loaded = load_preset(preset)
+    flags = {"model": model, "data": data, "eval_data": eval_data, "output_dir": output_dir,
+             "prompt_column": prompt_column, "chosen_column": chosen_column,
+             "rejected_column": rejected_column, "overwrite": overwrite}
+    values = {k: v for k, v in flags.items() if v is not None}
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    config = build_config(loaded.settings, values)
+    if dry_run:
+        import yaml
+
+        click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
+        return
+    run_training(config, preset=loaded.name, echo=click.echo, progress=not no_progress)
+
+
+@main.command()
+def presets() -> None:
+    """List the shipped presets with what each is for and the GPU memory it targets."""
+    from qdpo.presets import available, load_preset
+
+    for name in available():
+        p = load_preset(name)
+        memory = f"{p.gpu_memory_gb:g} GB GPU" if p.gpu_memory_gb else "CPU"
+        click.echo(f"{name:<10} {memory:<10} {p.description}")
+
+
+@main.command()
+def settings() -> None:
+    """List every setting with its default and what it does."""
+    from dataclasses import MISSING, fields
+
+    from qdpo.config import Config
+
+    for f in fields(Config):
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        click.echo(f"{f.name} = {default!r}\n    {f.metadata['help']}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,227 @@
+"""One dataclass that holds every knob of a run, plus the strict preset + override loader."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qdpo.errors import UserError
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+SCHEDULERS = ("linear", "cosine", "constant")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field that carries its help text."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class Config:
+    """Every setting of a qdpo run; names follow TRL/transformers where one exists."""
+
+    # --- what to tune on
+    model: str = _f("builtin:smollm2-135m-instruct", "Base model: local transformers dir, .gguf file, hub id, or builtin:smollm2-135m-instruct.")
+    data: str = _f("builtin:answers", "Preference data: .jsonl/.json/.parquet/.csv file, save_to_disk dir, hub id, or builtin:answers.")
+    data_split: str = _f("train", "Split to read when `data` is a hub dataset or a DatasetDict directory.")
+    eval_data: str | None = _f(None, "Held-out preference data (same formats as `data`); if unset, `eval_fraction` of `data` is held out.")
+    eval_fraction: float = _f(0.05, "Share of `data` held out for evaluation when `eval_data` is unset (0 disables eval).")
+    prompt_column: str = _f("prompt", "Column with the prompt (string or chat messages).")
+    chosen_column: str = _f("chosen", "Column with the preferred response.")
+    rejected_column: str = _f("rejected", "Column with the dispreferred response.")
+    assistant_marker: str = _f("\n\nAssistant:", "For rows without a prompt column (Anthropic-HH style): text that opens an assistant turn.")
+    output_dir: str | None = _f(None, "Where the run writes config, metrics and the adapter; default runs/<preset>-<time>.")
+    overwrite: bool = _f(False, "Replace an existing, non-empty output_dir.")
+
+    # --- model and adapters
+    compute_dtype: str = _f("auto", "Matmul dtype for 4-bit layers: auto = bfloat16 on GPUs that have it, float16 otherwise, float32 on CPU (bf16 is ~10x slower there).", choices=COMPUTE_DTYPES)
+    lora_r: int = _f(16, "LoRA rank. Memory: r x (in + out) params per adapted matrix, x4 bytes for weights+grads+2 Adam states each.")
+    lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r).")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input; 0 keeps the step-0 policy identical to the reference.")
+    lora_target_modules: list[str] = _f(["all-linear"], "Module names to adapt; all-linear = every linear layer of the blocks (not lm_head).")
+    init_adapter: str | None = _f(None, "Start from this PEFT adapter (e.g. an SFT adapter); it is also the reference model.")
+    gradient_checkpointing: bool = _f(True, "Recompute each block's activations in backward (non-reentrant). True cuts activation memory ~L-fold for ~30% more compute.")
+
+    # --- data shaping
+    max_length: int = _f(1024, "Longest prompt+response in tokens; longer responses are cut from the right.")
+    max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts are cut from the left (the end is kept).")
+    micro_batch_size: int = _f(1, "Pairs per forward pass (each pair is 2 sequences). Memory grows linearly with it.")
+    gradient_accumulation_steps: int = _f(8, "Micro-batches summed per optimizer step; pairs per step = micro_batch_size x this.")
+
+    # --- the objective
+    beta: float = _f(0.1, "How far the policy may drift from the reference (higher = stay closer).")
+    loss_type: str = _f("sigmoid", "sigmoid (DPO), ipo (IPO), hinge (SLiC), robust (rDPO).", choices=LOSS_TYPES)
+    label_smoothing: float = _f(0.0, "Assumed share of flipped labels (cDPO for sigmoid, rDPO for robust); in [0, 0.5).")
+    sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (RPO); 0 disables it.")
+
+    # --- optimisation
+    learning_rate: float = _f(5e-5, "Peak learning rate of the LoRA parameters.")
+    lr_scheduler_type: str = _f("linear", "Decay after warmup: linear, cosine or constant.", choices=SCHEDULERS)
+    warmup_ratio: float = _f(0.1, "Share of steps spent warming the learning rate up from 0.")
+    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA parameters.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables clipping).")
+    optim: str = _f("adamw", "adamw (torch) or paged_adamw_8bit (bitsandbytes; 8-bit states: 4x smaller, needs CUDA).", choices=OPTIMIZERS)
+    num_train_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = _f(0, "Optimizer steps to run; 0 = derive from num_train_epochs.")
+    seed: int = _f(42, "Seed for data order, eval split and LoRA init.")
+
+    # --- what the run reports
+    logging_steps: int = _f(1, "Write a metrics line every this many optimizer steps.")
+    eval_steps: int = _f(0, "Score the eval split every this many steps (0 = only at the end).")
+    save_steps: int = _f(0, "Reserved for checkpoints (not implemented yet; 0 = only the final adapter).")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field's range and the cross-field rules; raise UserError naming the field."""
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}.")
+        positive = ("lora_r", "lora_alpha", "max_length", "max_prompt_length", "micro_batch_size",
+                    "gradient_accumulation_steps", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1; got {getattr(self, name)}.")
+        for name in ("max_steps", "eval_steps", "save_steps", "weight_decay", "max_grad_norm", "sft_weight"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative; got {getattr(self, name)}.")
+        if self.beta <= 0:
+            raise UserError(f"beta must be positive; got {self.beta}.")
+        if self.learning_rate <= 0:
+            raise UserError(f"learning_rate must be positive; got {self.learning_rate}.")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise UserError(f"label_smoothing must be in [0, 0.5); got {self.label_smoothing}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}.")
+        if not 0 <= self.eval_fraction < 1:
+            raise UserError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}.")
+        if self.max_steps == 0 and self.num_train_epochs <= 0:
+            raise UserError("set max_steps or a positive num_train_epochs; both say zero steps.")
+        if self.max_prompt_length >= self.max_length:
+            raise UserError(f"max_prompt_length ({self.max_prompt_length}) must be less than max_length ({self.max_length}) to leave room for the response.")
+        if self.loss_type != "sigmoid" and self.loss_type != "robust" and self.label_smoothing:
+            raise UserError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}.")
+        if not self.lora_target_modules:
+            raise UserError("lora_target_modules must name at least one module (or all-linear).")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-able values."""
+        return dataclasses.asdict(self)
+
+
+def field_names() -> list[str]:
+    """Names of all Config fields, in declaration order."""
+    return [f.name for f in fields(Config)]
+
+
+def _type_of(name: str) -> Any:
+    return typing.get_type_hints(Config)[name]
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a preset/CLI value to field `name`'s type, strictly; raise UserError on a mismatch."""
+    hints = typing.get_type_hints(Config)
+    if name not in hints:
+        raise UserError(f"unknown setting {name!r}; known settings: {', '.join(field_names())}.")
+    typ = hints[name]
+    optional = False
+    if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        optional, typ = True, args[0]
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise UserError(f"{name} cannot be empty.")
+    want = _describe(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-4" as a string; users mean a number.
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif typing.get_origin(typ) is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
+    raise UserError(f"{name} must be {want}; got {value!r}.")
+
+
+def _describe(typ: Any) -> str:
+    if typing.get_origin(typ) is list:
+        return "a list of names (comma-separated on the command line)"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split one `key=value` command-line override, with the value read as YAML."""
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like key=value (for example beta=0.2).")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # Keep strings that YAML would turn into other things when the field is a string (e.g. a path "123").
+    if key in field_names() and _type_of(key) in (str, str | None) and not isinstance(value, str) and value is not None:
+        value = raw
+    return key, coerce(key, value)
+
+
+def build_config(preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Resolve dataclass defaults < preset < overrides into one validated Config."""
+    values: dict[str, Any] = {}
+    for source in (preset or {}, overrides or {}):
+        for key, value in source.items():
+            values[key] = coerce(key, value)
+    return Config(**values)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read a preset/config YAML file into a dict; UserError if it is not a mapping."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path} is not valid YAML{where}; fix the file and retry.") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} must be a mapping of setting: value.")
+    return loaded

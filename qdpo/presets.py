@@ -1,0 +1,59 @@
+"""Find and read preset YAML files (presets/ in a checkout, qdpo.presets in an installed wheel)."""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qdpo.config import load_yaml
+from qdpo.errors import UserError
+
+# Keys a preset may carry besides Config fields: they describe the preset, they do not configure a run.
+META_KEYS = ("description", "gpu_memory_gb")
+
+
+@dataclass
+class Preset:
+    """A preset file: its name, description, the GPU memory it targets, and its settings."""
+
+    name: str
+    path: Path
+    description: str
+    gpu_memory_gb: float | None
+    settings: dict[str, Any]
+
+
+def preset_dir() -> Path:
+    """The directory holding the shipped presets."""
+    checkout = Path(__file__).resolve().parent.parent / "presets"
+    if checkout.is_dir():
+        return checkout
+    return Path(str(importlib.resources.files("qdpo.presets")))
+
+
+def available() -> list[str]:
+    """Names of the shipped presets, sorted."""
+    return sorted(p.stem for p in preset_dir().glob("*.yaml"))
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """Read a shipped preset by name, or any preset file by path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise UserError(f"preset file {path} does not exist.")
+    else:
+        path = preset_dir() / f"{name_or_path}.yaml"
+        if not path.is_file():
+            raise UserError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available())} or pass a .yaml file.")
+    raw = load_yaml(path)
+    meta = {k: raw.pop(k) for k in META_KEYS if k in raw}
+    return Preset(
+        name=path.stem,
+        path=path,
+        description=str(meta.get("description", "")),
+        gpu_memory_gb=meta.get("gpu_memory_gb"),
+        settings=raw,
+    )

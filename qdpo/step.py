@@ -1,0 +1,83 @@
+"""One DPO micro-step: reference and policy log-probs of a batch, the loss, and its metrics."""
+
+from __future__ import annotations
+
+import torch
+
+from qdpo.batching import Batch
+from qdpo.config import Config
+from qdpo.logprobs import SequenceScores, sequence_logps
+from qdpo.loss import dpo_loss
+from qdpo.model import reference_model
+
+
+def score_batch(model, batch: Batch) -> SequenceScores:
+    """Summed response log-probs of all 2B sequences, from one forward of chosen and rejected together."""
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        use_cache=False,
+    )
+    scores = sequence_logps(out.logits, batch.input_ids.to(device), batch.response_mask.to(device))
+    del out  # free the [2B, T, V] logits before backward needs the memory
+    return scores
+
+
+@torch.no_grad()
+def reference_scores(model, batch: Batch) -> SequenceScores:
+    """The same forward with the reference model: adapters off (or the frozen init adapter), no grad."""
+    with reference_model(model):
+        return score_batch(model, batch)
+
+
+class Metrics:
+    """Sums of per-pair metrics over micro-batches, averaged when read (TRL's names)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.pairs = 0
+        self.logit_sums = [0.0, 0.0]  # chosen, rejected: sum of all vocab logits at scored positions
+        self.logit_counts = [0, 0]
+
+    def add(self, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+            policy: SequenceScores, vocab_size: int) -> None:
+        """Accumulate one micro-batch."""
+        b = losses.shape[0]
+        values = {
+            "loss": losses.detach(),
+            "rewards/chosen": chosen_rewards,
+            "rewards/rejected": rejected_rewards,
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+            "rewards/margins": chosen_rewards - rejected_rewards,
+            "logps/chosen": policy.logps[:b].detach(),
+            "logps/rejected": policy.logps[b:].detach(),
+        }
+        for name, v in values.items():
+            self.sums[name] = self.sums.get(name, 0.0) + float(v.float().sum())
+        self.pairs += b
+        for side, rows in enumerate((slice(0, b), slice(b, 2 * b))):
+            self.logit_sums[side] += float(policy.logits_sum[rows].sum())
+            self.logit_counts[side] += int(policy.lengths[rows].sum()) * vocab_size
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        """Per-pair means (and per-logit means for logits/*), with an optional name prefix."""
+        out = {prefix + k: v / max(self.pairs, 1) for k, v in self.sums.items()}
+        out[prefix + "logits/chosen"] = self.logit_sums[0] / max(self.logit_counts[0], 1)
+        out[prefix + "logits/rejected"] = self.logit_sums[1] / max(self.logit_counts[1], 1)
+        return out
+
+
+def preference_loss(model, batch: Batch, config: Config, reference: SequenceScores | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SequenceScores]:
+    """Per-pair losses, rewards and the policy scores for one micro-batch."""
+    if reference is None:
+        reference = reference_scores(model, batch)
+    policy = score_batch(model, batch)
+    b = batch.num_pairs
+    ref = reference.logps.to(policy.logps.device)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(
+        policy.logps[:b], policy.logps[b:], ref[:b], ref[b:],
+        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+        chosen_lengths=policy.lengths[:b], rejected_lengths=policy.lengths[b:], sft_weight=config.sft_weight,
+    )
+    return losses, chosen_rewards, rejected_rewards, policy

@@ -1,0 +1,122 @@
+"""Turn preference pairs into token ids, following the DPO convention TRL uses.
+
+prompt ids   = the tokenizer's encoding of the prompt (chat template with the generation prompt
+               for conversational rows; the template already holds BOS, so no special tokens are added);
+response ids = the response encoded without special tokens, then EOS (unless the chat template
+               already ended the turn with EOS: never two).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from qdpo.data import Pair
+from qdpo.errors import UserError
+
+
+@dataclass(frozen=True)
+class TokenizedPair:
+    """Token ids of one pair; only chosen/rejected ids are scored."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+@dataclass
+class TokenizeStats:
+    """What tokenization kept, dropped and cut, for the run's report."""
+
+    kept: int = 0
+    dropped_empty: int = 0
+    dropped_identical: int = 0
+    dropped_too_long: int = 0
+    prompts_truncated: int = 0
+    responses_truncated: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for the console."""
+        return (f"{self.kept} pairs kept; dropped {self.dropped_empty} with an empty response, "
+                f"{self.dropped_identical} with chosen == rejected, {self.dropped_too_long} that do not fit max_length; "
+                f"cut {self.prompts_truncated} prompts (from the left) and {self.responses_truncated} responses (from the right)")
+
+
+def _text_is_empty(t: str | list[dict[str, str]]) -> bool:
+    if isinstance(t, str):
+        return not t.strip()
+    return all(not m["content"].strip() for m in t)
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a prompt: chat template + generation prompt for messages, plain encoding otherwise."""
+    if isinstance(prompt, list):
+        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    bos = tokenizer.bos_token_id
+    while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]  # a prompt text that already starts with BOS, plus the tokenizer's own
+    return ids
+
+
+def encode_response(tokenizer, prompt: str | list[dict[str, str]], response: str | list[dict[str, str]]) -> list[int]:
+    """Token ids of a response: no special tokens added, ending in exactly one EOS."""
+    if isinstance(response, list):
+        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
+        if full_text.startswith(prompt_text):
+            text = full_text[len(prompt_text):]
+        else:  # templates that render the last turn differently (e.g. strip reasoning): use the content
+            text = "".join(m["content"] for m in response)
+    else:
+        text = response
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return _end_with_one_eos(tokenizer, ids)
+
+
+def _end_with_one_eos(tokenizer, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserError("the tokenizer has no EOS token; set one (tokenizer.eos_token) so responses can end.")
+    if eos in ids:
+        last = len(ids) - 1 - ids[::-1].index(eos)
+        # The template closed the turn with EOS and maybe a newline after it: end at that EOS.
+        if not tokenizer.decode(ids[last + 1:]).strip():
+            return ids[: last + 1]
+    return ids + [eos]
+
+
+def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_length: int) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenize, truncate and filter pairs; return the kept pairs and what happened to the rest."""
+    stats = TokenizeStats()
+    if any(p.conversational for p in pairs) and not getattr(tokenizer, "chat_template", None):
+        raise UserError("the data has chat messages but the model's tokenizer has no chat template; use plain-text prompts or an instruct model.")
+    out = []
+    for pair in pairs:
+        if _text_is_empty(pair.chosen) or _text_is_empty(pair.rejected):
+            stats.dropped_empty += 1
+            continue
+        if pair.chosen == pair.rejected:
+            stats.dropped_identical += 1
+            continue
+        prompt = encode_prompt(tokenizer, pair.prompt)
+        chosen = encode_response(tokenizer, pair.prompt, pair.chosen)
+        rejected = encode_response(tokenizer, pair.prompt, pair.rejected)
+        if len(prompt) > max_prompt_length:
+            prompt = prompt[-max_prompt_length:]  # keep the end: it holds the question and the turn marker
+            stats.prompts_truncated += 1
+        budget = max_length - len(prompt)
+        if len(chosen) > budget or len(rejected) > budget:
+            chosen, rejected = chosen[:budget], rejected[:budget]
+            stats.responses_truncated += 1
+            if chosen == rejected:  # the difference lay past max_length: nothing left to prefer
+                stats.dropped_too_long += 1
+                continue
+        out.append(TokenizedPair(prompt, chosen, rejected))
+    stats.kept = len(out)
+    return out, stats

@@ -1,0 +1,297 @@
+"""The DPO recipe: prepare data → set up the 4-bit policy/reference → train → save. Read top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from qdpo import __version__
+from qdpo.batching import collate, length_grouped_batches, padding_share
+from qdpo.config import Config
+from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
+from qdpo.errors import UserError
+from qdpo.model import (ModelSource, add_lora, compute_dtype, load_base_4bit, load_tokenizer, pick_device,
+                        resolve_model, trainable_parameters)
+from qdpo.step import Metrics, preference_loss, reference_scores, score_batch
+from qdpo.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
+
+
+@dataclass
+class PreparedData:
+    """Everything known before the model is loaded: tokenizer, tokenized splits and their stats."""
+
+    source: ModelSource
+    tokenizer: Any
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    train_stats: TokenizeStats
+    eval_stats: TokenizeStats | None
+    fingerprint: str
+
+
+@dataclass
+class RunResult:
+    """Where a finished run lives and what it reported."""
+
+    output_dir: Path
+    summary: dict[str, Any]
+
+
+def read_pairs(source: str, config: Config) -> list[Pair]:
+    """Load and validate preference pairs from one data source."""
+    columns = Columns(config.prompt_column, config.chosen_column, config.rejected_column, config.assistant_marker)
+    rows, where = load_rows(source, config.data_split)
+    return to_pairs(rows, columns, where)
+
+
+def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Hold out `fraction` of the pairs (at least one when fraction > 0), chosen by seed."""
+    if fraction <= 0 or len(pairs) < 2:
+        return pairs, []
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(pairs)))
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def prepare_data(config: Config, echo: Callable[[str], None] = print) -> PreparedData:
+    """Resolve the model, load its tokenizer and tokenize train/eval pairs: every input error surfaces here."""
+    source = resolve_model(config.model)
+    tokenizer = load_tokenizer(source)
+    pairs = read_pairs(config.data, config)
+    if config.eval_data:
+        train_pairs, eval_pairs = pairs, read_pairs(config.eval_data, config)
+    elif config.data == BUILTIN_DATA:
+        train_pairs, eval_pairs = pairs, read_pairs(BUILTIN_DATA + ":eval", config)
+    else:
+        train_pairs, eval_pairs = split_eval(pairs, config.eval_fraction, config.seed)
+    train, train_stats = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
+    echo(f"train: {train_stats.describe()}")
+    eval_, eval_stats = [], None
+    if eval_pairs:
+        eval_, eval_stats = tokenize_pairs(tokenizer, eval_pairs, config.max_length, config.max_prompt_length)
+        echo(f"eval:  {eval_stats.describe()}")
+    if not train:
+        raise UserError(f"no training pairs are left after filtering {config.data}; check the data and max_length.")
+    return PreparedData(source, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs))
+
+
+def total_steps(config: Config, num_micro_batches: int) -> int:
+    """Optimizer steps of the run: max_steps, or enough for num_train_epochs over the data."""
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.num_train_epochs * num_micro_batches / config.gradient_accumulation_steps))
+
+
+def make_output_dir(config: Config, preset: str) -> Path:
+    """Create the run directory, refusing to clobber anything but an earlier qdpo run (and only with overwrite)."""
+    out = Path(config.output_dir or f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not config.overwrite:
+            raise UserError(f"output_dir {out} already exists and is not empty; pick another or pass --overwrite.")
+        if not (out / "run.json").is_file():
+            raise UserError(f"output_dir {out} is not a qdpo run directory; refusing to overwrite it, pick another.")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def describe_run(config: Config, data: PreparedData, dtype: torch.dtype, device: torch.device, status: str) -> dict[str, Any]:
+    """The self-description written as run.json: later commands read it instead of asking again."""
+    return {
+        "qdpo_version": __version__,
+        "status": status,
+        "base_model": {"name": data.source.name, "path": data.source.path, "gguf_file": data.source.gguf_file},
+        "quantization": {"method": "bitsandbytes", "quant_type": "nf4", "double_quant": True, "compute_dtype": str(dtype).removeprefix("torch.")},
+        "lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                 "target_modules": config.lora_target_modules, "init_adapter": config.init_adapter},
+        "data": {"source": config.data, "eval_source": config.eval_data, "fingerprint": data.fingerprint,
+                 "train_pairs": len(data.train), "eval_pairs": len(data.eval),
+                 "dropped": {"empty": data.train_stats.dropped_empty, "identical": data.train_stats.dropped_identical,
+                             "too_long": data.train_stats.dropped_too_long}},
+        "device": device.type,
+        "adapter_dir": "adapter",
+    }
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def make_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """AdamW from torch, or bitsandbytes' paged 8-bit AdamW (states 4x smaller, paged out under pressure)."""
+    if config.optim == "paged_adamw_8bit":
+        if device.type != "cuda":
+            raise UserError("optim=paged_adamw_8bit needs a CUDA GPU; use optim=adamw on the CPU.")
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps: int):
+    """Linear warmup over warmup_ratio of the steps, then linear/cosine decay or constant."""
+    from transformers import get_scheduler
+
+    name = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * steps), num_training_steps=steps)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by tensors, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def evaluate(model, pairs: list[TokenizedPair], batches: list[list[int]], ref_cache: dict[int, Any], config: Config, pad_id: int) -> dict[str, float]:
+    """Mean metrics over the eval pairs (eval_ prefix); reference scores are computed once and cached."""
+    metrics = Metrics()
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i, idx in enumerate(batches):
+            batch = collate([pairs[j] for j in idx], pad_id)
+            if i not in ref_cache:
+                ref_cache[i] = reference_scores(model, batch)
+            losses, cr, rr, policy = preference_loss(model, batch, config, ref_cache[i])
+            metrics.add(losses, cr, rr, policy, model.config.vocab_size)
+    model.train(was_training)
+    return metrics.means("eval_")
+
+
+def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = print, progress: bool = True) -> RunResult:
+    """Tune LoRA adapters on a 4-bit base with DPO and write a self-describing run directory."""
+    from tqdm.auto import tqdm
+
+    started = time.time()
+    torch.manual_seed(config.seed)
+    data = prepare_data(config, echo)
+    device = pick_device()
+    dtype = compute_dtype(config.compute_dtype, device)
+    out = make_output_dir(config, preset)
+    try:
+        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_json(out / "run.json", describe_run(config, data, dtype, device, "running"))
+
+        model = load_base_4bit(data.source, dtype, device, config.gradient_checkpointing)
+        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
+                         config.init_adapter, config.seed)
+        params = trainable_parameters(model)
+        echo(f"model: {data.source.name} in 4-bit NF4 on {device.type} ({str(dtype).removeprefix('torch.')} compute), "
+             f"{sum(p.numel() for p in params):,} trainable LoRA parameters")
+        optimizer = make_optimizer(config, params, device)
+
+        pad_id = data.tokenizer.pad_token_id
+        epoch_batches = length_grouped_batches(data.train, config.micro_batch_size, config.seed)
+        steps = total_steps(config, len(epoch_batches))
+        scheduler = make_scheduler(config, optimizer, steps)
+        eval_batches = length_grouped_batches(data.eval, config.micro_batch_size, config.seed)
+        echo(f"{steps} steps of {config.micro_batch_size * config.gradient_accumulation_steps} pairs; "
+             f"padding share {padding_share(data.train, epoch_batches):.1%}")
+
+        eval_ref: dict[int, Any] = {}
+        last_eval: dict[str, float] = {}
+        model.train()
+        queue: list[list[int]] = []
+        epoch = 0
+        bar = tqdm(total=steps, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
+        with (out / "metrics.jsonl").open("w") as log:
+            for step in range(1, steps + 1):
+                step_start = time.time()
+                metrics, tokens = Metrics(), 0
+                for _ in range(config.gradient_accumulation_steps):
+                    if not queue:
+                        queue = length_grouped_batches(data.train, config.micro_batch_size, config.seed + epoch)
+                        epoch += 1
+                    batch = collate([data.train[j] for j in queue.pop()], pad_id)
+                    losses, cr, rr, policy = _oom_guard(lambda: preference_loss(model, batch, config), config)
+                    # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
+                    _oom_guard(lambda: (losses.sum() / (config.micro_batch_size * config.gradient_accumulation_steps)).backward(), config)
+                    metrics.add(losses, cr, rr, policy, model.config.vocab_size)
+                    tokens += batch.num_tokens
+                clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+                row = {"step": step, **metrics.means(), "grad_norm": grad_norm,
+                       "learning_rate": learning_rate,
+                       "tokens_per_second": tokens / (time.time() - step_start),
+                       "peak_memory_gb": peak_memory_gb(device)}
+                if data.eval and ((config.eval_steps and step % config.eval_steps == 0) or step == steps):
+                    last_eval = evaluate(model, data.eval, eval_batches, eval_ref, config, pad_id)
+                    row.update(last_eval)
+                if step % config.logging_steps == 0 or step == steps or last_eval.keys() & row.keys():
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}",
+                                margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                bar.update(1)
+        bar.close()
+
+        save_adapter(model, data.tokenizer, out / "adapter", describe_run(config, data, dtype, device, "finished"))
+        summary = {
+            "steps": steps,
+            "seconds": round(time.time() - started, 1),
+            "train_pairs": len(data.train),
+            "eval_pairs": len(data.eval),
+            "final_train_loss": row["loss"],
+            "eval_rewards/accuracies": last_eval.get("eval_rewards/accuracies"),
+            "eval_rewards/margins": last_eval.get("eval_rewards/margins"),
+            "peak_memory_gb": round(peak_memory_gb(device), 3),
+            "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+        }
+        write_json(out / "summary.json", summary)
+        write_json(out / "run.json", describe_run(config, data, dtype, device, "finished"))
+    except UserError:
+        shutil.rmtree(out, ignore_errors=True)  # a run that could not start leaves nothing behind
+        raise
+    echo(format_summary(summary, out))
+    return RunResult(out, summary)
+
+
+def _oom_guard(fn: Callable[[], Any], config: Config) -> Any:
+    """Run fn, turning a CUDA out-of-memory error into advice the user can act on."""
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"out of GPU memory at micro_batch_size={config.micro_batch_size}, max_length={config.max_length}; "
+                        "lower one of them (or use a preset for a smaller GPU).") from None
+
+
+def save_adapter(model, tokenizer, target: Path, description: dict[str, Any]) -> None:
+    """Write the policy adapter as a plain PEFT directory (plus tokenizer and qdpo.json), atomically."""
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(tmp))
+    write_json(tmp / "qdpo.json", description)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.replace(target)
+
+
+def format_summary(summary: dict[str, Any], out: Path) -> str:
+    """The closing lines printed after a run."""
+    acc, margin = summary["eval_rewards/accuracies"], summary["eval_rewards/margins"]
+    evals = f"eval reward accuracy {acc:.3f}, margin {margin:.3f}" if acc is not None else "no eval split"
+    return (f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; {evals}; "
+            f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['peak_memory_kind']})\n"
+            f"adapter: {out / 'adapter'}  (loads with peft.PeftModel.from_pretrained)")
