@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -30,6 +31,9 @@ class _Group(click.Group):
 @click.version_option(package_name="qdpo")
 def main() -> None:
     """qdpo: DPO-tune a 4-bit model with LoRA on one GPU (or the CPU)."""
+    # Library deprecation notices are for qdpo's developers, not for someone running a tune.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 @main.command()

@@ -196,6 +196,8 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
         echo(f"model: {data.source.name} in 4-bit NF4 on {device.type} ({str(dtype).removeprefix('torch.')} compute), "
              f"{sum(p.numel() for p in params):,} trainable LoRA parameters")
         optimizer = make_optimizer(config, params, device)
+        # fp16 compute (T4) underflows small gradients: scale the loss; a no-op for bf16/fp32.
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
         pad_id = data.tokenizer.pad_token_id
         epoch_batches = length_grouped_batches(data.train, config.micro_batch_size, config.seed)
@@ -222,13 +224,15 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
                     batch = collate([data.train[j] for j in queue.pop()], pad_id)
                     losses, cr, rr, policy = _oom_guard(lambda: preference_loss(model, batch, config), config)
                     # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
-                    _oom_guard(lambda: (losses.sum() / (config.micro_batch_size * config.gradient_accumulation_steps)).backward(), config)
+                    _oom_guard(lambda: scaler.scale(losses.sum() / (config.micro_batch_size * config.gradient_accumulation_steps)).backward(), config)
                     metrics.add(losses, cr, rr, policy, model.config.vocab_size)
                     tokens += batch.num_tokens
+                scaler.unscale_(optimizer)
                 clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
                 learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 

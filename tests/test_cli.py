@@ -1,0 +1,149 @@
+"""The command line end to end on a tiny model, every preset through the CLI, and one-line user errors."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from qdpo.cli import main
+from qdpo.config import Config, field_names
+from qdpo.presets import available
+
+REPO = Path(__file__).resolve().parent.parent
+TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+               "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["presets", "--help"], ["settings", "--help"]])
+def test_help(args):
+    result = invoke(*args)
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_presets_lists_each_with_memory():
+    result = invoke("presets")
+    assert result.exit_code == 0
+    for name in ("smoke", "7b-24gb", "7b-16gb", "8b-24gb"):
+        assert name in available()
+        line = next(l for l in result.output.splitlines() if l.startswith(name + " "))
+        assert ("GB GPU" in line) != (name == "smoke")
+
+
+@pytest.mark.parametrize("preset", available())
+def test_every_preset_loads_through_the_cli(preset):
+    result = invoke("run", "--preset", preset, "--dry-run")
+    assert result.exit_code == 0, result.output
+    resolved = yaml.safe_load(result.output)
+    assert list(resolved) == field_names()
+    Config(**resolved)  # the printed config is itself valid
+    raw = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())
+    for key, value in raw.items():
+        if key in resolved:
+            assert resolved[key] == value or resolved[key] == float(value), key
+
+
+def test_precedence_defaults_preset_flags(tmp_path):
+    preset = tmp_path / "p.yaml"
+    preset.write_text("beta: 0.3\nlora_r: 4\nmodel: from-preset\n")
+    result = invoke("run", "--preset", str(preset), "--model", "from-flag", "lora_r=8", "learning_rate=1e-4", "--dry-run")
+    resolved = yaml.safe_load(result.output)
+    assert resolved["beta"] == 0.3 and resolved["lora_r"] == 8 and resolved["model"] == "from-flag"
+    assert resolved["learning_rate"] == 1e-4 and resolved["loss_type"] == Config().loss_type
+
+
+@pytest.mark.parametrize("args, message", [
+    (["bogus=1"], "unknown setting 'bogus'"),
+    (["beta=abc"], "beta must be a number"),
+    (["lora_r=2.5"], "lora_r must be an integer"),
+    (["loss_type=dpo"], "loss_type must be one of sigmoid, ipo, hinge, robust"),
+    (["max_prompt_length=2000"], "max_prompt_length (2000) must be less than max_length"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
+])
+def test_config_errors_are_one_line(args, message):
+    result = invoke("run", *args)
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 1 and message in result.output, result.output
+
+
+def run_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "chosen": "b"}\n', "row 1 has no column 'rejected'"),
+    ('{"prompt": "a", "chosen": ["x"], "rejected": "c"}\n', "column 'chosen' must be a string or a list of {role, content} messages"),
+    ("", "has no rows"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n', "line 2 is not valid JSON"),
+])
+def test_bad_data_through_the_real_cli(tmp_path, tiny_model_dir, content, message):
+    """A real process: exit code 2, one line on stderr, no traceback, no output directory left."""
+    (tmp_path / "bad.jsonl").write_text(content)
+    proc = run_subprocess("run", "--model", str(tiny_model_dir), "--data", "bad.jsonl", "--output", "out", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
+    assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [l for l in proc.stderr.splitlines() if "error" in l.lower()]
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_dir_is_refused(tmp_path, tiny_model_dir, chat_rows):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mine.txt").write_text("keep me")
+    result = invoke("run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "already exists" in result.output
+    result = invoke("run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out"), "--overwrite")
+    assert result.exit_code == 2 and "not a qdpo run directory" in result.output
+    assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
+
+
+def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, chat_rows):
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
+    out = tmp_path / "run"
+    result = invoke("run", "--preset", "smoke", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"),
+                    "--output", str(out), "--no-progress", "max_steps=4", "micro_batch_size=2",
+                    "gradient_accumulation_steps=2", "eval_fraction=0.25", "eval_steps=2", "learning_rate=1e-2")
+    assert result.exit_code == 0, result.output
+    assert "9 pairs kept" in result.output and "3 pairs kept" in result.output
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    for line in lines:
+        for name in TRL_METRICS + ["grad_norm", "learning_rate", "tokens_per_second", "peak_memory_gb"]:
+            assert name in line, name
+    assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and lines[0]["rewards/margins"] == 0
+    assert [("eval_rewards/accuracies" in l) for l in lines] == [False, True, False, True]
+    assert all("eval_" + name in lines[3] for name in TRL_METRICS)
+
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["status"] == "finished"
+    assert run_info["base_model"]["path"] == str(tiny_model_dir)
+    assert run_info["quantization"]["quant_type"] == "nf4" and run_info["quantization"]["double_quant"]
+    assert run_info["lora"]["r"] == 16 and run_info["data"]["train_pairs"] == 9 and len(run_info["data"]["fingerprint"]) == 16
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["max_steps"] == 4 and Config(**config).learning_rate == 1e-2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["eval_rewards/accuracies"] == lines[3]["eval_rewards/accuracies"]
+
+    # The adapter is a plain PEFT directory: it loads on the full-precision base without qdpo.
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out / "adapter")
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert saved and all(k.endswith(("lora_A.weight", "lora_B.weight")) for k in saved)
+    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
+    loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    assert len(loaded) == len(saved)
+    assert AutoTokenizer.from_pretrained(out / "adapter").chat_template

@@ -1,0 +1,129 @@
+"""Every data format parses to the same tokenized pair; every bad input is one clear line."""
+
+import json
+
+import pytest
+
+from qdpo.data import Columns, Pair, load_rows, split_shared_prompt, to_pairs
+from qdpo.errors import UserError
+from qdpo.tokenize import tokenize_pairs
+
+STRING_ROWS = [
+    {"prompt": "What is two plus two?", "chosen": "Two plus two is four.", "rejected": "I am not sure."},
+    {"prompt": "The capital of France?", "chosen": "The capital of France is Paris.", "rejected": "Madrid."},
+]
+CHAT_ROWS = [
+    {"prompt": [{"role": "user", "content": r["prompt"]}],
+     "chosen": [{"role": "assistant", "content": r["chosen"]}],
+     "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+    for r in STRING_ROWS
+]
+
+
+def write(tmp_path, fmt: str, rows: list[dict]):
+    """Write rows in one of the supported formats and return the path to pass as `data`."""
+    import datasets
+    import pandas as pd
+
+    if fmt == "jsonl":
+        path = tmp_path / "d.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    elif fmt == "json":
+        path = tmp_path / "d.json"
+        path.write_text(json.dumps(rows))
+    elif fmt == "parquet":
+        path = tmp_path / "d.parquet"
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    elif fmt == "csv":
+        path = tmp_path / "d.csv"
+        pd.DataFrame([{k: v if isinstance(v, str) else json.dumps(v) for k, v in r.items()} for r in rows]).to_csv(path, index=False)
+    else:
+        path = tmp_path / "saved"
+        datasets.Dataset.from_list(rows).save_to_disk(str(path))
+    return str(path)
+
+
+def tokenized(tokenizer, source: str):
+    rows, where = load_rows(source)
+    kept, _ = tokenize_pairs(tokenizer, to_pairs(rows, Columns(), where), 128, 64)
+    return kept
+
+
+@pytest.mark.parametrize("rows", [STRING_ROWS, CHAT_ROWS], ids=["text", "chat"])
+@pytest.mark.parametrize("fmt", ["jsonl", "json", "parquet", "csv", "save_to_disk"])
+def test_every_format_gives_the_same_tokenized_pairs(tmp_path, tokenizer, fmt, rows):
+    expected_pairs = []
+    for r in rows:  # what the tokenizer says directly, without qdpo's loaders
+        if isinstance(r["prompt"], str):
+            prompt = tokenizer(r["prompt"])["input_ids"]
+            chosen = tokenizer(r["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        else:
+            prompt = tokenizer(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
+            chosen = tokenizer(r["chosen"][0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        expected_pairs.append((prompt, chosen))
+    got = tokenized(tokenizer, write(tmp_path, fmt, rows))
+    assert [(p.prompt_ids, p.chosen_ids) for p in got] == expected_pairs
+
+
+def test_json_wrapped_and_jsonl_named_json(tmp_path, tokenizer):
+    reference = tokenized(tokenizer, write(tmp_path, "jsonl", STRING_ROWS))
+    (tmp_path / "w.json").write_text(json.dumps({"data": STRING_ROWS}))
+    (tmp_path / "l.json").write_text("\n".join(json.dumps(r) for r in STRING_ROWS))
+    assert tokenized(tokenizer, str(tmp_path / "w.json")) == reference
+    assert tokenized(tokenizer, str(tmp_path / "l.json")) == reference
+
+
+def test_column_mapping(tmp_path, tokenizer):
+    rows = [{"question": r["prompt"], "good": r["chosen"], "bad": r["rejected"]} for r in STRING_ROWS]
+    rows_, where = load_rows(write(tmp_path, "jsonl", rows))
+    pairs = to_pairs(rows_, Columns("question", "good", "bad"), where)
+    assert pairs[0] == Pair(*[STRING_ROWS[0][k] for k in ("prompt", "chosen", "rejected")])
+
+
+def test_hh_strings_split_at_last_assistant_marker():
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Capital of France?\n\nAssistant: Paris is the capital."
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Capital of France?\n\nAssistant: Pass."
+    prompt, c, r = split_shared_prompt(chosen, rejected, "\n\nAssistant:", "x", 1)
+    assert prompt == "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Capital of France?\n\nAssistant:"
+    assert (c, r) == (" Paris is the capital.", " Pass.")
+
+
+def test_hh_messages_split_before_the_differing_assistant_turn():
+    shared = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+              {"role": "user", "content": "Capital of France?"}]
+    chosen = shared + [{"role": "assistant", "content": "Paris."}]
+    rejected = shared + [{"role": "assistant", "content": "Pass."}]
+    rows = [{"chosen": chosen, "rejected": rejected}]
+    (pair,) = to_pairs(rows, Columns(), "x")
+    assert pair.prompt == shared and pair.chosen == chosen[3:] and pair.rejected == rejected[3:]
+
+
+def test_hh_same_start_of_answer_is_not_part_of_prompt():
+    """Answers that start alike ("Paris ...") still split at the marker, not mid-answer."""
+    prompt, c, r = split_shared_prompt("\n\nHuman: Q\n\nAssistant: Paris is it.", "\n\nHuman: Q\n\nAssistant: Paris? No idea.",
+                                       "\n\nAssistant:", "x", 1)
+    assert prompt == "\n\nHuman: Q\n\nAssistant:" and c == " Paris is it." and r == " Paris? No idea."
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a", "chosen": "b"}\n', "row 1 has no column 'rejected'"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n', "row 1 column 'chosen' must be a string or a list"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b" "rejected": "c"}\n', "line 2 is not valid JSON"),
+    ("", "has no rows"),
+    ('{"chosen": "b", "rejected": "c"}\n', "no shared beginning"),
+])
+def test_bad_rows_raise_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message) as info:
+        rows, where = load_rows(str(path))
+        to_pairs(rows, Columns(), where)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_extension_and_missing_file(tmp_path):
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(UserError, match="unsupported data file type"):
+        load_rows(str(tmp_path / "d.txt"))
+    with pytest.raises(UserError, match="does not exist"):
+        load_rows(str(tmp_path / "nope.jsonl"))

@@ -1,0 +1,60 @@
+"""Tokenization follows the DPO convention: one BOS, one EOS, prompts cut left, responses cut right."""
+
+from qdpo.data import Pair
+from qdpo.tokenize import encode_prompt, encode_response, tokenize_pairs
+
+MSG = [{"role": "user", "content": "What is two plus two?"}]
+
+
+def test_chat_prompt_has_one_bos_and_the_generation_prompt(tokenizer):
+    ids = encode_prompt(tokenizer, MSG)
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids).endswith("<|assistant|>\n")
+
+
+def test_plain_prompt_gets_the_tokenizers_bos_once(tokenizer):
+    ids = encode_prompt(tokenizer, "What is two plus two?")
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1
+    # a prompt text that already starts with BOS is not given a second one
+    assert encode_prompt(tokenizer, "<s>What is two plus two?") == ids
+
+
+def test_chat_response_ends_with_exactly_one_eos(tokenizer):
+    """The template closes the turn with EOS + newline: the response ends at that EOS, nothing appended."""
+    ids = encode_response(tokenizer, MSG, [{"role": "assistant", "content": "Two plus two is four."}])
+    assert ids[-1] == tokenizer.eos_token_id and ids.count(tokenizer.eos_token_id) == 1
+    assert tokenizer.decode(ids[:-1]) == "Two plus two is four."
+    assert tokenizer.bos_token_id not in ids
+
+
+def test_plain_response_gets_eos_appended_and_no_bos(tokenizer):
+    ids = encode_response(tokenizer, "What is two plus two?", "Four.")
+    assert ids == tokenizer("Four.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
+def test_prompt_plus_response_equals_template_of_whole_chat(tokenizer):
+    """Concatenated ids decode to the chat template of the whole conversation, minus its trailing newline."""
+    answer = [{"role": "assistant", "content": "Two plus two is four."}]
+    ids = encode_prompt(tokenizer, MSG) + encode_response(tokenizer, MSG, answer)
+    whole = tokenizer.apply_chat_template(MSG + answer, tokenize=False)
+    assert tokenizer.decode(ids) == whole.rstrip("\n")
+
+
+def test_truncation_and_drop_counts(tokenizer):
+    long_prompt = "Hello there, how are you today? " * 10
+    pairs = [
+        Pair(long_prompt, "I am fine, thank you.", "I am not sure."),  # prompt cut from the left
+        Pair("Hi", "I am fine, thank you. " * 10, "I am not sure. " * 10),  # responses cut from the right
+        Pair("Hi", "   ", "No."),  # empty response: dropped
+        Pair("Hi", "Same.", "Same."),  # identical: dropped
+        Pair("Hi", "Same words here " * 10 + "yes", "Same words here " * 10 + "no"),  # differ only past max_length
+    ]
+    kept, stats = tokenize_pairs(tokenizer, pairs, max_length=24, max_prompt_length=8)
+    assert (stats.dropped_empty, stats.dropped_identical, stats.dropped_too_long) == (1, 1, 1)
+    assert stats.prompts_truncated == 1 and stats.responses_truncated == 2 and stats.kept == 2
+    first, second = kept
+    full_prompt = encode_prompt(tokenizer, long_prompt)
+    assert first.prompt_ids == full_prompt[-8:]  # the end of the prompt is kept
+    assert len(second.prompt_ids) + len(second.chosen_ids) == 24
+    assert second.chosen_ids == encode_response(tokenizer, "Hi", "I am fine, thank you. " * 10)[:24 - len(second.prompt_ids)]
+    assert all(len(p) <= 24 for p in kept)
