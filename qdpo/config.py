@@ -50,6 +50,9 @@ class Config:
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input; 0 keeps the step-0 policy identical to the reference.")
     lora_target_modules: list[str] = _f(["all-linear"], "Module names to adapt; all-linear = every linear layer of the blocks (not lm_head).")
     init_adapter: str | None = _f(None, "Start from this PEFT adapter (e.g. an SFT adapter); it is also the reference model.")
+    logits_chunk_size: int = _f(1024, "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.")
+    offload_activations: bool = _f(False, "Keep the tensors saved for backward (with checkpointing: the layer-boundary activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.")
+    precompute_ref_log_probs: bool = _f(True, "Score every pair with the reference once before training (cached on disk) instead of a reference forward in every step.")
     gradient_checkpointing: bool = _f(True, "Recompute each block's activations in backward (non-reentrant). True cuts activation memory ~L-fold for ~30% more compute.")
 
     # --- data shaping
@@ -94,7 +97,7 @@ class Config:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1; got {getattr(self, name)}.")
-        for name in ("max_steps", "eval_steps", "save_steps", "weight_decay", "max_grad_norm", "sft_weight"):
+        for name in ("max_steps", "eval_steps", "save_steps", "weight_decay", "max_grad_norm", "sft_weight", "logits_chunk_size"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative; got {getattr(self, name)}.")
         if self.beta <= 0:

@@ -6,14 +6,25 @@ import torch
 
 from qdpo.batching import Batch
 from qdpo.config import Config
-from qdpo.logprobs import SequenceScores, sequence_logps
+from qdpo.logprobs import SequenceScores, chunked_sequence_logps, sequence_logps
 from qdpo.loss import dpo_loss
 from qdpo.model import reference_model
 
 
-def score_batch(model, batch: Batch) -> SequenceScores:
-    """Summed response log-probs of all 2B sequences, from one forward of chosen and rejected together."""
+def score_batch(model, batch: Batch, logits_chunk_size: int = 0) -> SequenceScores:
+    """Summed response log-probs of all 2B sequences, from one forward of chosen and rejected together.
+
+    logits_chunk_size > 0 takes the decoder's hidden states and applies lm_head only at response
+    positions, that many at a time (see chunked_sequence_logps); 0 builds the logits tensor.
+    """
     device = next(model.parameters()).device
+    if logits_chunk_size > 0:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.get_decoder()(
+            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
+        ).last_hidden_state
+        return chunked_sequence_logps(hidden, base.get_output_embeddings(), batch.input_ids.to(device),
+                                      batch.response_mask.to(device), logits_chunk_size)
     # Only positions from the earliest response token on need logits: skipping the prompt's share of
     # lm_head (and of the [2B, T, vocab] tensor) saves memory and time (~15% of a step on SmolLM2).
     start = int(batch.response_mask.int().argmax(dim=1).min()) - 1
@@ -29,10 +40,10 @@ def score_batch(model, batch: Batch) -> SequenceScores:
 
 
 @torch.no_grad()
-def reference_scores(model, batch: Batch) -> SequenceScores:
+def reference_scores(model, batch: Batch, logits_chunk_size: int = 0) -> SequenceScores:
     """The same forward with the reference model: adapters off (or the frozen init adapter), no grad."""
     with reference_model(model):
-        return score_batch(model, batch)
+        return score_batch(model, batch, logits_chunk_size)
 
 
 class Metrics:
@@ -72,13 +83,22 @@ class Metrics:
         return out
 
 
-def preference_loss(model, batch: Batch, config: Config, reference: SequenceScores | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SequenceScores]:
-    """Per-pair losses, rewards and the policy scores for one micro-batch."""
-    if reference is None:
-        reference = reference_scores(model, batch)
-    policy = score_batch(model, batch)
+def preference_loss(model, batch: Batch, config: Config, reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SequenceScores]:
+    """Per-pair losses, rewards and the policy scores for one micro-batch.
+
+    reference_logps ([2B], chosen then rejected) comes from the precomputed table when there is
+    one; otherwise the reference forward runs here.
+    """
+    if reference_logps is None:
+        reference_logps = reference_scores(model, batch, config.logits_chunk_size).logps
+    if config.offload_activations:
+        # Pinned host memory lets the copies back overlap with backward compute on a GPU.
+        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+            policy = score_batch(model, batch, config.logits_chunk_size)
+    else:
+        policy = score_batch(model, batch, config.logits_chunk_size)
     b = batch.num_pairs
-    ref = reference.logps.to(policy.logps.device)
+    ref = reference_logps.to(policy.logps.device)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
         policy.logps[:b], policy.logps[b:], ref[:b], ref[b:],
         beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,

@@ -23,7 +23,8 @@ from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pa
 from qdpo.errors import UserError
 from qdpo.model import (ModelSource, add_lora, compute_dtype, load_base_4bit, load_tokenizer, pick_device,
                         resolve_model, trainable_parameters)
-from qdpo.step import Metrics, preference_loss, reference_scores, score_batch
+from qdpo.reference import cache_key, compute_reference, load_or_compute
+from qdpo.step import Metrics, preference_loss
 from qdpo.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
 
 
@@ -159,17 +160,20 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
-def evaluate(model, pairs: list[TokenizedPair], batches: list[list[int]], ref_cache: dict[int, Any], config: Config, pad_id: int) -> dict[str, float]:
-    """Mean metrics over the eval pairs (eval_ prefix); reference scores are computed once and cached."""
+def table_rows(table: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """Reference log-probs of a micro-batch from the [N, 2] table, ordered like Batch rows (chosen, then rejected)."""
+    return torch.cat([table[idx, 0], table[idx, 1]])
+
+
+def evaluate(model, pairs: list[TokenizedPair], batches: list[list[int]], reference: torch.Tensor, config: Config, pad_id: int) -> dict[str, float]:
+    """Mean metrics over the eval pairs (eval_ prefix), against the precomputed reference table."""
     metrics = Metrics()
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for i, idx in enumerate(batches):
+        for idx in batches:
             batch = collate([pairs[j] for j in idx], pad_id)
-            if i not in ref_cache:
-                ref_cache[i] = reference_scores(model, batch)
-            losses, cr, rr, policy = preference_loss(model, batch, config, ref_cache[i])
+            losses, cr, rr, policy = preference_loss(model, batch, config, table_rows(reference, idx))
             metrics.add(losses, cr, rr, policy, model.config.vocab_size)
     model.train(was_training)
     return metrics.means("eval_")
@@ -207,7 +211,16 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
         echo(f"{steps} steps of {config.micro_batch_size * config.gradient_accumulation_steps} pairs; "
              f"padding share {padding_share(data.train, epoch_batches):.1%}")
 
-        eval_ref: dict[int, Any] = {}
+        # The eval reference is always scored once; the train reference too unless switched off.
+        chunk = config.logits_chunk_size
+        eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk) if data.eval else None
+        train_ref = None
+        if config.precompute_ref_log_probs:
+            # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
+            used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps):]
+            key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk)
+            train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk)
+            echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
         last_eval: dict[str, float] = {}
         model.train()
         queue: list[list[int]] = []
@@ -221,8 +234,10 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
                     if not queue:
                         queue = length_grouped_batches(data.train, config.micro_batch_size, config.seed + epoch)
                         epoch += 1
-                    batch = collate([data.train[j] for j in queue.pop()], pad_id)
-                    losses, cr, rr, policy = _oom_guard(lambda: preference_loss(model, batch, config), config)
+                    idx = queue.pop()
+                    batch = collate([data.train[j] for j in idx], pad_id)
+                    reference = table_rows(train_ref, idx) if train_ref is not None else None
+                    losses, cr, rr, policy = _oom_guard(lambda: preference_loss(model, batch, config, reference), config)
                     # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
                     _oom_guard(lambda: scaler.scale(losses.sum() / (config.micro_batch_size * config.gradient_accumulation_steps)).backward(), config)
                     metrics.add(losses, cr, rr, policy, model.config.vocab_size)

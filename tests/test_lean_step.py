@@ -1,0 +1,104 @@
+"""Each memory/speed switch leaves the loss and gradients of the plain path unchanged."""
+
+import pytest
+import torch
+
+from qdpo.batching import collate, length_grouped_batches
+from qdpo.config import Config
+from qdpo.data import Columns, to_pairs
+from qdpo.model import ModelSource, add_lora, load_base_4bit
+from qdpo.reference import compute_reference
+from qdpo.step import preference_loss
+from qdpo.tokenize import tokenize_pairs
+from qdpo.train import table_rows
+
+VOCAB = 320
+
+
+def policy(model_dir, targets, seed=5):
+    base = load_base_4bit(ModelSource("m", str(model_dir)), torch.float32, torch.device("cpu"), True)
+    model = add_lora(base, 4, 8, 0.0, targets, None, seed=0)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a policy away from the reference, so the gradients are not trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    model.train()
+    return model
+
+
+def loss_and_grads(model, batch, config, reference=None):
+    model.zero_grad()
+    losses, cr, rr, scores = preference_loss(model, batch, config, reference)
+    losses.sum().backward()
+    return losses.detach(), scores.logits_sum, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture
+def batch(tokenizer, chat_rows):
+    pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows[:4], Columns(), "t"), 128, 64)
+    return pairs, collate(pairs, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "v_proj", "lm_head"]], ids=["blocks", "with-lm_head"])
+def test_chunked_logps_equal_full_logits(tiny_model_dir, batch, targets):
+    model = policy(tiny_model_dir, targets)
+    _, b = batch
+    plain = loss_and_grads(model, b, Config(model="x", data="y", logits_chunk_size=0))
+    for chunk in (3, 1024):
+        chunked = loss_and_grads(model, b, Config(model="x", data="y", logits_chunk_size=chunk))
+        torch.testing.assert_close(chunked[0], plain[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(chunked[1], plain[1], rtol=1e-4, atol=1e-3)
+        assert chunked[2].keys() == plain[2].keys()
+        if "lm_head" in targets[-1]:
+            assert any("lm_head" in n for n in plain[2])
+        for n in plain[2]:
+            torch.testing.assert_close(chunked[2][n], plain[2][n], rtol=1e-4, atol=1e-5)
+
+
+def test_chunked_path_never_saves_a_full_logits_tensor(tiny_model_dir, batch):
+    model = policy(tiny_model_dir, ["all-linear"])
+    _, b = batch
+    sizes = {}
+    for chunk in (0, 4):
+        biggest = []
+
+        def pack(t):
+            if t.dim() >= 1 and t.shape[-1] == VOCAB and t.dtype.is_floating_point:
+                biggest.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            losses, *_ = preference_loss(model, b, Config(model="x", data="y", logits_chunk_size=chunk))
+        sizes[chunk] = max(biggest, default=0)
+        losses.sum().backward()
+    response_positions = int(b.response_mask[:, 1:].sum())
+    assert sizes[0] >= response_positions * VOCAB  # the plain path keeps [2B, T', V] for backward
+    assert sizes[4] == 0  # chunks are recomputed in backward: nothing vocab-wide is saved
+
+
+def test_all_switches_together_equal_the_plain_path(tiny_model_dir, tokenizer, chat_rows):
+    pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows, Columns(), "t"), 128, 64)
+    batches = length_grouped_batches(pairs, 3, seed=0)
+    model = policy(tiny_model_dir, ["all-linear"])
+    lean = Config(model="x", data="y", logits_chunk_size=5, offload_activations=True)
+    plain = Config(model="x", data="y", logits_chunk_size=0)
+    with torch.no_grad():  # the reference table is built with the adapters off, as in training
+        table = compute_reference(model, pairs, batches, tokenizer.pad_token_id, lean.logits_chunk_size)
+    for idx in batches:
+        b = collate([pairs[i] for i in idx], tokenizer.pad_token_id)
+        a = loss_and_grads(model, b, plain)
+        c = loss_and_grads(model, b, lean, table_rows(table, idx))
+        torch.testing.assert_close(c[0], a[0], rtol=1e-5, atol=1e-6)
+        for n in a[2]:
+            torch.testing.assert_close(c[2][n], a[2][n], rtol=1e-4, atol=1e-5)
+
+
+def test_offloaded_activations_give_the_same_gradients(tiny_model_dir, batch):
+    model = policy(tiny_model_dir, ["all-linear"])
+    _, b = batch
+    kept = loss_and_grads(model, b, Config(model="x", data="y"))
+    offloaded = loss_and_grads(model, b, Config(model="x", data="y", offload_activations=True))
+    assert torch.equal(kept[0], offloaded[0])
+    for n in kept[2]:
+        assert torch.equal(kept[2][n], offloaded[2][n])

@@ -1,0 +1,68 @@
+"""Precomputed reference log-probs equal the per-step reference pass, and the disk cache is reused."""
+
+import math
+
+import pytest
+import torch
+
+from qdpo.batching import collate, length_grouped_batches
+from qdpo.config import Config
+from qdpo.data import Columns, to_pairs
+from qdpo.model import ModelSource, add_lora, load_base_4bit
+from qdpo.reference import cache_key, compute_reference, load_or_compute
+from qdpo.step import preference_loss
+from qdpo.tokenize import tokenize_pairs
+from qdpo.train import table_rows
+
+
+@pytest.fixture
+def setup(tiny_model_dir, tokenizer, chat_rows, tmp_path, monkeypatch):
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    source = ModelSource(str(tiny_model_dir), str(tiny_model_dir))
+    base = load_base_4bit(source, torch.float32, torch.device("cpu"), True)
+    model = add_lora(base, 8, 16, 0.0, ["all-linear"], None, seed=0)
+    pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows, Columns(), "t"), 128, 64)
+    batches = length_grouped_batches(pairs, 3, seed=0)
+    return source, model, pairs, batches, tokenizer.pad_token_id
+
+
+def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup):
+    source, model, pairs, batches, pad = setup
+    table = compute_reference(model, pairs, batches, pad)
+    with torch.no_grad():  # move the policy away from the reference so gradients are not trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
+    model.train()
+    config = Config(model="x", data="y")
+    for idx in batches:
+        batch = collate([pairs[i] for i in idx], pad)
+        results = []
+        for reference in (None, table_rows(table, idx)):
+            model.zero_grad()
+            losses, cr, rr, _ = preference_loss(model, batch, config, reference)
+            losses.sum().backward()
+            results.append((losses.detach(), cr, rr, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        (l0, c0, r0, g0), (l1, c1, r1, g1) = results
+        assert torch.equal(l0, l1) and torch.equal(c0, c1) and torch.equal(r0, r1)
+        for n in g0:
+            assert torch.equal(g0[n], g1[n]), n
+
+
+def test_step_zero_is_exactly_log2_with_the_table(setup):
+    source, model, pairs, batches, pad = setup
+    table = compute_reference(model, pairs, batches, pad)
+    idx = batches[0]
+    losses, *_ = preference_loss(model, collate([pairs[i] for i in idx], pad), Config(model="x", data="y"), table_rows(table, idx))
+    assert torch.equal(losses, torch.full_like(losses, math.log(2)))
+
+
+def test_cache_is_reused_and_keyed_by_content(setup):
+    source, model, pairs, batches, pad = setup
+    key = cache_key(source, None, pairs, torch.float32, 3, batches)
+    first, cached = load_or_compute(model, pairs, batches, pad, key)
+    assert not cached
+    second, cached = load_or_compute(model, pairs, batches, pad, key)
+    assert cached and torch.equal(first, second)
+    assert cache_key(source, None, pairs[:-1], torch.float32, 3, batches) != key  # other data
+    assert cache_key(source, None, pairs, torch.bfloat16, 3, batches) != key  # other compute dtype
