@@ -229,7 +229,12 @@ def _unify(prompt: Text, chosen: Text, rejected: Text) -> Pair:
     def as_messages(t: Text, role: str) -> list[dict[str, str]]:
         return t if isinstance(t, list) else [{"role": role, "content": t}]
 
-    return Pair(as_messages(prompt, "user"), as_messages(chosen, "assistant"), as_messages(rejected, "assistant"))
+    prompt, chosen, rejected = as_messages(prompt, "user"), as_messages(chosen, "assistant"), as_messages(rejected, "assistant")
+    # Some sets (UltraFeedback-style) repeat the prompt at the start of both conversations: drop it there.
+    n = len(prompt)
+    if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
+        chosen, rejected = chosen[n:], rejected[n:]
+    return Pair(prompt, chosen, rejected)
 
 
 def fingerprint(pairs: list[Pair]) -> str:

@@ -18,8 +18,9 @@ def score_batch(model, batch: Batch, logits_chunk_size: int = 0) -> SequenceScor
     positions, that many at a time (see chunked_sequence_logps); 0 builds the logits tensor.
     """
     device = next(model.parameters()).device
-    if logits_chunk_size > 0:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # Models that transform logits after lm_head (Gemma-2 soft-capping) take the plain path.
+    if logits_chunk_size > 0 and not getattr(base.config, "final_logit_softcapping", None):
         hidden = base.get_decoder()(
             input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
         ).last_hidden_state

@@ -127,3 +127,13 @@ def test_unknown_extension_and_missing_file(tmp_path):
         load_rows(str(tmp_path / "d.txt"))
     with pytest.raises(UserError, match="does not exist"):
         load_rows(str(tmp_path / "nope.jsonl"))
+
+
+def test_prompt_repeated_inside_the_conversations_is_not_doubled():
+    """UltraFeedback-style rows: a prompt column, and chosen/rejected that start with the same user turn."""
+    user = [{"role": "user", "content": "Capital of France?"}]
+    rows = [{"prompt": "Capital of France?", "chosen": user + [{"role": "assistant", "content": "Paris."}],
+             "rejected": user + [{"role": "assistant", "content": "Pass."}]}]
+    (pair,) = to_pairs(rows, Columns(), "x")
+    assert pair.prompt == user
+    assert pair.chosen == [{"role": "assistant", "content": "Paris."}] and pair.rejected == [{"role": "assistant", "content": "Pass."}]

@@ -1,0 +1,372 @@
+"""Memory planner: what one qdpo training step holds, computed from a model's config.json alone (no weights).
+
+Every line follows what the code that runs actually allocates (checked on the CPU by tests/test_plan.py
+against measured tensors):
+
+* qdpo.model.load_base_4bit: every nn.Linear inside the decoder blocks in bitsandbytes NF4 with double
+  quantization, blocksize 64; embeddings, lm_head and norms in the compute dtype.
+* qdpo.model.add_lora: peft LoRA adapters in fp32 on the targeted block linears. peft casts each adapter's
+  input to fp32 (a fresh copy per adapted module) when the compute dtype is not fp32, and autograd keeps
+  those copies for backward.
+* qdpo.step.score_batch: one forward of 2B sequences (chosen + rejected); logits only from the first
+  response position on (logits_to_keep), or lm_head on response positions in checkpointed chunks
+  (logits_chunk_size > 0); the reference pass runs without grad, so it never holds more than the policy pass.
+* transformers' SDPA attention with a padding mask: GQA keys/values are repeated to all heads and the
+  boolean mask is converted to a [2B, 1, T, T] float mask in every layer, and both are saved for backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from qdpo.config import Config
+from qdpo.errors import UserError
+
+GB = 1e9  # the table and the budgets are in decimal GB, like GPU spec sheets
+FP32 = 4  # bytes
+
+# bitsandbytes NF4 with double quantization (bitsandbytes.functional.quantize_4bit, compress_statistics=True)
+NF4_BLOCK = 64  # weights per first-level absmax (stored as uint8 after double quant)
+NESTED_BLOCK = 256  # first-level absmax values per fp32 second-level absmax
+NF4_CODE_BYTES = 16 * FP32  # the 16-entry NF4 table, one copy per quantized layer
+DYNAMIC_CODE_BYTES = 256 * FP32  # the 8-bit dynamic map that decodes the absmax, copied per layer
+OFFSET_BYTES = FP32  # the mean subtracted from the absmax before their quantization
+
+# bitsandbytes 8-bit optimizers (PagedAdamW8bit): blockwise uint8 states, fp32 absmax per 256 values,
+# and plain fp32 states for tensors under 4096 values.
+OPT8_BLOCK = 256
+OPT8_MIN_SIZE = 4096
+
+# Runtime overhead assumed on a GPU: CUDA context with torch and bitsandbytes kernels (lazy loading) plus
+# cuBLAS workspaces ~0.75 GB, and allocator fragmentation ~5% of the tensor bytes.
+CUDA_CONTEXT_BYTES = int(0.75 * GB)
+FRAGMENTATION = 0.05
+CPU_RUNTIME_BYTES = int(0.5 * GB)  # torch and friends in a CPU process's resident memory
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+KNOWN_TARGETS = BLOCK_LINEARS + ("lm_head",)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-style decoder (Llama, Mistral, Qwen2, SmolLM2) that memory depends on."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied: bool
+    attention_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        """Read the shape from a transformers config.json dict; UserError when a size is missing."""
+        config = config.get("text_config", config)  # multimodal wrappers keep the decoder's sizes here
+        need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        missing = [k for k in need if not isinstance(config.get(k), int)]
+        if missing:
+            raise UserError(f"the model config has no {', '.join(missing)}; the planner needs a Llama-style decoder config.json.")
+        heads = config["num_attention_heads"]
+        qwen = config.get("model_type") == "qwen2"  # Qwen2 always has q/k/v biases
+        return cls(
+            hidden=config["hidden_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            intermediate=config["intermediate_size"],
+            vocab=config["vocab_size"],
+            tied=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=qwen or bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+        )
+
+    @property
+    def attn(self) -> int:
+        """Width of q and of the attention output (heads x head_dim)."""
+        return self.heads * self.head_dim
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each linear layer in one decoder block."""
+        h, a, kv, i = self.hidden, self.attn, self.kv_heads * self.head_dim, self.intermediate
+        return {"q_proj": (h, a), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (a, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+@dataclass
+class Line:
+    """One row of the plan: a part, its bytes, why; `counted` is False for a peak that never meets the larger one."""
+
+    part: str
+    bytes: int
+    note: str
+    counted: bool = True
+
+
+@dataclass
+class Plan:
+    """The memory table of one training step and its total."""
+
+    lines: list[Line]
+    micro_batch_size: int
+    seq_len: int
+    dtype: str
+    device: str
+    assumptions: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Bytes at the step's peak: every counted line."""
+        return sum(line.bytes for line in self.lines if line.counted)
+
+    def table(self) -> list[tuple[str, int, str]]:
+        """(part, bytes, note) rows, counted or not."""
+        return [(line.part, line.bytes, line.note) for line in self.lines]
+
+    def bytes_of(self, *parts: str) -> int:
+        """Sum of the named lines (counted or not); 0 for a part that does not appear in this plan."""
+        return sum(line.bytes for line in self.lines if line.part in parts)
+
+
+# Stable part names: the CLI prints them, tests look them up.
+WEIGHTS_4BIT = "4-bit block weights (NF4)"
+QUANT_STATE = "quantization state (double quant)"
+FROZEN = "embeddings, lm_head, norms"
+LORA = "LoRA weights (fp32)"
+REF_ADAPTER = "reference adapter (frozen copy)"
+LORA_GRADS = "LoRA gradients (fp32)"
+OPTIMIZER = "optimizer states"
+BOUNDARIES = "layer boundaries (checkpointed)"
+LAYERS = "saved activations, all layers"
+RECOMPUTE = "one layer recomputed in backward"
+LAYER_WORK = "layer backward working memory"
+OTHER_SAVED = "final norm, rotary tables, indices"
+LOGITS = "logits saved for backward"
+LOGITS_WORK = "logits working memory"
+OVERHEAD = "runtime overhead"
+
+ACTIVATION_PARTS = (BOUNDARIES, LAYERS, RECOMPUTE, OTHER_SAVED)  # what autograd saves outside the logits
+RESIDENT_PARTS = (WEIGHTS_4BIT, QUANT_STATE, FROZEN, LORA, REF_ADAPTER)
+
+
+def dtype_name(cfg: Config, device: str) -> str:
+    """The compute dtype qdpo.model.compute_dtype picks: the setting, or bf16 on a GPU and fp32 on the CPU for auto."""
+    if cfg.compute_dtype != "auto":
+        return cfg.compute_dtype
+    return "float32" if device == "cpu" else "bfloat16"  # assumes an Ampere-or-newer GPU (bf16); T4 presets say float16
+
+
+def lora_targets(cfg: Config) -> list[str]:
+    """The module names LoRA adapts (all-linear = the seven block linears, as peft resolves it for Llama-style models)."""
+    names: list[str] = []
+    for name in cfg.lora_target_modules:
+        if name == "all-linear":
+            names += BLOCK_LINEARS
+        elif name in KNOWN_TARGETS:
+            names.append(name)
+        else:
+            raise UserError(f"the planner knows LoRA targets {', '.join(KNOWN_TARGETS)} and all-linear, not {name!r}.")
+    return sorted(set(names), key=KNOWN_TARGETS.index)
+
+
+def quantized_bytes(n: int) -> tuple[int, int]:
+    """(packed weights, quantization state) bytes of one NF4 double-quantized matrix with n values."""
+    blocks = math.ceil(n / NF4_BLOCK)
+    nested = math.ceil(blocks / NESTED_BLOCK)
+    state = blocks + nested * FP32 + NF4_CODE_BYTES + DYNAMIC_CODE_BYTES + OFFSET_BYTES  # absmax as uint8
+    return math.ceil(n / 2), state  # two 4-bit values per byte
+
+
+def lora_params(shape: ModelShape, targets: list[str], r: int) -> list[int]:
+    """Parameter count of every LoRA matrix (A: r x in, B: out x r) the model gets."""
+    sizes = []
+    for name, (fan_in, fan_out) in shape.linears().items():
+        if name in targets:
+            sizes += [r * fan_in, r * fan_out] * shape.layers
+    if "lm_head" in targets:
+        sizes += [r * shape.hidden, r * shape.vocab]
+    return sizes
+
+
+def resident_lines(shape: ModelShape, cfg: Config, d: int) -> list[Line]:
+    """Weights, quantization state, frozen parts and LoRA: what stays on the device for the whole run."""
+    packed = state = 0
+    for fan_in, fan_out in shape.linears().values():
+        p, s = quantized_bytes(fan_in * fan_out)
+        packed, state = packed + p * shape.layers, state + s * shape.layers
+    n_quant = sum(i * o for i, o in shape.linears().values()) * shape.layers
+    embed = shape.vocab * shape.hidden * d
+    norms = (2 * shape.layers + 1) * shape.hidden * d
+    biases = 0
+    if shape.attention_bias:
+        biases += (shape.attn + 2 * shape.kv_heads * shape.head_dim) * shape.layers * d  # q, k, v biases stay unquantized
+    if shape.mlp_bias:
+        biases += (2 * shape.intermediate + shape.hidden) * shape.layers * d
+    rotary = 2 * (shape.head_dim // 2) * FP32  # inv_freq and original_inv_freq buffers
+    frozen = embed * (1 if shape.tied else 2) + norms + biases + rotary
+    lora = sum(lora_params(shape, lora_targets(cfg), cfg.lora_r)) * FP32
+    lines = [
+        Line(WEIGHTS_4BIT, packed, f"{n_quant / 1e9:.2f}e9 block params x 0.5 B"),
+        Line(QUANT_STATE, state, "uint8 absmax per 64 values + fp32 absmax per 256 blocks + code tables"),
+        Line(FROZEN, frozen, f"{'tied' if shape.tied else 'untied'} {shape.vocab} x {shape.hidden} x {d} B"
+                             f"{' x 2' if not shape.tied else ''}, norms{', biases' if biases else ''}"),
+        Line(LORA, lora, f"r={cfg.lora_r}: {lora // FP32 / 1e6:.1f}M params x 4 B"),
+    ]
+    if cfg.init_adapter:
+        lines.append(Line(REF_ADAPTER, lora, "init_adapter is loaded twice: trainable policy + frozen reference"))
+    return lines
+
+
+def optimizer_lines(shape: ModelShape, cfg: Config) -> list[Line]:
+    """LoRA gradients and optimizer states (they live across micro-steps of gradient accumulation)."""
+    sizes = lora_params(shape, lora_targets(cfg), cfg.lora_r)
+    grads = sum(sizes) * FP32
+    if cfg.optim == "paged_adamw_8bit":
+        states = sum(2 * n + 2 * math.ceil(n / OPT8_BLOCK) * FP32 if n >= OPT8_MIN_SIZE else 2 * n * FP32 for n in sizes)
+        note = "2 uint8 states + fp32 absmax per 256 (paged: may spill to CPU)"
+    else:
+        states = 2 * sum(sizes) * FP32
+        note = "AdamW: 2 fp32 states per LoRA param"
+    return [Line(LORA_GRADS, grads, "one fp32 grad per LoRA param"), Line(OPTIMIZER, states, note)]
+
+
+def layer_saved_per_token(shape: ModelShape, targets: list[str], r: int, d: int, seq_len: int, first: bool = False) -> int:
+    """Bytes one decoder layer saves for backward per token (first=True: layer 0, whose input needs no grad)."""
+    h, a, i = shape.hidden, shape.attn, shape.intermediate
+    cast = d != FP32  # peft casts each adapter's input to the fp32 LoRA dtype: one copy per adapted module
+    norms = (1 if first else 2) * (h * FP32 + FP32)  # RMSNorm keeps its fp32 input and rsqrt
+    qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in targets]
+    mlp_in = [t for t in ("gate_proj", "up_proj") if t in targets]
+    lora_in = (len(qkv) if cast else min(len(qkv), 1)) * h * FP32  # fp32: q, k, v share the normed input
+    lora_in += (len(mlp_in) if cast else min(len(mlp_in), 1)) * h * FP32
+    lora_in += a * FP32 if cast and "o_proj" in targets else 0  # fp32: o_proj's input is SDPA's saved output
+    lora_in += i * FP32 if "down_proj" in targets else 0  # gate*up product (its fp32 copy when cast)
+    lora_mid = sum(t in targets for t in BLOCK_LINEARS) * r * FP32  # lora_A outputs
+    attention = 4 * a * d + shape.heads * FP32 + seq_len * d  # q, repeated k and v, output; logsumexp; float mask row
+    mlp = 3 * i * d  # gate output (silu input), silu output, up output
+    return norms + lora_in + lora_mid + attention + mlp
+
+
+def layer_work_per_token(shape: ModelShape, d: int) -> int:
+    """Bytes per token of the gradients alive at once inside one layer's backward (the MLP is the widest point)."""
+    return 3 * shape.intermediate * d + 3 * shape.hidden * FP32
+
+
+def activation_lines(shape: ModelShape, cfg: Config, d: int, n: int, t: int) -> list[Line]:
+    """What autograd keeps between forward and backward in the decoder, with or without checkpointing."""
+    targets = lora_targets(cfg)
+    per_layer = layer_saved_per_token(shape, targets, cfg.lora_r, d, t) * n * t
+    first = layer_saved_per_token(shape, targets, cfg.lora_r, d, t, first=True) * n * t
+    largest_weight = max(i * o for i, o in shape.linears().values()) * d  # bnb dequantizes a weight to matmul in backward
+    work = layer_work_per_token(shape, d) * n * t + largest_weight
+    if cfg.gradient_checkpointing:
+        lines = [Line(BOUNDARIES, shape.layers * n * t * shape.hidden * d,
+                      f"{n} seq x {t} tok x {shape.hidden} x {d} B x {shape.layers} layers"),
+                 Line(RECOMPUTE, per_layer, "norms, q/k/v/out, mask, MLP gate/up/act, LoRA inputs and r-dim outputs")]
+    else:
+        lines = [Line(LAYERS, first + per_layer * (shape.layers - 1),
+                      f"{shape.layers} layers x norms, q/k/v/out, mask, MLP, LoRA inputs and r-dim outputs")]
+    lines.append(Line(LAYER_WORK, work, "grads of one layer's MLP/attention + one dequantized weight"))
+    final_norm = n * t * (shape.hidden * FP32 + FP32)
+    rotary = 2 * t * shape.head_dim * d  # cos and sin, shared by all layers
+    lines.append(Line(OTHER_SAVED, final_norm + rotary + n * t * 8 * 2, "final RMSNorm input in fp32, cos/sin, token indices"))
+    return lines
+
+
+def logits_lines(shape: ModelShape, cfg: Config, d: int, n: int, t: int, prompt_len: int) -> list[Line]:
+    """The logits as qdpo.logprobs computes them: saved fp32 logits and the temporaries of log-softmax and its gradient."""
+    v, h = shape.vocab, shape.hidden
+    window = max(t - prompt_len + 1, 1)  # logits_to_keep: positions from the last prompt token on
+    responses = n * max(t - prompt_len, 1)  # response tokens scored (at most)
+    head_lora = "lm_head" in lora_targets(cfg)
+    chunk = getattr(cfg, "logits_chunk_size", 0)
+    if chunk > 0:
+        rows = min(chunk, responses)
+        saved = responses * (h * d + 3 * 8)  # gathered hidden states + row/col/label indices
+        work = rows * v * (d + 3 * FP32)  # one chunk: lm_head output, fp32 copy, logsumexp temporaries / grads
+        lines = [Line(LOGITS, saved, f"{responses} response positions x {h} x {d} B (lm_head applied in chunks)"),
+                 Line(LOGITS_WORK, work, f"one chunk: {rows} x {v} vocab x ({d} + 3 x 4) B, recomputed in backward")]
+    else:
+        elems = n * window * v
+        saved = elems * FP32 + (n * window * (h + cfg.lora_r) * FP32 if head_lora else 0)
+        # forward: lm_head output in the compute dtype (+ its fp32 copy when not fp32) and two logsumexp
+        # temporaries; backward: the gradient from logsumexp and from gather, plus one temporary
+        work = elems * ((d if d != FP32 else 0) + 2 * FP32)
+        lines = [Line(LOGITS, saved, f"{n} seq x {window} positions x {v} vocab x 4 B (fp32)"),
+                 Line(LOGITS_WORK, work, f"log-softmax temporaries and gradient, {'bf16/fp16 copy, ' if d != FP32 else ''}same shape")]
+    return lines
+
+
+def peak_lines(act: list[Line], logits: list[Line]) -> list[Line]:
+    """Mark the smaller of the two backward peaks (logits vs one layer) as not counted: they never coincide."""
+    by = {line.part: line for line in act + logits}
+    layer_peak = by.get(RECOMPUTE, Line("", 0, "")).bytes + by[LAYER_WORK].bytes
+    logits_peak = by[LOGITS].bytes + by[LOGITS_WORK].bytes
+    smaller = [by[LAYER_WORK]] + ([by[RECOMPUTE]] if RECOMPUTE in by else [])
+    if layer_peak > logits_peak:
+        smaller = [by[LOGITS], by[LOGITS_WORK]]
+    for line in smaller:
+        line.counted = False
+        line.note += " (peaks at another moment of backward; not in the total)"
+    return act + logits
+
+
+def overhead_line(tensor_bytes: int, device: str) -> Line:
+    """CUDA context, workspaces and allocator fragmentation on a GPU; the runtime's own memory on the CPU."""
+    if device == "cpu":
+        return Line(OVERHEAD, CPU_RUNTIME_BYTES, "assumed: torch and libraries in the process (~0.5 GB)")
+    extra = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * tensor_bytes)
+    return Line(OVERHEAD, extra, "assumed: CUDA context + kernels + cuBLAS workspace 0.75 GB, +5% allocator fragmentation")
+
+
+def plan_memory(model_config: dict[str, Any], cfg: Config, micro_batch_size: int | None = None,
+                seq_len: int | None = None, *, prompt_len: int = 1, device: str = "cuda") -> Plan:
+    """The memory table of one training step of cfg on this model at (micro_batch_size, seq_len).
+
+    prompt_len is the shortest prompt in the micro-batch: 1 (the default) is the worst case, where logits
+    are kept for all but one position. device="cpu" plans fp32 for compute_dtype auto and no CUDA context.
+    """
+    shape = ModelShape.from_config(model_config)
+    b = cfg.micro_batch_size if micro_batch_size is None else micro_batch_size
+    t = cfg.max_length if seq_len is None else seq_len
+    if b < 1 or t < 2:
+        raise UserError(f"the planner needs micro_batch_size >= 1 and seq_len >= 2; got {b} and {t}.")
+    name = dtype_name(cfg, device)
+    d = DTYPE_BYTES[name]
+    n = 2 * b  # chosen + rejected in one forward
+    lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
+    lines += peak_lines(activation_lines(shape, cfg, d, n, t), logits_lines(shape, cfg, d, n, t, min(prompt_len, t - 1)))
+    lines.append(overhead_line(sum(line.bytes for line in lines if line.counted), device))
+    assumptions = [f"compute dtype {name}", "padded batches (SDPA float mask per layer, GQA k/v repeated to all heads)"]
+    if not getattr(cfg, "precompute_ref_log_probs", True):
+        assumptions.append("reference forward each step (no grad: its peak stays below the policy pass)")
+    return Plan(lines, b, t, name, device, assumptions)
+
+
+def fits(model_config: dict[str, Any], cfg: Config, budget: float, b: int, t: int, device: str) -> bool:
+    """Whether a step at (b, t) fits `budget` bytes."""
+    return plan_memory(model_config, cfg, b, t, device=device).total <= budget
+
+
+def largest_fit(model_config: dict[str, Any], cfg: Config, budget_gb: float, *, device: str = "cuda") -> tuple[int, int]:
+    """(largest micro_batch_size at cfg.max_length, largest seq_len at micro_batch_size 1) within budget_gb; 0 if none."""
+    budget = budget_gb * GB
+    b = 0
+    while b < 4096 and fits(model_config, cfg, budget, b + 1, cfg.max_length, device):
+        b += 1  # memory is linear in b: a walk stops after a few dozen steps at most for real budgets
+    lo, hi = 1, 2
+    if not fits(model_config, cfg, budget, 1, 2, device):
+        return b, 0
+    while hi < (1 << 22) and fits(model_config, cfg, budget, 1, hi, device):
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:  # invariant: lo fits, hi does not (or is the search cap)
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(model_config, cfg, budget, 1, mid, device) else (lo, mid)
+    return b, lo
