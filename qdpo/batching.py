@@ -65,11 +65,88 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> Batch:
     return Batch(input_ids, attention, response)
 
 
-def padding_share(pairs: list[TokenizedPair], batches: list[list[int]]) -> float:
+# Segment ids of a shared-prompt row.
+PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+@dataclass
+class SharedPromptBatch:
+    """B pairs, one row each: prompt + chosen + rejected, so the prompt is computed once per pair.
+
+    The rejected tokens see the prompt but not the chosen response (attention mask), and their
+    positions restart where the prompt ends (position ids), so every response token gets exactly
+    the context and positions it has in a plain prompt+response sequence.
+    """
+
+    input_ids: torch.Tensor  # [B, T]
+    position_ids: torch.Tensor  # [B, T]
+    segments: torch.Tensor  # [B, T]: PROMPT, CHOSEN, REJECTED or PAD
+    predictors: torch.Tensor  # [M]: flat index b*T + t of the position whose output predicts each label
+    labels: torch.Tensor  # [M]: the response tokens
+    rows: torch.Tensor  # [M]: b for chosen tokens, B + b for rejected ones (Batch's row order)
+    logical_tokens: int  # tokens of the equivalent plain batch (prompt counted twice), for comparable tokens/s
+
+    @property
+    def num_pairs(self) -> int:
+        """Pairs in this micro-batch."""
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the two plain sequences per pair (what a two-sequence forward would process)."""
+        return self.logical_tokens
+
+
+def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int) -> SharedPromptBatch:
+    """Pack each pair into one row prompt+chosen+rejected, right-padded."""
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    b_total = len(pairs)
+    input_ids = torch.full((b_total, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((b_total, width), dtype=torch.long)
+    segments = torch.full((b_total, width), PAD, dtype=torch.long)
+    predictors, labels, rows = [], [], []
+    logical = 0
+    for b, p in enumerate(pairs):
+        n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        input_ids[b, : n_p + n_c + n_r] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+        positions[b, : n_p + n_c] = torch.arange(n_p + n_c)
+        positions[b, n_p + n_c: n_p + n_c + n_r] = torch.arange(n_p, n_p + n_r)
+        segments[b, :n_p], segments[b, n_p:n_p + n_c], segments[b, n_p + n_c:n_p + n_c + n_r] = PROMPT, CHOSEN, REJECTED
+        # chosen token at n_p + i is predicted by the position before it; the first rejected token by
+        # the last prompt position (not the last chosen one), later ones by their predecessor.
+        predictors += [b * width + n_p - 1 + i for i in range(n_c)]
+        predictors += [b * width + (n_p - 1 if i == 0 else n_p + n_c + i - 1) for i in range(n_r)]
+        labels += p.chosen_ids + p.rejected_ids
+        rows += [b] * n_c + [b_total + b] * n_r
+        logical += 2 * n_p + n_c + n_r
+    return SharedPromptBatch(input_ids, positions, segments, torch.tensor(predictors), torch.tensor(labels),
+                             torch.tensor(rows), logical)
+
+
+def shared_prompt_mask(segments: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] boolean mask (True = may attend): causal, and responses see only the prompt and themselves."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
+    q, k = segments[:, :, None], segments[:, None, :]
+    allowed = causal & ((k == PROMPT) | (k == q)) & (q != PAD)
+    # Padding queries attend to themselves only: a row with nothing to attend to gives NaN in SDPA.
+    allowed |= torch.eye(t, dtype=torch.bool, device=segments.device) & (q == PAD)
+    return allowed[:, None]
+
+
+def make_batch(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool) -> Batch | SharedPromptBatch:
+    """The micro-batch layout the config asks for."""
+    return collate_shared_prompt(pairs, pad_id) if share_prompt else collate(pairs, pad_id)
+
+
+def padding_share(pairs: list[TokenizedPair], batches: list[list[int]], share_prompt: bool = False) -> float:
     """Share of positions in the padded batches that are padding."""
     real = total = 0
     for idx in batches:
-        lengths = [len(pairs[i].prompt_ids) + len(getattr(pairs[i], side)) for side in ("chosen_ids", "rejected_ids") for i in idx]
+        if share_prompt:
+            lengths = [len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids) for i in idx]
+        else:
+            lengths = [len(pairs[i].prompt_ids) + len(getattr(pairs[i], side)) for side in ("chosen_ids", "rejected_ids") for i in idx]
         real += sum(lengths)
         total += max(lengths) * len(lengths)
     return 1 - real / total if total else 0.0

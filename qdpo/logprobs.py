@@ -37,29 +37,35 @@ def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tens
     return token_logps, logits.detach().sum(-1)
 
 
-def chunked_sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
-                           response_mask: torch.Tensor, chunk_size: int) -> SequenceScores:
-    """sequence_logps from the final hidden states, applying lm_head only at response positions, in chunks.
+def gathered_logps(states: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int,
+                   head: torch.nn.Module, chunk_size: int) -> SequenceScores:
+    """Per-sequence sums of log p(label | state) for M gathered positions; rows[m] names each one's sequence.
 
-    Each chunk runs under non-reentrant checkpointing: its [chunk, vocab] logits are freed right
-    after use and recomputed in backward, so no [N, T, vocab] tensor ever exists (at a 128k
-    vocabulary that tensor is the largest thing in the step). Works with any head module,
-    including a LoRA-wrapped lm_head.
+    chunk_size > 0 runs lm_head on that many positions at a time under non-reentrant
+    checkpointing: each chunk's [chunk, vocab] logits are freed right after use and recomputed in
+    backward, so no [N, T, vocab] tensor ever exists (at a 128k vocabulary that tensor is the
+    largest thing in the step). 0 runs all positions at once. Works with a LoRA-wrapped lm_head.
     """
     from torch.utils.checkpoint import checkpoint
 
-    mask = response_mask[:, 1:]
-    rows, cols = mask.nonzero(as_tuple=True)
-    states = hidden[:, :-1][rows, cols]  # [M, H]: only positions that predict a response token
-    labels = input_ids[:, 1:][rows, cols]
     token_logps, logit_sums = [], []
-    for start in range(0, states.shape[0], chunk_size):
-        lp, ls = checkpoint(_chunk_logps, head, states[start:start + chunk_size], labels[start:start + chunk_size],
-                            use_reentrant=False)
+    step = chunk_size if chunk_size > 0 else max(states.shape[0], 1)
+    for start in range(0, states.shape[0], step):
+        args = (head, states[start:start + step], labels[start:start + step])
+        lp, ls = checkpoint(_chunk_logps, *args, use_reentrant=False) if chunk_size > 0 else _chunk_logps(*args)
         token_logps.append(lp)
         logit_sums.append(ls)
-    n = input_ids.shape[0]
-    zeros = torch.zeros(n, dtype=torch.float32, device=hidden.device)
+    zeros = torch.zeros(num_rows, dtype=torch.float32, device=states.device)
     logps = zeros.index_add(0, rows, torch.cat(token_logps)) if token_logps else zeros
     logits_sum = zeros.index_add(0, rows, torch.cat(logit_sums)) if logit_sums else zeros
-    return SequenceScores(logps, mask.sum(-1), logits_sum)
+    lengths = torch.zeros(num_rows, dtype=torch.long, device=states.device).index_add(0, rows, torch.ones_like(rows))
+    return SequenceScores(logps, lengths, logits_sum)
+
+
+def chunked_sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
+                           response_mask: torch.Tensor, chunk_size: int) -> SequenceScores:
+    """sequence_logps from final hidden states, applying lm_head only at positions that predict a response token."""
+    rows, cols = response_mask[:, 1:].nonzero(as_tuple=True)
+    states = hidden[:, :-1][rows, cols]  # [M, H]
+    labels = input_ids[:, 1:][rows, cols]
+    return gathered_logps(states, labels, rows, input_ids.shape[0], head, chunk_size)

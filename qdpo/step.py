@@ -4,19 +4,44 @@ from __future__ import annotations
 
 import torch
 
-from qdpo.batching import Batch
+from qdpo.batching import Batch, SharedPromptBatch, shared_prompt_mask
 from qdpo.config import Config
-from qdpo.logprobs import SequenceScores, chunked_sequence_logps, sequence_logps
+from qdpo.errors import UserError
+from qdpo.logprobs import SequenceScores, chunked_sequence_logps, gathered_logps, sequence_logps
 from qdpo.loss import dpo_loss
 from qdpo.model import reference_model
 
 
-def score_batch(model, batch: Batch, logits_chunk_size: int = 0) -> SequenceScores:
+def score_shared_prompt(model, batch: SharedPromptBatch, logits_chunk_size: int) -> SequenceScores:
+    """Scores of a shared-prompt batch: one decoder pass per pair, lm_head only where a response token is predicted."""
+    device = next(model.parameters()).device
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    segments = batch.segments.to(device)
+    allowed = shared_prompt_mask(segments)
+    if str(base.config._attn_implementation).startswith("flash"):
+        raise UserError("share_prompt needs SDPA or eager attention (flash-attention takes no custom mask); set share_prompt=false.")
+    if base.config._attn_implementation == "eager":  # eager adds the mask to the scores; SDPA takes booleans
+        dtype = base.get_input_embeddings().weight.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    else:
+        mask = allowed
+    hidden = base.get_decoder()(
+        input_ids=batch.input_ids.to(device), attention_mask=mask,
+        position_ids=batch.position_ids.to(device), use_cache=False,
+    ).last_hidden_state
+    states = hidden.reshape(-1, hidden.shape[-1])[batch.predictors.to(device)]
+    return gathered_logps(states, batch.labels.to(device), batch.rows.to(device), 2 * batch.num_pairs,
+                          base.get_output_embeddings(), logits_chunk_size)
+
+
+def score_batch(model, batch: Batch | SharedPromptBatch, logits_chunk_size: int = 0) -> SequenceScores:
     """Summed response log-probs of all 2B sequences, from one forward of chosen and rejected together.
 
     logits_chunk_size > 0 takes the decoder's hidden states and applies lm_head only at response
     positions, that many at a time (see chunked_sequence_logps); 0 builds the logits tensor.
     """
+    if isinstance(batch, SharedPromptBatch):
+        return score_shared_prompt(model, batch, logits_chunk_size)
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # Models that transform logits after lm_head (Gemma-2 soft-capping) take the plain path.
@@ -41,7 +66,7 @@ def score_batch(model, batch: Batch, logits_chunk_size: int = 0) -> SequenceScor
 
 
 @torch.no_grad()
-def reference_scores(model, batch: Batch, logits_chunk_size: int = 0) -> SequenceScores:
+def reference_scores(model, batch: Batch | SharedPromptBatch, logits_chunk_size: int = 0) -> SequenceScores:
     """The same forward with the reference model: adapters off (or the frozen init adapter), no grad."""
     with reference_model(model):
         return score_batch(model, batch, logits_chunk_size)
@@ -84,7 +109,7 @@ class Metrics:
         return out
 
 
-def preference_loss(model, batch: Batch, config: Config, reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SequenceScores]:
+def preference_loss(model, batch: Batch | SharedPromptBatch, config: Config, reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SequenceScores]:
     """Per-pair losses, rewards and the policy scores for one micro-batch.
 
     reference_logps ([2B], chosen then rejected) comes from the precomputed table when there is

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from qdpo import __version__
-from qdpo.batching import collate, length_grouped_batches, padding_share
+from qdpo.batching import length_grouped_batches, make_batch, padding_share
 from qdpo.config import Config
 from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
 from qdpo.errors import UserError
@@ -172,7 +172,7 @@ def evaluate(model, pairs: list[TokenizedPair], batches: list[list[int]], refere
     model.eval()
     with torch.no_grad():
         for idx in batches:
-            batch = collate([pairs[j] for j in idx], pad_id)
+            batch = make_batch([pairs[j] for j in idx], pad_id, config.share_prompt)
             losses, cr, rr, policy = preference_loss(model, batch, config, table_rows(reference, idx))
             metrics.add(losses, cr, rr, policy, model.config.vocab_size)
     model.train(was_training)
@@ -209,17 +209,18 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
         scheduler = make_scheduler(config, optimizer, steps)
         eval_batches = length_grouped_batches(data.eval, config.micro_batch_size, config.seed)
         echo(f"{steps} steps of {config.micro_batch_size * config.gradient_accumulation_steps} pairs; "
-             f"padding share {padding_share(data.train, epoch_batches):.1%}")
+             f"padding share {padding_share(data.train, epoch_batches, config.share_prompt):.1%}"
+             + (" (prompt computed once per pair)" if config.share_prompt else ""))
 
         # The eval reference is always scored once; the train reference too unless switched off.
-        chunk = config.logits_chunk_size
-        eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk) if data.eval else None
+        chunk, shared = config.logits_chunk_size, config.share_prompt
+        eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk, shared) if data.eval else None
         train_ref = None
         if config.precompute_ref_log_probs:
             # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
             used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps):]
-            key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk)
-            train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk)
+            key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk, shared)
+            train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, shared)
             echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
         last_eval: dict[str, float] = {}
         model.train()
@@ -235,7 +236,7 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
                         queue = length_grouped_batches(data.train, config.micro_batch_size, config.seed + epoch)
                         epoch += 1
                     idx = queue.pop()
-                    batch = collate([data.train[j] for j in idx], pad_id)
+                    batch = make_batch([data.train[j] for j in idx], pad_id, config.share_prompt)
                     reference = table_rows(train_ref, idx) if train_ref is not None else None
                     losses, cr, rr, policy = _oom_guard(lambda: preference_loss(model, batch, config, reference), config)
                     # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qdpo.batching import collate, length_grouped_batches
+from qdpo.batching import collate, length_grouped_batches, make_batch
 from qdpo.config import Config
 from qdpo.data import Columns, to_pairs
 from qdpo.model import ModelSource, add_lora, load_base_4bit
@@ -81,14 +81,13 @@ def test_all_switches_together_equal_the_plain_path(tiny_model_dir, tokenizer, c
     pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows, Columns(), "t"), 128, 64)
     batches = length_grouped_batches(pairs, 3, seed=0)
     model = policy(tiny_model_dir, ["all-linear"])
-    lean = Config(model="x", data="y", logits_chunk_size=5, offload_activations=True)
-    plain = Config(model="x", data="y", logits_chunk_size=0)
+    lean = Config(model="x", data="y", logits_chunk_size=5, offload_activations=True, share_prompt=True)
+    plain = Config(model="x", data="y", logits_chunk_size=0, share_prompt=False)
     with torch.no_grad():  # the reference table is built with the adapters off, as in training
-        table = compute_reference(model, pairs, batches, tokenizer.pad_token_id, lean.logits_chunk_size)
+        table = compute_reference(model, pairs, batches, tokenizer.pad_token_id, lean.logits_chunk_size, True)
     for idx in batches:
-        b = collate([pairs[i] for i in idx], tokenizer.pad_token_id)
-        a = loss_and_grads(model, b, plain)
-        c = loss_and_grads(model, b, lean, table_rows(table, idx))
+        a = loss_and_grads(model, collate([pairs[i] for i in idx], tokenizer.pad_token_id), plain)
+        c = loss_and_grads(model, make_batch([pairs[i] for i in idx], tokenizer.pad_token_id, True), lean, table_rows(table, idx))
         torch.testing.assert_close(c[0], a[0], rtol=1e-5, atol=1e-6)
         for n in a[2]:
             torch.testing.assert_close(c[2][n], a[2][n], rtol=1e-4, atol=1e-5)
@@ -102,3 +101,41 @@ def test_offloaded_activations_give_the_same_gradients(tiny_model_dir, batch):
     assert torch.equal(kept[0], offloaded[0])
     for n in kept[2]:
         assert torch.equal(kept[2][n], offloaded[2][n])
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_equals_two_sequence_forward(tiny_model_dir, batch, attn):
+    """prompt+chosen+rejected in one row (rejected masked off the chosen part) = the plain two-sequence forward."""
+    from qdpo.batching import collate_shared_prompt
+
+    model = policy(tiny_model_dir, ["all-linear"])
+    model.get_base_model().config._attn_implementation = attn
+    pairs, plain_batch = batch
+    packed = collate_shared_prompt(pairs, 0)
+    assert packed.input_ids.shape[0] == len(pairs) and packed.num_tokens == plain_batch.num_tokens
+    for chunk in (0, 7):
+        config = Config(model="x", data="y", logits_chunk_size=chunk)
+        plain = loss_and_grads(model, plain_batch, config)
+        shared = loss_and_grads(model, packed, config)
+        torch.testing.assert_close(shared[0], plain[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(shared[1], plain[1], rtol=1e-4, atol=1e-3)
+        for n in plain[2]:
+            torch.testing.assert_close(shared[2][n], plain[2][n], rtol=1e-4, atol=1e-5)
+
+
+def test_shared_prompt_scores_match_direct_log_softmax(tiny_model_dir, tokenizer, batch):
+    """Independent check: each response's log-prob from a separate unbatched forward of prompt+response."""
+    from qdpo.batching import collate_shared_prompt
+    from qdpo.step import score_batch
+
+    model = policy(tiny_model_dir, ["all-linear"])
+    pairs, _ = batch
+    with torch.no_grad():
+        scores = score_batch(model, collate_shared_prompt(pairs, 0), 4).logps
+        for side, offset in (("chosen_ids", 0), ("rejected_ids", len(pairs))):
+            for i, p in enumerate(pairs):
+                ids = torch.tensor([p.prompt_ids + getattr(p, side)])
+                logits = model(input_ids=ids).logits[0].double()
+                n = len(p.prompt_ids)
+                expected = sum(torch.log_softmax(logits[t - 1], -1)[ids[0, t]].item() for t in range(n, ids.shape[1]))
+                assert abs(scores[offset + i].item() - expected) < 1e-3

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from qdpo.batching import collate, length_grouped_batches
+from qdpo.batching import length_grouped_batches, make_batch
 from qdpo.config import Config
 from qdpo.data import Columns, to_pairs
 from qdpo.model import ModelSource, add_lora, load_base_4bit
@@ -26,17 +26,18 @@ def setup(tiny_model_dir, tokenizer, chat_rows, tmp_path, monkeypatch):
     return source, model, pairs, batches, tokenizer.pad_token_id
 
 
-def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup):
+@pytest.mark.parametrize("config", [Config(model="x", data="y"), Config(model="x", data="y", logits_chunk_size=0, share_prompt=False)],
+                         ids=["lean", "plain"])
+def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup, config):
     source, model, pairs, batches, pad = setup
-    table = compute_reference(model, pairs, batches, pad)
+    table = compute_reference(model, pairs, batches, pad, config.logits_chunk_size, config.share_prompt)
     with torch.no_grad():  # move the policy away from the reference so gradients are not trivial
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
     model.train()
-    config = Config(model="x", data="y")
     for idx in batches:
-        batch = collate([pairs[i] for i in idx], pad)
+        batch = make_batch([pairs[i] for i in idx], pad, config.share_prompt)
         results = []
         for reference in (None, table_rows(table, idx)):
             model.zero_grad()
@@ -51,9 +52,11 @@ def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup):
 
 def test_step_zero_is_exactly_log2_with_the_table(setup):
     source, model, pairs, batches, pad = setup
-    table = compute_reference(model, pairs, batches, pad)
+    config = Config(model="x", data="y")
+    table = compute_reference(model, pairs, batches, pad, config.logits_chunk_size, config.share_prompt)
     idx = batches[0]
-    losses, *_ = preference_loss(model, collate([pairs[i] for i in idx], pad), Config(model="x", data="y"), table_rows(table, idx))
+    batch = make_batch([pairs[i] for i in idx], pad, config.share_prompt)
+    losses, *_ = preference_loss(model, batch, config, table_rows(table, idx))
     assert torch.equal(losses, torch.full_like(losses, math.log(2)))
 
 
