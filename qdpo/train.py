@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -179,87 +179,117 @@ def evaluate(model, pairs: list[TokenizedPair], batches: list[list[int]], refere
     return metrics.means("eval_")
 
 
+@dataclass
+class Training:
+    """What the loop needs: the policy/reference model, its optimizer, the schedule and the reference tables."""
+
+    model: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    steps: int
+    epoch_batches: list[list[int]]
+    eval_batches: list[list[int]]
+    train_ref: torch.Tensor | None
+    eval_ref: torch.Tensor | None
+
+
+def setup_training(config: Config, data: PreparedData, device: torch.device, dtype: torch.dtype,
+                   echo: Callable[[str], None]) -> Training:
+    """Load the 4-bit base, add LoRA, build optimizer and schedule, and score the reference once."""
+    model = load_base_4bit(data.source, dtype, device, config.gradient_checkpointing)
+    model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
+                     config.init_adapter, config.seed)
+    params = trainable_parameters(model)
+    echo(f"model: {data.source.name} in 4-bit NF4 on {device.type} ({str(dtype).removeprefix('torch.')} compute), "
+         f"{sum(p.numel() for p in params):,} trainable LoRA parameters")
+    optimizer = make_optimizer(config, params, device)
+    # fp16 compute (T4) underflows small gradients: scale the loss; a no-op for bf16/fp32.
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    epoch_batches = length_grouped_batches(data.train, config.micro_batch_size, config.seed)
+    steps = total_steps(config, len(epoch_batches))
+    eval_batches = length_grouped_batches(data.eval, config.micro_batch_size, config.seed)
+    echo(f"{steps} steps of {config.micro_batch_size * config.gradient_accumulation_steps} pairs; "
+         f"padding share {padding_share(data.train, epoch_batches, config.share_prompt):.1%}"
+         + (" (prompt computed once per pair)" if config.share_prompt else ""))
+
+    pad_id, chunk, shared = data.tokenizer.pad_token_id, config.logits_chunk_size, config.share_prompt
+    # The eval reference is always scored once; the train reference too unless switched off.
+    eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk, shared) if data.eval else None
+    train_ref = None
+    if config.precompute_ref_log_probs:
+        # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
+        used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps):]
+        key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk, shared)
+        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, shared)
+        echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
+    return Training(model, params, optimizer, make_scheduler(config, optimizer, steps), scaler, steps,
+                    epoch_batches, eval_batches, train_ref, eval_ref)
+
+
+def micro_batches(data: PreparedData, config: Config, first_epoch: list[list[int]]) -> Iterator[list[int]]:
+    """Pair indices of each micro-batch, epoch after epoch, each epoch regrouped with its own seed."""
+    epoch, queue = 0, list(first_epoch)
+    while True:
+        while queue:
+            yield queue.pop()
+        epoch += 1
+        queue = length_grouped_batches(data.train, config.micro_batch_size, config.seed + epoch)
+
+
+def train_step(t: Training, data: PreparedData, config: Config, stream: Iterator[list[int]], device: torch.device) -> dict[str, float]:
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns its metrics row."""
+    start = time.time()
+    metrics, tokens = Metrics(), 0
+    pairs_per_step = config.micro_batch_size * config.gradient_accumulation_steps
+    for _ in range(config.gradient_accumulation_steps):
+        idx = next(stream)
+        batch = make_batch([data.train[j] for j in idx], data.tokenizer.pad_token_id, config.share_prompt)
+        reference = table_rows(t.train_ref, idx) if t.train_ref is not None else None
+        losses, cr, rr, policy = _oom_guard(lambda: preference_loss(t.model, batch, config, reference), config)
+        # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
+        _oom_guard(lambda: t.scaler.scale(losses.sum() / pairs_per_step).backward(), config)
+        metrics.add(losses, cr, rr, policy, t.model.config.vocab_size)
+        tokens += batch.num_tokens
+    t.scaler.unscale_(t.optimizer)
+    clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, clip))
+    learning_rate = t.scheduler.get_last_lr()[0]  # the rate this step uses
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    return {**metrics.means(), "grad_norm": grad_norm, "learning_rate": learning_rate,
+            "tokens_per_second": tokens / (time.time() - start), "peak_memory_gb": peak_memory_gb(device)}
+
+
 def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = print, progress: bool = True) -> RunResult:
     """Tune LoRA adapters on a 4-bit base with DPO and write a self-describing run directory."""
     from tqdm.auto import tqdm
 
     started = time.time()
     torch.manual_seed(config.seed)
-    data = prepare_data(config, echo)
+    data = prepare_data(config, echo)  # every input error surfaces here, before anything is written
     device = pick_device()
     dtype = compute_dtype(config.compute_dtype, device)
     out = make_output_dir(config, preset)
     try:
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         write_json(out / "run.json", describe_run(config, data, dtype, device, "running"))
-
-        model = load_base_4bit(data.source, dtype, device, config.gradient_checkpointing)
-        model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
-                         config.init_adapter, config.seed)
-        params = trainable_parameters(model)
-        echo(f"model: {data.source.name} in 4-bit NF4 on {device.type} ({str(dtype).removeprefix('torch.')} compute), "
-             f"{sum(p.numel() for p in params):,} trainable LoRA parameters")
-        optimizer = make_optimizer(config, params, device)
-        # fp16 compute (T4) underflows small gradients: scale the loss; a no-op for bf16/fp32.
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-        pad_id = data.tokenizer.pad_token_id
-        epoch_batches = length_grouped_batches(data.train, config.micro_batch_size, config.seed)
-        steps = total_steps(config, len(epoch_batches))
-        scheduler = make_scheduler(config, optimizer, steps)
-        eval_batches = length_grouped_batches(data.eval, config.micro_batch_size, config.seed)
-        echo(f"{steps} steps of {config.micro_batch_size * config.gradient_accumulation_steps} pairs; "
-             f"padding share {padding_share(data.train, epoch_batches, config.share_prompt):.1%}"
-             + (" (prompt computed once per pair)" if config.share_prompt else ""))
-
-        # The eval reference is always scored once; the train reference too unless switched off.
-        chunk, shared = config.logits_chunk_size, config.share_prompt
-        eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk, shared) if data.eval else None
-        train_ref = None
-        if config.precompute_ref_log_probs:
-            # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
-            used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps):]
-            key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk, shared)
-            train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, shared)
-            echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
+        t = setup_training(config, data, device, dtype, echo)
+        t.model.train()
+        stream = micro_batches(data, config, t.epoch_batches)
         last_eval: dict[str, float] = {}
-        model.train()
-        queue: list[list[int]] = []
-        epoch = 0
-        bar = tqdm(total=steps, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=t.steps, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
         with (out / "metrics.jsonl").open("w") as log:
-            for step in range(1, steps + 1):
-                step_start = time.time()
-                metrics, tokens = Metrics(), 0
-                for _ in range(config.gradient_accumulation_steps):
-                    if not queue:
-                        queue = length_grouped_batches(data.train, config.micro_batch_size, config.seed + epoch)
-                        epoch += 1
-                    idx = queue.pop()
-                    batch = make_batch([data.train[j] for j in idx], pad_id, config.share_prompt)
-                    reference = table_rows(train_ref, idx) if train_ref is not None else None
-                    losses, cr, rr, policy = _oom_guard(lambda: preference_loss(model, batch, config, reference), config)
-                    # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
-                    _oom_guard(lambda: scaler.scale(losses.sum() / (config.micro_batch_size * config.gradient_accumulation_steps)).backward(), config)
-                    metrics.add(losses, cr, rr, policy, model.config.vocab_size)
-                    tokens += batch.num_tokens
-                scaler.unscale_(optimizer)
-                clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-
-                row = {"step": step, **metrics.means(), "grad_norm": grad_norm,
-                       "learning_rate": learning_rate,
-                       "tokens_per_second": tokens / (time.time() - step_start),
-                       "peak_memory_gb": peak_memory_gb(device)}
-                if data.eval and ((config.eval_steps and step % config.eval_steps == 0) or step == steps):
-                    last_eval = evaluate(model, data.eval, eval_batches, eval_ref, config, pad_id)
+            for step in range(1, t.steps + 1):
+                row = {"step": step, **train_step(t, data, config, stream, device)}
+                evaluating = bool(data.eval) and ((config.eval_steps and step % config.eval_steps == 0) or step == t.steps)
+                if evaluating:
+                    last_eval = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, data.tokenizer.pad_token_id)
                     row.update(last_eval)
-                if step % config.logging_steps == 0 or step == steps or last_eval.keys() & row.keys():
+                if evaluating or step % config.logging_steps == 0 or step == t.steps:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                 bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}",
@@ -267,9 +297,9 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
                 bar.update(1)
         bar.close()
 
-        save_adapter(model, data.tokenizer, out / "adapter", describe_run(config, data, dtype, device, "finished"))
+        save_adapter(t.model, data.tokenizer, out / "adapter", describe_run(config, data, dtype, device, "finished"))
         summary = {
-            "steps": steps,
+            "steps": t.steps,
             "seconds": round(time.time() - started, 1),
             "train_pairs": len(data.train),
             "eval_pairs": len(data.eval),
