@@ -82,7 +82,7 @@ class Config:
     # --- what the run reports
     logging_steps: int = _f(1, "Write a metrics line every this many optimizer steps.")
     eval_steps: int = _f(0, "Score the eval split every this many steps (0 = only at the end).")
-    save_steps: int = _f(0, "Reserved for checkpoints (not implemented yet; 0 = only the final adapter).")
+    save_steps: int = _f(0, "Checkpoint every this many steps: not implemented yet, so it must stay 0 (the final adapter is always saved).")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,6 +119,8 @@ class Config:
             raise UserError(f"max_prompt_length ({self.max_prompt_length}) must be less than max_length ({self.max_length}) to leave room for the response.")
         if self.loss_type != "sigmoid" and self.loss_type != "robust" and self.label_smoothing:
             raise UserError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}.")
+        if self.save_steps:
+            raise UserError("save_steps: mid-run checkpoints are not implemented yet; leave it at 0 (the final adapter is always saved).")
         if not self.lora_target_modules:
             raise UserError("lora_target_modules must name at least one module (or all-linear).")
 

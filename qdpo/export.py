@@ -15,7 +15,7 @@ import torch
 
 from qdpo.errors import UserError
 from qdpo.merge import (SHARD_BYTES, Adapter, Deviation, check_output, check_prompts, compare, find_adapter,
-                        merged_logits, prepare, prompt_logits, read_json, staged, trained_dtype, write_merged)
+                        merged_logits, prepare, prompt_logits, read_json, staged, write_merged)
 
 GGUF_TYPES = ("f16", "q8_0")
 # llama.cpp runs Mistral with its llama graph; Qwen2 has its own.
@@ -46,8 +46,9 @@ class GgufResult:
 # ---------------------------------------------------------------- the adapter alone
 
 def _table(rows: dict[str, Any]) -> str:
+    """A two-column markdown table of the rows that have a value."""
     lines = ["| | |", "|---|---|"]
-    return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows.items()])
+    return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows.items() if v is not None])
 
 
 def _metric(value: Any) -> str:
@@ -75,7 +76,8 @@ def model_card(adapter: Adapter, title: str) -> str:
         "## Data", "",
         _table({"training data": data.get("source"), "held-out data": data.get("eval_source") or "a share of the training data",
                 "training pairs": data.get("train_pairs"), "held-out pairs": data.get("eval_pairs"),
-                "fingerprint": data.get("fingerprint"), "dropped": data.get("dropped")}),
+                "fingerprint": data.get("fingerprint"),
+                "pairs dropped": ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in (data.get("dropped") or {}).items()) or None}),
         "", "## LoRA", "",
         _table({"r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
                 "lora_dropout": adapter.config.get("lora_dropout"), "use_rslora": adapter.config.get("use_rslora"),
@@ -177,22 +179,21 @@ def add_hyperparameters(writer, config, vocab_size: int) -> None:
 
 
 def _source_gguf(model_dir: Path) -> Path | None:
-    """The GGUF file the base was converted from, when it was (recorded by qdpo's conversion or the merge)."""
+    """The GGUF file the merged model's base was converted from, if it was (merge records it in qdpo_merge.json)."""
     provenance = read_json(model_dir / "qdpo_merge.json") if (model_dir / "qdpo_merge.json").is_file() else {}
-    gguf = ((provenance.get("run") or {}).get("base_model") or {}).get("gguf_file")
+    gguf = (provenance.get("base_model") or {}).get("gguf_file")
     return Path(gguf) if gguf and Path(gguf).is_file() else None
 
 
 def pre_tokenizer_name(backend: dict[str, Any], source_gguf: Path | None) -> str:
     """llama.cpp's name for how text is split before BPE: the source GGUF's, else recognized from tokenizer.json."""
-    if source_gguf is not None:
-        from gguf import GGUFReader
-
-        field = GGUFReader(str(source_gguf)).fields.get("tokenizer.ggml.pre")
-        if field is not None:
-            return field.contents()
+    from transformers.integrations.gguf import read_gguf_metadata
     from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
 
+    if source_gguf is not None:
+        recorded = read_gguf_metadata(str(source_gguf))[0].get("tokenizer.ggml.pre")  # header only: milliseconds
+        if recorded:
+            return recorded
     pre = backend.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre])
     patterns = [s["pattern"].get("Regex") for s in steps if s.get("type") == "Split"]
@@ -352,7 +353,7 @@ def export_gguf(path: str | Path, out: str | Path, qtype: str = "f16", onto: str
     echo(f"merging {adapter.path} into {source.name} ({onto} weights), then writing {qtype} GGUF -> {out}")
     with staged(out, inner="model.gguf") as tmp:
         merged = tmp / "merged"
-        write_merged(merged, adapter, plan, onto, trained_dtype(adapter), max_shard_bytes, lambda _: None)
+        write_merged(merged, adapter, source, plan, max_shard_bytes, lambda _: None)
         write_gguf(merged, tmp / "model.gguf", qtype, name=Path(adapter.run_dir or adapter.path).name)
         if check:
             result = check_gguf(tmp / "model.gguf", merged)

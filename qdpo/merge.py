@@ -33,7 +33,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 _DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 _PEFT_PREFIX = "base_model.model."  # how PEFT prefixes a LoRA model's keys in adapter_model.safetensors
 _LORA_SUFFIXES = {".lora_A.weight": ("a", False), ".lora_B.weight": ("b", False),
-                  ".lora_embedding_A": ("a", True), ".lora_embedding_B": ("b", True)}
+                  ".lora_embedding_A": ("a", True), ".lora_embedding_B": ("b", True),
+                  ".base_layer.weight": ("weight", None)}  # PEFT saves embedding layers it wraps (save_embedding_layers)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Lora:
     b: torch.Tensor  # (out_features, r); for an embedding (embedding_dim, r)
     scale: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rslora
     transposed: bool = False  # embeddings and Conv1D (fan_in_fan_out) store the weight as (in, out)
+    weight: torch.Tensor | None = None  # the layer's own weight, when PEFT saved it with the adapter (embedding layers)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -91,6 +93,9 @@ class MergePlan:
     base_dir: Path
     tensors: list[Planned]
     untied: bool  # lm_head was tied to the embeddings and gets its own copy (LoRA changed one of them)
+    onto: str  # "original" or "dequantized" base weights
+    compute_dtype: torch.dtype  # what the 4-bit base computed in while training (its NF4 codes depend on it)
+    device: torch.device  # where NF4 is computed: the training device when this machine has it
 
     @property
     def dtype(self) -> torch.dtype:
@@ -192,6 +197,11 @@ def trained_dtype(adapter: Adapter) -> torch.dtype:
     return auto_compute_dtype("auto", pick_device())
 
 
+def trained_device(adapter: Adapter) -> torch.device:
+    """Where the run quantized its base (so NF4 is recomputed by the same kernels), if this machine has it."""
+    return torch.device("cuda") if (adapter.run or {}).get("device") == "cuda" and torch.cuda.is_available() else torch.device("cpu")
+
+
 def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
     if (path / "adapter_model.safetensors").is_file():
         from safetensors.torch import load_file
@@ -218,8 +228,10 @@ def read_lora(adapter: Adapter) -> dict[str, Lora]:
         if suffix is None:
             raise UserError(f"{adapter.path} holds {key}, which is not a LoRA factor; qdpo merges plain LoRA adapters only.")
         part, embedding = _LORA_SUFFIXES[suffix]
-        module = name.removesuffix(suffix)
-        factors.setdefault(module, {"embedding": embedding})[part] = tensor
+        entry = factors.setdefault(name.removesuffix(suffix), {})
+        entry[part] = tensor
+        if embedding is not None:
+            entry["embedding"] = embedding
     alphas = config.get("alpha_pattern") or {}
     loras = {}
     for module, f in factors.items():
@@ -229,7 +241,7 @@ def read_lora(adapter: Adapter) -> dict[str, Lora]:
         alpha = alphas.get(get_pattern_key(alphas.keys(), module), config["lora_alpha"])  # PEFT's own matching
         scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         transposed = f["embedding"] or bool(config.get("fan_in_fan_out"))
-        loras[f"{module}.weight"] = Lora(f["a"], f["b"], scale, transposed)
+        loras[f"{module}.weight"] = Lora(f["a"], f["b"], scale, transposed, f.get("weight"))
     return loras
 
 
@@ -270,7 +282,8 @@ def model_layout(base_dir: Path) -> tuple[set[str], dict[str, str]]:
     return quantized, dict(model.all_tied_weights_keys)
 
 
-def plan_merge(base_dir: Path, base_name: str, loras: dict[str, Lora], dtype: torch.dtype | None) -> MergePlan:
+def plan_merge(base_dir: Path, base_name: str, loras: dict[str, Lora], dtype: torch.dtype | None, onto: str,
+               compute_dtype: torch.dtype, device: torch.device) -> MergePlan:
     """Decide every tensor of the merged checkpoint, refusing an adapter that does not fit the base."""
     tensors = checkpoint_tensors(base_dir)
     quantized, tied = model_layout(base_dir)
@@ -283,30 +296,32 @@ def plan_merge(base_dir: Path, base_name: str, loras: dict[str, Lora], dtype: to
         if source not in tensors:
             raise UserError(f"the adapter changes {name.removesuffix('.weight')}, which base model {base_name} does not have; "
                             "pass the base it was trained on with --base.")
-        if lora.shape != tensors[source][1]:
-            raise UserError(f"the adapter does not fit base model {base_name}: {name} is {list(tensors[source][1])} there "
-                            f"but {list(lora.shape)} in the adapter; pass the base it was trained on with --base.")
+        shape = tensors[source][1]
+        got = next((s for s in (lora.shape, lora.weight.shape if lora.weight is not None else None) if s not in (None, shape)), None)
+        if got is not None:
+            raise UserError(f"the adapter does not fit base model {base_name}: {name} is {list(shape)} there "
+                            f"but {list(got)} in the adapter; pass the base it was trained on with --base.")
     names = [(name, name) for name in tensors] + list(untie.items())
     planned = []
     for name, source in names:
         file, shape, disk_dtype = tensors[source]
         out_dtype = dtype if dtype is not None and disk_dtype.is_floating_point else disk_dtype
         planned.append(Planned(name, source, file, shape, out_dtype, loras.get(name), name in quantized))
-    return MergePlan(base_dir, planned, bool(untie))
+    return MergePlan(base_dir, planned, bool(untie), onto, compute_dtype, device)
 
 
-def as_trained(weight: torch.Tensor, quantized: bool, dtype: torch.dtype) -> torch.Tensor:
+def as_trained(weight: torch.Tensor, quantized: bool, dtype: torch.dtype, device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """The weight as the 4-bit model held it: cast to the compute dtype and, for NF4 layers, quantized and dequantized."""
     import bitsandbytes.functional as bnbf
 
     weight = weight.to(dtype)  # transformers casts to the compute dtype before quantizing: the NF4 codes depend on it
     if not quantized:
         return weight
-    packed, state = bnbf.quantize_4bit(weight, blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
-    return bnbf.dequantize_4bit(packed, state)
+    packed, state = bnbf.quantize_4bit(weight.to(device), blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4")
+    return bnbf.dequantize_4bit(packed, state).cpu()
 
 
-def merged_tensors(plan: MergePlan, onto: str, compute_dtype: torch.dtype) -> Iterator[torch.Tensor]:
+def merged_tensors(plan: MergePlan) -> Iterator[torch.Tensor]:
     """Each merged tensor in plan order, read from the base one at a time."""
     from safetensors import safe_open
 
@@ -315,10 +330,13 @@ def merged_tensors(plan: MergePlan, onto: str, compute_dtype: torch.dtype) -> It
         for p in plan.tensors:
             if p.file not in opened:
                 opened[p.file] = stack.enter_context(safe_open(str(p.file), "pt"))
-            weight = opened[p.file].get_tensor(p.source)
+            if p.lora is not None and p.lora.weight is not None:
+                weight = p.lora.weight  # what PEFT loads into the layer, over the base's copy
+            else:
+                weight = opened[p.file].get_tensor(p.source)
             if weight.is_floating_point():
-                if onto == "dequantized":
-                    weight = as_trained(weight, p.quantized, compute_dtype)
+                if plan.onto == "dequantized":
+                    weight = as_trained(weight, p.quantized, plan.compute_dtype, plan.device)
                 if p.lora is not None:
                     weight = weight.float() + p.lora.delta()  # in fp32: the rounding happens once, on the way out
             yield weight.to(p.dtype)
@@ -359,11 +377,10 @@ def shards(planned: list[Planned], max_bytes: int) -> list[list[Planned]]:
     return groups
 
 
-def write_weights(target: Path, plan: MergePlan, onto: str, compute_dtype: torch.dtype, max_shard_bytes: int,
-                  echo: Callable[[str], None]) -> None:
+def write_weights(target: Path, plan: MergePlan, max_shard_bytes: int, echo: Callable[[str], None]) -> None:
     """Stream the merged weights into sharded safetensors files plus model.safetensors.index.json."""
     groups = shards(plan.tensors, max_shard_bytes)
-    stream = merged_tensors(plan, onto, compute_dtype)
+    stream = merged_tensors(plan)
     weight_map = {}
     for i, group in enumerate(groups, start=1):
         name = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
@@ -449,15 +466,16 @@ def staged(out: Path, inner: str | None = None) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_merged(target: Path, adapter: Adapter, plan: MergePlan, onto: str, compute_dtype: torch.dtype,
-                 max_shard_bytes: int, echo: Callable[[str], None]) -> None:
+def write_merged(target: Path, adapter: Adapter, source: ModelSource, plan: MergePlan, max_shard_bytes: int,
+                 echo: Callable[[str], None]) -> None:
     """Write a complete transformers directory: weights, config, generation config, tokenizer, provenance."""
     target.mkdir(exist_ok=True)
-    write_weights(target, plan, onto, compute_dtype, max_shard_bytes, echo)
+    write_weights(target, plan, max_shard_bytes, echo)
     write_config(target, plan)
     write_tokenizer(target, adapter, plan.base_dir)
-    provenance = {"adapter": str(adapter.path.resolve()), "base_dir": str(plan.base_dir), "onto": onto,
-                  "compute_dtype": str(compute_dtype).removeprefix("torch.") if onto == "dequantized" else None,
+    provenance = {"adapter": str(adapter.path.resolve()), "base_dir": str(plan.base_dir), "onto": plan.onto,
+                  "base_model": {"name": source.name, "path": source.path, "gguf_file": source.gguf_file},
+                  "compute_dtype": str(plan.compute_dtype).removeprefix("torch.") if plan.onto == "dequantized" else None,
                   "dtype": str(plan.dtype).removeprefix("torch."), "run": adapter.run}
     (target / "qdpo_merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
@@ -498,7 +516,7 @@ def merged_logits(model_dir: Path, prompts: list[list[int]]) -> list[torch.Tenso
     return prompt_logits(model.eval(), prompts)
 
 
-def check_merge(model_dir: Path, adapter: Adapter, source: ModelSource, compute_dtype: torch.dtype) -> Deviation:
+def check_merge(model_dir: Path, adapter: Adapter, source: ModelSource, plan: MergePlan) -> Deviation:
     """Load the merged directory back with plain transformers and compare its logits with the adapter on the 4-bit base.
 
     One model at a time: the 4-bit model's logits are kept, the model itself freed before the merged one loads.
@@ -506,7 +524,7 @@ def check_merge(model_dir: Path, adapter: Adapter, source: ModelSource, compute_
     from transformers import AutoTokenizer
 
     prompts = check_prompts(AutoTokenizer.from_pretrained(model_dir))
-    reference = adapter_logits(adapter, source, compute_dtype, prompts)
+    reference = adapter_logits(adapter, source, plan.compute_dtype, prompts)
     return compare(reference, merged_logits(model_dir, prompts))
 
 
@@ -527,7 +545,9 @@ def prepare(path: str | Path, base: str | None, dtype: str | None, onto: str) ->
     adapter = find_adapter(path)
     loras = read_lora(adapter)
     source = resolve_base(adapter, base)
-    plan = plan_merge(local_dir(source), source.name, loras, out_dtype)
+    plan = plan_merge(local_dir(source), source.name, loras, out_dtype, onto, trained_dtype(adapter), trained_device(adapter))
+    if plan.untied and adapter.config.get("ensure_weight_tying"):
+        raise UserError(f"{adapter.path} keeps LoRA on tied embeddings tied (ensure_weight_tying); qdpo merge does not handle that.")
     return adapter, source, plan
 
 
@@ -538,14 +558,13 @@ def merge(path: str | Path, out: str | Path, base: str | None = None, dtype: str
     out = Path(out).expanduser()
     check_output(out, overwrite, marker="config.json")
     adapter, source, plan = prepare(path, base, dtype, onto)
-    compute_dtype = trained_dtype(adapter)
     echo(f"merging {adapter.path} into {source.name} ({onto} weights, {len(plan.tensors)} tensors) -> {out}")
     with staged(out) as tmp:
-        write_merged(tmp, adapter, plan, onto, compute_dtype, max_shard_bytes, echo)
+        write_merged(tmp, adapter, source, plan, max_shard_bytes, echo)
     echo(f"merged model: {out}  (loads with transformers.AutoModelForCausalLM.from_pretrained)")
     deviation = None
     if check:
-        deviation = check_merge(out, adapter, source, compute_dtype)
+        deviation = check_merge(out, adapter, source, plan)
         expected = "float noise expected" if onto == "dequantized" else "the 4-bit quantization error shows here"
         echo(f"largest logit deviation from the adapter on the 4-bit base: {deviation.describe()}; {expected}")
     return MergeResult(out, source, onto, deviation)

@@ -8,17 +8,23 @@ against measured tensors):
 * qdpo.model.add_lora: peft LoRA adapters in fp32 on the targeted block linears. peft casts each adapter's
   input to fp32 (a fresh copy per adapted module) when the compute dtype is not fp32, and autograd keeps
   those copies for backward.
-* qdpo.step.score_batch: one forward of 2B sequences (chosen + rejected); logits only from the first
-  response position on (logits_to_keep), or lm_head on response positions in checkpointed chunks
-  (logits_chunk_size > 0); the reference pass runs without grad, so it never holds more than the policy pass.
-* transformers' SDPA attention with a padding mask: GQA keys/values are repeated to all heads and the
-  boolean mask is converted to a [2B, 1, T, T] float mask in every layer, and both are saved for backward.
+* qdpo.step.score_batch: with share_prompt (the default) one row per pair, prompt + chosen + rejected
+  (up to 2 x max_length - prompt tokens) under a custom [B, 1, W, W] mask, lm_head only on the M
+  response-predicting positions (qdpo.logprobs.gathered_logps); without it one forward of 2B sequences
+  (chosen + rejected), logits from the first response position on (logits_to_keep) or on response
+  positions only in checkpointed chunks (logits_chunk_size > 0). The reference pass runs without grad,
+  so it never holds more than the policy pass; offload_activations moves what autograd saves outside
+  checkpointed regions to pinned CPU memory.
+* transformers' SDPA attention with a mask: GQA keys/values are repeated to all heads and the boolean
+  mask is converted to a float [rows, 1, W, W] mask in every layer, and both are saved for backward.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from qdpo.config import Config
@@ -46,6 +52,7 @@ FRAGMENTATION = 0.05
 CPU_RUNTIME_BYTES = int(0.5 * GB)  # torch and friends in a CPU process's resident memory
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LLAMA_STYLE = ("llama", "mistral", "qwen2")  # measured by tests/test_plan.py
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KNOWN_TARGETS = BLOCK_LINEARS + ("lm_head",)
 
@@ -147,13 +154,37 @@ BOUNDARIES = "layer boundaries (checkpointed)"
 LAYERS = "saved activations, all layers"
 RECOMPUTE = "one layer recomputed in backward"
 LAYER_WORK = "layer backward working memory"
-OTHER_SAVED = "final norm, rotary tables, indices"
+OTHER_SAVED = "final norm input"
 LOGITS = "logits saved for backward"
 LOGITS_WORK = "logits working memory"
 OVERHEAD = "runtime overhead"
 
-ACTIVATION_PARTS = (BOUNDARIES, LAYERS, RECOMPUTE, OTHER_SAVED)  # what autograd saves outside the logits
 RESIDENT_PARTS = (WEIGHTS_4BIT, QUANT_STATE, FROZEN, LORA, REF_ADAPTER)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shape of one policy forward: rows x width tokens, logits window per row, response tokens scored."""
+
+    rows: int
+    width: int
+    window: int  # positions per row whose logits the plain full-logits path keeps (logits_to_keep)
+    responses: int  # response tokens scored in the micro-batch (M)
+    shared: bool
+
+    @property
+    def tokens(self) -> int:
+        """Positions the decoder runs (padding included)."""
+        return self.rows * self.width
+
+
+def geometry(b: int, t: int, prompt_len: int, shared: bool) -> Geometry:
+    """Worst case of a micro-batch of b pairs at max_length t whose shortest prompt has prompt_len tokens."""
+    p = min(max(prompt_len, 1), t - 1)
+    responses = 2 * b * (t - p)  # chosen and rejected each fill max_length
+    if shared:  # one row per pair: prompt once, then chosen, then rejected
+        return Geometry(b, 2 * t - p, 0, responses, True)
+    return Geometry(2 * b, t, t - p + 1, responses, False)
 
 
 def dtype_name(cfg: Config, device: str) -> str:
@@ -237,71 +268,110 @@ def optimizer_lines(shape: ModelShape, cfg: Config) -> list[Line]:
     return [Line(LORA_GRADS, grads, "one fp32 grad per LoRA param"), Line(OPTIMIZER, states, note)]
 
 
+def attention_saved_per_token(shape: ModelShape, targets: list[str], d: int, seq_len: int, grad_in: bool) -> tuple[int, bool]:
+    """Bytes per token the attention half of a layer saves, and whether its output needs grad.
+
+    grad_in is False only in layer 0, whose input (the embeddings) needs no grad: there autograd saves
+    nothing until the first adapted module.
+    """
+    h, a = shape.hidden, shape.attn
+    cast = d != FP32  # peft casts each adapter's input to the fp32 LoRA dtype: one copy per adapted module
+    qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in targets]
+    saved = h * FP32 + FP32 if grad_in else 0  # RMSNorm keeps its fp32 input and rsqrt
+    saved += (len(qkv) if cast else min(len(qkv), 1)) * h * FP32  # fp32: q, k, v share the normed input
+    needs_grad = grad_in or bool(qkv)
+    if needs_grad:
+        # repeat_kv copies k and v to all heads, except with one kv head, where the expand stays a view
+        kv = shape.head_dim if shape.kv_heads == 1 else a
+        saved += (2 * a + 2 * kv) * d + shape.heads * FP32 + seq_len * d  # q, k, v, output; logsumexp; float mask row
+    if "o_proj" in targets and (cast or not needs_grad):
+        saved += a * FP32  # o_proj's input; in fp32 with grad it is SDPA's saved output itself
+    return saved, needs_grad or "o_proj" in targets
+
+
+def mlp_saved_per_token(shape: ModelShape, targets: list[str], d: int, grad_in: bool) -> int:
+    """Bytes per token the MLP half of a layer saves (grad_in: whether its input needs grad)."""
+    h, i = shape.hidden, shape.intermediate
+    cast = d != FP32
+    gate_up = [t for t in ("gate_proj", "up_proj") if t in targets]
+    saved = h * FP32 + FP32 if grad_in else 0  # RMSNorm
+    saved += (len(gate_up) if cast else min(len(gate_up), 1)) * h * FP32
+    if grad_in or gate_up:
+        saved += 3 * i * d  # gate output (silu input), silu output, up output
+    if "down_proj" in targets:
+        saved += i * FP32  # the gate*up product (its fp32 copy when cast)
+    return saved
+
+
 def layer_saved_per_token(shape: ModelShape, targets: list[str], r: int, d: int, seq_len: int, first: bool = False) -> int:
     """Bytes one decoder layer saves for backward per token (first=True: layer 0, whose input needs no grad)."""
-    h, a, i = shape.hidden, shape.attn, shape.intermediate
-    cast = d != FP32  # peft casts each adapter's input to the fp32 LoRA dtype: one copy per adapted module
-    norms = (1 if first else 2) * (h * FP32 + FP32)  # RMSNorm keeps its fp32 input and rsqrt
-    qkv = [t for t in ("q_proj", "k_proj", "v_proj") if t in targets]
-    mlp_in = [t for t in ("gate_proj", "up_proj") if t in targets]
-    lora_in = (len(qkv) if cast else min(len(qkv), 1)) * h * FP32  # fp32: q, k, v share the normed input
-    lora_in += (len(mlp_in) if cast else min(len(mlp_in), 1)) * h * FP32
-    lora_in += a * FP32 if cast and "o_proj" in targets else 0  # fp32: o_proj's input is SDPA's saved output
-    lora_in += i * FP32 if "down_proj" in targets else 0  # gate*up product (its fp32 copy when cast)
+    attention, grad_out = attention_saved_per_token(shape, targets, d, seq_len, grad_in=not first)
     lora_mid = sum(t in targets for t in BLOCK_LINEARS) * r * FP32  # lora_A outputs
-    attention = 4 * a * d + shape.heads * FP32 + seq_len * d  # q, repeated k and v, output; logsumexp; float mask row
-    mlp = 3 * i * d  # gate output (silu input), silu output, up output
-    return norms + lora_in + lora_mid + attention + mlp
+    return attention + mlp_saved_per_token(shape, targets, d, grad_in=grad_out) + lora_mid
 
 
-def layer_work_per_token(shape: ModelShape, d: int) -> int:
-    """Bytes per token of the gradients alive at once inside one layer's backward (the MLP is the widest point)."""
-    return 3 * shape.intermediate * d + 3 * shape.hidden * FP32
+def layer_work(shape: ModelShape, d: int, tokens: int, recomputed: int) -> int:
+    """Bytes of gradients and temporaries alive at once in the decoder's backward (fitted to CPU measurements).
+
+    Two moments compete: a layer's MLP backward (~I x (d + 2) B per token, plus one weight that bitsandbytes
+    dequantizes to the compute dtype for the input gradient) while that layer's saved tensors are still alive,
+    and the final RMSNorm's backward (~5 fp32 [tokens, hidden] temporaries) before any layer is recomputed.
+    """
+    largest_weight = max(i * o for i, o in shape.linears().values()) * d
+    mlp = shape.intermediate * (d + 2) * tokens + largest_weight
+    norm = 5 * shape.hidden * FP32 * tokens
+    return max(mlp, norm - recomputed)
 
 
-def activation_lines(shape: ModelShape, cfg: Config, d: int, n: int, t: int) -> list[Line]:
-    """What autograd keeps between forward and backward in the decoder, with or without checkpointing."""
+def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry) -> list[Line]:
+    """What autograd keeps between forward and backward in the decoder, with or without checkpointing/offload."""
     targets = lora_targets(cfg)
-    per_layer = layer_saved_per_token(shape, targets, cfg.lora_r, d, t) * n * t
-    first = layer_saved_per_token(shape, targets, cfg.lora_r, d, t, first=True) * n * t
-    largest_weight = max(i * o for i, o in shape.linears().values()) * d  # bnb dequantizes a weight to matmul in backward
-    work = layer_work_per_token(shape, d) * n * t + largest_weight
+    per_layer = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width) * g.tokens
+    first = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, first=True) * g.tokens
+    # cos and sin: one copy shared by every layer (per row when shared rows carry their own position ids)
+    rotary = 2 * (g.rows if g.shared else 1) * g.width * shape.head_dim * d
+    offload = getattr(cfg, "offload_activations", False)
+    on_cpu = " (in pinned CPU memory: offload_activations)"
+    boundary = g.tokens * shape.hidden * d
+    shape_note = f"{g.rows} rows x {g.width} tok x {shape.hidden} x {d} B"
     if cfg.gradient_checkpointing:
-        lines = [Line(BOUNDARIES, shape.layers * n * t * shape.hidden * d,
-                      f"{n} seq x {t} tok x {shape.hidden} x {d} B x {shape.layers} layers"),
-                 Line(RECOMPUTE, per_layer, "norms, q/k/v/out, mask, MLP gate/up/act, LoRA inputs and r-dim outputs")]
+        lines = [Line(BOUNDARIES, shape.layers * boundary, f"{shape_note} x {shape.layers} layers" + (on_cpu if offload else ""),
+                      counted=not offload),
+                 Line(RECOMPUTE, per_layer + rotary + (boundary if offload else 0),
+                      "norms, q/k/v/out, mask, MLP gate/up/act, LoRA inputs and r-dim outputs"
+                      + (", + its boundary copied back" if offload else ""))]
     else:
-        lines = [Line(LAYERS, first + per_layer * (shape.layers - 1),
-                      f"{shape.layers} layers x norms, q/k/v/out, mask, MLP, LoRA inputs and r-dim outputs")]
-    lines.append(Line(LAYER_WORK, work, "grads of one layer's MLP/attention + one dequantized weight"))
-    final_norm = n * t * (shape.hidden * FP32 + FP32)
-    rotary = 2 * t * shape.head_dim * d  # cos and sin, shared by all layers
-    lines.append(Line(OTHER_SAVED, final_norm + rotary + n * t * 8 * 2, "final RMSNorm input in fp32, cos/sin, token indices"))
+        lines = [Line(LAYERS, first + per_layer * (shape.layers - 1) + rotary,
+                      f"{shape.layers} layers x norms, q/k/v/out, mask, MLP, LoRA inputs and r-dim outputs"
+                      + (on_cpu if offload else ""), counted=not offload)]
+        if offload:
+            lines.append(Line(RECOMPUTE, per_layer + rotary, "one layer's saved tensors copied back for its backward"))
+    work = layer_work(shape, d, g.tokens, per_layer if cfg.gradient_checkpointing or offload else 0)
+    lines.append(Line(LAYER_WORK, work, "MLP gradients + one dequantized weight, or the final norm's fp32 backward"))
+    lines.append(Line(OTHER_SAVED, g.tokens * (shape.hidden * FP32 + FP32), "final RMSNorm: fp32 input and rsqrt"))
     return lines
 
 
-def logits_lines(shape: ModelShape, cfg: Config, d: int, n: int, t: int, prompt_len: int) -> list[Line]:
+def logits_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, softcap: bool) -> list[Line]:
     """The logits as qdpo.logprobs computes them: saved fp32 logits and the temporaries of log-softmax and its gradient."""
     v, h = shape.vocab, shape.hidden
-    window = max(t - prompt_len + 1, 1)  # logits_to_keep: positions from the last prompt token on
-    responses = n * max(t - prompt_len, 1)  # response tokens scored (at most)
     head_lora = "lm_head" in lora_targets(cfg)
     chunk = getattr(cfg, "logits_chunk_size", 0)
-    if chunk > 0:
-        rows = min(chunk, responses)
-        saved = responses * (h * d + 3 * 8)  # gathered hidden states + row/col/label indices
-        work = rows * v * (d + 3 * FP32)  # one chunk: lm_head output, fp32 copy, logsumexp temporaries / grads
-        lines = [Line(LOGITS, saved, f"{responses} response positions x {h} x {d} B (lm_head applied in chunks)"),
-                 Line(LOGITS_WORK, work, f"one chunk: {rows} x {v} vocab x ({d} + 3 x 4) B, recomputed in backward")]
-    else:
-        elems = n * window * v
-        saved = elems * FP32 + (n * window * (h + cfg.lora_r) * FP32 if head_lora else 0)
-        # forward: lm_head output in the compute dtype (+ its fp32 copy when not fp32) and two logsumexp
-        # temporaries; backward: the gradient from logsumexp and from gather, plus one temporary
-        work = elems * ((d if d != FP32 else 0) + 2 * FP32)
-        lines = [Line(LOGITS, saved, f"{n} seq x {window} positions x {v} vocab x 4 B (fp32)"),
-                 Line(LOGITS_WORK, work, f"log-softmax temporaries and gradient, {'bf16/fp16 copy, ' if d != FP32 else ''}same shape")]
-    return lines
+    if chunk > 0 and (g.shared or not softcap):  # the plain path skips chunking for soft-capped heads
+        rows = min(chunk, g.responses)
+        saved = g.responses * (h * d + 3 * 8)  # gathered hidden states + index/label/row indices
+        work = rows * v * 4 * FP32  # one chunk in backward: recomputed fp32 logits, logsumexp temporaries, grads
+        return [Line(LOGITS, saved, f"{g.responses} response positions x {h} x {d} B (lm_head applied in chunks)"),
+                Line(LOGITS_WORK, work, f"one chunk: {rows} x {v} vocab x 4 fp32 temporaries, recomputed in backward")]
+    positions = g.responses if g.shared else g.rows * g.window  # gathered response positions, or the kept window
+    elems = positions * v
+    saved = elems * FP32 + positions * (8 + FP32 + 1)  # fp32 logits + gather index, token log-probs, mask
+    saved += positions * (h + cfg.lora_r) * FP32 if head_lora else 0  # LoRA on lm_head: fp32 input, r-dim output
+    # backward of log-softmax: gradients from logsumexp and from gather plus one temporary, all fp32
+    # (the bf16 lm_head output and its fp32 copy in forward never exceed that)
+    where = f"{g.responses} response positions" if g.shared else f"{g.rows} seq x {g.window} positions"
+    return [Line(LOGITS, saved, f"{where} x {v} vocab x 4 B (fp32)"),
+            Line(LOGITS_WORK, elems * 3 * FP32, "log-softmax gradients and temporaries: 3 fp32 tensors of that shape")]
 
 
 def peak_lines(act: list[Line], logits: list[Line]) -> list[Line]:
@@ -313,8 +383,9 @@ def peak_lines(act: list[Line], logits: list[Line]) -> list[Line]:
     if layer_peak > logits_peak:
         smaller = [by[LOGITS], by[LOGITS_WORK]]
     for line in smaller:
-        line.counted = False
-        line.note += " (peaks at another moment of backward; not in the total)"
+        if line.counted:
+            line.counted = False
+            line.note += " (peaks at another moment of backward; not in the total)"
     return act + logits
 
 
@@ -330,8 +401,9 @@ def plan_memory(model_config: dict[str, Any], cfg: Config, micro_batch_size: int
                 seq_len: int | None = None, *, prompt_len: int = 1, device: str = "cuda") -> Plan:
     """The memory table of one training step of cfg on this model at (micro_batch_size, seq_len).
 
-    prompt_len is the shortest prompt in the micro-batch: 1 (the default) is the worst case, where logits
-    are kept for all but one position. device="cpu" plans fp32 for compute_dtype auto and no CUDA context.
+    prompt_len is the shortest prompt in the micro-batch: 1 (the default) is the worst case, where every
+    response fills max_length (a shared-prompt row is then 2 x max_length - 1 tokens long). device="cpu"
+    plans fp32 for compute_dtype auto and no CUDA context.
     """
     shape = ModelShape.from_config(model_config)
     b = cfg.micro_batch_size if micro_batch_size is None else micro_batch_size
@@ -340,11 +412,18 @@ def plan_memory(model_config: dict[str, Any], cfg: Config, micro_batch_size: int
         raise UserError(f"the planner needs micro_batch_size >= 1 and seq_len >= 2; got {b} and {t}.")
     name = dtype_name(cfg, device)
     d = DTYPE_BYTES[name]
-    n = 2 * b  # chosen + rejected in one forward
+    g = geometry(b, t, prompt_len, getattr(cfg, "share_prompt", False))
+    decoder = model_config.get("text_config", model_config)
+    softcap = bool(decoder.get("final_logit_softcapping"))
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
-    lines += peak_lines(activation_lines(shape, cfg, d, n, t), logits_lines(shape, cfg, d, n, t, min(prompt_len, t - 1)))
+    lines += peak_lines(activation_lines(shape, cfg, d, g), logits_lines(shape, cfg, d, g, softcap))
     lines.append(overhead_line(sum(line.bytes for line in lines if line.counted), device))
-    assumptions = [f"compute dtype {name}", "padded batches (SDPA float mask per layer, GQA k/v repeated to all heads)"]
+    layout = (f"shared prompt: one row of up to {g.width} tokens per pair (prompt once, then chosen, then rejected)"
+              if g.shared else f"{g.rows} sequences (chosen and rejected) of {g.width} tokens")
+    assumptions = [f"compute dtype {name}", layout, "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)"]
+    model_type = decoder.get("model_type")
+    if model_type not in LLAMA_STYLE:
+        assumptions.append(f"model_type {model_type} planned as a Llama-style decoder (RMSNorm, rotary attention, gated MLP)")
     if not getattr(cfg, "precompute_ref_log_probs", True):
         assumptions.append("reference forward each step (no grad: its peak stays below the policy pass)")
     return Plan(lines, b, t, name, device, assumptions)
@@ -370,3 +449,81 @@ def largest_fit(model_config: dict[str, Any], cfg: Config, budget_gb: float, *, 
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(model_config, cfg, budget, 1, mid, device) else (lo, mid)
     return b, lo
+
+
+def _shape(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
+           tied: bool = False) -> dict[str, Any]:
+    """A minimal config.json dict with the sizes the planner reads."""
+    return {"model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "head_dim": hidden // heads, "intermediate_size": intermediate,
+            "vocab_size": vocab, "tie_word_embeddings": tied}
+
+
+# Shapes of the shipped presets' models (and their base/chat siblings), for when no config.json is at hand
+# (the hub may be unreachable). Values from the models' published config.json files.
+_MISTRAL_7B = ("Mistral-7B-v0.3", _shape("mistral", 4096, 32, 32, 8, 14336, 32768))
+_LLAMA2_7B = ("Llama-2-7B", _shape("llama", 4096, 32, 32, 32, 11008, 32000))
+_LLAMA3_8B = ("Meta-Llama-3-8B", _shape("llama", 4096, 32, 32, 8, 14336, 128256))
+_LLAMA2_13B = ("Llama-2-13B", _shape("llama", 5120, 40, 40, 40, 13824, 32000))
+_SMOLLM2 = ("SmolLM2-135M", _shape("llama", 576, 30, 9, 3, 1536, 49152, tied=True))
+BUILTIN_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
+    "mistralai/Mistral-7B-v0.3": _MISTRAL_7B,
+    "mistralai/Mistral-7B-Instruct-v0.3": _MISTRAL_7B,
+    "meta-llama/Llama-2-7b-hf": _LLAMA2_7B,
+    "meta-llama/Llama-2-7b-chat-hf": _LLAMA2_7B,
+    "meta-llama/Meta-Llama-3-8B": _LLAMA3_8B,
+    "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
+    "meta-llama/Llama-2-13b-hf": _LLAMA2_13B,
+    "meta-llama/Llama-2-13b-chat-hf": _LLAMA2_13B,
+    "builtin:smollm2-135m-instruct": _SMOLLM2,
+}
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A config.json file as a dict; UserError if it is not readable JSON."""
+    try:
+        loaded = json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON (line {e.lineno}).") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path} must hold a JSON object (a transformers config.json).")
+    return loaded
+
+
+def _hub_cached(repo_id: str) -> Path | None:
+    """config.json of a hub model if it is already in the local hub cache (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # an id the hub library rejects, or no hub library: nothing cached
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def model_config(name: str) -> tuple[dict[str, Any], str]:
+    """The config.json dict for a model setting and where it came from: a file, the hub cache, or a built-in shape."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json; pass a transformers model directory or a config.json file.")
+        return read_config(path / "config.json"), str(path / "config.json")
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist.")
+        return read_config(path), str(path)
+    if path.suffix == ".gguf":
+        raise UserError("the planner reads a config.json, not a .gguf file; pass the converted model directory or its config.json.")
+    parts = name.split("/")
+    is_hub_id = len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
+    cached = _hub_cached(name) if is_hub_id else None
+    if cached is not None:
+        return read_config(cached), f"{cached} (hub cache)"
+    if name in BUILTIN_SHAPES:
+        label, config = BUILTIN_SHAPES[name]
+        return dict(config), f"built-in {label} shape (no config.json for {name} available offline)"
+    if is_hub_id:
+        raise UserError(f"no config.json for {name} offline and no built-in shape; pass --model with its directory or config.json.")
+    raise UserError(f"model path {name} does not exist; pass a model directory or a config.json file.")

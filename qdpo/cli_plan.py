@@ -1,0 +1,73 @@
+"""The `qdpo plan` command: a preset's memory table from the model's config.json alone, before loading anything."""
+
+from __future__ import annotations
+
+import click
+
+from qdpo.errors import UserError
+
+
+def _gb(value: int) -> str:
+    return f"{value / 1e9:.2f}"
+
+
+def format_plan(plan, budget_gb: float | None) -> list[str]:
+    """The table as printed lines: part, GB (in parentheses when not part of the peak), note; then the total."""
+    width = max(len(line.part) for line in plan.lines)
+    rows = [f"{'part':<{width}}  {'GB':>7}  note"]
+    for line in plan.lines:
+        gb = _gb(line.bytes) if line.counted else f"({_gb(line.bytes)})"
+        rows.append(f"{line.part:<{width}}  {gb:>7}  {line.note}")
+    total = f"{'total (peak of one step)':<{width}}  {_gb(plan.total):>7}"
+    if budget_gb is None:
+        rows.append(total + "  no GPU budget (CPU preset)")
+    else:
+        spare = budget_gb - plan.total / 1e9
+        verdict = f"fits, {spare:.2f} GB to spare" if spare >= 0 else f"does NOT fit: {-spare:.2f} GB over"
+        rows.append(total + f"  vs a budget of {budget_gb:g} GB: {verdict}")
+    return rows
+
+
+@click.command("plan")
+@click.option("--preset", default="smoke", show_default=True, help="Preset name (see `qdpo presets`) or a .yaml file.")
+@click.option("--model", default=None, help="A model directory or config.json (default: the preset's model; built-in shapes for the shipped presets' hub ids).")
+@click.option("--budget-gb", type=float, default=None, help="GPU memory to plan for (default: the preset's gpu_memory_gb).")
+@click.argument("overrides", nargs=-1)
+def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tuple[str, ...]) -> None:
+    """Estimate GPU memory of a run from the model's config.json (no weights) and the largest batch/length that fit.
+
+    OVERRIDES are key=value settings, as for `qdpo run` (e.g. micro_batch_size=4 max_length=4096).
+    """
+    from qdpo.config import build_config, parse_override
+    from qdpo.plan import ModelShape, largest_fit, model_config, plan_memory
+    from qdpo.presets import load_preset
+
+    loaded = load_preset(preset)
+    values = {"model": model} if model is not None else {}
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    config = build_config(loaded.settings, values)
+    budget = loaded.gpu_memory_gb if budget_gb is None else budget_gb
+    if budget is not None and (not isinstance(budget, (int, float)) or budget <= 0):
+        raise UserError(f"the memory budget must be a positive number of GB; got {budget!r}.")
+    device = "cpu" if budget is None else "cuda"  # a preset without a GPU budget runs on the CPU
+    model_cfg, source = model_config(config.model)
+    shape = ModelShape.from_config(model_cfg)
+    result = plan_memory(model_cfg, config, device=device)
+    chunk = getattr(config, "logits_chunk_size", 0)
+    click.echo(f"preset {loaded.name}: {config.model}")
+    click.echo(f"model shape from {source}: hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads "
+               f"({shape.kv_heads} kv), MLP {shape.intermediate}, vocab {shape.vocab}{' (tied)' if shape.tied else ''}")
+    click.echo(f"step: micro_batch_size {result.micro_batch_size} pairs x max_length {result.seq_len}, "
+               f"{result.dtype} on {'the CPU' if device == 'cpu' else 'a GPU'}, "
+               f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
+               f"{f'logits in chunks of {chunk}' if chunk else 'full logits'}, LoRA r={config.lora_r}, {config.optim}")
+    click.echo("assumes: " + "; ".join(result.assumptions + ["worst case: every sequence max_length tokens, 1-token prompts"]))
+    click.echo("")
+    for row in format_plan(result, budget):
+        click.echo(row)
+    if budget is not None:
+        batch, length = largest_fit(model_cfg, config, budget, device=device)
+        click.echo(f"largest micro_batch_size at max_length {config.max_length}: {batch}")
+        click.echo(f"largest max_length at micro_batch_size 1: {length}")
