@@ -47,11 +47,13 @@ def main() -> None:
 @click.option("--rejected-column", default=None, help="Column holding the dispreferred response.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run in the output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (metrics still go to metrics.jsonl).")
+@click.option("--micro-batch", "micro_batch", default=None,
+              help="Pairs per forward, or 'auto': the largest the memory plan fits into the preset's GPU budget.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings as YAML and stop (loads no model or data).")
 @click.argument("overrides", nargs=-1)
 def run(preset: str, model: str | None, data: str | None, eval_data: str | None, output_dir: str | None,
         prompt_column: str | None, chosen_column: str | None, rejected_column: str | None,
-        overwrite: bool | None, no_progress: bool, dry_run: bool, overrides: tuple[str, ...]) -> None:
+        overwrite: bool | None, no_progress: bool, micro_batch: str | None, dry_run: bool, overrides: tuple[str, ...]) -> None:
     """Tune LoRA adapters with DPO. OVERRIDES are key=value settings (see `qdpo settings`), e.g. beta=0.2.
 
     Later sources win: built-in defaults < preset < flags and key=value overrides.
@@ -68,13 +70,34 @@ def run(preset: str, model: str | None, data: str | None, eval_data: str | None,
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
+    if micro_batch is not None and micro_batch != "auto":
+        values["micro_batch_size"] = parse_override(f"micro_batch_size={micro_batch}")[1]
     config = build_config(loaded.settings, values)
+    if micro_batch == "auto":
+        config = _auto_micro_batch(config, loaded.gpu_memory_gb)
     if dry_run:
         import yaml
 
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
         return
     run_training(config, preset=loaded.name, echo=click.echo, progress=not no_progress)
+
+
+def _auto_micro_batch(config, budget_gb: float | None):
+    """Replace micro_batch_size by the planner's largest fit for the GPU budget (preset's, else the card's)."""
+    import dataclasses
+
+    import torch
+
+    from qdpo.plan import auto_micro_batch
+
+    if budget_gb is None and torch.cuda.is_available():
+        budget_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    if budget_gb is None:
+        raise UserError("--micro-batch auto needs a GPU budget: use a GPU preset (gpu_memory_gb) or run on a GPU.")
+    size = auto_micro_batch(config, budget_gb)
+    click.echo(f"micro_batch_size {size}: the largest that fits {budget_gb:g} GB at max_length {config.max_length} (qdpo plan)")
+    return dataclasses.replace(config, micro_batch_size=size)
 
 
 @main.command()

@@ -527,3 +527,12 @@ def model_config(name: str) -> tuple[dict[str, Any], str]:
     if is_hub_id:
         raise UserError(f"no config.json for {name} offline and no built-in shape; pass --model with its directory or config.json.")
     raise UserError(f"model path {name} does not exist; pass a model directory or a config.json file.")
+
+
+def auto_micro_batch(cfg: Config, budget_gb: float) -> int:
+    """The largest micro_batch_size whose planned step fits budget_gb at cfg.max_length (for --micro-batch auto)."""
+    config, _ = model_config(cfg.model)
+    b, _ = largest_fit(config, cfg, budget_gb)
+    if b < 1:
+        raise UserError(f"even one pair of max_length {cfg.max_length} does not fit {budget_gb:g} GB by the plan; lower max_length or see `qdpo plan`.")
+    return b

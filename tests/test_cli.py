@@ -147,3 +147,21 @@ def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, chat_rows):
     loaded = {n: p for n, p in model.named_parameters() if "lora_" in n}
     assert len(loaded) == len(saved)
     assert AutoTokenizer.from_pretrained(out / "adapter").chat_template
+
+
+def test_micro_batch_auto_uses_the_planner():
+    """auto picks the largest micro-batch whose plan fits; one more pair must not fit."""
+    from qdpo.config import build_config
+    from qdpo.plan import model_config, plan_memory
+    from qdpo.presets import load_preset
+
+    result = invoke("run", "--preset", "7b-24gb", "--micro-batch", "auto", "--dry-run")
+    assert result.exit_code == 0, result.output
+    chosen = yaml.safe_load(result.output.split("\n", 1)[1])["micro_batch_size"]
+    config = build_config(load_preset("7b-24gb").settings)
+    shape, _ = model_config(config.model)
+    gb = 1e9  # the planner's GB are decimal, like GPU spec sheets
+    assert plan_memory(shape, config, chosen, config.max_length).total <= 24 * gb
+    assert plan_memory(shape, config, chosen + 1, config.max_length).total > 24 * gb
+    no_budget = invoke("run", "--preset", "smoke", "--micro-batch", "auto", "--dry-run")
+    assert no_budget.exit_code == 2 and "needs a GPU budget" in no_budget.output
