@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -231,3 +232,13 @@ def load_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(loaded, dict):
         raise UserError(f"{path} must be a mapping of setting: value.")
     return loaded
+
+
+def read_json(path: Path) -> Any:
+    """Parse a JSON file (config.json, run.json, ...), turning an unreadable or broken one into a UserError."""
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}.") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None

@@ -13,9 +13,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from qdpo.config import read_json
 from qdpo.errors import UserError
 from qdpo.merge import (SHARD_BYTES, Adapter, Deviation, check_output, check_prompts, compare, find_adapter,
-                        merged_logits, prepare, prompt_logits, read_json, staged, write_merged)
+                        merged_logits, prepare, prompt_logits, staged, write_merged)
 
 GGUF_TYPES = ("f16", "q8_0")
 # llama.cpp runs Mistral with its llama graph; Qwen2 has its own.

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from qdpo.config import read_json
 from qdpo.errors import UserError
 from qdpo.model import ModelSource, convert_gguf, load_base_4bit, pick_device, resolve_model
 from qdpo.model import compute_dtype as auto_compute_dtype
@@ -125,14 +126,6 @@ class MergeResult:
     base: ModelSource
     onto: str
     deviation: Deviation | None
-
-
-def read_json(path: Path) -> Any:
-    """Parse a JSON file, turning a broken one into a UserError."""
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
 
 
 def find_adapter(path: str | Path) -> Adapter:

@@ -21,13 +21,12 @@ against measured tensors):
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qdpo.config import Config
+from qdpo.config import Config, read_json
 from qdpo.errors import UserError
 
 GB = 1e9  # the table and the budgets are in decimal GB, like GPU spec sheets
@@ -481,12 +480,7 @@ BUILTIN_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 
 def read_config(path: Path) -> dict[str, Any]:
     """A config.json file as a dict; UserError if it is not readable JSON."""
-    try:
-        loaded = json.loads(path.read_text())
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}.") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON (line {e.lineno}).") from None
+    loaded = read_json(path)
     if not isinstance(loaded, dict):
         raise UserError(f"{path} must hold a JSON object (a transformers config.json).")
     return loaded

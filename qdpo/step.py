@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from qdpo.batching import Batch, SharedPromptBatch, shared_prompt_mask
@@ -119,11 +121,9 @@ def preference_loss(model, batch: Batch | SharedPromptBatch, config: Config, ref
     """
     if reference_logps is None:
         reference_logps = reference_scores(model, batch, config.logits_chunk_size).logps
-    if config.offload_activations:
-        # Pinned host memory lets the copies back overlap with backward compute on a GPU.
-        with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
-            policy = score_batch(model, batch, config.logits_chunk_size)
-    else:
+    # Pinned host memory lets the copies back overlap with backward compute on a GPU.
+    offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if config.offload_activations else contextlib.nullcontext()
+    with offload:
         policy = score_batch(model, batch, config.logits_chunk_size)
     b = batch.num_pairs
     ref = reference_logps.to(policy.logps.device)
