@@ -68,28 +68,31 @@ def collate(pairs: list[TokenizedPair], pad_id: int) -> Batch:
 # Segment ids of a shared-prompt row.
 PROMPT, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
 
+# Micro-batch layouts (Config.batch_layout): two right-padded sequences per pair; one row per pair
+# prompt+chosen+rejected; or every pair of the micro-batch back to back in one row, no padding.
+LAYOUTS = ("plain", "shared", "packed")
+
 
 @dataclass
 class SharedPromptBatch:
-    """B pairs, one row each: prompt + chosen + rejected, so the prompt is computed once per pair.
+    """B pairs as prompt + chosen + rejected runs, so the prompt is computed once per pair.
 
-    The rejected tokens see the prompt but not the chosen response (attention mask), and their
-    positions restart where the prompt ends (position ids), so every response token gets exactly
-    the context and positions it has in a plain prompt+response sequence.
+    Either one right-padded row per pair, or (packed) all B runs back to back in a single row with
+    no padding at all. The rejected tokens see their own prompt but not the chosen response, no
+    token sees another pair (attention mask), and positions restart where each prompt ends
+    (position ids), so every response token gets exactly the context and positions it has in a
+    plain prompt+response sequence.
     """
 
-    input_ids: torch.Tensor  # [B, T]
-    position_ids: torch.Tensor  # [B, T]
-    segments: torch.Tensor  # [B, T]: PROMPT, CHOSEN, REJECTED or PAD
-    predictors: torch.Tensor  # [M]: flat index b*T + t of the position whose output predicts each label
+    input_ids: torch.Tensor  # [R, T]
+    position_ids: torch.Tensor  # [R, T]
+    segments: torch.Tensor  # [R, T]: PROMPT, CHOSEN, REJECTED or PAD
+    pair_ids: torch.Tensor  # [R, T]: which pair of the micro-batch each position belongs to (-1 on padding)
+    predictors: torch.Tensor  # [M]: flat index r*T + t of the position whose output predicts each label
     labels: torch.Tensor  # [M]: the response tokens
     rows: torch.Tensor  # [M]: b for chosen tokens, B + b for rejected ones (Batch's row order)
+    num_pairs: int
     logical_tokens: int  # tokens of the equivalent plain batch (prompt counted twice), for comparable tokens/s
-
-    @property
-    def num_pairs(self) -> int:
-        """Pairs in this micro-batch."""
-        return self.input_ids.shape[0]
 
     @property
     def num_tokens(self) -> int:
@@ -97,54 +100,75 @@ class SharedPromptBatch:
         return self.logical_tokens
 
 
-def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int) -> SharedPromptBatch:
-    """Pack each pair into one row prompt+chosen+rejected, right-padded."""
-    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    b_total = len(pairs)
-    input_ids = torch.full((b_total, width), pad_id, dtype=torch.long)
-    positions = torch.zeros((b_total, width), dtype=torch.long)
-    segments = torch.full((b_total, width), PAD, dtype=torch.long)
+def pair_length(p: TokenizedPair) -> int:
+    """Tokens of a pair as one prompt+chosen+rejected run."""
+    return len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids)
+
+
+def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int, packed: bool = False) -> SharedPromptBatch:
+    """Lay each pair out as prompt+chosen+rejected: one right-padded row per pair, or all in one row (packed)."""
+    row_of = [0] * len(pairs) if packed else list(range(len(pairs)))
+    lengths = [pair_length(p) for p in pairs]
+    width = sum(lengths) if packed else max(lengths)
+    n_rows = 1 if packed else len(pairs)
+    input_ids = torch.full((n_rows, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((n_rows, width), dtype=torch.long)
+    segments = torch.full((n_rows, width), PAD, dtype=torch.long)
+    pair_ids = torch.full((n_rows, width), -1, dtype=torch.long)
     predictors, labels, rows = [], [], []
-    logical = 0
+    logical, cursor = 0, [0] * n_rows
+    b_total = len(pairs)
     for b, p in enumerate(pairs):
+        r, s = row_of[b], cursor[row_of[b]]
         n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        input_ids[b, : n_p + n_c + n_r] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
-        positions[b, : n_p + n_c] = torch.arange(n_p + n_c)
-        positions[b, n_p + n_c: n_p + n_c + n_r] = torch.arange(n_p, n_p + n_r)
-        segments[b, :n_p], segments[b, n_p:n_p + n_c], segments[b, n_p + n_c:n_p + n_c + n_r] = PROMPT, CHOSEN, REJECTED
+        end = s + n_p + n_c + n_r
+        input_ids[r, s:end] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+        positions[r, s:s + n_p + n_c] = torch.arange(n_p + n_c)
+        positions[r, s + n_p + n_c:end] = torch.arange(n_p, n_p + n_r)
+        segments[r, s:s + n_p], segments[r, s + n_p:s + n_p + n_c], segments[r, s + n_p + n_c:end] = PROMPT, CHOSEN, REJECTED
+        pair_ids[r, s:end] = b
         # chosen token at n_p + i is predicted by the position before it; the first rejected token by
         # the last prompt position (not the last chosen one), later ones by their predecessor.
-        predictors += [b * width + n_p - 1 + i for i in range(n_c)]
-        predictors += [b * width + (n_p - 1 if i == 0 else n_p + n_c + i - 1) for i in range(n_r)]
+        base = r * width + s
+        predictors += [base + n_p - 1 + i for i in range(n_c)]
+        predictors += [base + (n_p - 1 if i == 0 else n_p + n_c + i - 1) for i in range(n_r)]
         labels += p.chosen_ids + p.rejected_ids
         rows += [b] * n_c + [b_total + b] * n_r
         logical += 2 * n_p + n_c + n_r
-    return SharedPromptBatch(input_ids, positions, segments, torch.tensor(predictors), torch.tensor(labels),
-                             torch.tensor(rows), logical)
+        cursor[r] = end
+    return SharedPromptBatch(input_ids, positions, segments, pair_ids, torch.tensor(predictors), torch.tensor(labels),
+                             torch.tensor(rows), b_total, logical)
 
 
-def shared_prompt_mask(segments: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] boolean mask (True = may attend): causal, and responses see only the prompt and themselves."""
+def shared_prompt_mask(segments: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
+    """[R, 1, T, T] boolean mask (True = may attend): causal, within one pair, responses see only the prompt and themselves."""
     t = segments.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
     q, k = segments[:, :, None], segments[:, None, :]
-    allowed = causal & ((k == PROMPT) | (k == q)) & (q != PAD)
+    same_pair = pair_ids[:, :, None] == pair_ids[:, None, :]
+    allowed = causal & same_pair & ((k == PROMPT) | (k == q)) & (q != PAD)
     # Padding queries attend to themselves only: a row with nothing to attend to gives NaN in SDPA.
     allowed |= torch.eye(t, dtype=torch.bool, device=segments.device) & (q == PAD)
     return allowed[:, None]
 
 
-def make_batch(pairs: list[TokenizedPair], pad_id: int, share_prompt: bool) -> Batch | SharedPromptBatch:
-    """The micro-batch layout the config asks for."""
-    return collate_shared_prompt(pairs, pad_id) if share_prompt else collate(pairs, pad_id)
+def make_batch(pairs: list[TokenizedPair], pad_id: int, layout: str) -> Batch | SharedPromptBatch:
+    """The micro-batch in the given layout (one of LAYOUTS)."""
+    if layout == "plain":
+        return collate(pairs, pad_id)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown batch layout {layout!r}")
+    return collate_shared_prompt(pairs, pad_id, packed=layout == "packed")
 
 
-def padding_share(pairs: list[TokenizedPair], batches: list[list[int]], share_prompt: bool = False) -> float:
-    """Share of positions in the padded batches that are padding."""
+def padding_share(pairs: list[TokenizedPair], batches: list[list[int]], layout: str = "plain") -> float:
+    """Share of positions in the micro-batches' tensors that are padding (0 when packed)."""
+    if layout == "packed":
+        return 0.0
     real = total = 0
     for idx in batches:
-        if share_prompt:
-            lengths = [len(pairs[i].prompt_ids) + len(pairs[i].chosen_ids) + len(pairs[i].rejected_ids) for i in idx]
+        if layout == "shared":
+            lengths = [pair_length(pairs[i]) for i in idx]
         else:
             lengths = [len(pairs[i].prompt_ids) + len(getattr(pairs[i], side)) for side in ("chosen_ids", "rejected_ids") for i in idx]
         real += sum(lengths)

@@ -54,6 +54,7 @@ class Config:
     logits_chunk_size: int = _f(1024, "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.")
     offload_activations: bool = _f(False, "Keep the tensors saved for backward (with checkpointing: the layer-boundary activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.")
     share_prompt: bool = _f(True, "Pack each pair as one row prompt+chosen+rejected (rejected masked off the chosen part): the prompt is computed once, not twice. Needs SDPA or eager attention.")
+    pack_pairs: bool = _f(False, "With share_prompt: put all pairs of a micro-batch back to back in one row, no padding (attention masked per pair). Saves the padding's compute; with SDPA the masked attention spans the whole row, so it pays off when padding is large and sequences short.")
     precompute_ref_log_probs: bool = _f(True, "Score every pair with the reference once before training (cached on disk) instead of a reference forward in every step.")
     gradient_checkpointing: bool = _f(True, "Recompute each block's activations in backward (non-reentrant). True cuts activation memory ~L-fold for ~30% more compute.")
 
@@ -122,8 +123,15 @@ class Config:
             raise UserError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}.")
         if self.save_steps:
             raise UserError("save_steps: mid-run checkpoints are not implemented yet; leave it at 0 (the final adapter is always saved).")
+        if self.pack_pairs and not self.share_prompt:
+            raise UserError("pack_pairs packs prompt+chosen+rejected runs, so it needs share_prompt=true.")
         if not self.lora_target_modules:
             raise UserError("lora_target_modules must name at least one module (or all-linear).")
+
+    @property
+    def batch_layout(self) -> str:
+        """How micro-batches are laid out (qdpo.batching.LAYOUTS): plain, shared or packed."""
+        return "packed" if self.pack_pairs else "shared" if self.share_prompt else "plain"
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML-able values."""

@@ -9,7 +9,8 @@ against measured tensors):
   input to fp32 (a fresh copy per adapted module) when the compute dtype is not fp32, and autograd keeps
   those copies for backward.
 * qdpo.step.score_batch: with share_prompt (the default) one row per pair, prompt + chosen + rejected
-  (up to 2 x max_length - prompt tokens) under a custom [B, 1, W, W] mask, lm_head only on the M
+  (up to 2 x max_length - prompt tokens) under a custom [B, 1, W, W] mask (pack_pairs: all B runs in
+  one row of up to B x W tokens under a [1, 1, BW, BW] mask), lm_head only on the M
   response-predicting positions (qdpo.logprobs.gathered_logps); without it one forward of 2B sequences
   (chosen + rejected), logits from the first response position on (logits_to_keep) or on response
   positions only in checkpointed chunks (logits_chunk_size > 0). The reference pass runs without grad,
@@ -177,12 +178,14 @@ class Geometry:
         return self.rows * self.width
 
 
-def geometry(b: int, t: int, prompt_len: int, shared: bool) -> Geometry:
+def geometry(b: int, t: int, prompt_len: int, layout: str) -> Geometry:
     """Worst case of a micro-batch of b pairs at max_length t whose shortest prompt has prompt_len tokens."""
     p = min(max(prompt_len, 1), t - 1)
     responses = 2 * b * (t - p)  # chosen and rejected each fill max_length
-    if shared:  # one row per pair: prompt once, then chosen, then rejected
+    if layout == "shared":  # one row per pair: prompt once, then chosen, then rejected
         return Geometry(b, 2 * t - p, 0, responses, True)
+    if layout == "packed":  # all pairs in one row: the mask (and SDPA's float copy) spans all b runs
+        return Geometry(1, b * (2 * t - p), 0, responses, True)
     return Geometry(2 * b, t, t - p + 1, responses, False)
 
 
@@ -411,14 +414,15 @@ def plan_memory(model_config: dict[str, Any], cfg: Config, micro_batch_size: int
         raise UserError(f"the planner needs micro_batch_size >= 1 and seq_len >= 2; got {b} and {t}.")
     name = dtype_name(cfg, device)
     d = DTYPE_BYTES[name]
-    g = geometry(b, t, prompt_len, getattr(cfg, "share_prompt", False))
+    g = geometry(b, t, prompt_len, cfg.batch_layout)
     decoder = model_config.get("text_config", model_config)
     softcap = bool(decoder.get("final_logit_softcapping"))
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
     lines += peak_lines(activation_lines(shape, cfg, d, g), logits_lines(shape, cfg, d, g, softcap))
     lines.append(overhead_line(sum(line.bytes for line in lines if line.counted), device))
-    layout = (f"shared prompt: one row of up to {g.width} tokens per pair (prompt once, then chosen, then rejected)"
-              if g.shared else f"{g.rows} sequences (chosen and rejected) of {g.width} tokens")
+    layout = {"shared": f"shared prompt: one row of up to {g.width} tokens per pair (prompt once, then chosen, then rejected)",
+              "packed": f"packed: all {b} pairs in one row of up to {g.width} tokens (prompt once per pair, no padding)",
+              "plain": f"{g.rows} sequences (chosen and rejected) of {g.width} tokens"}[cfg.batch_layout]
     assumptions = [f"compute dtype {name}", layout, "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)"]
     model_type = decoder.get("model_type")
     if model_type not in LLAMA_STYLE:

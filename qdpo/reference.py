@@ -32,7 +32,7 @@ def _files_signature(path: Path) -> list[tuple[str, int, int]]:
 
 
 def cache_key(source: ModelSource, init_adapter: str | None, pairs: list[TokenizedPair], dtype: torch.dtype,
-              micro_batch_size: int, batches: list[list[int]], logits_chunk_size: int = 0, share_prompt: bool = False) -> str:
+              micro_batch_size: int, batches: list[list[int]], logits_chunk_size: int = 0, layout: str = "plain") -> str:
     """A hash of everything that determines the reference log-probs of these pairs."""
     digest = hashlib.sha256()
     digest.update(json.dumps({
@@ -45,7 +45,7 @@ def cache_key(source: ModelSource, init_adapter: str | None, pairs: list[Tokeniz
         "dtype": str(dtype),
         "micro_batch_size": micro_batch_size,
         "logits_chunk_size": logits_chunk_size,  # another summation order: other float rounding
-        "share_prompt": share_prompt,
+        "layout": layout,  # another attention mask and row width: other float rounding
     }).encode())
     for p in pairs:
         digest.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
@@ -54,13 +54,13 @@ def cache_key(source: ModelSource, init_adapter: str | None, pairs: list[Tokeniz
 
 
 def compute_reference(model, pairs: list[TokenizedPair], batches: list[list[int]], pad_id: int, logits_chunk_size: int = 0,
-                      share_prompt: bool = False) -> torch.Tensor:
+                      layout: str = "plain") -> torch.Tensor:
     """[N, 2] reference log-probs (chosen, rejected) of every pair, scored in the given micro-batches."""
     table = torch.zeros(len(pairs), 2, dtype=torch.float32)
     was_training = model.training
     model.eval()
     for idx in batches:
-        scores = reference_scores(model, make_batch([pairs[i] for i in idx], pad_id, share_prompt), logits_chunk_size).logps.float().cpu()
+        scores = reference_scores(model, make_batch([pairs[i] for i in idx], pad_id, layout), logits_chunk_size).logps.float().cpu()
         b = len(idx)
         table[idx, 0] = scores[:b]
         table[idx, 1] = scores[b:]
@@ -69,14 +69,14 @@ def compute_reference(model, pairs: list[TokenizedPair], batches: list[list[int]
 
 
 def load_or_compute(model, pairs: list[TokenizedPair], batches: list[list[int]], pad_id: int, key: str,
-                    logits_chunk_size: int = 0, share_prompt: bool = False) -> tuple[torch.Tensor, bool]:
+                    logits_chunk_size: int = 0, layout: str = "plain") -> tuple[torch.Tensor, bool]:
     """The reference table from the cache if present, else computed and stored; and whether it was cached."""
     path = cache_root() / "reference" / f"{key}.safetensors"
     if path.is_file():
         table = load_file(str(path))["logps"]
         if table.shape == (len(pairs), 2):
             return table, True
-    table = compute_reference(model, pairs, batches, pad_id, logits_chunk_size, share_prompt)
+    table = compute_reference(model, pairs, batches, pad_id, logits_chunk_size, layout)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"logps": table}, str(tmp))

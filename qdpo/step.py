@@ -15,11 +15,10 @@ from qdpo.model import reference_model
 
 
 def score_shared_prompt(model, batch: SharedPromptBatch, logits_chunk_size: int) -> SequenceScores:
-    """Scores of a shared-prompt batch: one decoder pass per pair, lm_head only where a response token is predicted."""
+    """Scores of a shared-prompt (or packed) batch: the prompt runs once per pair, lm_head only where a response token is predicted."""
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    segments = batch.segments.to(device)
-    allowed = shared_prompt_mask(segments)
+    allowed = shared_prompt_mask(batch.segments.to(device), batch.pair_ids.to(device))
     if getattr(base.config, "final_logit_softcapping", None):
         raise UserError("share_prompt does not support soft-capped logits (Gemma-2 style) yet; set share_prompt=false.")
     if str(base.config._attn_implementation).startswith("flash"):

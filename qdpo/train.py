@@ -172,7 +172,7 @@ def evaluate(model, pairs: list[TokenizedPair], batches: list[list[int]], refere
     model.eval()
     with torch.no_grad():
         for idx in batches:
-            batch = make_batch([pairs[j] for j in idx], pad_id, config.share_prompt)
+            batch = make_batch([pairs[j] for j in idx], pad_id, config.batch_layout)
             losses, cr, rr, policy = preference_loss(model, batch, config, table_rows(reference, idx))
             metrics.add(losses, cr, rr, policy, model.config.vocab_size)
     model.train(was_training)
@@ -211,18 +211,19 @@ def setup_training(config: Config, data: PreparedData, device: torch.device, dty
     steps = total_steps(config, len(epoch_batches))
     eval_batches = length_grouped_batches(data.eval, config.micro_batch_size, config.seed)
     echo(f"{steps} steps of {config.micro_batch_size * config.gradient_accumulation_steps} pairs; "
-         f"padding share {padding_share(data.train, epoch_batches, config.share_prompt):.1%}"
-         + (" (prompt computed once per pair)" if config.share_prompt else ""))
+         f"padding share {padding_share(data.train, epoch_batches, config.batch_layout):.1%}"
+         + {"plain": "", "shared": " (prompt computed once per pair)",
+            "packed": " (prompt computed once per pair, pairs packed into one row)"}[config.batch_layout])
 
-    pad_id, chunk, shared = data.tokenizer.pad_token_id, config.logits_chunk_size, config.share_prompt
+    pad_id, chunk, layout = data.tokenizer.pad_token_id, config.logits_chunk_size, config.batch_layout
     # The eval reference is always scored once; the train reference too unless switched off.
-    eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk, shared) if data.eval else None
+    eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk, layout) if data.eval else None
     train_ref = None
     if config.precompute_ref_log_probs:
         # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
         used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps):]
-        key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk, shared)
-        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, shared)
+        key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk, layout)
+        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout)
         echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
     return Training(model, params, optimizer, make_scheduler(config, optimizer, steps), scaler, steps,
                     epoch_batches, eval_batches, train_ref, eval_ref)
@@ -245,7 +246,7 @@ def train_step(t: Training, data: PreparedData, config: Config, stream: Iterator
     pairs_per_step = config.micro_batch_size * config.gradient_accumulation_steps
     for _ in range(config.gradient_accumulation_steps):
         idx = next(stream)
-        batch = make_batch([data.train[j] for j in idx], data.tokenizer.pad_token_id, config.share_prompt)
+        batch = make_batch([data.train[j] for j in idx], data.tokenizer.pad_token_id, config.batch_layout)
         reference = table_rows(t.train_ref, idx) if t.train_ref is not None else None
         losses, cr, rr, policy = _oom_guard(lambda: preference_loss(t.model, batch, config, reference), config)
         # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.

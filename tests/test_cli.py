@@ -66,6 +66,7 @@ def test_precedence_defaults_preset_flags(tmp_path):
     (["lora_r=2.5"], "lora_r must be an integer"),
     (["loss_type=dpo"], "loss_type must be one of sigmoid, ipo, hinge, robust"),
     (["max_prompt_length=2000"], "max_prompt_length (2000) must be less than max_length"),
+    (["share_prompt=false", "pack_pairs=true"], "pack_pairs packs prompt+chosen+rejected runs, so it needs share_prompt=true"),
     (["--preset", "nope"], "unknown preset 'nope'"),
     (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
 ])

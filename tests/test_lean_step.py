@@ -77,17 +77,18 @@ def test_chunked_path_never_saves_a_full_logits_tensor(tiny_model_dir, batch):
     assert sizes[4] == 0  # chunks are recomputed in backward: nothing vocab-wide is saved
 
 
-def test_all_switches_together_equal_the_plain_path(tiny_model_dir, tokenizer, chat_rows):
+@pytest.mark.parametrize("pack", [False, True], ids=["shared-prompt", "packed"])
+def test_all_switches_together_equal_the_plain_path(tiny_model_dir, tokenizer, chat_rows, pack):
     pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows, Columns(), "t"), 128, 64)
     batches = length_grouped_batches(pairs, 3, seed=0)
     model = policy(tiny_model_dir, ["all-linear"])
-    lean = Config(model="x", data="y", logits_chunk_size=5, offload_activations=True, share_prompt=True)
+    lean = Config(model="x", data="y", logits_chunk_size=5, offload_activations=True, share_prompt=True, pack_pairs=pack)
     plain = Config(model="x", data="y", logits_chunk_size=0, share_prompt=False)
     with torch.no_grad():  # the reference table is built with the adapters off, as in training
-        table = compute_reference(model, pairs, batches, tokenizer.pad_token_id, lean.logits_chunk_size, True)
+        table = compute_reference(model, pairs, batches, tokenizer.pad_token_id, lean.logits_chunk_size, lean.batch_layout)
     for idx in batches:
         a = loss_and_grads(model, collate([pairs[i] for i in idx], tokenizer.pad_token_id), plain)
-        c = loss_and_grads(model, make_batch([pairs[i] for i in idx], tokenizer.pad_token_id, True), lean, table_rows(table, idx))
+        c = loss_and_grads(model, make_batch([pairs[i] for i in idx], tokenizer.pad_token_id, lean.batch_layout), lean, table_rows(table, idx))
         torch.testing.assert_close(c[0], a[0], rtol=1e-5, atol=1e-6)
         for n in a[2]:
             torch.testing.assert_close(c[2][n], a[2][n], rtol=1e-4, atol=1e-5)
@@ -103,16 +104,20 @@ def test_offloaded_activations_give_the_same_gradients(tiny_model_dir, batch):
         assert torch.equal(kept[2][n], offloaded[2][n])
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["row-per-pair", "packed"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prompt_equals_two_sequence_forward(tiny_model_dir, batch, attn):
-    """prompt+chosen+rejected in one row (rejected masked off the chosen part) = the plain two-sequence forward."""
+def test_shared_prompt_equals_two_sequence_forward(tiny_model_dir, batch, attn, pack):
+    """prompt+chosen+rejected in one row (rejected masked off the chosen part), one row per pair or all pairs
+    in one unpadded row (masked off each other) = the plain two-sequence forward."""
     from qdpo.batching import collate_shared_prompt
 
     model = policy(tiny_model_dir, ["all-linear"])
     model.get_base_model().config._attn_implementation = attn
     pairs, plain_batch = batch
-    packed = collate_shared_prompt(pairs, 0)
-    assert packed.input_ids.shape[0] == len(pairs) and packed.num_tokens == plain_batch.num_tokens
+    packed = collate_shared_prompt(pairs, 0, packed=pack)
+    assert packed.input_ids.shape[0] == (1 if pack else len(pairs)) and packed.num_tokens == plain_batch.num_tokens
+    if pack:  # no padding: the row is exactly every pair's prompt + chosen + rejected
+        assert packed.input_ids.shape[1] == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
     for chunk in (0, 7):
         config = Config(model="x", data="y", logits_chunk_size=chunk)
         plain = loss_and_grads(model, plain_batch, config)
@@ -123,7 +128,8 @@ def test_shared_prompt_equals_two_sequence_forward(tiny_model_dir, batch, attn):
             torch.testing.assert_close(shared[2][n], plain[2][n], rtol=1e-4, atol=1e-5)
 
 
-def test_shared_prompt_scores_match_direct_log_softmax(tiny_model_dir, tokenizer, batch):
+@pytest.mark.parametrize("pack", [False, True], ids=["row-per-pair", "packed"])
+def test_shared_prompt_scores_match_direct_log_softmax(tiny_model_dir, tokenizer, batch, pack):
     """Independent check: each response's log-prob from a separate unbatched forward of prompt+response."""
     from qdpo.batching import collate_shared_prompt
     from qdpo.step import score_batch
@@ -131,7 +137,7 @@ def test_shared_prompt_scores_match_direct_log_softmax(tiny_model_dir, tokenizer
     model = policy(tiny_model_dir, ["all-linear"])
     pairs, _ = batch
     with torch.no_grad():
-        scores = score_batch(model, collate_shared_prompt(pairs, 0), 4).logps
+        scores = score_batch(model, collate_shared_prompt(pairs, 0, packed=pack), 4).logps
         for side, offset in (("chosen_ids", 0), ("rejected_ids", len(pairs))):
             for i, p in enumerate(pairs):
                 ids = torch.tensor([p.prompt_ids + getattr(p, side)])
@@ -139,3 +145,35 @@ def test_shared_prompt_scores_match_direct_log_softmax(tiny_model_dir, tokenizer
                 n = len(p.prompt_ids)
                 expected = sum(torch.log_softmax(logits[t - 1], -1)[ids[0, t]].item() for t in range(n, ids.shape[1]))
                 assert abs(scores[offset + i].item() - expected) < 1e-3
+
+
+def test_packed_pairs_do_not_see_each_other(tiny_model_dir, batch):
+    """A pair's scores in a packed row do not change when the other pairs' tokens do (the mask isolates pairs)."""
+    from dataclasses import replace
+
+    from qdpo.batching import collate_shared_prompt
+    from qdpo.step import score_batch
+
+    model = policy(tiny_model_dir, ["all-linear"])
+    pairs, _ = batch
+    other = [replace(p, prompt_ids=[(t * 7 + 3) % VOCAB for t in p.prompt_ids]) for p in pairs[1:]]
+    with torch.no_grad():
+        first = score_batch(model, collate_shared_prompt(pairs, 0, packed=True), 4).logps
+        changed = score_batch(model, collate_shared_prompt(pairs[:1] + other, 0, packed=True), 4).logps
+    n = len(pairs)
+    torch.testing.assert_close(changed[[0, n]], first[[0, n]], rtol=1e-5, atol=1e-5)  # pair 0: chosen, rejected
+    assert not torch.allclose(changed[1:n], first[1:n])  # the changed prompts did change the others' scores
+
+
+def test_padding_share_counts_the_positions_of_each_layout(tokenizer, chat_rows):
+    """padding_share against the padding counted in the tensors each layout actually builds."""
+    from qdpo.batching import LAYOUTS, padding_share
+
+    pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows, Columns(), "t"), 128, 64)
+    batches = length_grouped_batches(pairs, 3, seed=0)
+    for layout in LAYOUTS:
+        built = [make_batch([pairs[i] for i in idx], tokenizer.pad_token_id, layout) for idx in batches]
+        real = sum(int(b.attention_mask.sum()) if layout == "plain" else int((b.pair_ids >= 0).sum()) for b in built)
+        total = sum(b.input_ids.numel() for b in built)
+        assert padding_share(pairs, batches, layout) == pytest.approx(1 - real / total)
+    assert padding_share(pairs, batches, "shared") > 0  # the fixture's pairs differ in length

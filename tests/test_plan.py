@@ -2,7 +2,7 @@
 
 Measured on tiny random Llama/Mistral/Qwen2-shaped models (hidden sizes multiples of 64, so every block
 linear really is NF4) and on the real SmolLM2-135M, loaded exactly as a run loads them, with both batch
-layouts (shared-prompt rows and chosen/rejected as two rows), fp32 and (one shape) bf16:
+layouts (shared-prompt rows, chosen/rejected as two rows, and all pairs packed into one row), fp32 and (one shape) bf16:
 
 1. resident bytes: parameter + buffer storages + bitsandbytes quant_state tensors (absmax, nested absmax,
    offset, code tables), each storage counted once, vs the plan's weight lines;
@@ -28,7 +28,7 @@ import torch
 from click.testing import CliRunner
 
 from qdpo import plan as P
-from qdpo.batching import Batch, collate
+from qdpo.batching import Batch
 from qdpo.cli_plan import plan as plan_command
 from qdpo.config import Config, build_config, field_names
 from qdpo.errors import UserError
@@ -37,12 +37,10 @@ from qdpo.presets import available, load_preset
 from qdpo.step import preference_loss
 from qdpo.tokenize import TokenizedPair
 
-try:
-    from qdpo.batching import make_batch as build_batch
-except ImportError:  # a checkout without shared-prompt packing
-    build_batch = None
+from qdpo.batching import make_batch as build_batch
 
 CPU = torch.device("cpu")
+LAYOUTS = ["shared", "plain", "packed"]  # qdpo.batching.LAYOUTS, in the order the report prints them
 TOLERANCE = 0.10  # plan within 10% of what was measured
 
 # name: (architecture, sizes); hidden and MLP widths are multiples of 64 (one NF4 block)
@@ -67,10 +65,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def settings(checkpointing: bool, dtype: str = "float32", chunk: int = 0, shared: bool = True, **extra) -> Config:
+def settings(checkpointing: bool, dtype: str = "float32", chunk: int = 0, layout: str = "shared", **extra) -> Config:
     """The run settings the measurements use (LoRA r=8 on all block linears, full logits unless chunk > 0)."""
     extra["logits_chunk_size"] = chunk
-    extra["share_prompt"] = shared
+    extra["share_prompt"] = layout != "plain"
+    extra["pack_pairs"] = layout == "packed"
     return Config(model="x", data="y", lora_r=8, lora_alpha=16, gradient_checkpointing=checkpointing,
                   compute_dtype=dtype, **extra)
 
@@ -110,7 +109,7 @@ def load(path: Path, config: Config):
     return model
 
 
-def make_batch(pairs: int, length: int, prompt: int, vocab: int, shared: bool) -> Batch:
+def make_batch(pairs: int, length: int, prompt: int, vocab: int, layout: str) -> Batch:
     """Pairs of a `prompt`-token prompt and responses filling `length`, every other rejected one 5 tokens short
     (so the batch is padded, as length-grouped batches are), in the layout the run uses."""
     g = torch.Generator().manual_seed(0)
@@ -120,18 +119,13 @@ def make_batch(pairs: int, length: int, prompt: int, vocab: int, shared: bool) -
 
     tokenized = [TokenizedPair(ids(prompt), ids(length - prompt), ids(length - prompt - 5 * (i % 2 == 0)))
                  for i in range(pairs)]
-    return build_batch(tokenized, 0, shared)
-
-
-def label(shared: bool) -> str:
-    """How a report line names the batch layout."""
-    return "shared" if shared else "2-rows"
+    return build_batch(tokenized, 0, layout)
 
 
 def batch_for(model_config: dict, config: Config, batch: dict = BATCH) -> Batch:
     """The measured micro-batch for this config."""
     return make_batch(batch["pairs"], batch["length"], batch["prompt"], model_config["vocab_size"],
-                      getattr(config, "share_prompt", False))
+                      config.batch_layout)
 
 
 def resident_bytes(model) -> tuple[dict[str, int], set[int]]:
@@ -290,29 +284,29 @@ def check_saved(name: str, path: Path, model_config: dict, config: Config, model
         assert close(p, m), f"{name} {part}: planned {p} vs measured {m}"
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompt", "two-rows"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_saved_tensors_match_plan(shape_dir, checkpointing, shared):
+def test_saved_tensors_match_plan(shape_dir, checkpointing, layout):
     name, path, model_config = shape_dir
-    check_saved(f"{name} {label(shared)} ckpt={int(checkpointing)}", path, model_config, settings(checkpointing, shared=shared))
+    check_saved(f"{name} {layout} ckpt={int(checkpointing)}", path, model_config, settings(checkpointing, layout=layout))
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompt", "two-rows"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_saved_tensors_match_plan_in_bf16(gqa_dir, checkpointing, shared):
+def test_saved_tensors_match_plan_in_bf16(gqa_dir, checkpointing, layout):
     """bf16 on the CPU (slow for real models, fine for tiny ones) checks the dtype accounting GPU plans rely on:
     fp32 LoRA-input copies, fp32 RMSNorm internals, bf16 attention/MLP tensors."""
     name, path, model_config = gqa_dir
-    check_saved(f"{name} bf16 {label(shared)} ckpt={int(checkpointing)}", path, model_config,
-                settings(checkpointing, "bfloat16", shared=shared))
+    check_saved(f"{name} bf16 {layout} ckpt={int(checkpointing)}", path, model_config,
+                settings(checkpointing, "bfloat16", layout=layout))
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompt", "two-rows"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_saved_tensors_match_plan_with_chunked_logits(gqa_dir, checkpointing, shared):
+def test_saved_tensors_match_plan_with_chunked_logits(gqa_dir, checkpointing, layout):
     name, path, model_config = gqa_dir
-    check_saved(f"{name} chunk=16 {label(shared)} ckpt={int(checkpointing)}", path, model_config,
-                settings(checkpointing, chunk=16, shared=shared))
+    check_saved(f"{name} chunk=16 {layout} ckpt={int(checkpointing)}", path, model_config,
+                settings(checkpointing, chunk=16, layout=layout))
 
 
 @pytest.mark.parametrize("targets", [["o_proj", "down_proj"], ["q_proj", "v_proj", "lm_head"]], ids=["o+down", "q+v+lm_head"])
@@ -340,20 +334,20 @@ def check_peak(name: str, path: Path, model_config: dict, config: Config) -> Non
     assert close(planned, measured, PEAK_TOLERANCE)
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompt", "two-rows"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_step_peak_matches_plan(shape_dir, checkpointing, shared):
+def test_step_peak_matches_plan(shape_dir, checkpointing, layout):
     name, path, model_config = shape_dir
-    check_peak(f"{name} {label(shared)} ckpt={int(checkpointing)}", path, model_config, settings(checkpointing, shared=shared))
+    check_peak(f"{name} {layout} ckpt={int(checkpointing)}", path, model_config, settings(checkpointing, layout=layout))
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-prompt", "two-rows"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype, chunk", [("bfloat16", 0), ("float32", 16), ("bfloat16", 16)])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
-def test_step_peak_matches_plan_in_bf16_and_with_chunked_logits(gqa_dir, dtype, chunk, checkpointing, shared):
+def test_step_peak_matches_plan_in_bf16_and_with_chunked_logits(gqa_dir, dtype, chunk, checkpointing, layout):
     name, path, model_config = gqa_dir
-    check_peak(f"{name} {dtype} chunk={chunk} {label(shared)} ckpt={int(checkpointing)}", path, model_config,
-               settings(checkpointing, dtype, chunk, shared))
+    check_peak(f"{name} {dtype} chunk={chunk} {layout} ckpt={int(checkpointing)}", path, model_config,
+               settings(checkpointing, dtype, chunk, layout))
 
 
 def step_peak(plan: P.Plan) -> int:

@@ -30,14 +30,14 @@ def setup(tiny_model_dir, tokenizer, chat_rows, tmp_path, monkeypatch):
                          ids=["lean", "plain"])
 def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup, config):
     source, model, pairs, batches, pad = setup
-    table = compute_reference(model, pairs, batches, pad, config.logits_chunk_size, config.share_prompt)
+    table = compute_reference(model, pairs, batches, pad, config.logits_chunk_size, config.batch_layout)
     with torch.no_grad():  # move the policy away from the reference so gradients are not trivial
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
     model.train()
     for idx in batches:
-        batch = make_batch([pairs[i] for i in idx], pad, config.share_prompt)
+        batch = make_batch([pairs[i] for i in idx], pad, config.batch_layout)
         results = []
         for reference in (None, table_rows(table, idx)):
             model.zero_grad()
@@ -53,9 +53,9 @@ def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup, co
 def test_step_zero_is_exactly_log2_with_the_table(setup):
     source, model, pairs, batches, pad = setup
     config = Config(model="x", data="y")
-    table = compute_reference(model, pairs, batches, pad, config.logits_chunk_size, config.share_prompt)
+    table = compute_reference(model, pairs, batches, pad, config.logits_chunk_size, config.batch_layout)
     idx = batches[0]
-    batch = make_batch([pairs[i] for i in idx], pad, config.share_prompt)
+    batch = make_batch([pairs[i] for i in idx], pad, config.batch_layout)
     losses, *_ = preference_loss(model, batch, config, table_rows(table, idx))
     assert torch.equal(losses, torch.full_like(losses, math.log(2)))
 
