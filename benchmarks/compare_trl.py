@@ -206,6 +206,19 @@ def model_view(weights: Path, tokenizer: str, vocab_size: int) -> Path:
     return view
 
 
+def check_tokenizer(model_dir: Path, tokenizer: str) -> str:
+    """Fail now, not after both tools ran, if AutoTokenizer does not load the word tokenizer as written
+    (another transformers release could pick a class that splits words itself and maps every w<i> to <unk>)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    if tokenizer == "words":
+        ids = tok("w4 w5 w6", add_special_tokens=False).input_ids
+        if ids != [4, 5, 6]:
+            raise SystemExit(f"the word tokenizer loads as {type(tok).__name__} and encodes 'w4 w5 w6' as {ids}, not [4, 5, 6]")
+    return type(tok).__name__
+
+
 def prepare_model(shape: str, tokenizer: str, seed: int) -> dict[str, Any]:
     """Find or write the checkpoint for --shape, and describe it (runs in its own process)."""
     if shape == "smollm2":
@@ -226,8 +239,9 @@ def prepare_model(shape: str, tokenizer: str, seed: int) -> dict[str, Any]:
         raise SystemExit(f"--data builtin uses the SmolLM2 tokenizer (49152 ids) but {shape} has vocab {cfg.vocab_size}: "
                          "use --data random, or a shape with a vocab of at least 49152")
     model_dir = weights if (shape == "smollm2" and tokenizer == "smollm2") else model_view(weights, tokenizer, cfg.vocab_size)
+    tokenizer_class = check_tokenizer(model_dir, tokenizer)
     text = cfg.get_text_config()
-    return {"model_dir": str(model_dir), "weights_dir": str(weights), "write_s": round(write_s, 1),
+    return {"model_dir": str(model_dir), "weights_dir": str(weights), "write_s": round(write_s, 1), "tokenizer_class": tokenizer_class,
             "model_type": cfg.model_type, "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
             "vocab_size": text.vocab_size, "tokenizer": tokenizer, **count_params(cfg)}
 
@@ -317,6 +331,19 @@ def measures(spec: dict[str, Any], t: dict[str, float], step_times: list[float],
     return out
 
 
+def planned(spec: dict[str, Any], config, pairs) -> dict[str, Any]:
+    """What `qdpo plan` predicts for this run's step, to set beside the measured peaks (same device, worst micro-batch)."""
+    import torch
+    from qdpo.config import read_json
+    from qdpo.plan import OVERHEAD, plan_memory
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plan = plan_memory(read_json(Path(spec["model_dir"]) / "config.json"), config,
+                       prompt_len=min(len(p.prompt_ids) for p in pairs), device=device)
+    # max_memory_allocated sees tensors only; the plan's overhead line is the CUDA context and fragmentation.
+    return {"plan_tensors_gib": round((plan.total - plan.bytes_of(OVERHEAD)) / GIB, 3), "plan_total_gib": round(plan.total / GIB, 3)}
+
+
 def child_qdpo(spec: dict[str, Any]) -> dict[str, Any]:
     """qdpo through its Python API (build_config + train.run), its internals wrapped only to time them."""
     sys.path.insert(0, str(REPO))
@@ -374,7 +401,11 @@ def child_qdpo(spec: dict[str, Any]) -> dict[str, Any]:
     tokens = statistics.mean(pair_tokens(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids), config.max_length) for p in pairs)
     losses = [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     model = seen["model"]
-    return {"tool": "qdpo", "version": qdpo.__version__, "train_pairs": len(pairs),
+    try:  # a planner error must not throw away the measured run
+        plan = planned(spec, config, pairs)
+    except Exception as e:  # noqa: BLE001
+        plan = {"plan_error": f"{type(e).__name__}: {e}"}
+    return {"tool": "qdpo", "version": qdpo.__version__, "train_pairs": len(pairs), **plan,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "first_loss": losses[0], "last_loss": losses[-1], "adapter": str(result.output_dir / "adapter"),
             "settings": {k: v for k, v in config.to_dict().items() if k not in ("model", "data", "output_dir")},
@@ -551,6 +582,8 @@ ROWS = [  # (key, label, compare: qdpo/trl ratio printed)
     ("peak_cuda_alloc_gib", "peak CUDA allocated GiB", True),
     ("peak_cuda_reserved_gib", "peak CUDA reserved GiB", True),
     ("peak_rss_gib", "peak RSS GiB", True),
+    ("plan_tensors_gib", "qdpo plan: tensors at peak GiB", False),  # vs peak CUDA allocated
+    ("plan_total_gib", "qdpo plan: total GiB", False),  # vs peak CUDA reserved + context, or peak RSS on the CPU
     ("trainable_params", "trainable LoRA params", False),
     ("first_loss", "loss step 1 (ln 2 = 0.693)", False),
     ("last_loss", "loss last step", False),
@@ -650,6 +683,20 @@ def main() -> None:
             "qdpo_set": parse_sets(a.qdpo_set), "trl_set": parse_sets(a.trl_set), "out_dir": str(work)}
     (work / "spec.json").write_text(json.dumps(spec, indent=2))
 
+    def summary() -> dict[str, Any]:
+        return {"shape": a.shape, "model": model, "settings": {k: v for k, v in spec.items() if k not in ("out_dir",)},
+                "data": a.data, "pairs": len(rows), "results": results,
+                "ratios_qdpo_over_trl": {k: round(results["qdpo"][k] / results["trl"][k], 4) for k, _, r in ROWS
+                                         if r and "qdpo" in results and "trl" in results
+                                         and isinstance(results["qdpo"].get(k), (int, float))
+                                         and isinstance(results["trl"].get(k), (int, float)) and results["trl"][k]},
+                "complete": len(results) == len(tools), "workdir": str(work), "when": datetime.now().isoformat(timespec="seconds")}
+
+    def save() -> None:
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(summary(), indent=2, default=str) + "\n")
+
     results: dict[str, dict[str, Any]] = {}
     for tool in tools:
         print(f"[3/3] {tool} ...", end=" ", flush=True)
@@ -665,6 +712,7 @@ def main() -> None:
         else:
             print(f"FAILED: {results[tool].get('error')}\n--- last lines of {work / f'{tool}.log'}:", flush=True)
             print("".join((work / f"{tool}.log").read_text().splitlines(keepends=True)[-25:]))
+        save()  # after each tool: a case cut short by a timeout keeps the tools that finished
 
     if not a.keep:  # adapters of a 7B run are ~0.2 GB each; logs and JSON stay
         for tool in tools:
@@ -679,16 +727,8 @@ def main() -> None:
           f"{'on' if a.gradient_checkpointing else 'off'} · reference {'precomputed' if a.precompute_ref else 'every step'}"
           + (f" · {first.get('gpu')}" if first.get("gpu") else " · CPU"))
     print(table(results))
-    summary = {"shape": a.shape, "model": model, "settings": {k: v for k, v in spec.items() if k not in ("out_dir",)},
-               "data": a.data, "pairs": len(rows), "results": results,
-               "ratios_qdpo_over_trl": {k: round(results["qdpo"][k] / results["trl"][k], 4) for k, _, r in ROWS
-                                        if r and "qdpo" in results and "trl" in results
-                                        and isinstance(results["qdpo"].get(k), (int, float))
-                                        and isinstance(results["trl"].get(k), (int, float)) and results["trl"][k]},
-               "workdir": str(work), "when": datetime.now().isoformat(timespec="seconds")}
+    save()  # again: adapters removed
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         print(f"results: {a.out}")
     if not all(r.get("ok") for r in results.values()):
         sys.exit(1)

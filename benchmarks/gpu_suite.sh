@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# qdpo vs TRL on one lent GPU, random-weight checkpoints of real shapes, in one command of ~8-10 minutes:
-#   7B  (llama2-7b shape, vocab 32k)   1024-token pairs, micro-batch 1
-#   7B  (llama2-7b shape)              2048-token pairs, micro-batch 1
-#   8B  (llama3-8b shape, vocab 128k)  4096-token pairs, micro-batch 1
+# qdpo vs TRL on one lent GPU, random-weight checkpoints of real shapes, in one command under 10 minutes:
+#   7b-1024  llama2-7b shape (vocab 32k)   1024-token pairs, micro-batch 1
+#   7b-2048  llama2-7b shape               2048-token pairs, micro-batch 1 (same checkpoint)
+#   8b-4096  llama3-8b shape (vocab 128k)  4096-token pairs, micro-batch 1
 # each with qdpo and TRL's DPOTrainer, 6 optimizer steps (the first is warm-up; MFU and tokens/s use 2..6).
 #
 # The GPU box has no network and lacks bitsandbytes, trl and datasets: pack them here first, then carry them:
 #   python benchmarks/pack_site.py                       # -> runs/bench-site (~14 MiB, git-ignored)
 #   run(command="bash benchmarks/gpu_suite.sh", carry=["runs/bench-site"], timeout_s=600)
-# Pass a part to split the work over two calls: `bash benchmarks/gpu_suite.sh 7b` then `... 8b`.
-# Results: $OUT/<case>.json and $OUT/<case>.log (or runs/bench-results/ off the device), plus $OUT/env.txt.
+# One deadline covers the whole suite (BUDGET seconds, default 560, under the 600 s a call may run): the cases run
+# in the order above and a case that no longer has MIN_CASE seconds left is skipped and says so. Name cases to run
+# only those, e.g. `bash benchmarks/gpu_suite.sh 8b-4096` in a second call.
+# Results: $OUT/<case>.json (rewritten after each tool, so a case cut short keeps what finished), $OUT/<case>.log
+# (both tools' output streamed), $OUT/<case>.work/ (specs, per-tool JSON and logs), $OUT/env.txt.
+# CPU dry run of the same flow on a tiny shape (minutes, no GPU needed): SMOKE=1 bash benchmarks/gpu_suite.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-PART=${1:-all}
+SMOKE=${SMOKE:-0}
 STEPS=${STEPS:-6}
+BUDGET=${BUDGET:-560}
+MIN_CASE=${MIN_CASE:-150}
 PY=${PYTHON:-python3}
 SITE="$PWD/runs/bench-site"
 [ -d "$SITE" ] && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,39 +28,60 @@ export PYTHONUNBUFFERED=1
 export QDPO_BENCH_CACHE=${QDPO_BENCH_CACHE:-/tmp/qdpo-bench}   # random 7B/8B checkpoints: 13.5 + 16 GB of disk
 RESULTS=${OUT:-runs/bench-results}
 mkdir -p "$RESULTS"
+DEADLINE=$((SECONDS + BUDGET))
 
 {
   date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
-  "$PY" - <<'EOF'
-import importlib.metadata as md, sys
+  [ "$SMOKE" = 1 ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  SMOKE=$SMOKE "$PY" - <<'EOF'
+import importlib.metadata as md, os, sys
 print("python", sys.version.split()[0])
-for n in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "datasets", "tokenizers", "safetensors"):
+for n in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "trl", "datasets", "tokenizers",
+          "safetensors", "pyarrow", "huggingface_hub", "numpy"):
     try:
         print(n, md.version(n))
     except md.PackageNotFoundError:
         print(n, "MISSING")
-import torch, bitsandbytes, trl, datasets  # fail here, in seconds, rather than after writing 13 GB
-print("cuda", torch.version.cuda, torch.cuda.get_device_name())
+# Fail here, in seconds, rather than after writing 13 GB: import what the tools really use, and run one
+# 4-bit quantization on the device (bitsandbytes imports even when its CUDA library does not load).
+import torch, datasets, peft
+from peft import get_peft_model
+from trl import DPOConfig, DPOTrainer
+import bitsandbytes.functional as F
+device = "cpu" if os.environ["SMOKE"] == "1" else "cuda"
+packed, state = F.quantize_4bit(torch.randn(64, 64, device=device, dtype=torch.bfloat16), quant_type="nf4", compress_statistics=True)
+assert F.dequantize_4bit(packed, state).shape == (64, 64)
+print("device", device, torch.version.cuda, torch.cuda.get_device_name() if device == "cuda" else "")
 EOF
 } 2>&1 | tee "$RESULTS/env.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "environment check failed (above): no GPU, or missing packages (run benchmarks/pack_site.py here and carry runs/bench-site)"; exit 2; }
 
 status=0
-bench() {  # bench NAME ARGS...: one comparison; a failure is recorded and the suite goes on
+bench() {  # bench NAME ARGS...: one comparison within the suite's deadline; a failure is recorded and the suite goes on
   local name=$1; shift
-  echo "=== $name: $*"
-  timeout 420 "$PY" benchmarks/compare_trl.py "$@" --data random --micro-batch 1 --steps "$STEPS" \
-      --timeout 240 --out "$RESULTS/$name.json" 2>&1 | tee "$RESULTS/$name.log"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  local left=$((DEADLINE - SECONDS))
+  if [ "$left" -lt "$MIN_CASE" ]; then
+    echo "=== $name: SKIPPED, ${left}s left of the ${BUDGET}s budget (run it alone: bash benchmarks/gpu_suite.sh $name)" | tee "$RESULTS/$name.log"
+    status=1; return
+  fi
+  echo "=== $name: $* (${left}s left)"
+  local work="$QDPO_BENCH_CACHE/runs/$name-$$"
+  timeout "$left" "$PY" benchmarks/compare_trl.py "$@" --data random --micro-batch 1 --steps "$STEPS" -v \
+      --timeout "$left" --workdir "$work" --out "$RESULTS/$name.json" 2>&1 | tee "$RESULTS/$name.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "=== $name: FAILED or cut short (partial results, if any, in $name.json)" | tee -a "$RESULTS/$name.log"; }
+  # specs, per-tool JSON and logs come back with $OUT; adapters and caches (hundreds of MB) do not
+  mkdir -p "$RESULTS/$name.work"
+  cp "$work"/*.json "$work"/*.log "$RESULTS/$name.work/" 2>/dev/null
 }
 
-if [ "$PART" = all ] || [ "$PART" = 7b ]; then
-  bench 7b-1024 --shape llama2-7b --seq-len 1024
-  bench 7b-2048 --shape llama2-7b --seq-len 2048
-  rm -rf "$QDPO_BENCH_CACHE"/models/llama2-7b-*   # frees 13.5 GB of disk before the 8B checkpoint
+want() { [ $# -eq 0 ] || [[ " $* " == *" $CASE "* ]]; }
+if [ "$SMOKE" = 1 ]; then
+  for CASE in micro-64 micro-128; do
+    want "$@" && bench "$CASE" --shape micro-llama --seq-len "${CASE#micro-}"
+  done
+  exit $status
 fi
-if [ "$PART" = all ] || [ "$PART" = 8b ]; then
-  bench 8b-4096 --shape llama3-8b --seq-len 4096
-fi
+CASE=7b-1024; want "$@" && bench $CASE --shape llama2-7b --seq-len 1024
+CASE=7b-2048; want "$@" && bench $CASE --shape llama2-7b --seq-len 2048
+CASE=8b-4096; want "$@" && bench $CASE --shape llama3-8b --seq-len 4096
 exit $status
