@@ -184,12 +184,17 @@ def smollm2_dir() -> Path:
     return convert_gguf(builtin_gguf())
 
 
-def model_view(weights: Path, tokenizer: str, vocab_size: int) -> Path:
-    """A model directory = weights (symlinked) + the tokenizer the data needs (word-level or SmolLM2's)."""
-    view = weights.with_name(f"{weights.name}--tok-{tokenizer}")
-    if (view / "config.json").exists():
-        return view
-    tmp = view.with_name(view.name + f".tmp-{os.getpid()}")
+def tokenizer_dir(tokenizer: str, vocab_size: int) -> Path:
+    """A directory holding only the tokenizer the data needs (word-level or SmolLM2's), for both tools.
+
+    Tokenizer-only, without the model's config.json: AutoTokenizer then loads what tokenizer_config.json
+    names. Next to a config.json it would pick the model type's own class (Qwen2Tokenizer for qwen2, in
+    some releases LlamaTokenizer for llama), which rebuilds its own pipeline and loses the word vocabulary.
+    """
+    target = cache_root() / "tokenizers" / (f"words-{vocab_size}" if tokenizer == "words" else "smollm2")
+    if (target / "tokenizer_config.json").exists():
+        return target
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if tokenizer == "words":
@@ -198,20 +203,16 @@ def model_view(weights: Path, tokenizer: str, vocab_size: int) -> Path:
         for f in smollm2_dir().iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template", "vocab", "merges")):
                 shutil.copy(f, tmp / f.name)
-    for f in weights.iterdir():
-        if f.name.endswith((".safetensors", ".json")) and not (tmp / f.name).exists() and not f.name.startswith("tokenizer"):
-            (tmp / f.name).symlink_to(f.resolve())
-    shutil.rmtree(view, ignore_errors=True)
-    os.replace(tmp, view)
-    return view
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
 
 
-def check_tokenizer(model_dir: Path, tokenizer: str) -> str:
-    """Fail now, not after both tools ran, if AutoTokenizer does not load the word tokenizer as written
-    (another transformers release could pick a class that splits words itself and maps every w<i> to <unk>)."""
+def check_tokenizer(path: Path, tokenizer: str) -> str:
+    """Fail in seconds, before any checkpoint is written, if AutoTokenizer does not load the tokenizer as written."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok = AutoTokenizer.from_pretrained(str(path))
     if tokenizer == "words":
         ids = tok("w4 w5 w6", add_special_tokens=False).input_ids
         if ids != [4, 5, 6]:
@@ -232,16 +233,18 @@ def prepare_model(shape: str, tokenizer: str, seed: int) -> dict[str, Any]:
         key = hashlib.sha256((cfg.to_json_string(use_diff=False) + f"seed={seed}").encode()).hexdigest()[:12]
         weights = cache_root() / "models" / f"{Path(shape).stem if shape not in SHAPES else shape}-{key}"
         write_s = 0.0
+        if tokenizer == "words":  # before the checkpoint: a broken tokenizer should cost seconds, not a 16 GB write
+            check_tokenizer(tokenizer_dir(tokenizer, cfg.vocab_size), tokenizer)
         if not (weights / "config.json").is_file():
             print(f"writing random bf16 weights for {shape} to {weights} (once)", flush=True)
             write_s = write_random_checkpoint(cfg, weights, seed)
     if tokenizer == "smollm2" and cfg.vocab_size < 49152:
         raise SystemExit(f"--data builtin uses the SmolLM2 tokenizer (49152 ids) but {shape} has vocab {cfg.vocab_size}: "
                          "use --data random, or a shape with a vocab of at least 49152")
-    model_dir = weights if (shape == "smollm2" and tokenizer == "smollm2") else model_view(weights, tokenizer, cfg.vocab_size)
-    tokenizer_class = check_tokenizer(model_dir, tokenizer)
+    tok_dir = weights if (shape == "smollm2" and tokenizer == "smollm2") else tokenizer_dir(tokenizer, cfg.vocab_size)
+    tokenizer_class = check_tokenizer(tok_dir, tokenizer)
     text = cfg.get_text_config()
-    return {"model_dir": str(model_dir), "weights_dir": str(weights), "write_s": round(write_s, 1), "tokenizer_class": tokenizer_class,
+    return {"model_dir": str(weights), "tokenizer_dir": str(tok_dir), "write_s": round(write_s, 1), "tokenizer_class": tokenizer_class,
             "model_type": cfg.model_type, "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
             "vocab_size": text.vocab_size, "tokenizer": tokenizer, **count_params(cfg)}
 
@@ -382,7 +385,7 @@ def child_qdpo(spec: dict[str, Any]) -> dict[str, Any]:
     wrap("save_adapter", "save_s")
 
     overrides = {
-        "model": spec["model_dir"], "data": spec["data_file"], "eval_fraction": 0.0,  # a file path: no builtin eval split
+        "model": spec["model_dir"], "tokenizer": spec["tokenizer_dir"], "data": spec["data_file"], "eval_fraction": 0.0,  # a file path: no builtin eval split
         "output_dir": str(Path(spec["out_dir"]) / "qdpo"), "overwrite": True,
         "micro_batch_size": spec["micro_batch_size"], "gradient_accumulation_steps": 1,
         "max_length": spec["seq_len"], "max_prompt_length": spec["max_prompt_length"],
@@ -476,7 +479,7 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
                       task_type="CAUSAL_LM")
     rows = [json.loads(line) for line in Path(spec["data_file"]).read_text().splitlines()]
     with timed(t, "wall_s"):
-        tokenizer = AutoTokenizer.from_pretrained(spec["model_dir"])
+        tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_dir"])
         trainer = TimedDPOTrainer(model=spec["model_dir"], args=args, train_dataset=Dataset.from_list(rows),
                                   processing_class=tokenizer, peft_config=lora, quantization_config=quant,
                                   callbacks=[StepTimer()])
@@ -676,7 +679,7 @@ def main() -> None:
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     print(f"[2/3] data {a.data}: {len(rows)} pairs" + (f", {seq_len // 2} prompt + {seq_len - seq_len // 2} response tokens each" if a.data == "random" else ""), flush=True)
 
-    spec = {"model_dir": model["model_dir"], "matmul_params": model["matmul_params"], "data_file": str(data_file),
+    spec = {"model_dir": model["model_dir"], "tokenizer_dir": model["tokenizer_dir"], "matmul_params": model["matmul_params"], "data_file": str(data_file),
             "seq_len": seq_len, "max_prompt_length": seq_len // 2, "micro_batch_size": a.micro_batch, "lora_r": a.lora_r,
             "learning_rate": a.learning_rate, "steps": steps, "epoch": a.epoch, "seed": a.seed,
             "gradient_checkpointing": a.gradient_checkpointing, "precompute_ref": a.precompute_ref,

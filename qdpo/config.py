@@ -50,6 +50,7 @@ class Config:
     lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r).")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input; 0 keeps the step-0 policy identical to the reference.")
     lora_target_modules: list[str] = _f(["all-linear"], "Module names to adapt; all-linear = every linear layer of the blocks (not lm_head).")
+    tokenizer: str | None = _f(None, "Load the tokenizer (and chat template) from this directory or hub id instead of the model's; its ids must fit the model's vocabulary.")
     init_adapter: str | None = _f(None, "Start from this PEFT adapter (e.g. an SFT adapter); it is also the reference model.")
     logits_chunk_size: int = _f(1024, "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.")
     offload_activations: bool = _f(False, "Keep the tensors saved for backward (with checkpointing: the layer-boundary activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.")

@@ -122,14 +122,15 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def load_tokenizer(source: ModelSource):
-    """The model's tokenizer, with a pad token (EOS if it has none; padding is masked anyway)."""
+def load_tokenizer(source: ModelSource, path: str | None = None):
+    """The model's tokenizer (or the one at path), with a pad token (EOS if it has none; padding is masked anyway)."""
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
-    except OSError as e:
-        raise UserError(f"could not load a tokenizer for {source.name} ({str(e).splitlines()[0]}).") from None
+        tokenizer = AutoTokenizer.from_pretrained(path or source.path)
+    except (OSError, ValueError) as e:
+        where = f"tokenizer {path}" if path else f"a tokenizer for {source.name}"
+        raise UserError(f"could not load {where} ({str(e).splitlines()[0]}).") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -70,7 +70,7 @@ def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair
 def prepare_data(config: Config, echo: Callable[[str], None] = print) -> PreparedData:
     """Resolve the model, load its tokenizer and tokenize train/eval pairs: every input error surfaces here."""
     source = resolve_model(config.model)
-    tokenizer = load_tokenizer(source)
+    tokenizer = load_tokenizer(source, config.tokenizer)
     pairs = read_pairs(config.data, config)
     if config.eval_data:
         train_pairs, eval_pairs = pairs, read_pairs(config.eval_data, config)
@@ -114,7 +114,8 @@ def describe_run(config: Config, data: PreparedData, dtype: torch.dtype, device:
     return {
         "qdpo_version": __version__,
         "status": status,
-        "base_model": {"name": data.source.name, "path": data.source.path, "gguf_file": data.source.gguf_file},
+        "base_model": {"name": data.source.name, "path": data.source.path, "gguf_file": data.source.gguf_file,
+                       "tokenizer": config.tokenizer},
         "quantization": {"method": "bitsandbytes", "quant_type": "nf4", "double_quant": True, "compute_dtype": str(dtype).removeprefix("torch.")},
         "lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
                  "target_modules": config.lora_target_modules, "init_adapter": config.init_adapter},
@@ -195,10 +196,19 @@ class Training:
     eval_ref: torch.Tensor | None
 
 
+def check_vocabulary(data: PreparedData, embedding_rows: int) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer from another model), before they crash a step."""
+    largest = max(max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in data.train + data.eval)
+    if largest >= embedding_rows:
+        raise UserError(f"the tokenizer produces token id {largest} but {data.source.name} has only {embedding_rows} "
+                        "embeddings; use the model's own tokenizer (leave `tokenizer` unset) or one made for it.")
+
+
 def setup_training(config: Config, data: PreparedData, device: torch.device, dtype: torch.dtype,
                    echo: Callable[[str], None]) -> Training:
     """Load the 4-bit base, add LoRA, build optimizer and schedule, and score the reference once."""
     model = load_base_4bit(data.source, dtype, device, config.gradient_checkpointing)
+    check_vocabulary(data, model.get_input_embeddings().num_embeddings)
     model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
                      config.init_adapter, config.seed)
     params = trainable_parameters(model)

@@ -166,3 +166,42 @@ def test_micro_batch_auto_uses_the_planner():
     assert plan_memory(shape, config, chosen + 1, config.max_length).total > 24 * gb
     no_budget = invoke("run", "--preset", "smoke", "--micro-batch", "auto", "--dry-run")
     assert no_budget.exit_code == 2 and "needs a GPU budget" in no_budget.output
+
+
+def test_tokenizer_from_another_directory(tmp_path, tiny_model_dir, chat_rows):
+    """tokenizer=DIR tokenizes exactly as the same tokenizer inside the model directory does."""
+    import shutil
+
+    from qdpo.config import build_config
+    from qdpo.train import prepare_data
+
+    weights_only, tokenizer_only = tmp_path / "weights", tmp_path / "tok"
+    weights_only.mkdir(), tokenizer_only.mkdir()
+    for f in tiny_model_dir.iterdir():
+        shutil.copy(f, (tokenizer_only if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) else weights_only) / f.name)
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
+    settings = {"data": str(tmp_path / "d.jsonl"), "eval_fraction": 0.0}
+    expected = prepare_data(build_config(None, {**settings, "model": str(tiny_model_dir)}), echo=lambda _: None).train
+    got = prepare_data(build_config(None, {**settings, "model": str(weights_only), "tokenizer": str(tokenizer_only)}),
+                       echo=lambda _: None).train
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in got] == [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in expected]
+    result = invoke("run", "--model", str(weights_only), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "could not load a tokenizer" in result.output
+    result = invoke("run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "tokenizer=" + str(tmp_path / "nope"),
+                    "--output", str(tmp_path / "out"))
+    assert result.exit_code == 2 and result.output.count("\n") == 1 and "could not load tokenizer" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_model_dir, chat_rows):
+    """Token ids past the model's embeddings stop the run with one sentence and leave no run directory."""
+    from conftest import make_model
+
+    small = tmp_path / "small-vocab"
+    make_model(small, vocab_size=64)  # the test tokenizer has 320 ids
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
+    result = invoke("run", "--model", str(small), "--data", str(tmp_path / "d.jsonl"), "tokenizer=" + str(tiny_model_dir),
+                    "--output", str(tmp_path / "out"), "--no-progress", "max_steps=1")
+    assert result.exit_code == 2, result.output
+    assert "has only 64 embeddings" in result.output.splitlines()[-1]
+    assert not (tmp_path / "out").exists()
