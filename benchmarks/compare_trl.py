@@ -693,7 +693,7 @@ def main() -> None:
                                          if r and "qdpo" in results and "trl" in results
                                          and isinstance(results["qdpo"].get(k), (int, float))
                                          and isinstance(results["trl"].get(k), (int, float)) and results["trl"][k]},
-                "complete": len(results) == len(tools), "workdir": str(work), "when": datetime.now().isoformat(timespec="seconds")}
+                "complete": len(results) == len(tools) and all(r.get("ok") for r in results.values()), "workdir": str(work), "when": datetime.now().isoformat(timespec="seconds")}
 
     def save() -> None:
         if a.out:

@@ -29,6 +29,11 @@ export QDPO_BENCH_CACHE=${QDPO_BENCH_CACHE:-/tmp/qdpo-bench}   # random 7B/8B ch
 RESULTS=${OUT:-runs/bench-results}
 mkdir -p "$RESULTS"
 DEADLINE=$((SECONDS + BUDGET))
+CASES="7b-1024 7b-2048 8b-4096"
+[ "$SMOKE" = 1 ] && CASES="micro-64 micro-128"
+for name in "$@"; do
+  [[ " $CASES " == *" $name "* ]] || { echo "unknown case '$name'; the cases are: $CASES"; exit 2; }
+done
 
 {
   date -u +%FT%TZ
@@ -67,7 +72,7 @@ bench() {  # bench NAME ARGS...: one comparison within the suite's deadline; a f
   echo "=== $name: $* (${left}s left)"
   local work="$QDPO_BENCH_CACHE/runs/$name-$$"
   timeout "$left" "$PY" benchmarks/compare_trl.py "$@" --data random --micro-batch 1 --steps "$STEPS" -v \
-      --timeout "$left" --workdir "$work" --out "$RESULTS/$name.json" 2>&1 | tee "$RESULTS/$name.log"
+      --timeout "$((left > 60 ? left - 20 : left))" --workdir "$work" --out "$RESULTS/$name.json" 2>&1 | tee "$RESULTS/$name.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "=== $name: FAILED or cut short (partial results, if any, in $name.json)" | tee -a "$RESULTS/$name.log"; }
   # specs, per-tool JSON and logs come back with $OUT; adapters and caches (hundreds of MB) do not
   mkdir -p "$RESULTS/$name.work"
@@ -76,7 +81,7 @@ bench() {  # bench NAME ARGS...: one comparison within the suite's deadline; a f
 
 want() { [ $# -eq 0 ] || [[ " $* " == *" $CASE "* ]]; }
 if [ "$SMOKE" = 1 ]; then
-  for CASE in micro-64 micro-128; do
+  for CASE in $CASES; do
     want "$@" && bench "$CASE" --shape micro-llama --seq-len "${CASE#micro-}"
   done
   exit $status

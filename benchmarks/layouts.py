@@ -54,6 +54,8 @@ def main() -> None:
     else:
         batches = [idx for idx in length_grouped_batches(data.train, b, config.seed) if len(idx) == b]
     batches = batches[:args.micro_batches + 1]
+    if len(batches) < 2:
+        raise SystemExit(f"need at least 2 full micro-batches of {b} pairs (one is warm-up); the data gives {len(batches)}.")
     pad_id = data.tokenizer.pad_token_id
     reference = torch.zeros(2 * b)  # the loss value does not matter here, only the work
 

@@ -55,7 +55,7 @@ class Config:
     logits_chunk_size: int = _f(1024, "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.")
     offload_activations: bool = _f(False, "Keep the tensors saved for backward (with checkpointing: the layer-boundary activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.")
     share_prompt: bool = _f(True, "Pack each pair as one row prompt+chosen+rejected (rejected masked off the chosen part): the prompt is computed once, not twice. Needs SDPA or eager attention.")
-    pack_pairs: bool = _f(False, "With share_prompt: put all pairs of a micro-batch back to back in one row, no padding (attention masked per pair). Saves the padding's compute; with SDPA the masked attention spans the whole row, so it pays off when padding is large and sequences short.")
+    pack_pairs: bool = _f(False, "With share_prompt: put all pairs of a micro-batch back to back in one row, no padding (attention masked per pair). With SDPA the masked attention spans the whole row, so today it costs more than the padding it saves (1.3x slower on the CPU); it needs a block-sparse attention kernel to pay off.")
     precompute_ref_log_probs: bool = _f(True, "Score every pair with the reference once before training (cached on disk) instead of a reference forward in every step.")
     gradient_checkpointing: bool = _f(True, "Recompute each block's activations in backward (non-reentrant). True cuts activation memory ~L-fold for ~30% more compute.")
 

@@ -127,7 +127,7 @@ def load_tokenizer(source: ModelSource, path: str | None = None):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path or source.path)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(path) if path else source.path)
     except (OSError, ValueError) as e:
         where = f"tokenizer {path}" if path else f"a tokenizer for {source.name}"
         raise UserError(f"could not load {where} ({str(e).splitlines()[0]}).") from None

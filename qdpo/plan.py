@@ -442,7 +442,7 @@ def largest_fit(model_config: dict[str, Any], cfg: Config, budget_gb: float, *, 
     budget = budget_gb * GB
     b = 0
     while b < 4096 and fits(model_config, cfg, budget, b + 1, cfg.max_length, device):
-        b += 1  # memory is linear in b: a walk stops after a few dozen steps at most for real budgets
+        b += 1  # memory grows with b (quadratically when packed): a walk of a few dozen steps at most for real budgets
     lo, hi = 1, 2
     if not fits(model_config, cfg, budget, 1, 2, device):
         return b, 0

@@ -40,7 +40,7 @@ class TokenizeStats:
 
     def describe(self) -> str:
         """One line for the console."""
-        return (f"{self.kept} pairs kept; dropped {self.dropped_empty} with an empty response, "
+        return (f"{self.kept} pairs kept; dropped {self.dropped_empty} with an empty prompt or response, "
                 f"{self.dropped_identical} with chosen == rejected, {self.dropped_too_long} that do not fit max_length; "
                 f"cut {self.prompts_truncated} prompts (from the left) and {self.responses_truncated} responses (from the right)")
 
@@ -105,6 +105,9 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_len
             stats.dropped_identical += 1
             continue
         prompt = encode_prompt(tokenizer, pair.prompt)
+        if not prompt:  # an empty prompt and no BOS: no position predicts the first response token
+            stats.dropped_empty += 1
+            continue
         chosen = encode_response(tokenizer, pair.prompt, pair.chosen)
         rejected = encode_response(tokenizer, pair.prompt, pair.rejected)
         if len(prompt) > max_prompt_length:

@@ -198,7 +198,8 @@ class Training:
 
 def check_vocabulary(data: PreparedData, embedding_rows: int) -> None:
     """Refuse token ids the model has no embedding for (a tokenizer from another model), before they crash a step."""
-    largest = max(max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in data.train + data.eval)
+    largest = max([max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in data.train + data.eval]
+                  + [data.tokenizer.pad_token_id])  # padding is fed to the embedding too
     if largest >= embedding_rows:
         raise UserError(f"the tokenizer produces token id {largest} but {data.source.name} has only {embedding_rows} "
                         "embeddings; use the model's own tokenizer (leave `tokenizer` unset) or one made for it.")

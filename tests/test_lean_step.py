@@ -148,7 +148,8 @@ def test_shared_prompt_scores_match_direct_log_softmax(tiny_model_dir, tokenizer
 
 
 def test_packed_pairs_do_not_see_each_other(tiny_model_dir, batch):
-    """A pair's scores in a packed row do not change when the other pairs' tokens do (the mask isolates pairs)."""
+    """The last pair of a packed row (which causal attention alone would let see every earlier pair) scores
+    the same when the earlier pairs' tokens change: the mask isolates pairs."""
     from dataclasses import replace
 
     from qdpo.batching import collate_shared_prompt
@@ -156,13 +157,14 @@ def test_packed_pairs_do_not_see_each_other(tiny_model_dir, batch):
 
     model = policy(tiny_model_dir, ["all-linear"])
     pairs, _ = batch
-    other = [replace(p, prompt_ids=[(t * 7 + 3) % VOCAB for t in p.prompt_ids]) for p in pairs[1:]]
+    n = len(pairs)
+    earlier = [replace(p, prompt_ids=[(t * 7 + 3) % VOCAB for t in p.prompt_ids]) for p in pairs[:-1]]
     with torch.no_grad():
         first = score_batch(model, collate_shared_prompt(pairs, 0, packed=True), 4).logps
-        changed = score_batch(model, collate_shared_prompt(pairs[:1] + other, 0, packed=True), 4).logps
-    n = len(pairs)
-    torch.testing.assert_close(changed[[0, n]], first[[0, n]], rtol=1e-5, atol=1e-5)  # pair 0: chosen, rejected
-    assert not torch.allclose(changed[1:n], first[1:n])  # the changed prompts did change the others' scores
+        changed = score_batch(model, collate_shared_prompt(earlier + pairs[-1:], 0, packed=True), 4).logps
+    last = [n - 1, 2 * n - 1]  # its chosen and rejected rows
+    torch.testing.assert_close(changed[last], first[last], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(changed[:n - 1], first[:n - 1])  # the edit was real: the changed pairs score differently
 
 
 def test_padding_share_counts_the_positions_of_each_layout(tokenizer, chat_rows):

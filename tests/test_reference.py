@@ -69,3 +69,4 @@ def test_cache_is_reused_and_keyed_by_content(setup):
     assert cached and torch.equal(first, second)
     assert cache_key(source, None, pairs[:-1], torch.float32, 3, batches) != key  # other data
     assert cache_key(source, None, pairs, torch.bfloat16, 3, batches) != key  # other compute dtype
+    assert cache_key(source, None, pairs, torch.float32, 3, batches, layout="packed") != key  # other batch layout

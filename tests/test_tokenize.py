@@ -58,3 +58,20 @@ def test_truncation_and_drop_counts(tokenizer):
     assert len(second.prompt_ids) + len(second.chosen_ids) == 24
     assert second.chosen_ids == encode_response(tokenizer, "Hi", "I am fine, thank you. " * 10)[:24 - len(second.prompt_ids)]
     assert all(len(p) <= 24 for p in kept)
+
+
+def test_empty_prompt_without_bos_is_dropped(tiny_model_dir):
+    """With no BOS, an empty prompt leaves no position to predict the first response token from: dropped, and
+    counted. With a BOS the prompt is [BOS] and the pair is kept."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    with_bos = AutoTokenizer.from_pretrained(tiny_model_dir)
+    no_bos = AutoTokenizer.from_pretrained(tiny_model_dir)
+    no_bos.backend_tokenizer.post_processor = processors.Sequence([])
+    assert no_bos("")["input_ids"] == [] and with_bos("")["input_ids"] == [with_bos.bos_token_id]
+    pairs = [Pair("", "Yes.", "No."), Pair("Hi", "Yes.", "No.")]
+    kept, stats = tokenize_pairs(no_bos, pairs, max_length=24, max_prompt_length=8)
+    assert stats.kept == 1 and stats.dropped_empty == 1 and kept[0].prompt_ids
+    kept, stats = tokenize_pairs(with_bos, pairs, max_length=24, max_prompt_length=8)
+    assert stats.kept == 2 and kept[0].prompt_ids == [with_bos.bos_token_id]
