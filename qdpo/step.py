@@ -18,11 +18,12 @@ def score_shared_prompt(model, batch: SharedPromptBatch, logits_chunk_size: int)
     """Scores of a shared-prompt (or packed) batch: the prompt runs once per pair, lm_head only where a response token is predicted."""
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    allowed = shared_prompt_mask(batch.segments.to(device), batch.pair_ids.to(device))
     if getattr(base.config, "final_logit_softcapping", None):
         raise UserError("share_prompt does not support soft-capped logits (Gemma-2 style) yet; set share_prompt=false (and pack_pairs=false).")
     if str(base.config._attn_implementation).startswith("flash"):
         raise UserError("share_prompt needs SDPA or eager attention (flash-attention takes no custom mask); set share_prompt=false (and pack_pairs=false).")
+    # Built after the checks: a packed row's [1, 1, W, W] mask can be hundreds of MB.
+    allowed = shared_prompt_mask(batch.segments.to(device), batch.pair_ids.to(device))
     if base.config._attn_implementation == "eager":  # eager adds the mask to the scores; SDPA takes booleans
         dtype = base.get_input_embeddings().weight.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
