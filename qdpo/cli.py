@@ -123,12 +123,14 @@ def settings() -> None:
         click.echo(f"{f.name} = {default!r}\n    {f.metadata['help']}")
 
 
-from qdpo.cli_plan import plan  # noqa: E402  (commands that live in their own modules)
+from qdpo.cli_cache import cache  # noqa: E402  (commands that live in their own modules)
+from qdpo.cli_plan import plan  # noqa: E402
 from qdpo.cli_ship import export, merge  # noqa: E402
 
 main.add_command(plan)
 main.add_command(merge)
 main.add_command(export)
+main.add_command(cache)
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -233,7 +233,8 @@ def setup_training(config: Config, data: PreparedData, device: torch.device, dty
     if config.precompute_ref_log_probs:
         # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
         used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps):]
-        key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk, layout)
+        key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk, layout,
+                        device=device, extra={"lora_dropout": config.lora_dropout})
         train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout)
         echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
     return Training(model, params, optimizer, make_scheduler(config, optimizer, steps), scaler, steps,
