@@ -9,12 +9,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from qdpo.config import Config, read_json
 from qdpo.errors import UserError
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
@@ -107,6 +108,43 @@ def convert_gguf(gguf: Path) -> Path:
     return target
 
 
+def load_model_config(source: ModelSource):
+    """The model's transformers config (config.json only, no weights): what the family checks need before loading."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the config of {source.name} ({str(e).splitlines()[0]}).") from None
+
+
+def adapter_lora_settings(config: Config) -> tuple[Config, list[str]]:
+    """With init_adapter, config with the LoRA settings that adapter was trained with, and a note saying so.
+
+    The adapter decides r, alpha and the target modules; a setting the user changed from qdpo's default
+    that contradicts the adapter is refused, naming both values. lora_dropout stays the user's.
+    """
+    if not config.init_adapter:
+        return config, []
+    path = Path(config.init_adapter).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"init_adapter {config.init_adapter} is not a PEFT adapter directory (no adapter_config.json).")
+    saved = read_json(path / "adapter_config.json")
+    targets = saved.get("target_modules")
+    found = {"lora_r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
+             "lora_target_modules": sorted(targets) if isinstance(targets, list) else [targets] if targets else None}
+    defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(Config)}
+    for name, value in found.items():
+        mine = getattr(config, name)
+        same = sorted(mine) == value if name == "lora_target_modules" and value is not None else mine == value
+        if value is not None and not same and mine != defaults[name]:
+            raise UserError(f"{name}={mine} contradicts init_adapter {config.init_adapter}, which was trained with "
+                            f"{name}={value}; drop the setting (the adapter's is used) or pick another adapter.")
+    used = {k: v for k, v in found.items() if v is not None}
+    note = "LoRA settings from init_adapter: " + ", ".join(f"{k}={v}" for k, v in used.items())
+    return replace(config, **used), [note]
+
+
 def pick_device() -> torch.device:
     """CUDA when present, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -117,7 +155,9 @@ def compute_dtype(setting: str, device: torch.device) -> torch.dtype:
     if setting != "auto":
         return getattr(torch, setting)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Native bf16 starts at compute capability 8.0 (Ampere). torch.cuda.is_bf16_supported() also
+        # says yes on a T4 or V100, where bf16 is emulated: several times slower than fp16 there.
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     # Measured on 2 CPU cores: a bf16 4-bit forward is >10x slower than fp32 there.
     return torch.float32
 
@@ -156,10 +196,55 @@ def load_base_4bit(source: ModelSource, dtype: torch.dtype, device: torch.device
         raise UserError(f"could not load model {source.name} ({str(e).splitlines()[0]}).") from None
     model.requires_grad_(False)
     model.config.use_cache = False
+    disable_cpu_repack(model)
+    disable_dropout(model)
     if gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and with no_grad reference passes.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def disable_cpu_repack(model) -> int:
+    """Keep every 4-bit layer off bitsandbytes' AVX512-BF16 CPU kernel; returns how many layers were switched.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50's Linear4bit.forward permanently repacks its weight
+    for a bf16-only kernel the first time it runs in eval mode on an input without grad, which is
+    exactly what a reference or eval pass does. That kernel has no backward: from then on gradients
+    through every frozen 4-bit layer vanish silently, compute runs in bf16, and a layer with a bias
+    crashes in training. The flag is set per layer from the CPU's features at construction.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+# Config fields that turn on dropout in the base model's forward (GPT-2, Phi-2, OPT, StableLM, ... styles).
+DROPOUT_CONFIG_FIELDS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout",
+                         "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "activation_dropout",
+                         "classifier_dropout", "ffn_dropout", "summary_first_dropout")
+
+
+def disable_dropout(model) -> None:
+    """Turn off the base model's own dropout, as TRL's disable_dropout does by default.
+
+    DPO compares the policy (train mode) with the reference (no grad): with the base model's dropout
+    on, they are different random functions even at step 0. LoRA dropout is added later by add_lora
+    and stays a user setting.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout", "attn_dropout", "dropout_p"):
+            if isinstance(getattr(module, name, None), float):  # functional dropout rates read at call time
+                setattr(module, name, 0.0)
+    configs = [model.config, getattr(model.config, "text_config", None)]
+    for config in filter(None, configs):
+        for name in DROPOUT_CONFIG_FIELDS:
+            if isinstance(getattr(config, name, None), float):
+                setattr(config, name, 0.0)
 
 
 def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], init_adapter: str | None, seed: int):
@@ -184,6 +269,11 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str
         model = PeftModel.from_pretrained(model, str(path), config=config, is_trainable=True)
         # A second, frozen copy is the reference: DPO measures drift from the SFT policy, not the bare base.
         model.load_adapter(str(path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        # The reference is a fixed function: the SFT adapter's own lora_dropout must not apply to it.
+        for module in model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict) and REFERENCE_ADAPTER in dropouts:
+                dropouts[REFERENCE_ADAPTER] = torch.nn.Identity()
     except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"init_adapter {init_adapter} does not match the base model ({str(e).splitlines()[0][:160]}).") from None
     model.set_adapter("default")
