@@ -54,14 +54,14 @@ class Config:
     init_adapter: str | None = _f(None, "Start from this PEFT adapter (e.g. an SFT adapter); it is also the reference model.")
     logits_chunk_size: int = _f(1024, "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.")
     offload_activations: bool = _f(False, "Keep the tensors saved for backward (with checkpointing: the layer-boundary activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.")
-    share_prompt: bool = _f(True, "Pack each pair as one row prompt+chosen+rejected (rejected masked off the chosen part): the prompt is computed once, not twice. Needs SDPA or eager attention.")
+    share_prompt: bool | None = _f(None, "Pack each pair as one row prompt+chosen+rejected (rejected masked off the chosen part): the prompt is computed once, not twice. Unset (auto): on for every model family where it is exact (qdpo.families), off otherwise; true forces it and is refused where it cannot be exact.")
     pack_pairs: bool = _f(False, "With share_prompt: put all pairs of a micro-batch back to back in one row, no padding (attention masked per pair). With SDPA the masked attention spans the whole row, so today it costs more than the padding it saves (1.3x slower on the CPU); it needs a block-sparse attention kernel to pay off.")
     precompute_ref_log_probs: bool = _f(True, "Score every pair with the reference once before training (cached on disk) instead of a reference forward in every step.")
     gradient_checkpointing: bool = _f(True, "Recompute each block's activations in backward (non-reentrant). True cuts activation memory ~L-fold for ~30% more compute.")
 
     # --- data shaping
     max_length: int = _f(1024, "Longest prompt+response in tokens; longer responses are cut from the right.")
-    max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts are cut from the left (the end is kept).")
+    max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts are cut from the left (the end is kept). When only max_length is set below it, it becomes max_length // 2.")
     micro_batch_size: int = _f(1, "Pairs per forward pass (each pair is 2 sequences). Memory grows linearly with it.")
     gradient_accumulation_steps: int = _f(8, "Micro-batches summed per optimizer step; pairs per step = micro_batch_size x this.")
 
@@ -124,7 +124,7 @@ class Config:
             raise UserError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}.")
         if self.save_steps:
             raise UserError("save_steps: mid-run checkpoints are not implemented yet; leave it at 0 (the final adapter is always saved).")
-        if self.pack_pairs and not self.share_prompt:
+        if self.pack_pairs and self.share_prompt is False:
             raise UserError("pack_pairs packs prompt+chosen+rejected runs, so it needs share_prompt=true.")
         if not self.lora_target_modules:
             raise UserError("lora_target_modules must name at least one module (or all-linear).")
@@ -132,7 +132,7 @@ class Config:
     @property
     def batch_layout(self) -> str:
         """How micro-batches are laid out (qdpo.batching.LAYOUTS): plain, shared or packed."""
-        return "packed" if self.pack_pairs else "shared" if self.share_prompt else "plain"
+        return "packed" if self.pack_pairs else "plain" if self.share_prompt is False else "shared"
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain YAML-able values."""
@@ -158,7 +158,7 @@ def coerce(name: str, value: Any) -> Any:
     if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         optional, typ = True, args[0]
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "", "auto")):
         if optional:
             return None
         raise UserError(f"{name} cannot be empty.")
@@ -217,12 +217,24 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key, coerce(key, value)
 
 
-def build_config(preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Resolve dataclass defaults < preset < overrides into one validated Config."""
+def build_config(preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 notes: list[str] | None = None) -> Config:
+    """Resolve dataclass defaults < preset < overrides into one validated Config.
+
+    A value the user did not set (absent from overrides) gives way to one they did: lowering only
+    max_length below max_prompt_length derives max_prompt_length = max_length // 2, and says so in notes.
+    """
     values: dict[str, Any] = {}
     for source in (preset or {}, overrides or {}):
         for key, value in source.items():
             values[key] = coerce(key, value)
+    max_length = values.get("max_length", Config.max_length)
+    max_prompt = values.get("max_prompt_length", Config.max_prompt_length)
+    if max_prompt >= max_length and "max_prompt_length" not in (overrides or {}) and max_length >= 2:
+        values["max_prompt_length"] = max_length // 2
+        if notes is not None:
+            notes.append(f"max_prompt_length {max_prompt} does not fit max_length {max_length}: "
+                         f"using max_prompt_length {max_length // 2} (set it to choose another)")
     return Config(**values)
 
 

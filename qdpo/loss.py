@@ -28,7 +28,8 @@ def dpo_loss(
     Inputs are summed response log-probs, shape [B]. `ipo` and `sft_weight > 0` also need the
     response lengths in tokens (`chosen_lengths`, `rejected_lengths`): IPO works on per-token
     averages and the SFT term is the chosen response's mean per-token NLL.
-    Rewards are beta x (policy - reference) log-ratios of the log-probs the loss used.
+    Rewards are beta x (policy - reference) log-ratios of the summed log-probs, for every loss type
+    (as TRL 1.x logs them, IPO included).
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
@@ -38,12 +39,11 @@ def dpo_loss(
 
     chosen_logratios = policy_chosen_logps - ref_chosen_logps
     rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    delta = chosen_logratios - rejected_logratios
     if loss_type == "ipo":
         # IPO regresses the per-token-averaged log-ratio gap (TRL normalises by length; the IPO
         # authors confirmed their reported numbers use this form).
-        chosen_logratios = chosen_logratios / chosen_lengths.clamp(min=1)
-        rejected_logratios = rejected_logratios / rejected_lengths.clamp(min=1)
-    delta = chosen_logratios - rejected_logratios
+        delta = chosen_logratios / chosen_lengths.clamp(min=1) - rejected_logratios / rejected_lengths.clamp(min=1)
 
     if loss_type == "sigmoid":
         # DPO, Rafailov et al. 2023 (arXiv:2305.18290) eq. 7; with label_smoothing = epsilon it is

@@ -9,52 +9,53 @@ import torch
 from qdpo.batching import Batch, SharedPromptBatch, shared_prompt_mask
 from qdpo.config import Config
 from qdpo.errors import UserError
+from qdpo.families import OutputHead, decoder_masks, family_of, shared_layout_problem
 from qdpo.logprobs import SequenceScores, chunked_sequence_logps, gathered_logps, sequence_logps
 from qdpo.loss import dpo_loss
 from qdpo.model import reference_model
 
 
+def _base(model):
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def score_shared_prompt(model, batch: SharedPromptBatch, logits_chunk_size: int) -> SequenceScores:
     """Scores of a shared-prompt (or packed) batch: the prompt runs once per pair, lm_head only where a response token is predicted."""
     device = next(model.parameters()).device
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "final_logit_softcapping", None):
-        raise UserError("share_prompt does not support soft-capped logits (Gemma-2 style) yet; set share_prompt=false (and pack_pairs=false).")
-    if str(base.config._attn_implementation).startswith("flash"):
-        raise UserError("share_prompt needs SDPA or eager attention (flash-attention takes no custom mask); set share_prompt=false (and pack_pairs=false).")
+    base = _base(model)
+    problem = shared_layout_problem(base.config)
+    if problem:
+        raise UserError(f"share_prompt cannot be exact here: {problem}; set share_prompt=false (and pack_pairs=false).")
     # Built after the checks: a packed row's [1, 1, W, W] mask can be hundreds of MB.
     allowed = shared_prompt_mask(batch.segments.to(device), batch.pair_ids.to(device))
-    if base.config._attn_implementation == "eager":  # eager adds the mask to the scores; SDPA takes booleans
-        dtype = base.get_input_embeddings().weight.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    else:
-        mask = allowed
+    positions = batch.position_ids.to(device)
+    mask = decoder_masks(base.config, allowed, positions, base.get_input_embeddings().weight.dtype)
     hidden = base.get_decoder()(
-        input_ids=batch.input_ids.to(device), attention_mask=mask,
-        position_ids=batch.position_ids.to(device), use_cache=False,
+        input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions, use_cache=False,
     ).last_hidden_state
     states = hidden.reshape(-1, hidden.shape[-1])[batch.predictors.to(device)]
     return gathered_logps(states, batch.labels.to(device), batch.rows.to(device), 2 * batch.num_pairs,
-                          base.get_output_embeddings(), logits_chunk_size)
+                          OutputHead(base.get_output_embeddings(), base.config), logits_chunk_size)
 
 
 def score_batch(model, batch: Batch | SharedPromptBatch, logits_chunk_size: int = 0) -> SequenceScores:
     """Summed response log-probs of all 2B sequences, from one forward of chosen and rejected together.
 
-    logits_chunk_size > 0 takes the decoder's hidden states and applies lm_head only at response
-    positions, that many at a time (see chunked_sequence_logps); 0 builds the logits tensor.
+    logits_chunk_size > 0 takes the decoder's hidden states and applies lm_head (and the family's
+    logit transform) only at response positions, that many at a time (see chunked_sequence_logps);
+    0 builds the logits tensor. A family qdpo has not verified always takes the model's own forward.
     """
     if isinstance(batch, SharedPromptBatch):
         return score_shared_prompt(model, batch, logits_chunk_size)
     device = next(model.parameters()).device
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # Models that transform logits after lm_head (Gemma-2 soft-capping) take the plain path.
-    if logits_chunk_size > 0 and not getattr(base.config, "final_logit_softcapping", None):
+    base = _base(model)
+    if logits_chunk_size > 0 and family_of(base.config) is not None:
         hidden = base.get_decoder()(
             input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
         ).last_hidden_state
-        return chunked_sequence_logps(hidden, base.get_output_embeddings(), batch.input_ids.to(device),
-                                      batch.response_mask.to(device), logits_chunk_size)
+        return chunked_sequence_logps(hidden, OutputHead(base.get_output_embeddings(), base.config),
+                                      batch.input_ids.to(device), batch.response_mask.to(device), logits_chunk_size)
     # Only positions from the earliest response token on need logits: skipping the prompt's share of
     # lm_head (and of the [2B, T, vocab] tensor) saves memory and time (~15% of a step on SmolLM2).
     start = int(batch.response_mask.int().argmax(dim=1).min()) - 1

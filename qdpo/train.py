@@ -21,8 +21,9 @@ from qdpo.batching import length_grouped_batches, make_batch, padding_share
 from qdpo.config import Config
 from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
 from qdpo.errors import UserError
-from qdpo.model import (ModelSource, add_lora, compute_dtype, load_base_4bit, load_tokenizer, pick_device,
-                        resolve_model, trainable_parameters)
+from qdpo.families import exact_settings
+from qdpo.model import (ModelSource, add_lora, adapter_lora_settings, compute_dtype, load_base_4bit, load_model_config,
+                        load_tokenizer, pick_device, resolve_model, trainable_parameters)
 from qdpo.reference import cache_key, compute_reference, load_or_compute
 from qdpo.step import Metrics, preference_loss
 from qdpo.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
@@ -33,6 +34,7 @@ class PreparedData:
     """Everything known before the model is loaded: tokenizer, tokenized splits and their stats."""
 
     source: ModelSource
+    model_config: Any  # the transformers config (config.json only: no weights yet)
     tokenizer: Any
     train: list[TokenizedPair]
     eval: list[TokenizedPair]
@@ -70,6 +72,7 @@ def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair
 def prepare_data(config: Config, echo: Callable[[str], None] = print) -> PreparedData:
     """Resolve the model, load its tokenizer and tokenize train/eval pairs: every input error surfaces here."""
     source = resolve_model(config.model)
+    model_config = load_model_config(source)
     tokenizer = load_tokenizer(source, config.tokenizer)
     pairs = read_pairs(config.data, config)
     if config.eval_data:
@@ -86,7 +89,7 @@ def prepare_data(config: Config, echo: Callable[[str], None] = print) -> Prepare
         echo(f"eval:  {eval_stats.describe()}")
     if not train:
         raise UserError(f"no training pairs are left after filtering {config.data}; check the data and max_length.")
-    return PreparedData(source, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs))
+    return PreparedData(source, model_config, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs))
 
 
 def total_steps(config: Config, num_micro_batches: int) -> int:
@@ -269,21 +272,29 @@ def train_step(t: Training, data: PreparedData, config: Config, stream: Iterator
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, clip))
     learning_rate = t.scheduler.get_last_lr()[0]  # the rate this step uses
-    t.scaler.step(t.optimizer)
+    scale = t.scaler.get_scale() if t.scaler.is_enabled() else 0.0
+    t.scaler.step(t.optimizer)  # skips the update when fp16 gradients overflowed
     t.scaler.update()
-    t.scheduler.step()
+    skipped = t.scaler.is_enabled() and t.scaler.get_scale() < scale  # the scaler backs off after an overflow
+    if not skipped:  # a skipped step changed nothing, so the schedule does not advance either
+        t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    return {**metrics.means(), "grad_norm": grad_norm, "learning_rate": learning_rate,
-            "tokens_per_second": tokens / (time.time() - start), "peak_memory_gb": peak_memory_gb(device)}
+    row = {**metrics.means(), "grad_norm": grad_norm, "learning_rate": learning_rate,
+           "tokens_per_second": tokens / (time.time() - start), "peak_memory_gb": peak_memory_gb(device)}
+    if t.scaler.is_enabled():
+        row["skipped"] = skipped  # fp16 only: the update was dropped for inf/NaN gradients
+    return row
 
 
 def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = print, progress: bool = True) -> RunResult:
     """Tune LoRA adapters on a 4-bit base with DPO and write a self-describing run directory."""
-    from tqdm.auto import tqdm
-
     started = time.time()
     torch.manual_seed(config.seed)
     data = prepare_data(config, echo)  # every input error surfaces here, before anything is written
+    config, notes = exact_settings(config, data.model_config)
+    config, lora_notes = adapter_lora_settings(config)
+    for note in notes + lora_notes:
+        echo(note)
     device = pick_device()
     dtype = compute_dtype(config.compute_dtype, device)
     out = make_output_dir(config, preset)
@@ -291,44 +302,67 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
         (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
         write_json(out / "run.json", describe_run(config, data, dtype, device, "running"))
         t = setup_training(config, data, device, dtype, echo)
-        t.model.train()
-        stream = micro_batches(data, config, t.epoch_batches)
-        last_eval: dict[str, float] = {}
-        bar = tqdm(total=t.steps, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
-        with (out / "metrics.jsonl").open("w") as log:
-            for step in range(1, t.steps + 1):
-                row = {"step": step, **train_step(t, data, config, stream, device)}
-                evaluating = bool(data.eval) and ((config.eval_steps and step % config.eval_steps == 0) or step == t.steps)
-                if evaluating:
-                    last_eval = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, data.tokenizer.pad_token_id)
-                    row.update(last_eval)
-                if evaluating or step % config.logging_steps == 0 or step == t.steps:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}",
-                                margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
-                bar.update(1)
-        bar.close()
-
-        save_adapter(t.model, data.tokenizer, out / "adapter", describe_run(config, data, dtype, device, "finished"))
-        summary = {
-            "steps": t.steps,
-            "seconds": round(time.time() - started, 1),
-            "train_pairs": len(data.train),
-            "eval_pairs": len(data.eval),
-            "final_train_loss": row["loss"],
-            "eval_rewards/accuracies": last_eval.get("eval_rewards/accuracies"),
-            "eval_rewards/margins": last_eval.get("eval_rewards/margins"),
-            "peak_memory_gb": round(peak_memory_gb(device), 3),
-            "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
-        }
-        write_json(out / "summary.json", summary)
-        write_json(out / "run.json", describe_run(config, data, dtype, device, "finished"))
     except UserError:
         shutil.rmtree(out, ignore_errors=True)  # a run that could not start leaves nothing behind
         raise
+    except BaseException as e:
+        mark_stopped(out, describe_run(config, data, dtype, device, "failed"), e)
+        raise
+    try:  # from the first step on, a failure keeps the directory: the metrics logged so far are the user's
+        summary = train_and_save(t, config, data, device, dtype, out, started, progress)
+    except BaseException as e:
+        mark_stopped(out, describe_run(config, data, dtype, device, "failed"), e)
+        raise
     echo(format_summary(summary, out))
     return RunResult(out, summary)
+
+
+def mark_stopped(out: Path, description: dict[str, Any], error: BaseException) -> None:
+    """Record in run.json that the run stopped early (failed, or interrupted by Ctrl-C) and why, in one line."""
+    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    write_json(out / "run.json", {**description, "status": status, "error": reason})
+
+
+def train_and_save(t: Training, config: Config, data: PreparedData, device: torch.device, dtype: torch.dtype,
+                   out: Path, started: float, progress: bool) -> dict[str, Any]:
+    """Run every step, save the adapter and write summary.json; returns the summary."""
+    from tqdm.auto import tqdm
+
+    t.model.train()
+    stream = micro_batches(data, config, t.epoch_batches)
+    last_eval: dict[str, float] = {}
+    bar = tqdm(total=t.steps, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
+    with (out / "metrics.jsonl").open("w") as log:
+        for step in range(1, t.steps + 1):
+            row = {"step": step, **train_step(t, data, config, stream, device)}
+            evaluating = bool(data.eval) and ((config.eval_steps and step % config.eval_steps == 0) or step == t.steps)
+            if evaluating:
+                last_eval = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, data.tokenizer.pad_token_id)
+                row.update(last_eval)
+            if evaluating or step % config.logging_steps == 0 or step == t.steps:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}",
+                            margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+            bar.update(1)
+    bar.close()
+
+    save_adapter(t.model, data.tokenizer, out / "adapter", describe_run(config, data, dtype, device, "finished"))
+    summary = {
+        "steps": t.steps,
+        "seconds": round(time.time() - started, 1),
+        "train_pairs": len(data.train),
+        "eval_pairs": len(data.eval),
+        "final_train_loss": row["loss"],
+        "eval_rewards/accuracies": last_eval.get("eval_rewards/accuracies"),
+        "eval_rewards/margins": last_eval.get("eval_rewards/margins"),
+        "peak_memory_gb": round(peak_memory_gb(device), 3),
+        "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
+    }
+    write_json(out / "summary.json", summary)
+    write_json(out / "run.json", describe_run(config, data, dtype, device, "finished"))
+    return summary
 
 
 def _oom_guard(fn: Callable[[], Any], config: Config) -> Any:

@@ -62,11 +62,14 @@ def test_hinge():
 
 
 def test_ipo_uses_per_token_averages():
-    """Lengths 4 and 2: log-ratios 1/4 and -1/2, delta 0.75; (0.75 - 1/(2*0.1))^2 = (0.75 - 5)^2 = 18.0625."""
+    """Lengths 4 and 2: log-ratios 1/4 and -1/2, delta 0.75; (0.75 - 1/(2*0.1))^2 = (0.75 - 5)^2 = 18.0625.
+
+    Rewards stay beta x the summed log-ratios (1 and -1), as TRL 1.x logs them for IPO too.
+    """
     lengths_c, lengths_r = torch.tensor([4]), torch.tensor([2])
     losses, rc, rr = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="ipo", chosen_lengths=lengths_c, rejected_lengths=lengths_r)
     assert losses.item() == pytest.approx(18.0625)
-    assert rc.item() == pytest.approx(0.025) and rr.item() == pytest.approx(-0.05)
+    assert rc.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)
     with pytest.raises(ValueError, match="lengths"):
         dpo_loss(PC, PR, RC, RR, loss_type="ipo")
 

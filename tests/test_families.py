@@ -1,0 +1,281 @@
+"""Conformance suite: every fast path gives the model's own log-probs, on every family qdpo accepts.
+
+The oracle is the model's own forward: `model(input_ids).logits` of the same loaded 4-bit model, in eval
+mode, one sequence at a time, log-softmax in float64. Whatever a family does after the output embedding
+(soft-capping, logit scaling) or with its attention (sliding windows, local and global layers), the oracle
+has it. Each tiny model has a sliding window of 8 where the family has one, and the pairs are longer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tokenizer
+from qdpo.batching import length_grouped_batches, make_batch
+from qdpo.config import Config
+from qdpo.data import Columns, to_pairs
+from qdpo.families import FAMILIES, family_table
+from qdpo.model import ModelSource, add_lora, load_base_4bit, reference_model
+from qdpo.reference import compute_reference
+from qdpo.step import preference_loss, reference_scores, score_batch
+from qdpo.tokenize import tokenize_pairs
+from qdpo.train import table_rows
+
+WINDOW = 8
+# Per family: the settings that make its tiny model exercise what differs (windows, soft-caps, scales, dropout, MoE).
+FAMILY_SETTINGS: dict[str, dict] = {
+    "llama": {},
+    "mistral": dict(sliding_window=WINDOW),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                      use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen3": dict(head_dim=16),
+    "gemma": dict(head_dim=16),
+    "gemma2": dict(head_dim=16, sliding_window=WINDOW, final_logit_softcapping=3.0, attn_logit_softcapping=5.0),
+    "gemma3_text": dict(head_dim=16, sliding_window=WINDOW, final_logit_softcapping=3.0,
+                        layer_types=["sliding_attention", "full_attention"]),
+    "phi": dict(resid_pdrop=0.3, embd_pdrop=0.3, attention_dropout=0.3),  # dropout in the config (Phi-2 style)
+    "phi3": dict(sliding_window=WINDOW),
+    "granite": dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3),
+    "cohere": dict(logit_scale=0.5),
+    "olmo2": {},
+    "stablelm": {},
+}
+COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+              tie_word_embeddings=False)
+LN2 = math.log(2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: a second thread only adds synchronisation (50x slower per call on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_verified_family_has_a_tiny_model_here():
+    assert set(FAMILY_SETTINGS) == set(FAMILIES)
+
+
+def make_family_model(path: Path, model_type: str) -> None:
+    """A tiny random model of the family, fp32, with the test tokenizer, saved to path."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **COMMON, **FAMILY_SETTINGS[model_type])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # weights large enough that 4-bit rounding, windows and LoRA all move the numbers
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.2)
+    model.save_pretrained(path)
+    make_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    dirs = {}
+    for model_type in FAMILY_SETTINGS:
+        path = tmp_path_factory.mktemp(model_type)
+        make_family_model(path, model_type)
+        dirs[model_type] = path
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def pairs(tokenizer):
+    """Pairs longer than every window: prompts ~20 tokens, responses 10-30 tokens, lengths differ."""
+    rows = []
+    for i in range(5):
+        rows.append({
+            "prompt": [{"role": "user", "content": f"What is {i} plus two? Answer briefly and correctly please."}],
+            "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}, I think." + " The answer is four." * (i % 3)}],
+            "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think about it for a while."}],
+        })
+    tokenized, _ = tokenize_pairs(tokenizer, to_pairs(rows, Columns(), "t"), 96, 48)
+    assert min(len(p.chosen_ids) for p in tokenized) > WINDOW and min(len(p.prompt_ids) for p in tokenized) > WINDOW
+    return tokenized
+
+
+def oracle(model, pairs, reference: bool) -> torch.Tensor:
+    """Summed response log-probs, chosen then rejected, each from the model's own logits of one sequence."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for side in ("chosen_ids", "rejected_ids"):
+            for p in pairs:
+                ids = torch.tensor([p.prompt_ids + getattr(p, side)])
+                if reference:
+                    with reference_model(model):
+                        logits = model(input_ids=ids).logits[0]
+                else:
+                    logits = model(input_ids=ids).logits[0]
+                logps = torch.log_softmax(logits.double(), -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+                out.append(float(logps[len(p.prompt_ids) - 1:].sum()))
+    model.train(was_training)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def load(model_dir: Path, init_adapter: str | None = None):
+    base = load_base_4bit(ModelSource("m", str(model_dir)), torch.float32, torch.device("cpu"), True)
+    return add_lora(base, 4, 8, 0.0, ["all-linear"], init_adapter, seed=0)
+
+
+def perturb_policy(model, seed: int = 3) -> None:
+    """Move the trained adapter away from the reference, so policy and reference scores differ."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and "lora_B" in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def sft_adapters(family_dirs, tmp_path_factory) -> dict[str, str]:
+    """Per family, an 'SFT' adapter with nonzero B and lora_dropout 0.2 in its own config (peft allows none on MoE experts)."""
+    out = {}
+    for model_type, model_dir in family_dirs.items():
+        base = load_base_4bit(ModelSource("m", str(model_dir)), torch.float32, torch.device("cpu"), False)
+        dropout = 0.0 if "num_experts_per_tok" in FAMILY_SETTINGS[model_type] else 0.2
+        sft = add_lora(base, 4, 8, dropout, ["all-linear"], None, seed=1)
+        perturb_policy(sft, seed=11)
+        path = tmp_path_factory.mktemp(f"sft-{model_type}")
+        sft.save_pretrained(path)
+        out[model_type] = str(path)
+    return out
+
+
+LAYOUTS = ("plain", "shared", "packed")
+CHUNKS = (0, 5)
+
+
+def scores_by_path(model, pairs, pad_id: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per layout and chunk size: policy scores (train mode), precomputed reference, in-step reference."""
+    batches = [[0, 1], [2, 3, 4]]
+    result = {}
+    for layout in LAYOUTS:
+        for chunk in CHUNKS:
+            model.train()
+            policy, in_step = torch.zeros(2 * len(pairs)), torch.zeros(2 * len(pairs))
+            for idx in batches:
+                batch = make_batch([pairs[i] for i in idx], pad_id, layout)
+                b = len(idx)
+                p = score_batch(model, batch, chunk).logps.detach()
+                r = reference_scores(model, batch, chunk).logps
+                for k, i in enumerate(idx):
+                    policy[i], policy[len(pairs) + i] = p[k], p[b + k]
+                    in_step[i], in_step[len(pairs) + i] = r[k], r[b + k]
+            table = compute_reference(model, pairs, batches, pad_id, chunk, layout)
+            result[f"{layout}/chunk{chunk}"] = (policy, torch.cat([table[:, 0], table[:, 1]]), in_step)
+    return result
+
+
+@pytest.mark.parametrize("with_init_adapter", [False, True], ids=["fresh-lora", "init-adapter"])
+@pytest.mark.parametrize("model_type", list(FAMILY_SETTINGS))
+def test_every_path_matches_the_models_own_forward(model_type, with_init_adapter, family_dirs, sft_adapters, pairs, tokenizer):
+    """Plain, shared and packed layouts, chunked logits on and off, reference precomputed and in-step: all equal the oracle."""
+    model = load(family_dirs[model_type], sft_adapters[model_type] if with_init_adapter else None)
+    pad = tokenizer.pad_token_id
+
+    # Step 0, train mode: policy == reference, so every pair's loss is exactly ln 2 and the margins are 0.
+    config = Config(model="x", data="y", logits_chunk_size=5)
+    model.train()
+    for layout in LAYOUTS:
+        batch = make_batch(pairs[:3], pad, layout)
+        table = compute_reference(model, pairs, [[0, 1, 2]], pad, 5, layout)
+        for reference in (table_rows(table, [0, 1, 2]), None):
+            losses, chosen_rewards, rejected_rewards, _ = preference_loss(model, batch, config, reference)
+            torch.testing.assert_close(losses.detach(), torch.full_like(losses, LN2), rtol=0, atol=1e-6)
+            assert chosen_rewards.abs().max() < 1e-6 and rejected_rewards.abs().max() < 1e-6
+
+    perturb_policy(model)
+    want_policy, want_reference = oracle(model, pairs, reference=False), oracle(model, pairs, reference=True)
+    assert (want_policy - want_reference).abs().max() > 0.05  # the test can tell policy from reference
+    for path, (policy, precomputed, in_step) in scores_by_path(model, pairs, pad).items():
+        for name, got, want in (("policy", policy, want_policy), ("precomputed reference", precomputed, want_reference),
+                                ("in-step reference", in_step, want_reference)):
+            error = (got.double() - want).abs().max().item()
+            assert error < 2e-3, f"{model_type} {path} {name}: off the oracle by {error:.4g} nats"
+
+
+def test_windows_and_scales_matter_for_the_oracle(family_dirs, pairs):
+    """The suite can fail: without the window (Mistral) or the logit scale (Granite) the scores move by far more than the tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    p = pairs[0]
+    ids = torch.tensor([p.prompt_ids + p.chosen_ids])
+    for model_type, setting, other in (("mistral", "sliding_window", 10_000), ("granite", "logits_scaling", 1.0)):
+        model = AutoModelForCausalLM.from_pretrained(family_dirs[model_type]).eval()
+        with torch.no_grad():
+            before = torch.log_softmax(model(ids).logits.double(), -1)
+            setattr(model.config, setting, other)
+            after = torch.log_softmax(model(ids).logits.double(), -1)
+        assert (before - after).abs().max() > 0.1, model_type
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_SETTINGS))
+def test_qdpo_run_end_to_end_with_defaults(model_type, family_dirs, tmp_path, chat_rows):
+    """`qdpo run` with default settings finishes on each family, step 1 is ln 2, and the adapter loads with PEFT."""
+    from click.testing import CliRunner
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qdpo.cli import main
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--model", str(family_dirs[model_type]), "--data", str(data),
+                                       "--output", str(out), "--no-progress", "max_steps=2", "micro_batch_size=4",
+                                       "max_length=64", "eval_fraction=0.25"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert f"model family: {FAMILIES[model_type].label}" in result.output
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(LN2, abs=1e-6) and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    base = AutoModelForCausalLM.from_pretrained(family_dirs[model_type])
+    tuned = PeftModel.from_pretrained(base, out / "adapter")
+    assert any("lora_A" in n for n, _ in tuned.named_parameters())
+
+
+def test_an_unverified_family_takes_the_exact_paths(tmp_path, chat_rows):
+    """A family qdpo has not verified (GPT-2 here) runs the plain layout with the model's own logits, and says so."""
+    from click.testing import CliRunner
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from qdpo.cli import main
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
+                               eos_token_id=2)).save_pretrained(tmp_path / "gpt2")
+    make_tokenizer(tmp_path / "gpt2")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
+    args = ["run", "--preset", "smoke", "--model", str(tmp_path / "gpt2"), "--data", str(data), "--no-progress",
+            "max_steps=1", "micro_batch_size=4", "max_length=64", "eval_fraction=0.25"]
+    result = CliRunner().invoke(main, args + ["--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "not verified by qdpo" in result.output and "plain layout" in result.output
+    resolved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "share_prompt: false" in resolved and "logits_chunk_size: 0" in resolved
+    forced = CliRunner().invoke(main, args + ["--output", str(tmp_path / "run2"), "share_prompt=true"])
+    assert forced.exit_code == 2 and "share_prompt=true cannot be exact" in forced.output
+    assert not (tmp_path / "run2").exists()
+
+
+def test_readme_family_table_is_the_suites():
+    """The README's table of supported families is generated from qdpo.families, which this suite checks."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- families:start -->\n(.*?)<!-- families:end -->", readme, re.S)
+    assert block, "README.md lacks the generated family table (python -m qdpo.families)"
+    assert block.group(1) == family_table()
