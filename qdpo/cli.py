@@ -72,7 +72,10 @@ def run(preset: str, model: str | None, data: str | None, eval_data: str | None,
         values[key] = value
     if micro_batch is not None and micro_batch != "auto":
         values["micro_batch_size"] = parse_override(f"micro_batch_size={micro_batch}")[1]
-    config = build_config(loaded.settings, values)
+    notes: list[str] = []
+    config = build_config(loaded.settings, values, notes)
+    for note in notes:
+        click.echo(note, err=dry_run)  # a dry run's stdout is the YAML alone
     if micro_batch == "auto":
         config = _auto_micro_batch(config, loaded.gpu_memory_gb)
     if dry_run:

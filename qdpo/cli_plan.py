@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import click
 
 from qdpo.errors import UserError
@@ -39,6 +41,7 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
     OVERRIDES are key=value settings, as for `qdpo run` (e.g. micro_batch_size=4 max_length=4096).
     """
     from qdpo.config import build_config, parse_override
+    from qdpo.families import exact_settings
     from qdpo.plan import ModelShape, largest_fit, model_config, plan_memory
     from qdpo.presets import load_preset
 
@@ -47,16 +50,22 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
-    config = build_config(loaded.settings, values)
+    notes: list[str] = []
+    config = build_config(loaded.settings, values, notes)
+    for note in notes:
+        click.echo(note)
     budget = loaded.gpu_memory_gb if budget_gb is None else budget_gb
     if budget is not None and (not isinstance(budget, (int, float)) or budget <= 0):
         raise UserError(f"the memory budget must be a positive number of GB; got {budget!r}.")
     device = "cpu" if budget is None else "cuda"  # a preset without a GPU budget runs on the CPU
     model_cfg, source = model_config(config.model)
+    config, family_notes = exact_settings(config, SimpleNamespace(**model_cfg))  # the paths the run would take
     shape = ModelShape.from_config(model_cfg)
     result = plan_memory(model_cfg, config, device=device)
     chunk = getattr(config, "logits_chunk_size", 0)
     click.echo(f"preset {loaded.name}: {config.model}")
+    for note in family_notes:
+        click.echo(note)
     click.echo(f"model shape from {source}: hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads "
                f"({shape.kv_heads} kv), MLP {shape.intermediate}, vocab {shape.vocab}{' (tied)' if shape.tied else ''}")
     click.echo(f"step: micro_batch_size {result.micro_batch_size} pairs x max_length {result.seq_len}, "

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from qdpo.errors import UserError
+from qdpo.hub import looks_like_hub_id
 
 Text = str | list[dict[str, str]]  # a plain string, or chat messages [{"role", "content"}, ...]
 
@@ -62,14 +63,10 @@ def load_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], 
         if not rows:
             raise UserError(f"{path} has no rows; point data at a file with preference pairs.")
         return rows, str(path)
-    if _looks_like_hub_id(source):
+    if looks_like_hub_id(source):
         return _read_hub(source, split), source
     raise UserError(f"data {source!r} does not exist; pass a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a hub dataset id.")
 
-
-def _looks_like_hub_id(source: str) -> bool:
-    parts = source.split("/")
-    return len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and Path(source).suffix == ""
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:

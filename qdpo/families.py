@@ -164,14 +164,16 @@ def exact_settings(config: Config, model_config: Any) -> tuple[Config, list[str]
         config = replace(config, share_prompt=True)
     if family_of(model_config) is None and config.logits_chunk_size:
         config = replace(config, logits_chunk_size=0)  # the model's own forward: exact for any family
+    family = family_of(model_config)
     layout = {"plain": "plain layout (two sequences per pair)", "shared": "shared-prompt layout",
               "packed": "packed layout"}[config.batch_layout]
-    head = {"softcap": "soft-capped logits", "divide": "logits divided by logits_scaling",
-            "multiply": "logits multiplied by logit_scale"}.get(family_of(model_config).logits if family_of(model_config) else "", "logits")
-    lm_head = f"lm_head in chunks of {config.logits_chunk_size}" if config.logits_chunk_size else "the model's own logits"
-    windows = sorted({w for w in layer_windows(model_config).values() if w} if not problem else set())
-    window = f", sliding window {windows[0]} kept in the mask" if windows and config.batch_layout != "plain" else ""
-    line = f"model family: {label}: {layout}{window}, {head}, {lm_head}"
+    windows = sorted({w for w in layer_windows(model_config).values() if w}) if config.batch_layout != "plain" else []
+    if windows:
+        layout += f" (sliding window {windows[0]} kept in the mask)"
+    then = {"softcap": ", then soft-capped", "divide": ", then divided by logits_scaling",
+            "multiply": ", then multiplied by logit_scale"}.get(family.logits if family else "none", "")
+    head = f"lm_head in chunks of {config.logits_chunk_size}{then}" if config.logits_chunk_size else "the model's own logits"
+    line = f"model family: {label}: {layout}, {head}"
     if problem and config.batch_layout == "plain":
         line += f" (shared prompt off: {problem})"
     return config, [line]

@@ -17,6 +17,7 @@ import torch
 
 from qdpo.config import Config, read_json
 from qdpo.errors import UserError
+from qdpo.hub import looks_like_hub_id
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
 REFERENCE_ADAPTER = "reference"  # the frozen copy of init_adapter that serves as the reference model
@@ -61,8 +62,7 @@ def resolve_model(name: str) -> ModelSource:
         if not (path / "config.json").is_file():
             raise UserError(f"{path} is not a transformers model directory (no config.json); pass a model directory, a .gguf file or a hub id.")
         return ModelSource(name, str(path.resolve()))
-    parts = name.split("/")
-    if len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/")):
+    if looks_like_hub_id(name):
         return ModelSource(name, name)  # a hub id: transformers downloads it (or finds it in its cache)
     raise UserError(f"model path {name} does not exist; pass a model directory, a .gguf file or a hub id.")
 

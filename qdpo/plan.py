@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from pathlib import Path
 from typing import Any
 
 from qdpo.config import Config, read_json
 from qdpo.errors import UserError
+from qdpo.families import exact_settings
+from qdpo.hub import looks_like_hub_id
 
 GB = 1e9  # the table and the budgets are in decimal GB, like GPU spec sheets
 FP32 = 4  # bytes
@@ -516,8 +519,7 @@ def model_config(name: str) -> tuple[dict[str, Any], str]:
         return read_config(path), str(path)
     if path.suffix == ".gguf":
         raise UserError("the planner reads a config.json, not a .gguf file; pass the converted model directory or its config.json.")
-    parts = name.split("/")
-    is_hub_id = len(parts) == 2 and all(parts) and not name.startswith((".", "~", "/"))
+    is_hub_id = looks_like_hub_id(name)
     cached = _hub_cached(name) if is_hub_id else None
     if cached is not None:
         return read_config(cached), f"{cached} (hub cache)"
@@ -532,6 +534,7 @@ def model_config(name: str) -> tuple[dict[str, Any], str]:
 def auto_micro_batch(cfg: Config, budget_gb: float) -> int:
     """The largest micro_batch_size whose planned step fits budget_gb at cfg.max_length (for --micro-batch auto)."""
     config, _ = model_config(cfg.model)
+    cfg, _ = exact_settings(cfg, SimpleNamespace(**config))  # the layout and head the run will use
     b, _ = largest_fit(config, cfg, budget_gb)
     if b < 1:
         raise UserError(f"even one pair of max_length {cfg.max_length} does not fit {budget_gb:g} GB by the plan; lower max_length or see `qdpo plan`.")

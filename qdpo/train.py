@@ -312,6 +312,7 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
         summary = train_and_save(t, config, data, device, dtype, out, started, progress)
     except BaseException as e:
         mark_stopped(out, describe_run(config, data, dtype, device, "failed"), e)
+        echo(f"the run stopped early; {out} keeps the metrics logged so far, and run.json says why")
         raise
     echo(format_summary(summary, out))
     return RunResult(out, summary)
