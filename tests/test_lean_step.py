@@ -1,5 +1,7 @@
 """Each memory/speed switch leaves the loss and gradients of the plain path unchanged."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -94,14 +96,65 @@ def test_all_switches_together_equal_the_plain_path(tiny_model_dir, tokenizer, c
             torch.testing.assert_close(c[2][n], a[2][n], rtol=1e-4, atol=1e-5)
 
 
-def test_offloaded_activations_give_the_same_gradients(tiny_model_dir, batch):
+def test_offloaded_activations_give_the_same_gradients(tiny_model_dir, batch, monkeypatch):
+    """offload_activations sends what the policy forward saves through save_on_cpu's hooks, and backward
+    from the copies gives the same loss and gradients.
+
+    On the CPU the real save_on_cpu keeps a CPU tensor as it is, so it stands in for the GPU path here: a
+    recorder with save_on_cpu's interface that copies every saved tensor into fresh storage (as the pinned
+    path does) and hands the copy to backward. The tensors the plain run saves are recorded with plain
+    hooks to know what has to go through it.
+    """
     model = policy(tiny_model_dir, ["all-linear"])
     _, b = batch
-    kept = loss_and_grads(model, b, Config(model="x", data="y"))
+    hidden = model.get_base_model().config.hidden_size
+    boundary = (*b.input_ids.shape, hidden)  # [2B, T, hidden]: a decoder layer's input, kept by checkpointing
+
+    saved_plain = []
+
+    def record(t):
+        saved_plain.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
+        kept = loss_and_grads(model, b, Config(model="x", data="y"))
+
+    made, packed, unpacked = [], [], []
+
+    class CopyingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
+        def __init__(self, pin_memory=False, device_type="cuda"):
+            made.append(pin_memory)
+
+            def pack(t):
+                copy = torch.empty(t.size(), dtype=t.dtype, layout=t.layout)
+                copy.copy_(t)
+                assert copy.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+                packed.append(tuple(t.shape))
+                return t.device, copy
+
+            def unpack(saved):
+                unpacked.append(tuple(saved[1].shape))
+                return saved[1].to(saved[0])
+
+            super().__init__(pack, unpack)
+
+    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CopyingSaveOnCpu)
     offloaded = loss_and_grads(model, b, Config(model="x", data="y", offload_activations=True))
-    assert torch.equal(kept[0], offloaded[0])
+
+    assert made == [torch.cuda.is_available()]  # entered once per step; pinned only where there is a GPU
+    # Every layer's input went through the offload hooks and came back for backward ...
+    assert packed.count(boundary) >= model.get_base_model().config.num_hidden_layers
+    assert unpacked.count(boundary) == packed.count(boundary)
+    # ... and so did everything else the policy forward saves: what the plain run saves beyond that is
+    # only the loss's per-pair tensors, computed after the forward (the no-grad reference pass saves nothing).
+    rest = Counter(saved_plain)
+    rest.subtract(packed)
+    assert min(rest.values()) >= 0 and {s for s, n in rest.items() if n} <= {(b.num_pairs,)}
+    torch.testing.assert_close(offloaded[0], kept[0], rtol=0, atol=0)
+    assert kept[2].keys() == offloaded[2].keys() and len(kept[2]) > 0
     for n in kept[2]:
-        assert torch.equal(kept[2][n], offloaded[2][n])
+        torch.testing.assert_close(offloaded[2][n], kept[2][n], rtol=0, atol=0)
+        assert kept[2][n].abs().sum() > 0, n
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["row-per-pair", "packed"])

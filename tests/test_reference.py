@@ -26,24 +26,48 @@ def setup(tiny_model_dir, tokenizer, chat_rows, tmp_path, monkeypatch):
     return source, model, pairs, batches, tokenizer.pad_token_id
 
 
+def base_oracle(model_dir, pairs) -> torch.Tensor:
+    """[N, 2] summed response log-probs (chosen, rejected) from a separately loaded 4-bit base model with no
+    adapter at all: its own logits, one sequence at a time, float64 log-softmax."""
+    base = load_base_4bit(ModelSource(str(model_dir), str(model_dir)), torch.float32, torch.device("cpu"), False)
+    base.eval()
+    out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+    with torch.no_grad():
+        for i, p in enumerate(pairs):
+            for side, response in enumerate((p.chosen_ids, p.rejected_ids)):
+                ids = torch.tensor([p.prompt_ids + response])
+                logps = torch.log_softmax(base(input_ids=ids).logits[0].double(), -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
+                out[i, side] = logps[len(p.prompt_ids) - 1:].sum()
+    return out
+
+
 @pytest.mark.parametrize("config", [Config(model="x", data="y"), Config(model="x", data="y", logits_chunk_size=0, share_prompt=False)],
                          ids=["lean", "plain"])
-def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup, config):
+def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup, tiny_model_dir, config):
     source, model, pairs, batches, pad = setup
-    table = compute_reference(model, pairs, batches, pad, config.logits_chunk_size, config.batch_layout)
-    with torch.no_grad():  # move the policy away from the reference so gradients are not trivial
+    with torch.no_grad():  # move the policy away from the reference first: a table that kept the adapters on would show
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
     model.train()
+    table = compute_reference(model, pairs, batches, pad, config.logits_chunk_size, config.batch_layout)
+    assert model.training and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # left as found
+    # Independent expectation: the reference is the bare 4-bit base model, scored by its own forward.
+    expected = base_oracle(tiny_model_dir, pairs)
+    torch.testing.assert_close(table.double(), expected, rtol=0, atol=1e-3)
     for idx in batches:
         batch = make_batch([pairs[i] for i in idx], pad, config.batch_layout)
         results = []
         for reference in (None, table_rows(table, idx)):
             model.zero_grad()
-            losses, cr, rr, _ = preference_loss(model, batch, config, reference)
+            losses, cr, rr, policy = preference_loss(model, batch, config, reference)
             losses.sum().backward()
             results.append((losses.detach(), cr, rr, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        # the policy really is elsewhere: with the adapters on, the sequences score far from the reference
+        b = len(idx)
+        policy_rows = torch.stack([policy.logps[:b], policy.logps[b:]], 1).detach().double()
+        assert (policy_rows - expected[idx]).abs().max() > 0.1
+        # and the in-step reference pass gives exactly the table's loss, rewards and gradients
         (l0, c0, r0, g0), (l1, c1, r1, g1) = results
         assert torch.equal(l0, l1) and torch.equal(c0, c1) and torch.equal(r0, r1)
         for n in g0:
