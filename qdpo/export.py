@@ -15,8 +15,9 @@ import torch
 
 from qdpo.config import read_json
 from qdpo.errors import UserError
-from qdpo.merge import (SHARD_BYTES, Adapter, Deviation, check_output, check_prompts, compare, find_adapter,
-                        merged_logits, prepare, prompt_logits, staged, write_merged)
+from qdpo.fs import check_output, staged
+from qdpo.merge import (SHARD_BYTES, Adapter, Deviation, check_prompts, compare, find_adapter, merged_logits,
+                        prepare, prompt_logits, write_merged)
 
 GGUF_TYPES = ("f16", "q8_0")
 # llama.cpp runs Mistral with its llama graph; Qwen2 has its own.

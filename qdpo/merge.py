@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -17,6 +15,7 @@ import torch
 
 from qdpo.config import read_json
 from qdpo.errors import UserError
+from qdpo.fs import check_output, staged
 from qdpo.model import ModelSource, convert_gguf, load_base_4bit, pick_device, resolve_model
 from qdpo.model import compute_dtype as auto_compute_dtype
 from qdpo.tokenize import encode_prompt
@@ -407,56 +406,6 @@ def write_tokenizer(target: Path, adapter: Adapter, base_dir: Path) -> None:
 
     source = adapter.path if (adapter.path / "tokenizer_config.json").is_file() else base_dir
     AutoTokenizer.from_pretrained(source).save_pretrained(target)
-
-
-def check_output(out: Path, overwrite: bool, marker: str | None) -> None:
-    """Refuse an existing output unless --overwrite, and even then anything but an earlier output of the same kind.
-
-    marker is a file every such output directory holds (None: the output is a single file).
-    """
-    if not (out.exists() or out.is_symlink()):
-        return
-    if not overwrite:
-        raise UserError(f"{out} already exists; pick another --out or pass --overwrite.")
-    if marker is None:
-        if out.is_dir():
-            raise UserError(f"{out} is a directory; --out must name a file.")
-    elif not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file()):
-        raise UserError(f"{out} is not an earlier output of this command (no {marker}); refusing to overwrite it, pick another --out.")
-
-
-def _swap_in(new: Path, out: Path) -> None:
-    """Put new under the name out, replacing what is there (renames, so out is never half-written)."""
-    if not (out.exists() or out.is_symlink()):
-        os.replace(new, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(new, out)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
-@contextlib.contextmanager
-def staged(out: Path, inner: str | None = None) -> Iterator[Path]:
-    """A temp directory next to out; when the block completes, it (or its file inner) becomes out, else it is removed.
-
-    A full disk or any other write error leaves nothing under the final name and ends as one UserError line.
-    """
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    except OSError as e:
-        raise UserError(f"cannot write next to {out} ({e.strerror or e}).") from None
-    try:
-        yield tmp
-        _swap_in(tmp / inner if inner else tmp, out)
-    except OSError as e:
-        raise UserError(f"could not write {out} ({e.strerror or e}); nothing was left under that name.") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_merged(target: Path, adapter: Adapter, source: ModelSource, plan: MergePlan, max_shard_bytes: int,

@@ -22,6 +22,7 @@ from qdpo.config import Config
 from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
 from qdpo.errors import UserError
 from qdpo.families import exact_settings
+from qdpo.fs import staged, write_json
 from qdpo.model import (ModelSource, add_lora, adapter_lora_settings, compute_dtype, load_base_4bit, load_model_config,
                         load_tokenizer, pick_device, resolve_model, trainable_parameters)
 from qdpo.reference import cache_key, compute_reference, load_or_compute
@@ -129,13 +130,6 @@ def describe_run(config: Config, data: PreparedData, dtype: torch.dtype, device:
         "device": device.type,
         "adapter_dir": "adapter",
     }
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def make_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -377,13 +371,10 @@ def _oom_guard(fn: Callable[[], Any], config: Config) -> Any:
 
 def save_adapter(model, tokenizer, target: Path, description: dict[str, Any]) -> None:
     """Write the policy adapter as a plain PEFT directory (plus tokenizer and qdpo.json), atomically."""
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), selected_adapters=["default"])
-    tokenizer.save_pretrained(str(tmp))
-    write_json(tmp / "qdpo.json", description)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.replace(target)
+    with staged(target) as tmp:
+        model.save_pretrained(str(tmp), selected_adapters=["default"])
+        tokenizer.save_pretrained(str(tmp))
+        write_json(tmp / "qdpo.json", description)
 
 
 def format_summary(summary: dict[str, Any], out: Path) -> str:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import make_tokenizer
-from qdpo.batching import length_grouped_batches, make_batch
+from qdpo.batching import make_batch
 from qdpo.config import Config
 from qdpo.data import Columns, to_pairs
 from qdpo.families import FAMILIES, family_table
