@@ -58,22 +58,18 @@ def run(preset: str, model: str | None, data: str | None, eval_data: str | None,
 
     Later sources win: built-in defaults < preset < flags and key=value overrides.
     """
-    from qdpo.config import build_config, parse_override
-    from qdpo.presets import load_preset
+    from qdpo.config import parse_override
+    from qdpo.presets import load_preset, resolve_settings
     from qdpo.train import run as run_training
 
     loaded = load_preset(preset)
     flags = {"model": model, "data": data, "eval_data": eval_data, "output_dir": output_dir,
              "prompt_column": prompt_column, "chosen_column": chosen_column,
              "rejected_column": rejected_column, "overwrite": overwrite}
-    values = {k: v for k, v in flags.items() if v is not None}
-    for text in overrides:
-        key, value = parse_override(text)
-        values[key] = value
     if micro_batch is not None and micro_batch != "auto":
-        values["micro_batch_size"] = parse_override(f"micro_batch_size={micro_batch}")[1]
+        flags["micro_batch_size"] = parse_override(f"micro_batch_size={micro_batch}")[1]
     notes: list[str] = []
-    config = build_config(loaded.settings, values, notes)
+    config = resolve_settings(preset, flags, overrides, notes)
     for note in notes:
         click.echo(note, err=dry_run)  # a dry run's stdout is the YAML alone
     if micro_batch == "auto":

@@ -40,18 +40,13 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
 
     OVERRIDES are key=value settings, as for `qdpo run` (e.g. micro_batch_size=4 max_length=4096).
     """
-    from qdpo.config import build_config, parse_override
     from qdpo.families import exact_settings
     from qdpo.plan import ModelShape, largest_fit, model_config, plan_memory
-    from qdpo.presets import load_preset
+    from qdpo.presets import load_preset, resolve_settings
 
     loaded = load_preset(preset)
-    values = {"model": model} if model is not None else {}
-    for text in overrides:
-        key, value = parse_override(text)
-        values[key] = value
     notes: list[str] = []
-    config = build_config(loaded.settings, values, notes)
+    config = resolve_settings(preset, {"model": model}, overrides, notes)
     for note in notes:
         click.echo(note)
     budget = loaded.gpu_memory_gb if budget_gb is None else budget_gb

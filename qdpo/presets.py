@@ -5,9 +5,9 @@ from __future__ import annotations
 import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from qdpo.config import load_yaml
+from qdpo.config import Config, build_config, load_yaml, parse_override
 from qdpo.errors import UserError
 
 # Keys a preset may carry besides Config fields: they describe the preset, they do not configure a run.
@@ -57,3 +57,16 @@ def load_preset(name_or_path: str) -> Preset:
         gpu_memory_gb=meta.get("gpu_memory_gb"),
         settings=raw,
     )
+
+
+def resolve_settings(preset: str, flags: dict[str, Any] | None = None, overrides: Iterable[str] = (),
+                     notes: list[str] | None = None) -> Config:
+    """The one way run, plan and the notebook turn a preset, flags and key=value overrides into a Config.
+
+    Later sources win: built-in defaults < preset < flags (None means "not given") < overrides.
+    """
+    values = {k: v for k, v in (flags or {}).items() if v is not None}
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return build_config(load_preset(preset).settings, values, notes)
