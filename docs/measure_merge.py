@@ -24,8 +24,9 @@ def quantization_gap(run_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qdpo.merge import check_prompts, compare, find_adapter, prompt_logits, resolve_base
+    from qdpo.adapter import find_adapter, resolve_base
     from qdpo.model import load_base_4bit
+    from qdpo.verify import check_prompts, compare, prompt_logits
 
     source = resolve_base(find_adapter(run_dir))
     prompts = check_prompts(AutoTokenizer.from_pretrained(source.path))

@@ -13,11 +13,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from qdpo.adapter import Adapter, find_adapter
 from qdpo.config import read_json
 from qdpo.errors import UserError
 from qdpo.fs import check_output, staged
-from qdpo.merge import (SHARD_BYTES, Adapter, Deviation, check_prompts, compare, find_adapter, merged_logits,
-                        prepare, prompt_logits, write_merged)
+from qdpo.merge import prepare, write_merged
+from qdpo.safetensors_io import SHARD_BYTES, checkpoint_tensors
+from qdpo.verify import Deviation, check_prompts, compare, merged_logits, prompt_logits
 
 GGUF_TYPES = ("f16", "q8_0")
 # llama.cpp runs Mistral with its llama graph; Qwen2 has its own.
@@ -265,8 +267,6 @@ class GgufTensor:
 def plan_gguf(model_dir: Path, config, qtype: str) -> list[GgufTensor]:
     """Every tensor of a merged directory under its GGUF name (gguf's own name map), in file order."""
     from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
-
-    from qdpo.merge import checkpoint_tensors
 
     arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == GGUF_ARCHS[config.model_type])
     names = get_tensor_name_map(arch, config.num_hidden_layers)

@@ -13,7 +13,8 @@ from click.testing import CliRunner
 from qdpo.cli_ship import export as export_command
 from qdpo.errors import UserError
 from qdpo.export import CHECK_STRINGS, check_exportable, export_gguf, export_peft
-from qdpo.merge import check_prompts, compare, merge, prompt_logits
+from qdpo.merge import merge
+from qdpo.verify import check_prompts, compare, prompt_logits
 
 from test_merge import dir_logits, make_run, peft_logits, random_adapter
 

@@ -13,9 +13,11 @@ from click.testing import CliRunner
 
 from qdpo.cli_ship import merge as merge_command
 from qdpo.errors import UserError
-from qdpo.merge import (CHECK_PROMPTS, as_trained, check_prompts, compare, find_adapter, merge, model_layout,
-                        prompt_logits)
+from qdpo.adapter import find_adapter
+from qdpo.merge import merge
 from qdpo.model import ModelSource, load_base_4bit
+from qdpo.nf4 import as_trained, model_layout
+from qdpo.verify import CHECK_PROMPTS, check_prompts, compare, prompt_logits
 
 CPU = torch.device("cpu")
 
@@ -222,9 +224,9 @@ def test_existing_output_needs_overwrite_and_must_be_a_model(run_dir, tmp_path):
 
 
 def test_full_disk_part_way_leaves_nothing(run_dir, tmp_path, monkeypatch):
-    import qdpo.merge
+    import qdpo.safetensors_io
 
-    real_write = qdpo.merge.write_tensor
+    real_write = qdpo.safetensors_io.write_tensor
     written = []
 
     def fill_up(f, tensor):
@@ -233,7 +235,7 @@ def test_full_disk_part_way_leaves_nothing(run_dir, tmp_path, monkeypatch):
         written.append(tensor)
         real_write(f, tensor)
 
-    monkeypatch.setattr(qdpo.merge, "write_tensor", fill_up)
+    monkeypatch.setattr(qdpo.safetensors_io, "write_tensor", fill_up)
     result = CliRunner().invoke(merge_command, [str(run_dir), "--out", str(tmp_path / "m"), "--no-check"])
     assert isinstance(result.exception, UserError), result.output
     assert "No space left on device" in str(result.exception) and "\n" not in str(result.exception)
