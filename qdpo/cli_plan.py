@@ -41,8 +41,9 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
     OVERRIDES are key=value settings, as for `qdpo run` (e.g. micro_batch_size=4 max_length=4096).
     """
     from qdpo.families import exact_settings
-    from qdpo.plan import ModelShape, largest_fit, model_config, plan_memory
+    from qdpo.plan import largest_fit, plan_memory
     from qdpo.presets import load_preset, resolve_settings
+    from qdpo.shapes import ModelShape, model_config
 
     loaded = load_preset(preset)
     notes: list[str] = []

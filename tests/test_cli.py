@@ -153,7 +153,8 @@ def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, chat_rows):
 def test_micro_batch_auto_uses_the_planner():
     """auto picks the largest micro-batch whose plan fits; one more pair must not fit."""
     from qdpo.config import build_config
-    from qdpo.plan import model_config, plan_memory
+    from qdpo.plan import plan_memory
+    from qdpo.shapes import model_config
     from qdpo.presets import load_preset
 
     result = invoke("run", "--preset", "7b-24gb", "--micro-batch", "auto", "--dry-run")

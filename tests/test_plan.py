@@ -34,6 +34,7 @@ from qdpo.config import Config, build_config, field_names
 from qdpo.errors import UserError
 from qdpo.model import ModelSource, add_lora, load_base_4bit
 from qdpo.presets import available, load_preset
+from qdpo.shapes import BUILTIN_SHAPES
 from qdpo.step import preference_loss
 from qdpo.tokenize import TokenizedPair
 
@@ -385,7 +386,7 @@ def test_smollm2_resident_and_saved_match_plan(smollm2_dir):
 
 # ---------------------------------------------------------------- planner rules without a model
 
-MISTRAL = P.BUILTIN_SHAPES["mistralai/Mistral-7B-v0.3"][1]
+MISTRAL = BUILTIN_SHAPES["mistralai/Mistral-7B-v0.3"][1]
 
 
 def test_largest_fit_is_the_edge_of_the_budget():
@@ -512,7 +513,7 @@ def test_preset_memory_comments_agree_with_the_plan(preset):
     hand = hand_estimates(preset)
     assert {"weights", "embeddings", "lora", "boundaries", "total"} <= set(hand), hand
     model = load_preset(preset).settings["model"]
-    planned = P.plan_memory(P.BUILTIN_SHAPES[model][1], build_config(load_preset(preset).settings))
+    planned = P.plan_memory(BUILTIN_SHAPES[model][1], build_config(load_preset(preset).settings))
     for category, parts in PLANNED_CATEGORIES.items():
         if category in hand:
             print(f"{preset} {category:<11} hand {hand[category]:6.2f} GB  planned {planned.bytes_of(*parts) / 1e9:6.2f} GB")
