@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import click
@@ -12,9 +13,9 @@ import click
 from qdpo.errors import UserError
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, exit_code: int = 2) -> None:
     click.echo(f"error: {message}", err=True)
-    sys.exit(2)
+    sys.exit(exit_code)
 
 
 class _Group(click.Group):
@@ -24,7 +25,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as e:
-            _fail(str(e))
+            _fail(str(e), e.exit_code)
 
 
 @click.group(cls=_Group)
@@ -50,13 +51,19 @@ def main() -> None:
 @click.option("--micro-batch", "micro_batch", default=None,
               help="Pairs per forward, or 'auto': the largest the memory plan fits into the preset's GPU budget.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings as YAML and stop (loads no model or data).")
+@click.option("--resume", "resume", default=None, is_flag=False, flag_value="", metavar="[RUN_DIR]",
+              help="Continue a run from its newest checkpoint. `--resume RUN_DIR` alone takes the run's own settings; "
+                   "bare `--resume` with --output DIR checks the settings given against the run's.")
 @click.argument("overrides", nargs=-1)
 def run(preset: str, model: str | None, data: str | None, eval_data: str | None, output_dir: str | None,
         prompt_column: str | None, chosen_column: str | None, rejected_column: str | None,
-        overwrite: bool | None, no_progress: bool, micro_batch: str | None, dry_run: bool, overrides: tuple[str, ...]) -> None:
+        overwrite: bool | None, no_progress: bool, micro_batch: str | None, dry_run: bool, resume: str | None,
+        overrides: tuple[str, ...]) -> None:
     """Tune LoRA adapters with DPO. OVERRIDES are key=value settings (see `qdpo settings`), e.g. beta=0.2.
 
-    Later sources win: built-in defaults < preset < flags and key=value overrides.
+    Later sources win: built-in defaults < preset < flags and key=value overrides. A resumed run may change
+    only when things are logged, evaluated and saved, how many steps it runs, and micro_batch_size with
+    gradient_accumulation_steps at the same pairs per step.
     """
     from qdpo.config import parse_override
     from qdpo.presets import load_preset, resolve_settings
@@ -68,8 +75,24 @@ def run(preset: str, model: str | None, data: str | None, eval_data: str | None,
              "rejected_column": rejected_column, "overwrite": overwrite}
     if micro_batch is not None and micro_batch != "auto":
         flags["micro_batch_size"] = parse_override(f"micro_batch_size={micro_batch}")[1]
+    if resume and "=" in resume and not Path(resume).expanduser().exists():  # `--resume key=value`: an override
+        overrides, resume = (resume, *overrides), ""
     notes: list[str] = []
-    config = resolve_settings(preset, flags, overrides, notes)
+    if resume:  # the run's own resolved settings are the base; flags and overrides still apply on top
+        from qdpo.config import build_config, load_yaml
+
+        run_dir = Path(resume).expanduser()
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"cannot resume {run_dir}: it is not a qdpo run directory (no config.yaml); check the path.")
+        flags["output_dir"] = str(run_dir)
+        values = {k: v for k, v in flags.items() if v is not None}
+        values.update(parse_override(text) for text in overrides)
+        config = build_config(load_yaml(run_dir / "config.yaml"), values, notes)
+    else:
+        config = resolve_settings(preset, flags, overrides, notes)
+        if resume is not None and not config.output_dir:
+            raise UserError("--resume without a directory needs --output DIR (the run to continue); "
+                            "or pass the run directory: --resume DIR.")
     for note in notes:
         click.echo(note, err=dry_run)  # a dry run's stdout is the YAML alone
     if micro_batch == "auto":
@@ -79,7 +102,7 @@ def run(preset: str, model: str | None, data: str | None, eval_data: str | None,
 
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
         return
-    run_training(config, preset=loaded.name, echo=click.echo, progress=not no_progress)
+    run_training(config, preset=loaded.name, echo=click.echo, progress=not no_progress, resume=resume is not None)
 
 
 def _auto_micro_batch(config, budget_gb: float | None):

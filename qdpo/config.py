@@ -85,7 +85,9 @@ class Config:
     # --- what the run reports
     logging_steps: int = _f(1, "Write a metrics line every this many optimizer steps.")
     eval_steps: int = _f(0, "Score the eval split every this many steps (0 = only at the end).")
-    save_steps: int = _f(0, "Checkpoint every this many steps: not implemented yet, so it must stay 0 (the final adapter is always saved).")
+    save_steps: int = _f(0, "Write a checkpoint (adapter, optimizer, RNG, data position, metrics) every this many optimizer steps and at the last one; `qdpo run --resume DIR` continues from the newest. 0: none, except on Ctrl-C/SIGTERM.")
+    save_total_limit: int = _f(2, "Keep only the newest this many checkpoints (each holds the adapter and the optimizer state).")
+    max_nonfinite_steps: int = _f(5, "Skip an update whose loss or gradients are NaN/Inf; stop the run after this many in a row.")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,7 +99,7 @@ class Config:
             if choices and getattr(self, f.name) not in choices:
                 raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}.")
         positive = ("lora_r", "lora_alpha", "max_length", "max_prompt_length", "micro_batch_size",
-                    "gradient_accumulation_steps", "logging_steps")
+                    "gradient_accumulation_steps", "logging_steps", "save_total_limit", "max_nonfinite_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1; got {getattr(self, name)}.")
@@ -122,8 +124,6 @@ class Config:
             raise UserError(f"max_prompt_length ({self.max_prompt_length}) must be less than max_length ({self.max_length}) to leave room for the response.")
         if self.loss_type != "sigmoid" and self.loss_type != "robust" and self.label_smoothing:
             raise UserError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}.")
-        if self.save_steps:
-            raise UserError("save_steps: mid-run checkpoints are not implemented yet; leave it at 0 (the final adapter is always saved).")
         if self.pack_pairs and self.share_prompt is False:
             raise UserError("pack_pairs packs prompt+chosen+rejected runs, so it needs share_prompt=true.")
         if not self.lora_target_modules:

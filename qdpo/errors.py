@@ -3,3 +3,5 @@
 
 class UserError(Exception):
     """A problem with the user's input (file, column, preset, model, setting), phrased as one sentence."""
+
+    exit_code = 2  # what the CLI exits with; an interrupted run uses the shell's code for its signal

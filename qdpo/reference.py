@@ -21,15 +21,16 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from qdpo.batching import make_batch
 from qdpo.errors import UserError
+from qdpo.faults import crash_point
 from qdpo.model import ModelSource, cache_root
 from qdpo.step import reference_scores
 from qdpo.tokenize import TokenizedPair
 
-FORMAT_VERSION = 2  # bump when the log-prob computation or the key changes: every older table is then a miss
+FORMAT_VERSION = 3  # bump when the log-prob computation or the key changes: every older table is then a miss
 
 LIBRARIES = ("torch", "transformers", "bitsandbytes", "peft", "qdpo")  # their versions are part of the key
 QUANTIZATION = {"type": "nf4", "double_quant": True}  # as load_base_4bit sets it; the compute dtype is keyed apart
@@ -232,11 +233,12 @@ def cache_key(source: ModelSource, init_adapter: str | None, pairs: list[Tokeniz
 
 def compute_reference(model, pairs: list[TokenizedPair], batches: list[list[int]], pad_id: int, logits_chunk_size: int = 0,
                       layout: str = "plain") -> torch.Tensor:
-    """[N, 2] reference log-probs (chosen, rejected) of every pair, scored in the given micro-batches."""
-    table = torch.zeros(len(pairs), 2, dtype=torch.float32)
+    """[N, 2] reference log-probs (chosen, rejected) of the pairs in the given micro-batches; NaN for the others."""
+    table = torch.full((len(pairs), 2), float("nan"), dtype=torch.float32)  # an unscored pair can never pass as 0
     was_training = model.training
     model.eval()
     for idx in batches:
+        crash_point("reference")
         scores = reference_scores(model, make_batch([pairs[i] for i in idx], pad_id, layout), logits_chunk_size).logps.float().cpu()
         b = len(idx)
         table[idx, 0] = scores[:b]
@@ -245,22 +247,40 @@ def compute_reference(model, pairs: list[TokenizedPair], batches: list[list[int]
     return table
 
 
-def _read_table(path: Path) -> torch.Tensor | None:
-    from safetensors import SafetensorError
+def _checksum(table: torch.Tensor) -> str:
+    return hashlib.sha256(table.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_table(path: Path) -> tuple[torch.Tensor | None, str | None]:
+    """The cached table, or None and why it cannot be used (damaged, truncated, or its checksum does not match)."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path))["logps"]
-    except (OSError, KeyError, SafetensorError):
-        return None  # removed meanwhile, or damaged: compute it again
+        with safe_open(str(path), framework="pt") as f:
+            table, stored = f.get_tensor("logps"), (f.metadata() or {}).get("sha256")
+    except FileNotFoundError:
+        return None, None  # removed meanwhile: nothing to report
+    except (OSError, KeyError, SafetensorError, ValueError) as e:
+        return None, f"unreadable ({type(e).__name__})"
+    if stored != _checksum(table):  # a bit flip or a partial overwrite that still parses
+        return None, "checksum mismatch"
+    return table, None
 
 
 def load_or_compute(model, pairs: list[TokenizedPair], batches: list[list[int]], pad_id: int, key: str,
-                    logits_chunk_size: int = 0, layout: str = "plain") -> tuple[torch.Tensor, bool]:
-    """The reference table from the cache if present, else computed and stored; and whether it was cached."""
+                    logits_chunk_size: int = 0, layout: str = "plain",
+                    notes: list[str] | None = None) -> tuple[torch.Tensor, bool]:
+    """The reference table from the cache if present and intact, else computed and stored; and whether it was cached.
+
+    A damaged entry (unreadable, or its checksum does not match) is never used: it is reported in notes and
+    computed again.
+    """
     directory = reference_dir()
     path = directory / f"{key}.safetensors"
     if path.is_file():
-        table = _read_table(path)
+        table, damage = _read_table(path)
+        if damage and notes is not None:
+            notes.append(f"reference cache entry {path.name} is damaged ({damage}): computing it again")
         if table is not None and table.shape == (len(pairs), 2):
             try:
                 os.utime(path)  # last used now: eviction drops the least recently used tables first
@@ -271,7 +291,7 @@ def load_or_compute(model, pairs: list[TokenizedPair], batches: list[list[int]],
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_file({"logps": table}, str(tmp))
+        save_file({"logps": table}, str(tmp), metadata={"sha256": _checksum(table)})
         tmp.replace(path)  # atomic: a killed run never leaves a truncated cache entry
         about = getattr(key, "about", None)
         if about is not None:  # what the table is for, for `qdpo cache list`

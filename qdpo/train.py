@@ -9,9 +9,8 @@ import resource
 import shutil
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import yaml
@@ -21,12 +20,16 @@ from qdpo.batching import length_grouped_batches, make_batch, padding_share
 from qdpo.config import Config
 from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
 from qdpo.errors import UserError
+from qdpo.checkpoint import (Checkpoint, check_resume, latest, load_adapter_weights, load_trainer_state, rng_state,
+                             save_checkpoint, saved_config, set_rng_state)
 from qdpo.families import exact_settings
-from qdpo.fs import staged, write_json
+from qdpo.fs import staged, write_json, write_text
 from qdpo.model import (ModelSource, add_lora, adapter_lora_settings, compute_dtype, load_base_4bit, load_model_config,
                         load_tokenizer, pick_device, resolve_model, trainable_parameters)
 from qdpo.reference import cache_key, compute_reference, load_or_compute
+from qdpo.rundir import check_run_dir, claim_run_dir, mark_stopped, release_lock, run_dir_for, touch_lock
 from qdpo.step import Metrics, preference_loss
+from qdpo.stopping import Interrupted, stop_requests
 from qdpo.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
 
 
@@ -100,19 +103,6 @@ def total_steps(config: Config, num_micro_batches: int) -> int:
     return max(1, math.ceil(config.num_train_epochs * num_micro_batches / config.gradient_accumulation_steps))
 
 
-def make_output_dir(config: Config, preset: str) -> Path:
-    """Create the run directory, refusing to clobber anything but an earlier qdpo run (and only with overwrite)."""
-    out = Path(config.output_dir or f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not config.overwrite:
-            raise UserError(f"output_dir {out} already exists and is not empty; pick another or pass --overwrite.")
-        if not (out / "run.json").is_file():
-            raise UserError(f"output_dir {out} is not a qdpo run directory; refusing to overwrite it, pick another.")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def describe_run(config: Config, data: PreparedData, dtype: torch.dtype, device: torch.device, status: str) -> dict[str, Any]:
     """The self-description written as run.json: later commands read it instead of asking again."""
     return {
@@ -160,7 +150,10 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def table_rows(table: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """Reference log-probs of a micro-batch from the [N, 2] table, ordered like Batch rows (chosen, then rejected)."""
-    return torch.cat([table[idx, 0], table[idx, 1]])
+    rows = torch.cat([table[idx, 0], table[idx, 1]])
+    if torch.isnan(rows).any():  # a bug, not a user error: the table was built for other micro-batches
+        raise RuntimeError(f"the reference table has no scores for pairs {idx}")
+    return rows
 
 
 def evaluate(model, pairs: list[TokenizedPair], batches: list[list[int]], reference: torch.Tensor, config: Config, pad_id: int) -> dict[str, float]:
@@ -187,7 +180,7 @@ class Training:
     scheduler: Any
     scaler: torch.amp.GradScaler
     steps: int
-    epoch_batches: list[list[int]]
+    stream: "BatchStream"  # the training micro-batches, epoch after epoch
     eval_batches: list[list[int]]
     train_ref: torch.Tensor | None
     eval_ref: torch.Tensor | None
@@ -203,8 +196,11 @@ def check_vocabulary(data: PreparedData, embedding_rows: int) -> None:
 
 
 def setup_training(config: Config, data: PreparedData, device: torch.device, dtype: torch.dtype,
-                   echo: Callable[[str], None]) -> Training:
-    """Load the 4-bit base, add LoRA, build optimizer and schedule, and score the reference once."""
+                   echo: Callable[[str], None], score_all: bool = False) -> Training:
+    """Load the 4-bit base, add LoRA, build optimizer and schedule, and score the reference once.
+
+    score_all scores every training pair (a resume that regroups micro-batches may use any of them).
+    """
     model = load_base_4bit(data.source, dtype, device, config.gradient_checkpointing)
     check_vocabulary(data, model.get_input_embeddings().num_embeddings)
     model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
@@ -230,143 +226,273 @@ def setup_training(config: Config, data: PreparedData, device: torch.device, dty
     if config.precompute_ref_log_probs:
         # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
         used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps):]
+        used = epoch_batches if score_all else used
         key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk, layout,
                         device=device, extra={"lora_dropout": config.lora_dropout})
-        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout)
+        damage: list[str] = []
+        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout, damage)
+        for note in damage:
+            echo(note)
         echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
+    stream = BatchStream(data.train, config.micro_batch_size, config.seed, epoch_batches)
     return Training(model, params, optimizer, make_scheduler(config, optimizer, steps), scaler, steps,
-                    epoch_batches, eval_batches, train_ref, eval_ref)
+                    stream, eval_batches, train_ref, eval_ref)
 
 
-def micro_batches(data: PreparedData, config: Config, first_epoch: list[list[int]]) -> Iterator[list[int]]:
-    """Pair indices of each micro-batch, epoch after epoch, each epoch regrouped with its own seed."""
-    epoch, queue = 0, list(first_epoch)
-    while True:
-        while queue:
-            yield queue.pop()
-        epoch += 1
-        queue = length_grouped_batches(data.train, config.micro_batch_size, config.seed + epoch)
+class BatchStream:
+    """Pair indices of each micro-batch, epoch after epoch (each regrouped with its own seed); its position can be saved."""
+
+    def __init__(self, pairs: list[TokenizedPair], micro_batch_size: int, seed: int, first_epoch: list[list[int]]) -> None:
+        self.pairs, self.micro_batch_size, self.seed = pairs, micro_batch_size, seed
+        self.epoch, self.queue = 0, [list(b) for b in first_epoch]
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> list[int]:
+        while not self.queue:
+            self.epoch += 1
+            self.queue = length_grouped_batches(self.pairs, self.micro_batch_size, self.seed + self.epoch)
+        return self.queue.pop()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: the epoch and the micro-batches it has not handed out yet."""
+        return {"epoch": self.epoch, "queue": [list(b) for b in self.queue], "micro_batch_size": self.micro_batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; with another micro_batch_size the pairs left are regrouped, in order."""
+        self.epoch, self.queue = state["epoch"], [list(b) for b in state["queue"]]
+        if state["micro_batch_size"] != self.micro_batch_size:
+            left = [i for batch in reversed(self.queue) for i in batch]  # in the order they would be handed out
+            n = self.micro_batch_size
+            self.queue = [left[k:k + n] for k in range(0, len(left), n)][::-1]
 
 
-def train_step(t: Training, data: PreparedData, config: Config, stream: Iterator[list[int]], device: torch.device) -> dict[str, float]:
-    """One optimizer step over gradient_accumulation_steps micro-batches; returns its metrics row."""
+def train_step(t: Training, data: PreparedData, config: Config, stream: BatchStream, device: torch.device) -> dict[str, Any]:
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns its metrics row.
+
+    A step whose loss or gradients are not finite changes nothing: no update, no scheduler step. The row
+    says so (`skipped`) and names its pairs (`pairs`), so the loop can stop a run that keeps producing them.
+    """
     start = time.time()
-    metrics, tokens = Metrics(), 0
+    metrics, tokens, pairs = Metrics(), 0, []
     pairs_per_step = config.micro_batch_size * config.gradient_accumulation_steps
     for _ in range(config.gradient_accumulation_steps):
         idx = next(stream)
+        pairs += idx
         batch = make_batch([data.train[j] for j in idx], data.tokenizer.pad_token_id, config.batch_layout)
         reference = table_rows(t.train_ref, idx) if t.train_ref is not None else None
-        losses, cr, rr, policy = _oom_guard(lambda: preference_loss(t.model, batch, config, reference), config)
+        losses, cr, rr, policy = preference_loss(t.model, batch, config, reference)
         # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
-        _oom_guard(lambda: t.scaler.scale(losses.sum() / pairs_per_step).backward(), config)
+        t.scaler.scale(losses.sum() / pairs_per_step).backward()
         metrics.add(losses, cr, rr, policy, t.model.config.vocab_size)
         tokens += batch.num_tokens
     t.scaler.unscale_(t.optimizer)
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, clip))
+    row = {**metrics.means(), "grad_norm": grad_norm}
     learning_rate = t.scheduler.get_last_lr()[0]  # the rate this step uses
-    scale = t.scaler.get_scale() if t.scaler.is_enabled() else 0.0
-    t.scaler.step(t.optimizer)  # skips the update when fp16 gradients overflowed
-    t.scaler.update()
-    skipped = t.scaler.is_enabled() and t.scaler.get_scale() < scale  # the scaler backs off after an overflow
+    finite = math.isfinite(row["loss"]) and math.isfinite(grad_norm)
+    if t.scaler.is_enabled():  # fp16: the scaler skips an overflowed update itself and backs its scale off
+        scale = t.scaler.get_scale()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        skipped = t.scaler.get_scale() < scale
+    else:
+        skipped = not finite
+        if finite:
+            t.optimizer.step()
     if not skipped:  # a skipped step changed nothing, so the schedule does not advance either
         t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    row = {**metrics.means(), "grad_norm": grad_norm, "learning_rate": learning_rate,
-           "tokens_per_second": tokens / (time.time() - start), "peak_memory_gb": peak_memory_gb(device)}
-    if t.scaler.is_enabled():
-        row["skipped"] = skipped  # fp16 only: the update was dropped for inf/NaN gradients
+    row.update({"learning_rate": learning_rate, "tokens_per_second": tokens / (time.time() - start),
+                "peak_memory_gb": peak_memory_gb(device)})
+    if skipped or t.scaler.is_enabled():
+        row["skipped"] = skipped
+    if not finite:
+        row["pairs"] = pairs  # which training pairs, for the message that stops a run of bad steps
     return row
 
 
-def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = print, progress: bool = True) -> RunResult:
-    """Tune LoRA adapters on a 4-bit base with DPO and write a self-describing run directory."""
+def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = print, progress: bool = True,
+        resume: bool = False) -> RunResult:
+    """Tune LoRA adapters on a 4-bit base with DPO and write a self-describing run directory.
+
+    resume=True continues the run in config.output_dir from its newest checkpoint (from step 1 if it has none).
+    """
     started = time.time()
+    out = run_dir_for(config, preset)
+    check_run_dir(out, config, resume)  # before any data is read: a refusal costs nothing
     torch.manual_seed(config.seed)
     data = prepare_data(config, echo)  # every input error surfaces here, before anything is written
     config, notes = exact_settings(config, data.model_config)
     config, lora_notes = adapter_lora_settings(config)
     for note in notes + lora_notes:
         echo(note)
+    checkpoint = latest(out) if resume else None
+    if checkpoint:
+        check_resume(checkpoint, config)
+    elif resume:
+        echo(f"{out} has no complete checkpoint yet: starting it again from step 1")
     device = pick_device()
     dtype = compute_dtype(config.compute_dtype, device)
-    out = make_output_dir(config, preset)
+    claim_run_dir(out, resume=checkpoint is not None)
+    describe = lambda status: describe_run(config, data, dtype, device, status)  # noqa: E731
     try:
-        (out / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        write_json(out / "run.json", describe_run(config, data, dtype, device, "running"))
-        t = setup_training(config, data, device, dtype, echo)
+        write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_json(out / "run.json", describe("running"))
+        regrouped = checkpoint is not None and saved_config(checkpoint)["micro_batch_size"] != config.micro_batch_size
+        t = setup_training(config, data, device, dtype, echo, score_all=regrouped)
+        first_step = restore(t, checkpoint, out, echo) + 1 if checkpoint else 1
     except UserError:
-        shutil.rmtree(out, ignore_errors=True)  # a run that could not start leaves nothing behind
+        if checkpoint is None:
+            shutil.rmtree(out, ignore_errors=True)  # a run that could not start leaves nothing behind
+        release_lock(out)
         raise
     except BaseException as e:
-        mark_stopped(out, describe_run(config, data, dtype, device, "failed"), e)
+        mark_stopped(out, describe("running"), "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", e)
+        release_lock(out)
         raise
     try:  # from the first step on, a failure keeps the directory: the metrics logged so far are the user's
-        summary = train_and_save(t, config, data, device, dtype, out, started, progress)
+        summary = train_loop(t, config, data, device, out, first_step, started, describe, echo, progress)
     except BaseException as e:
-        mark_stopped(out, describe_run(config, data, dtype, device, "failed"), e)
-        echo(f"the run stopped early; {out} keeps the metrics logged so far, and run.json says why")
+        stopped_by_signal = isinstance(e, (Interrupted, KeyboardInterrupt))
+        found = latest(out)
+        description = describe("running")
+        if found:  # what is left to use: the last checkpoint's adapter, a plain PEFT directory
+            description["adapter_dir"] = str(found.path.relative_to(out) / "adapter")
+        mark_stopped(out, description, "interrupted" if stopped_by_signal else "failed", e)
+        kept = f"; the adapter of step {found.step} is in {found.path / 'adapter'}" if found else ""
+        echo(f"the run stopped early; {out} keeps the metrics logged so far{kept}, and run.json says why")
         raise
+    finally:
+        release_lock(out)
     echo(format_summary(summary, out))
     return RunResult(out, summary)
 
 
-def mark_stopped(out: Path, description: dict[str, Any], error: BaseException) -> None:
-    """Record in run.json that the run stopped early (failed, or interrupted by Ctrl-C) and why, in one line."""
-    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    write_json(out / "run.json", {**description, "status": status, "error": reason})
+def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str], None]) -> int:
+    """Put the run back in the state of a checkpoint: adapter, optimizer, schedule, RNG, data position, metrics."""
+    state = load_trainer_state(checkpoint)
+    load_adapter_weights(t.model, checkpoint)
+    t.optimizer.load_state_dict(state["optimizer"])
+    t.scheduler.load_state_dict(state["scheduler"])
+    t.scaler.load_state_dict(state["scaler"])
+    t.stream.load_state_dict(state["stream"])
+    set_rng_state(state["rng"])
+    if (checkpoint.path / "metrics.jsonl").is_file():  # the lines logged after the checkpoint are logged again
+        shutil.copyfile(checkpoint.path / "metrics.jsonl", out / "metrics.jsonl")
+    else:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    echo(f"resuming from {checkpoint.path} (step {checkpoint.step} of {t.steps})")
+    return checkpoint.step
 
 
-def train_and_save(t: Training, config: Config, data: PreparedData, device: torch.device, dtype: torch.dtype,
-                   out: Path, started: float, progress: bool) -> dict[str, Any]:
-    """Run every step, save the adapter and write summary.json; returns the summary."""
+def trainer_state(t: Training) -> dict[str, Any]:
+    """Everything besides the adapter that the next step depends on."""
+    return {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+            "scaler": t.scaler.state_dict(), "stream": t.stream.state_dict(), "rng": rng_state()}
+
+
+def train_loop(t: Training, config: Config, data: PreparedData, device: torch.device, out: Path, first_step: int,
+               started: float, describe: Callable[[str], dict[str, Any]], echo: Callable[[str], None],
+               progress: bool) -> dict[str, Any]:
+    """Run steps first_step..t.steps with checkpoints, stop requests and fault handling; save; return the summary."""
     from tqdm.auto import tqdm
 
+    def checkpoint(step: int, state: dict[str, Any] | None = None) -> Path:
+        return save_checkpoint(out, step, model=t.model, tokenizer=data.tokenizer, trainer_state=state or trainer_state(t),
+                               config=config, description=describe("checkpoint"), keep=config.save_total_limit)
+
     t.model.train()
-    stream = micro_batches(data, config, t.epoch_batches)
     last_eval: dict[str, float] = {}
-    bar = tqdm(total=t.steps, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
-    with (out / "metrics.jsonl").open("w") as log:
-        for step in range(1, t.steps + 1):
-            row = {"step": step, **train_step(t, data, config, stream, device)}
+    nonfinite: list[dict[str, Any]] = []
+    bar = tqdm(total=t.steps, initial=first_step - 1, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
+    with stop_requests(echo) as stop, (out / "metrics.jsonl").open("a") as log:
+        for step in range(first_step, t.steps + 1):
+            before = trainer_state(t)  # the last good state, should memory run out mid-step (references, no copies)
+            try:
+                row = {"step": step, **train_step(t, data, config, t.stream, device)}
+            except torch.cuda.OutOfMemoryError:
+                t.optimizer.zero_grad(set_to_none=True)
+                raise out_of_memory(config, out, step, checkpoint(step - 1, before) if step > 1 else None) from None
             evaluating = bool(data.eval) and ((config.eval_steps and step % config.eval_steps == 0) or step == t.steps)
             if evaluating:
                 last_eval = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, data.tokenizer.pad_token_id)
                 row.update(last_eval)
-            if evaluating or step % config.logging_steps == 0 or step == t.steps:
+            if evaluating or step % config.logging_steps == 0 or step == t.steps or row.get("skipped"):
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+            saved = bool(config.save_steps) and (step % config.save_steps == 0 or step == t.steps)
+            if saved:
+                checkpoint(step)
+            touch_lock(out)
+            # fp16 overflows of the scaled gradients are the scaler's business; a NaN/Inf loss, or gradients
+            # without a scaler, mean something is wrong, and a run of them stops the run.
+            bad = "pairs" in row and (not math.isfinite(row["loss"]) or not t.scaler.is_enabled())
+            nonfinite = nonfinite + [row] if bad else []
+            if len(nonfinite) >= config.max_nonfinite_steps:
+                raise not_finite(nonfinite, config, checkpoint(step))
+            if stop.requested:
+                where = checkpoint(step) if not saved else out / "checkpoints" / f"step-{step:06d}"
+                raise Interrupted(f"{stop.name} at step {step} of {t.steps}: checkpoint written to {where}; "
+                                  f"resume with: qdpo run --resume {out}", stop.signum)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}",
                             margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
             bar.update(1)
     bar.close()
 
-    save_adapter(t.model, data.tokenizer, out / "adapter", describe_run(config, data, dtype, device, "finished"))
+    save_adapter(t.model, data.tokenizer, out / "adapter", describe("finished"))
     summary = {
         "steps": t.steps,
         "seconds": round(time.time() - started, 1),
         "train_pairs": len(data.train),
         "eval_pairs": len(data.eval),
-        "final_train_loss": row["loss"],
+        "final_train_loss": row["loss"] if first_step <= t.steps else None,
         "eval_rewards/accuracies": last_eval.get("eval_rewards/accuracies"),
         "eval_rewards/margins": last_eval.get("eval_rewards/margins"),
         "peak_memory_gb": round(peak_memory_gb(device), 3),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
     }
     write_json(out / "summary.json", summary)
-    write_json(out / "run.json", describe_run(config, data, dtype, device, "finished"))
+    write_json(out / "run.json", describe("finished"))
     return summary
 
 
-def _oom_guard(fn: Callable[[], Any], config: Config) -> Any:
-    """Run fn, turning a CUDA out-of-memory error into advice the user can act on."""
+def out_of_memory(config: Config, out: Path, step: int, saved: Path | None) -> UserError:
+    """The message for CUDA running out of memory at a step: what fits by the planner, and how to resume with it."""
+    where = f"the state before it is checkpointed in {saved}" if saved else "nothing was checkpointed yet"
+    pairs = config.micro_batch_size * config.gradient_accumulation_steps
     try:
-        return fn()
-    except torch.cuda.OutOfMemoryError:
-        raise UserError(f"out of GPU memory at micro_batch_size={config.micro_batch_size}, max_length={config.max_length}; "
-                        "lower one of them (or use a preset for a smaller GPU).") from None
+        from qdpo.plan import largest_fit, model_config
+
+        budget = torch.cuda.get_device_properties(0).total_memory / 1e9
+        fit_batch, fit_length = largest_fit(model_config(config.model)[0], config, budget)
+    except Exception:  # no config.json offline, an unknown shape: advise without the planner
+        fit_batch, fit_length = 0, 0
+    if 0 < fit_batch < config.micro_batch_size:
+        accumulation = max(1, pairs // fit_batch)
+        advice = (f"the planner fits micro_batch_size={fit_batch} at max_length={config.max_length}: resume with "
+                  f"qdpo run --resume {out} micro_batch_size={fit_batch} gradient_accumulation_steps={accumulation}")
+    elif fit_length and fit_length < config.max_length:
+        advice = (f"even one pair of {config.max_length} tokens is too long by the planner, which fits max_length="
+                  f"{fit_length}: start a new run with max_length={fit_length}")
+    else:
+        advice = (f"lower micro_batch_size (and raise gradient_accumulation_steps to keep {pairs} pairs per step): "
+                  f"qdpo run --resume {out} micro_batch_size=1 gradient_accumulation_steps={pairs}")
+    return UserError(f"out of GPU memory at step {step} (micro_batch_size={config.micro_batch_size}, "
+                     f"max_length={config.max_length}); {where}; {advice}.")
+
+
+def not_finite(rows: list[dict[str, Any]], config: Config, saved: Path) -> UserError:
+    """The message that stops a run whose loss or gradients stay NaN/Inf: the likely causes and the pairs involved."""
+    steps = f"steps {rows[0]['step']}-{rows[-1]['step']}"
+    pairs = sorted({i for row in rows for i in row["pairs"]})
+    shown = ", ".join(map(str, pairs[:12])) + (", ..." if len(pairs) > 12 else "")
+    return UserError(f"the loss or gradients were NaN/Inf for {len(rows)} steps in a row ({steps}; no update was "
+                     f"applied); likely causes: learning_rate {config.learning_rate:g} too high, fp16 overflow "
+                     f"(compute_dtype=float16), or a broken pair among training pairs {shown}; the adapter before "
+                     f"them is in {saved / 'adapter'}.")
 
 
 def save_adapter(model, tokenizer, target: Path, description: dict[str, Any]) -> None:

@@ -134,7 +134,7 @@ def test_a_skipped_fp16_step_does_not_advance_the_schedule(monkeypatch):
     optimizer = torch.optim.SGD([weight], lr=1.0)
     t = train.Training(model=SimpleNamespace(config=SimpleNamespace(vocab_size=4)), params=[weight], optimizer=optimizer,
                        scheduler=train.make_scheduler(config, optimizer, 4), scaler=torch.amp.GradScaler("cpu", enabled=True),
-                       steps=4, epoch_batches=[], eval_batches=[], train_ref=None, eval_ref=None)
+                       steps=4, stream=None, eval_batches=[], train_ref=None, eval_ref=None)
     data = SimpleNamespace(train=[None], tokenizer=SimpleNamespace(pad_token_id=0))
     stream = iter([[0], [0]])
     lr_before = t.scheduler.get_last_lr()[0]

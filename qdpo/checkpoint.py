@@ -1,0 +1,157 @@
+"""Checkpoints of a run, and resuming from the newest one exactly where it stopped.
+
+A checkpoint is a directory RUN/checkpoints/step-000123/ holding everything the loop's next step depends on:
+the adapter (a plain PEFT directory, loadable on its own), the optimizer, scheduler and GradScaler states,
+the RNG states, the data order and position, the metrics logged so far, and the resolved config. It is
+written to a temporary directory beside its final name, flushed, and renamed (qdpo.fs.staged), so a kill at
+any moment leaves either the complete checkpoint or none; checkpoint.json, written last, marks it complete.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from qdpo.config import Config
+from qdpo.errors import UserError
+from qdpo.faults import crash_point
+from qdpo.fs import fsync_dir, staged, write_json, write_text
+
+CHECKPOINTS = "checkpoints"
+FORMAT = 1
+# Settings a resume may change: they decide when things are logged, evaluated or saved, and how long the run
+# goes on, not what a step computes. Every other difference is refused.
+HARMLESS = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_steps", "num_train_epochs",
+            "overwrite", "output_dir", "max_nonfinite_steps")
+
+
+@dataclass
+class Checkpoint:
+    """A complete checkpoint on disk: where it is and the optimizer step it was taken after."""
+
+    path: Path
+    step: int
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random state a step can draw from (LoRA dropout; python's for data order is reseeded per epoch)."""
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what rng_state() saved (the CUDA states only where there is a GPU)."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], config: Config,
+                    description: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint `step` atomically, then drop all but the newest `keep`; returns its directory.
+
+    trainer_state holds the optimizer, scheduler, scaler, data-stream and RNG states as of the start of step + 1.
+    """
+    target = run_dir / CHECKPOINTS / f"step-{step:06d}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with staged(target) as tmp:
+        model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"])
+        tokenizer.save_pretrained(str(tmp / "adapter"))
+        write_json(tmp / "adapter" / "qdpo.json", description)
+        torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
+        crash_point("checkpoint")
+        if (run_dir / "metrics.jsonl").is_file():
+            shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
+        write_text(tmp / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_json(tmp / "checkpoint.json", {"format": FORMAT, "step": step, "saved": time.time()})
+    prune(run_dir, keep)
+    return target
+
+
+def checkpoints(run_dir: Path) -> list[Checkpoint]:
+    """The complete checkpoints of a run, oldest first (a directory without checkpoint.json is not one)."""
+    found = []
+    for path in (run_dir / CHECKPOINTS).glob("step-*"):
+        match = re.fullmatch(r"step-(\d+)", path.name)
+        if match and (path / "checkpoint.json").is_file() and (path / "trainer_state.pt").is_file():
+            found.append(Checkpoint(path, int(match.group(1))))
+    return sorted(found, key=lambda c: c.step)
+
+
+def latest(run_dir: Path) -> Checkpoint | None:
+    """The newest complete checkpoint of a run, or None."""
+    found = checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune(run_dir: Path, keep: int) -> None:
+    """Keep the newest `keep` complete checkpoints; also clear temp directories a killed write left behind."""
+    found = checkpoints(run_dir)
+    for old in found[:-keep] if keep > 0 else []:
+        shutil.rmtree(old.path, ignore_errors=True)
+    for stale in (run_dir / CHECKPOINTS).glob(".step-*.tmp-*"):
+        if stale.name.rsplit("-", 1)[-1] != str(os.getpid()):
+            shutil.rmtree(stale, ignore_errors=True)
+    fsync_dir(run_dir / CHECKPOINTS)
+
+
+def load_trainer_state(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The optimizer, scheduler, scaler, RNG and data-order states of a checkpoint."""
+    try:
+        return torch.load(checkpoint.path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    except Exception as e:  # a damaged file: say which, and how to go on from the one before
+        raise UserError(f"checkpoint {checkpoint.path} cannot be read ({type(e).__name__}); delete that directory "
+                        "to resume from the one before it.") from None
+
+
+def load_adapter_weights(model, checkpoint: Checkpoint) -> None:
+    """Put the checkpoint's policy adapter weights into the model's trainable adapter, exactly."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint.path / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if missing:
+        raise UserError(f"checkpoint {checkpoint.path} does not match this model's adapter ({missing[0]}); "
+                        "resume with the settings the run was started with.")
+
+
+def saved_config(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The resolved settings a checkpoint was taken with."""
+    return yaml.safe_load((checkpoint.path / "config.yaml").read_text())
+
+
+def resume_conflicts(saved: dict[str, Any], config: Config) -> list[str]:
+    """Settings that differ from the checkpoint's and would change what a step computes, as 'name: old -> new'.
+
+    micro_batch_size and gradient_accumulation_steps may change together when the pairs per optimizer step stay
+    the same (the way out of running out of GPU memory); the pairs left in the epoch are then regrouped.
+    """
+    now = config.to_dict()
+    regroup = ("micro_batch_size", "gradient_accumulation_steps")
+    same_step = (saved.get(regroup[0], 0) * saved.get(regroup[1], 0)
+                 == config.micro_batch_size * config.gradient_accumulation_steps)
+    return [f"{f.name}: {saved.get(f.name)!r} -> {now[f.name]!r}" for f in fields(Config)
+            if f.name not in HARMLESS and not (f.name in regroup and same_step) and saved.get(f.name) != now[f.name]]
+
+
+def check_resume(checkpoint: Checkpoint, config: Config) -> None:
+    """Refuse, naming the fields, a resume whose settings would make it compute something else."""
+    conflicts = resume_conflicts(saved_config(checkpoint), config)
+    if conflicts:
+        raise UserError(f"cannot resume {checkpoint.path.parent.parent}: these settings differ from the run's "
+                        f"({'; '.join(conflicts)}); resume with the run's own settings (qdpo run --resume DIR alone "
+                        "takes them from the run) or start a new run.")

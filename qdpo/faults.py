@@ -1,0 +1,27 @@
+"""Named crash points, so tests can kill a run at an exact moment (mid-checkpoint, mid-reference pass).
+
+A kill from outside lands at a random instruction; some moments are too short to hit that way. With
+QDPO_CRASH_AT=name (or name:N for the N-th time the point is reached), the process sends itself SIGKILL
+there: no cleanup, no atexit, exactly like a power cut or the OOM killer. Unset, a crash point costs a
+dictionary lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_reached: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Die here with SIGKILL if QDPO_CRASH_AT names this point (and this is its N-th visit)."""
+    wanted = os.environ.get("QDPO_CRASH_AT")
+    if not wanted:
+        return
+    point, _, count = wanted.partition(":")
+    if point != name:
+        return
+    _reached[name] = _reached.get(name, 0) + 1
+    if _reached[name] >= int(count or 1):
+        os.kill(os.getpid(), signal.SIGKILL)

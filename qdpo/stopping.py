@@ -1,0 +1,69 @@
+"""Ctrl-C, Colab's stop button and job schedulers' SIGTERM: finish the step, checkpoint, and say how to resume.
+
+The first SIGINT or SIGTERM only sets a flag the training loop reads after each optimizer step; a second
+one restores the default handlers and interrupts at once (KeyboardInterrupt), leaving the last complete
+checkpoint as it is: checkpoints are only ever renamed into place whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Callable, Iterator
+
+from qdpo.errors import UserError
+
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # the shell's 128 + signal number
+
+
+class Interrupted(UserError):
+    """The run stopped on request after writing a checkpoint; exits with the shell's code for the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = EXIT_CODES.get(signum, 1)
+
+
+class StopRequest:
+    """Which signal asked the run to stop, if any."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    @property
+    def requested(self) -> bool:
+        """True once SIGINT or SIGTERM has arrived."""
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        """The signal's name, for messages (SIGINT, SIGTERM)."""
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+
+@contextlib.contextmanager
+def stop_requests(echo: Callable[[str], None] = print) -> Iterator[StopRequest]:
+    """Within this block SIGINT/SIGTERM ask for a graceful stop; a second signal stops at once."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():  # signal handlers only exist on the main thread
+        yield request
+        return
+    previous = {s: signal.getsignal(s) for s in EXIT_CODES}
+
+    def handle(signum, frame):
+        if request.requested:  # the second one: the user means now
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            raise KeyboardInterrupt
+        request.signum = signum
+        echo(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+             "(press Ctrl-C again to stop at once)")
+
+    for s in EXIT_CODES:
+        signal.signal(s, handle)
+    try:
+        yield request
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
