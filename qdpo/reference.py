@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from qdpo.batching import make_batch
 from qdpo.errors import UserError
 from qdpo.faults import crash_point
+from qdpo.hub import looks_like_hub_id
 from qdpo.model import ModelSource, cache_root
 from qdpo.step import reference_scores
 from qdpo.tokenize import TokenizedPair
@@ -155,7 +156,7 @@ def _model_fingerprint(source: ModelSource, memo: _Memo) -> dict:
         # Top-level files only: that is what from_pretrained reads. Hidden ones (.gitattributes, .cache/) are not read.
         files = {p.name: memo.digest(p) for p in sorted(root.iterdir()) if p.is_file() and not p.name.startswith(".")}
         return {"dir": str(root), "files": files, "gguf": gguf}
-    if not local.exists() and source.path.count("/") == 1 and not source.path.startswith((".", "~", "/")):
+    if not local.exists() and looks_like_hub_id(source.path):
         revision = hub_revision(source.path)
         return {"hub": source.path, "revision": revision or "unknown: not in the local Hugging Face cache"}
     return {"missing": str(local.resolve()), "gguf": gguf}

@@ -17,12 +17,13 @@ import yaml
 
 from qdpo import __version__
 from qdpo.batching import length_grouped_batches, make_batch, padding_share
-from qdpo.config import Config
+from qdpo.config import Config, read_json
 from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
 from qdpo.errors import UserError
 from qdpo.checkpoint import (Checkpoint, check_resume, latest, load_adapter_weights, load_trainer_state, rng_state,
                              save_checkpoint, saved_config, set_rng_state)
 from qdpo.families import exact_settings
+from qdpo.faults import crash_point
 from qdpo.fs import staged, write_json, write_text
 from qdpo.model import (ModelSource, add_lora, adapter_lora_settings, compute_dtype, load_base_4bit, load_model_config,
                         load_tokenizer, pick_device, resolve_model, trainable_parameters)
@@ -332,6 +333,10 @@ def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = pr
     checkpoint = latest(out) if resume else None
     if checkpoint:
         check_resume(checkpoint, config)
+        steps = total_steps(config, len(length_grouped_batches(data.train, config.micro_batch_size, config.seed)))
+        if checkpoint.step >= steps and (out / "summary.json").is_file():
+            echo(f"{out} already finished its {steps} steps; raise max_steps (or num_train_epochs) to train on")
+            return RunResult(out, read_json(out / "summary.json"))
     elif resume:
         echo(f"{out} has no complete checkpoint yet: starting it again from step 1")
     device = pick_device()
@@ -416,9 +421,15 @@ def train_loop(t: Training, config: Config, data: PreparedData, device: torch.de
             except torch.cuda.OutOfMemoryError:
                 t.optimizer.zero_grad(set_to_none=True)
                 raise out_of_memory(config, out, step, checkpoint(step - 1, before) if step > 1 else None) from None
+            crash_point("step")
             evaluating = bool(data.eval) and ((config.eval_steps and step % config.eval_steps == 0) or step == t.steps)
             if evaluating:
-                last_eval = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, data.tokenizer.pad_token_id)
+                try:
+                    last_eval = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, data.tokenizer.pad_token_id)
+                except torch.cuda.OutOfMemoryError:  # the step itself is done: keep it, then stop
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    raise out_of_memory(config, out, step, checkpoint(step), during="evaluation") from None
                 row.update(last_eval)
             if evaluating or step % config.logging_steps == 0 or step == t.steps or row.get("skipped"):
                 log.write(json.dumps(row) + "\n")
@@ -459,9 +470,12 @@ def train_loop(t: Training, config: Config, data: PreparedData, device: torch.de
     return summary
 
 
-def out_of_memory(config: Config, out: Path, step: int, saved: Path | None) -> UserError:
+def out_of_memory(config: Config, out: Path, step: int, saved: Path | None, during: str = "") -> UserError:
     """The message for CUDA running out of memory at a step: what fits by the planner, and how to resume with it."""
-    where = f"the state before it is checkpointed in {saved}" if saved else "nothing was checkpointed yet"
+    if during:
+        where = f"step {step} itself finished and is checkpointed in {saved}"
+    else:
+        where = f"the state before it is checkpointed in {saved}" if saved else "nothing was checkpointed yet"
     pairs = config.micro_batch_size * config.gradient_accumulation_steps
     try:
         from qdpo.plan import largest_fit, model_config
@@ -480,7 +494,8 @@ def out_of_memory(config: Config, out: Path, step: int, saved: Path | None) -> U
     else:
         advice = (f"lower micro_batch_size (and raise gradient_accumulation_steps to keep {pairs} pairs per step): "
                   f"qdpo run --resume {out} micro_batch_size=1 gradient_accumulation_steps={pairs}")
-    return UserError(f"out of GPU memory at step {step} (micro_batch_size={config.micro_batch_size}, "
+    return UserError(f"out of GPU memory at step {step}{' during ' + during if during else ''} "
+                     f"(micro_batch_size={config.micro_batch_size}, "
                      f"max_length={config.max_length}); {where}; {advice}.")
 
 

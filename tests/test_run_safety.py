@@ -209,3 +209,44 @@ def test_flex_attention_is_refused_by_the_shared_layout(tiny_model_dir, tokenize
     for layout in ("shared", "packed"):
         with pytest.raises(UserError, match="share_prompt cannot be exact here: its attention implementation is flex_attention"):
             score_batch(model, make_batch(pairs, tokenizer.pad_token_id, layout), 4)
+
+
+def test_an_existing_output_dir_is_refused_before_the_data_is_read(monkeypatch, tmp_path, tiny_model_dir):
+    import qdpo.train as train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    monkeypatch.setattr(train, "prepare_data", lambda *a, **k: pytest.fail("the data was read"))
+    result = invoke("run", "--model", str(tiny_model_dir), "--data", "/no/such/file.jsonl", "--output", str(out))
+    assert result.exit_code == 2 and "already exists and is not empty" in result.output
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_damaged_reference_cache_entry_is_reported_and_recomputed(tmp_path, monkeypatch, tiny_model_dir, tokenizer, chat_rows):
+    """A flipped byte in a cached table still parses as safetensors; its checksum catches it, and it is never used."""
+    from qdpo.batching import length_grouped_batches
+    from qdpo.data import Columns, to_pairs
+    from qdpo.model import ModelSource, add_lora, load_base_4bit
+    from qdpo.reference import load_or_compute, reference_dir
+    from qdpo.tokenize import tokenize_pairs
+
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    model = add_lora(load_base_4bit(ModelSource("m", str(tiny_model_dir)), torch.float32, torch.device("cpu"), False),
+                     4, 8, 0.0, ["all-linear"], None, seed=0)
+    pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows, Columns(), "t"), 128, 64)
+    batches = length_grouped_batches(pairs, 4, seed=0)
+    good, cached = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1")
+    assert not cached
+    path = reference_dir() / "k1.safetensors"
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF  # inside the last float of the table
+    path.write_bytes(bytes(raw))
+    notes: list[str] = []
+    again, cached = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1", notes=notes)
+    assert not cached and torch.equal(again, good)
+    assert notes == ["reference cache entry k1.safetensors is damaged (checksum mismatch): computing it again"]
+    path.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
+    notes.clear()
+    again, cached = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1", notes=notes)
+    assert not cached and torch.equal(again, good) and "damaged (unreadable" in notes[0]

@@ -1,0 +1,266 @@
+"""Never lose a run: a run killed at any moment and resumed gives the same metrics and adapter, bit for bit.
+
+The uninterrupted run and every interrupted one run as separate `qdpo run` processes, as a user runs them.
+Kills use SIGKILL (no cleanup at all): at random moments from outside, and at moments too short to hit
+that way through qdpo's crash points (QDPO_CRASH_AT: mid-checkpoint-write, mid-reference-pass).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from qdpo.cli import main
+
+REPO = Path(__file__).resolve().parent.parent
+TIMING = ("tokens_per_second", "peak_memory_gb")  # wall-clock measurements: the only fields allowed to differ
+SETTINGS = ["--no-progress", "max_steps=4", "micro_batch_size=2", "gradient_accumulation_steps=2", "save_steps=1",
+            "save_total_limit=5", "eval_fraction=0.25", "eval_steps=2", "learning_rate=1e-2", "lora_dropout=0.1"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory, chat_rows_module) -> Path:
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in chat_rows_module))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chat_rows_module():
+    return [{"prompt": [{"role": "user", "content": f"What is {i} plus two?"}],
+             "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}."}],
+             "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think."}]} for i in range(12)]
+
+
+def start(out: Path, model: Path, data: Path, cache: Path, *extra: str, crash_at: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, "QDPO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("QDPO_CRASH_AT", None)
+    if crash_at:
+        env["QDPO_CRASH_AT"] = crash_at
+    args = ["run", "--output", str(out), "--model", str(model), "--data", str(data), *SETTINGS, *extra]
+    return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def resume(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "QDPO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("QDPO_CRASH_AT", None)
+    return subprocess.run([sys.executable, str(REPO / "cli.py"), "run", "--resume", str(out), "--no-progress", *extra],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def metrics(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+def assert_same_run(got: Path, want: Path) -> None:
+    assert metrics(got) == metrics(want)
+    a, b = load_file(got / "adapter" / "adapter_model.safetensors"), load_file(want / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((got / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir, data_file) -> Path:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    process = start(root / "run", tiny_model_dir, data_file, root / "cache")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    assert len(metrics(root / "run")) == 4 and any("eval_loss" in row for row in metrics(root / "run"))
+    return root / "run"
+
+
+@pytest.mark.parametrize("crash_at", ["checkpoint:2", "reference", "step:3"],
+                         ids=["writing-a-checkpoint", "computing-the-reference", "after-a-step"])
+def test_sigkill_at_an_exact_moment_then_resume(crash_at, tmp_path, tiny_model_dir, data_file, uninterrupted):
+    out = tmp_path / "run"
+    process = start(out, tiny_model_dir, data_file, tmp_path / "cache", crash_at=crash_at)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == -signal.SIGKILL, output
+    finished = resume(out, tmp_path / "cache")
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert_same_run(out, uninterrupted)
+    assert not list((out / "checkpoints").glob(".*tmp*"))  # the half-written checkpoint was cleared
+
+
+def test_sigkill_at_a_random_moment_while_a_second_run_is_refused(tmp_path, tiny_model_dir, data_file, uninterrupted):
+    """Killed mid-training at a random moment; while it lived, a second run on its directory was refused."""
+    out = tmp_path / "run"
+    process = start(out, tiny_model_dir, data_file, tmp_path / "cache")
+    deadline = time.time() + 240
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.time() < deadline, process.communicate()[0]
+        time.sleep(0.05)
+    second = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress"])
+    assert second.exit_code == 2 and "is in use by another qdpo run" in second.output
+    time.sleep(random.Random(7).uniform(0.0, 1.5))  # somewhere in steps 1-4, or writing their checkpoints
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    finished = resume(out, tmp_path / "cache")  # the dead run's lock is stale: taken over
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert_same_run(out, uninterrupted)
+
+
+def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, tiny_model_dir, data_file, uninterrupted):
+    out = tmp_path / "run"
+    process = start(out, tiny_model_dir, data_file, tmp_path / "cache", "save_steps=0")
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert f"resume with: qdpo run --resume {out}" in output
+    info = json.loads((out / "run.json").read_text())
+    stopped_at = int(info["adapter_dir"].split("step-")[1].split("/")[0])
+    assert info["status"] == "interrupted" and 1 <= stopped_at < 4
+    assert (out / info["adapter_dir"] / "adapter_model.safetensors").is_file()  # a loadable adapter is left
+    finished = resume(out, tmp_path / "cache", "save_steps=0")
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert_same_run(out, uninterrupted)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, data_file):
+    out = tmp_path / "run"
+    process = start(out, tiny_model_dir, data_file, tmp_path / "cache", "max_steps=40")
+    while not list((out / "checkpoints").glob("step-*")) if (out / "checkpoints").is_dir() else True:
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode != 0
+    from qdpo.checkpoint import checkpoints, load_trainer_state
+
+    kept = checkpoints(out)
+    assert kept and load_trainer_state(kept[-1])["step"] == kept[-1].step
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+
+def test_a_resume_that_changes_the_computation_is_refused(tmp_path, uninterrupted):
+    """Only logging, eval, saving, the number of steps, and the micro-batch split at the same pairs per step may change."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    for override, field in (("beta=0.2", "beta: 0.1 -> 0.2"), ("max_length=512", "max_length: 256 -> 512"),
+                            ("lora_r=8", "lora_r: 16 -> 8"), ("micro_batch_size=4", "micro_batch_size: 2 -> 4")):
+        result = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", override])
+        assert result.exit_code == 2 and field in result.output and "cannot resume" in result.output, result.output
+    done = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", "logging_steps=2"])
+    assert done.exit_code == 0 and "already finished its 4 steps" in done.output, done.output
+    assert metrics(out) == metrics(uninterrupted)
+
+
+def test_resume_trains_on_when_max_steps_is_raised(tmp_path, tiny_model_dir, data_file, uninterrupted):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    env_cache = tmp_path / "cache"
+    finished = resume(out, env_cache, "max_steps=6")
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[:4] == metrics(uninterrupted)
+
+
+def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(monkeypatch, tmp_path, tiny_model_dir, data_file):
+    import qdpo.train as train
+
+    real, calls = train.preference_loss, []
+
+    def poisoned(*args, **kwargs):  # from the second step on, every loss is NaN
+        calls.append(1)
+        losses, *rest = real(*args, **kwargs)
+        return (losses * float("nan") if len(calls) > 2 else losses, *rest)
+
+    monkeypatch.setattr(train, "preference_loss", poisoned)
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file),
+                                       *SETTINGS, "max_nonfinite_steps=2"])
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "NaN/Inf for 2 steps in a row (steps 2-3" in last and "learning_rate" in last and "training pairs" in last
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and [r.get("skipped") for r in rows] == [None, True, True]
+    assert rows[1]["learning_rate"] == rows[2]["learning_rate"]  # the schedule waited
+    first = load_file(out / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")
+    third = load_file(out / "checkpoints" / "step-000003" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(first[k], third[k]) for k in first)  # no update was applied by the bad steps
+
+
+def test_out_of_memory_checkpoints_the_last_good_state(monkeypatch, tmp_path, tiny_model_dir, data_file, uninterrupted):
+    """Memory running out in the middle of step 3: the state before step 3 is saved, and resuming from it is exact."""
+    import qdpo.train as train
+
+    real, calls = train.preference_loss, []
+
+    def runs_out(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # step 3's second micro-batch (after 2 x 2 training calls and 2 eval calls at step 2)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "preference_loss", runs_out)
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file),
+                                       *SETTINGS, "save_steps=0"])
+    assert result.exit_code == 2, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "out of GPU memory at step 3" in last and f"qdpo run --resume {out}" in last and "micro_batch_size=1" in last
+    assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step-000002"]
+    monkeypatch.setattr(train, "preference_loss", real)
+    finished = resume(out, tmp_path / "cache", "save_steps=0")
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert_same_run(out, uninterrupted)
+    regrouped = tmp_path / "regrouped"  # the advice itself: one pair per forward, twice the accumulation
+    monkeypatch.setattr(train, "preference_loss", runs_out)
+    calls.clear()
+    CliRunner().invoke(main, ["run", "--output", str(regrouped), "--model", str(tiny_model_dir), "--data", str(data_file),
+                              *SETTINGS, "save_steps=0"])
+    monkeypatch.setattr(train, "preference_loss", real)
+    again = CliRunner().invoke(main, ["run", "--resume", str(regrouped), "--no-progress", "micro_batch_size=1",
+                                      "gradient_accumulation_steps=4"])
+    assert again.exit_code == 0, again.output
+    assert [r["step"] for r in metrics(regrouped)] == [1, 2, 3, 4]
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(monkeypatch, tmp_path, tiny_model_dir, data_file):
+    import errno
+
+    import qdpo.checkpoint as checkpoint
+
+    real, saves = checkpoint.torch.save, []
+
+    def fills_up(obj, path, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            real(obj, path, *args, **kwargs)  # half of the file made it out
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.torch, "save", fills_up)
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file),
+                                       *SETTINGS])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("error: could not write") and "No space left" in result.output
+    assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step-000001"]  # no half checkpoint
+    assert checkpoint.load_trainer_state(checkpoint.latest(out))["step"] == 1
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
