@@ -32,6 +32,7 @@ from qdpo.rundir import check_run_dir, claim_run_dir, mark_stopped, release_lock
 from qdpo.step import Metrics, preference_loss
 from qdpo.stopping import Interrupted, stop_requests
 from qdpo.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
+from qdpo.watch import Watch
 
 
 @dataclass
@@ -207,6 +208,9 @@ def setup_training(config: Config, data: PreparedData, device: torch.device, dty
     model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
                      config.init_adapter, config.seed)
     params = trainable_parameters(model)
+    if not params:  # the loss would sit at ln 2 forever
+        raise UserError("no parameter of the model requires a gradient after adding LoRA, so nothing would train; "
+                        "check lora_target_modules (and init_adapter).")
     echo(f"model: {data.source.name} in 4-bit NF4 on {device.type} ({str(dtype).removeprefix('torch.')} compute), "
          f"{sum(p.numel() for p in params):,} trainable LoRA parameters")
     optimizer = make_optimizer(config, params, device)
@@ -412,6 +416,12 @@ def train_loop(t: Training, config: Config, data: PreparedData, device: torch.de
     t.model.train()
     last_eval: dict[str, float] = {}
     nonfinite: list[dict[str, Any]] = []
+    watch = Watch(config.sft_weight)
+    start = [p.detach().flatten()[:64].clone() for p in t.params]  # enough to see whether the adapter moved
+
+    def adapter_moved() -> bool:
+        return any(not torch.equal(p.detach().flatten()[:64], s) for p, s in zip(t.params, start))
+
     bar = tqdm(total=t.steps, initial=first_step - 1, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
     with stop_requests(echo) as stop, (out / "metrics.jsonl").open("a") as log:
         for step in range(first_step, t.steps + 1):
@@ -434,6 +444,8 @@ def train_loop(t: Training, config: Config, data: PreparedData, device: torch.de
             if evaluating or step % config.logging_steps == 0 or step == t.steps or row.get("skipped"):
                 log.write(json.dumps(row) + "\n")
                 log.flush()
+            for warning in watch.see(row, adapter_moved):
+                echo(warning)
             saved = bool(config.save_steps) and (step % config.save_steps == 0 or step == t.steps)
             if saved:
                 checkpoint(step)

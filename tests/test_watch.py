@@ -1,0 +1,87 @@
+"""The DPO failures users report most are named while a run happens, not discovered after it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from qdpo.batching import make_batch
+from qdpo.cli import main
+from qdpo.data import Columns, to_pairs
+from qdpo.errors import UserError
+from qdpo.tokenize import tokenize_pairs
+from qdpo.watch import WINDOW, Watch
+
+
+def row(step, chosen, margin, rewards=0.5):
+    return {"step": step, "loss": 0.6, "logps/chosen": chosen, "rewards/margins": margin,
+            "rewards/chosen": rewards, "rewards/rejected": rewards - margin}
+
+
+def test_falling_chosen_logps_with_rising_margins_warns_once_with_the_numbers():
+    watch = Watch(sft_weight=0.0)
+    warnings = []
+    for step in range(1, 4 * WINDOW):  # chosen -102, -104, ...; margins 0.15, 0.30, ...
+        warnings += watch.see(row(step, -100 - 2 * step, 0.15 * step), lambda: True)
+    # First possible at step 10: steps 1-5 average -106 and 0.45, steps 6-10 -116 and 1.20 (a 10-nat fall,
+    # past max(2, 5% of 106); margins up 0.75 > 0.5). Then never again.
+    assert len(warnings) == 1
+    assert "logps/chosen fell from -106.0 to -116.0 while rewards/margins rose from 0.45 to 1.20" in warnings[0]
+    assert "sft_weight" in warnings[0]
+
+
+@pytest.mark.parametrize("sft_weight, chosen_slope", [(0.5, -2.0), (0.0, 0.0), (0.0, 0.1)],
+                         ids=["sft-term-on", "chosen-flat", "chosen-rising"])
+def test_no_warning_when_the_chosen_answers_hold_up_or_an_sft_term_is_on(sft_weight, chosen_slope):
+    watch = Watch(sft_weight=sft_weight)
+    assert not [w for step in range(1, 4 * WINDOW) for w in watch.see(row(step, -100 + chosen_slope * step, 0.15 * step),
+                                                                       lambda: True)]
+
+
+def test_a_reference_equal_to_the_moved_policy_stops_the_run():
+    watch = Watch(sft_weight=0.0)
+    assert watch.see(row(1, -100, 0.0, rewards=0), lambda: False) == []  # step 1: policy == reference, as it must be
+    with pytest.raises(UserError, match="at step 2 the reference still equals the policy"):
+        watch.see(row(2, -100, 0.0, rewards=0), lambda: True)
+
+
+def test_a_broken_reference_switch_is_caught_in_a_real_run(monkeypatch, tmp_path, tiny_model_dir, chat_rows):
+    """If disabling the adapter did nothing, the in-step reference would track the policy: caught at step 2."""
+    import contextlib
+
+    import qdpo.step as step
+
+    monkeypatch.setattr(step, "reference_model", lambda model: contextlib.nullcontext())
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
+    result = CliRunner().invoke(main, [
+        "run", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "run"), "--no-progress",
+        "max_steps=3", "micro_batch_size=4", "precompute_ref_log_probs=false", "eval_fraction=0", "learning_rate=1e-2"])
+    assert result.exit_code == 2 and "at step 2 the reference still equals the policy" in result.output
+
+
+@pytest.mark.parametrize("layout", ["plain", "shared", "packed"])
+def test_a_pad_token_equal_to_eos_never_masks_the_real_eos(tokenizer, chat_rows, layout):
+    """Masks come from lengths, not from comparing ids with pad: every response's EOS is scored."""
+    pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows[:3], Columns(), "t"), 128, 64)
+    eos = tokenizer.eos_token_id
+    assert all(p.chosen_ids[-1] == eos and p.rejected_ids[-1] == eos for p in pairs)
+    batch = make_batch(pairs, eos, layout)  # pad with the EOS id itself
+    scored = int(batch.response_mask[:, 1:].sum()) if layout == "plain" else len(batch.labels)
+    assert scored == sum(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    if layout != "plain":
+        assert int((batch.labels == eos).sum()) == 2 * len(pairs)
+
+
+def test_no_trainable_parameter_is_refused(monkeypatch, tmp_path, tiny_model_dir, chat_rows):
+    import qdpo.train as train
+
+    monkeypatch.setattr(train, "trainable_parameters", lambda model: [])
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
+    result = CliRunner().invoke(main, [
+        "run", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == 2 and "no parameter of the model requires a gradient" in result.output
+    assert not (tmp_path / "run").exists()
