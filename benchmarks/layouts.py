@@ -26,7 +26,7 @@ from qdpo.config import build_config, parse_override  # noqa: E402
 from qdpo.model import add_lora, compute_dtype, load_base_4bit, pick_device  # noqa: E402
 from qdpo.presets import load_preset  # noqa: E402
 from qdpo.step import preference_loss  # noqa: E402
-from qdpo.train import prepare_data  # noqa: E402
+from qdpo.prepare import prepare_data  # noqa: E402
 
 
 def main() -> None:

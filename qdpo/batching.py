@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -174,3 +175,32 @@ def padding_share(pairs: list[TokenizedPair], batches: list[list[int]], layout: 
         real += sum(lengths)
         total += max(lengths) * len(lengths)
     return 1 - real / total if total else 0.0
+
+
+class BatchStream:
+    """Pair indices of each micro-batch, epoch after epoch (each regrouped with its own seed); its position can be saved."""
+
+    def __init__(self, pairs: list[TokenizedPair], micro_batch_size: int, seed: int, first_epoch: list[list[int]]) -> None:
+        self.pairs, self.micro_batch_size, self.seed = pairs, micro_batch_size, seed
+        self.epoch, self.queue = 0, [list(b) for b in first_epoch]
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> list[int]:
+        while not self.queue:
+            self.epoch += 1
+            self.queue = length_grouped_batches(self.pairs, self.micro_batch_size, self.seed + self.epoch)
+        return self.queue.pop()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream stands: the epoch and the micro-batches it has not handed out yet."""
+        return {"epoch": self.epoch, "queue": [list(b) for b in self.queue], "micro_batch_size": self.micro_batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved position; with another micro_batch_size the pairs left are regrouped, in order."""
+        self.epoch, self.queue = state["epoch"], [list(b) for b in state["queue"]]
+        if state["micro_batch_size"] != self.micro_batch_size:
+            left = [i for batch in reversed(self.queue) for i in batch]  # in the order they would be handed out
+            n = self.micro_batch_size
+            self.queue = [left[k:k + n] for k in range(0, len(left), n)][::-1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import resource
 import shutil
 import time
@@ -16,37 +15,22 @@ import torch
 import yaml
 
 from qdpo import __version__
-from qdpo.batching import length_grouped_batches, make_batch, padding_share
+from qdpo.batching import BatchStream, length_grouped_batches, make_batch, padding_share
 from qdpo.config import Config, read_json
-from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
 from qdpo.errors import UserError
 from qdpo.checkpoint import (Checkpoint, check_resume, latest, load_adapter_weights, load_trainer_state, rng_state,
                              save_checkpoint, saved_config, set_rng_state)
 from qdpo.families import exact_settings
 from qdpo.faults import crash_point
 from qdpo.fs import staged, write_json, write_text
-from qdpo.model import (ModelSource, add_lora, adapter_lora_settings, compute_dtype, load_base_4bit, load_model_config,
-                        load_tokenizer, pick_device, resolve_model, trainable_parameters)
+from qdpo.model import (add_lora, adapter_lora_settings, compute_dtype, load_base_4bit, pick_device, trainable_parameters)
 from qdpo.reference import cache_key, compute_reference, load_or_compute
 from qdpo.rundir import check_run_dir, claim_run_dir, mark_stopped, release_lock, run_dir_for, touch_lock
 from qdpo.step import Metrics, preference_loss
 from qdpo.stopping import Interrupted, stop_requests
-from qdpo.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
-from qdpo.watch import Watch
-
-
-@dataclass
-class PreparedData:
-    """Everything known before the model is loaded: tokenizer, tokenized splits and their stats."""
-
-    source: ModelSource
-    model_config: Any  # the transformers config (config.json only: no weights yet)
-    tokenizer: Any
-    train: list[TokenizedPair]
-    eval: list[TokenizedPair]
-    train_stats: TokenizeStats
-    eval_stats: TokenizeStats | None
-    fingerprint: str
+from qdpo.tokenize import TokenizedPair
+from qdpo.prepare import PreparedData, check_vocabulary, prepare_data
+from qdpo.watch import Watch, not_finite, out_of_memory
 
 
 @dataclass
@@ -55,47 +39,6 @@ class RunResult:
 
     output_dir: Path
     summary: dict[str, Any]
-
-
-def read_pairs(source: str, config: Config) -> list[Pair]:
-    """Load and validate preference pairs from one data source."""
-    columns = Columns(config.prompt_column, config.chosen_column, config.rejected_column, config.assistant_marker)
-    rows, where = load_rows(source, config.data_split)
-    return to_pairs(rows, columns, where)
-
-
-def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Hold out `fraction` of the pairs (at least one when fraction > 0), chosen by seed."""
-    if fraction <= 0 or len(pairs) < 2:
-        return pairs, []
-    order = list(range(len(pairs)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(fraction * len(pairs)))
-    held = set(order[:n_eval])
-    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
-
-
-def prepare_data(config: Config, echo: Callable[[str], None] = print) -> PreparedData:
-    """Resolve the model, load its tokenizer and tokenize train/eval pairs: every input error surfaces here."""
-    source = resolve_model(config.model)
-    model_config = load_model_config(source)
-    tokenizer = load_tokenizer(source, config.tokenizer)
-    pairs = read_pairs(config.data, config)
-    if config.eval_data:
-        train_pairs, eval_pairs = pairs, read_pairs(config.eval_data, config)
-    elif config.data == BUILTIN_DATA:
-        train_pairs, eval_pairs = pairs, read_pairs(BUILTIN_DATA + ":eval", config)
-    else:
-        train_pairs, eval_pairs = split_eval(pairs, config.eval_fraction, config.seed)
-    train, train_stats = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
-    echo(f"train: {train_stats.describe()}")
-    eval_, eval_stats = [], None
-    if eval_pairs:
-        eval_, eval_stats = tokenize_pairs(tokenizer, eval_pairs, config.max_length, config.max_prompt_length)
-        echo(f"eval:  {eval_stats.describe()}")
-    if not train:
-        raise UserError(f"no training pairs are left after filtering {config.data}; check the data and max_length.")
-    return PreparedData(source, model_config, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs))
 
 
 def total_steps(config: Config, num_micro_batches: int) -> int:
@@ -188,15 +131,6 @@ class Training:
     eval_ref: torch.Tensor | None
 
 
-def check_vocabulary(data: PreparedData, embedding_rows: int) -> None:
-    """Refuse token ids the model has no embedding for (a tokenizer from another model), before they crash a step."""
-    largest = max([max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in data.train + data.eval]
-                  + [data.tokenizer.pad_token_id])  # padding is fed to the embedding too
-    if largest >= embedding_rows:
-        raise UserError(f"the tokenizer produces token id {largest} but {data.source.name} has only {embedding_rows} "
-                        "embeddings; use the model's own tokenizer (leave `tokenizer` unset) or one made for it.")
-
-
 def setup_training(config: Config, data: PreparedData, device: torch.device, dtype: torch.dtype,
                    echo: Callable[[str], None], score_all: bool = False) -> Training:
     """Load the 4-bit base, add LoRA, build optimizer and schedule, and score the reference once.
@@ -242,35 +176,6 @@ def setup_training(config: Config, data: PreparedData, device: torch.device, dty
     stream = BatchStream(data.train, config.micro_batch_size, config.seed, epoch_batches)
     return Training(model, params, optimizer, make_scheduler(config, optimizer, steps), scaler, steps,
                     stream, eval_batches, train_ref, eval_ref)
-
-
-class BatchStream:
-    """Pair indices of each micro-batch, epoch after epoch (each regrouped with its own seed); its position can be saved."""
-
-    def __init__(self, pairs: list[TokenizedPair], micro_batch_size: int, seed: int, first_epoch: list[list[int]]) -> None:
-        self.pairs, self.micro_batch_size, self.seed = pairs, micro_batch_size, seed
-        self.epoch, self.queue = 0, [list(b) for b in first_epoch]
-
-    def __iter__(self) -> "BatchStream":
-        return self
-
-    def __next__(self) -> list[int]:
-        while not self.queue:
-            self.epoch += 1
-            self.queue = length_grouped_batches(self.pairs, self.micro_batch_size, self.seed + self.epoch)
-        return self.queue.pop()
-
-    def state_dict(self) -> dict[str, Any]:
-        """Where the stream stands: the epoch and the micro-batches it has not handed out yet."""
-        return {"epoch": self.epoch, "queue": [list(b) for b in self.queue], "micro_batch_size": self.micro_batch_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a saved position; with another micro_batch_size the pairs left are regrouped, in order."""
-        self.epoch, self.queue = state["epoch"], [list(b) for b in state["queue"]]
-        if state["micro_batch_size"] != self.micro_batch_size:
-            left = [i for batch in reversed(self.queue) for i in batch]  # in the order they would be handed out
-            n = self.micro_batch_size
-            self.queue = [left[k:k + n] for k in range(0, len(left), n)][::-1]
 
 
 def train_step(t: Training, data: PreparedData, config: Config, stream: BatchStream, device: torch.device) -> dict[str, Any]:
@@ -480,46 +385,6 @@ def train_loop(t: Training, config: Config, data: PreparedData, device: torch.de
     write_json(out / "summary.json", summary)
     write_json(out / "run.json", describe("finished"))
     return summary
-
-
-def out_of_memory(config: Config, out: Path, step: int, saved: Path | None, during: str = "") -> UserError:
-    """The message for CUDA running out of memory at a step: what fits by the planner, and how to resume with it."""
-    if during:
-        where = f"step {step} itself finished and is checkpointed in {saved}"
-    else:
-        where = f"the state before it is checkpointed in {saved}" if saved else "nothing was checkpointed yet"
-    pairs = config.micro_batch_size * config.gradient_accumulation_steps
-    try:
-        from qdpo.plan import largest_fit, model_config
-
-        budget = torch.cuda.get_device_properties(0).total_memory / 1e9
-        fit_batch, fit_length = largest_fit(model_config(config.model)[0], config, budget)
-    except Exception:  # no config.json offline, an unknown shape: advise without the planner
-        fit_batch, fit_length = 0, 0
-    if 0 < fit_batch < config.micro_batch_size:
-        accumulation = max(1, pairs // fit_batch)
-        advice = (f"the planner fits micro_batch_size={fit_batch} at max_length={config.max_length}: resume with "
-                  f"qdpo run --resume {out} micro_batch_size={fit_batch} gradient_accumulation_steps={accumulation}")
-    elif fit_length and fit_length < config.max_length:
-        advice = (f"even one pair of {config.max_length} tokens is too long by the planner, which fits max_length="
-                  f"{fit_length}: start a new run with max_length={fit_length}")
-    else:
-        advice = (f"lower micro_batch_size (and raise gradient_accumulation_steps to keep {pairs} pairs per step): "
-                  f"qdpo run --resume {out} micro_batch_size=1 gradient_accumulation_steps={pairs}")
-    return UserError(f"out of GPU memory at step {step}{' during ' + during if during else ''} "
-                     f"(micro_batch_size={config.micro_batch_size}, "
-                     f"max_length={config.max_length}); {where}; {advice}.")
-
-
-def not_finite(rows: list[dict[str, Any]], config: Config, saved: Path) -> UserError:
-    """The message that stops a run whose loss or gradients stay NaN/Inf: the likely causes and the pairs involved."""
-    steps = f"steps {rows[0]['step']}-{rows[-1]['step']}"
-    pairs = sorted({i for row in rows for i in row["pairs"]})
-    shown = ", ".join(map(str, pairs[:12])) + (", ..." if len(pairs) > 12 else "")
-    return UserError(f"the loss or gradients were NaN/Inf for {len(rows)} steps in a row ({steps}; no update was "
-                     f"applied); likely causes: learning_rate {config.learning_rate:g} too high, fp16 overflow "
-                     f"(compute_dtype=float16), or a broken pair among training pairs {shown}; the adapter before "
-                     f"them is in {saved / 'adapter'}.")
 
 
 def save_adapter(model, tokenizer, target: Path, description: dict[str, Any]) -> None:

@@ -1,5 +1,7 @@
-"""Health checks on the metrics of a running DPO job: the failures users report most, named while they happen.
+"""What goes wrong in a running DPO job, named while it happens, with what to do about it.
 
+- Out of GPU memory at a step, or NaN/Inf steps in a row: the message says what the planner fits or what
+  the likely causes are, and how to go on.
 - The reference equals the policy although the adapter has moved (rewards stay exactly 0): the
   reference switch does nothing, so DPO has no signal. An error: nothing the run learns is real.
 - Chosen log-probs fall while the margins rise: the policy pushes both responses down, a known DPO
@@ -8,8 +10,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
+from qdpo.config import Config
 from qdpo.errors import UserError
 
 WINDOW = 5  # logged steps averaged at the start and at the end, so one noisy micro-batch does not trigger a warning
@@ -53,3 +59,43 @@ class Watch:
                     f"rose from {margin_then:.2f} to {margin_now:.2f}: the policy is pushing the chosen answers down "
                     "too; sft_weight=0.1 to 1 (an NLL term on the chosen response, RPO) usually stops that."]
         return []
+
+
+def out_of_memory(config: Config, out: Path, step: int, saved: Path | None, during: str = "") -> UserError:
+    """The message for CUDA running out of memory at a step: what fits by the planner, and how to resume with it."""
+    if during:
+        where = f"step {step} itself finished and is checkpointed in {saved}"
+    else:
+        where = f"the state before it is checkpointed in {saved}" if saved else "nothing was checkpointed yet"
+    pairs = config.micro_batch_size * config.gradient_accumulation_steps
+    try:
+        from qdpo.plan import largest_fit, model_config
+
+        budget = torch.cuda.get_device_properties(0).total_memory / 1e9
+        fit_batch, fit_length = largest_fit(model_config(config.model)[0], config, budget)
+    except Exception:  # no config.json offline, an unknown shape: advise without the planner
+        fit_batch, fit_length = 0, 0
+    if 0 < fit_batch < config.micro_batch_size:
+        accumulation = max(1, pairs // fit_batch)
+        advice = (f"the planner fits micro_batch_size={fit_batch} at max_length={config.max_length}: resume with "
+                  f"qdpo run --resume {out} micro_batch_size={fit_batch} gradient_accumulation_steps={accumulation}")
+    elif fit_length and fit_length < config.max_length:
+        advice = (f"even one pair of {config.max_length} tokens is too long by the planner, which fits max_length="
+                  f"{fit_length}: start a new run with max_length={fit_length}")
+    else:
+        advice = (f"lower micro_batch_size (and raise gradient_accumulation_steps to keep {pairs} pairs per step): "
+                  f"qdpo run --resume {out} micro_batch_size=1 gradient_accumulation_steps={pairs}")
+    return UserError(f"out of GPU memory at step {step}{' during ' + during if during else ''} "
+                     f"(micro_batch_size={config.micro_batch_size}, "
+                     f"max_length={config.max_length}); {where}; {advice}.")
+
+
+def not_finite(rows: list[dict[str, Any]], config: Config, saved: Path) -> UserError:
+    """The message that stops a run whose loss or gradients stay NaN/Inf: the likely causes and the pairs involved."""
+    steps = f"steps {rows[0]['step']}-{rows[-1]['step']}"
+    pairs = sorted({i for row in rows for i in row["pairs"]})
+    shown = ", ".join(map(str, pairs[:12])) + (", ..." if len(pairs) > 12 else "")
+    return UserError(f"the loss or gradients were NaN/Inf for {len(rows)} steps in a row ({steps}; no update was "
+                     f"applied); likely causes: learning_rate {config.learning_rate:g} too high, fp16 overflow "
+                     f"(compute_dtype=float16), or a broken pair among training pairs {shown}; the adapter before "
+                     f"them is in {saved / 'adapter'}.")

@@ -174,7 +174,7 @@ def test_tokenizer_from_another_directory(tmp_path, tiny_model_dir, chat_rows):
     import shutil
 
     from qdpo.config import build_config
-    from qdpo.train import prepare_data
+    from qdpo.prepare import prepare_data
 
     weights_only, tokenizer_only = tmp_path / "weights", tmp_path / "tok"
     weights_only.mkdir(), tokenizer_only.mkdir()

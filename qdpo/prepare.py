@@ -1,0 +1,80 @@
+"""Everything known before the model is loaded: the model's config, its tokenizer, and the tokenized splits.
+
+Every input error surfaces here, before anything is written or any weight is read.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from qdpo.config import Config
+from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
+from qdpo.errors import UserError
+from qdpo.model import ModelSource, load_model_config, load_tokenizer, resolve_model
+from qdpo.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
+
+
+@dataclass
+class PreparedData:
+    """Everything known before the model is loaded: tokenizer, tokenized splits and their stats."""
+
+    source: ModelSource
+    model_config: Any  # the transformers config (config.json only: no weights yet)
+    tokenizer: Any
+    train: list[TokenizedPair]
+    eval: list[TokenizedPair]
+    train_stats: TokenizeStats
+    eval_stats: TokenizeStats | None
+    fingerprint: str
+
+
+def read_pairs(source: str, config: Config) -> list[Pair]:
+    """Load and validate preference pairs from one data source."""
+    columns = Columns(config.prompt_column, config.chosen_column, config.rejected_column, config.assistant_marker)
+    rows, where = load_rows(source, config.data_split)
+    return to_pairs(rows, columns, where)
+
+
+def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Hold out `fraction` of the pairs (at least one when fraction > 0), chosen by seed."""
+    if fraction <= 0 or len(pairs) < 2:
+        return pairs, []
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, round(fraction * len(pairs)))
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def prepare_data(config: Config, echo: Callable[[str], None] = print) -> PreparedData:
+    """Resolve the model, load its tokenizer and tokenize train/eval pairs: every input error surfaces here."""
+    source = resolve_model(config.model)
+    model_config = load_model_config(source)
+    tokenizer = load_tokenizer(source, config.tokenizer)
+    pairs = read_pairs(config.data, config)
+    if config.eval_data:
+        train_pairs, eval_pairs = pairs, read_pairs(config.eval_data, config)
+    elif config.data == BUILTIN_DATA:
+        train_pairs, eval_pairs = pairs, read_pairs(BUILTIN_DATA + ":eval", config)
+    else:
+        train_pairs, eval_pairs = split_eval(pairs, config.eval_fraction, config.seed)
+    train, train_stats = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
+    echo(f"train: {train_stats.describe()}")
+    eval_, eval_stats = [], None
+    if eval_pairs:
+        eval_, eval_stats = tokenize_pairs(tokenizer, eval_pairs, config.max_length, config.max_prompt_length)
+        echo(f"eval:  {eval_stats.describe()}")
+    if not train:
+        raise UserError(f"no training pairs are left after filtering {config.data}; check the data and max_length.")
+    return PreparedData(source, model_config, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs))
+
+
+def check_vocabulary(data: PreparedData, embedding_rows: int) -> None:
+    """Refuse token ids the model has no embedding for (a tokenizer from another model), before they crash a step."""
+    largest = max([max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in data.train + data.eval]
+                  + [data.tokenizer.pad_token_id])  # padding is fed to the embedding too
+    if largest >= embedding_rows:
+        raise UserError(f"the tokenizer produces token id {largest} but {data.source.name} has only {embedding_rows} "
+                        "embeddings; use the model's own tokenizer (leave `tokenizer` unset) or one made for it.")
