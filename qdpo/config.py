@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -148,21 +150,53 @@ def _type_of(name: str) -> Any:
     return typing.get_type_hints(Config)[name]
 
 
+# Names other tools use for a setting qdpo calls differently (TRL/transformers, axolotl, common shorthand).
+ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "micro_batch_size",
+           "per_device_train_batch_size": "micro_batch_size", "max_seq_length": "max_length",
+           "max_seq_len": "max_length", "lora_rank": "lora_r", "rank": "lora_r", "optimizer": "optim",
+           "warmup_steps": "warmup_ratio"}
+
+
+def unknown_setting(name: Any) -> UserError:
+    """The error for a setting qdpo does not have: the closest known name if one is close, else where to look."""
+    normal = str(name).strip().lower().replace("-", "_")
+    known = field_names()
+    guess = normal if normal in known else ALIASES.get(normal)
+    if guess is None:
+        close = difflib.get_close_matches(normal, known, n=1, cutoff=0.75)
+        containing = [k for k in known if len(normal) >= 4 and normal in k]
+        guess = close[0] if close else containing[0] if len(containing) == 1 else None
+    hint = f"did you mean {guess}?" if guess else "see `qdpo settings` for the list."
+    return UserError(f"unknown setting {_show(name)}; {hint}")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    """A value for an error message: repr() on one line, long ones cut."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * limit:
+        return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[: limit - 20]!r}... ({len(value)} characters)"
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return text[: limit - 5] + " ..." + text[-1] if text[-1] in ")]}" else text[: limit - 3] + "..."
+
+
 def coerce(name: str, value: Any) -> Any:
     """Convert a preset/CLI value to field `name`'s type, strictly; raise UserError on a mismatch."""
     hints = typing.get_type_hints(Config)
-    if name not in hints:
-        raise UserError(f"unknown setting {name!r}; known settings: {', '.join(field_names())}.")
+    if not isinstance(name, str) or name not in hints:
+        raise unknown_setting(name)
     typ = hints[name]
     optional = False
     if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
         optional, typ = True, args[0]
+    want = _describe(typ)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "", "auto")):
         if optional:
             return None
-        raise UserError(f"{name} cannot be empty.")
-    want = _describe(typ)
+        raise UserError(f"{name} cannot be empty; set it to {want}.")
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -177,13 +211,21 @@ def coerce(name: str, value: Any) -> Any:
             except ValueError:
                 pass
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float's range
+                raise UserError(f"{name} must be {want} within float range; got {_show(value)}.") from None
+        elif isinstance(value, str):
             try:  # YAML 1.1 reads "1e-4" as a string; users mean a number.
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise UserError(f"{name} must be a finite number; got {_show(value)}.")
+            return number
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -192,7 +234,7 @@ def coerce(name: str, value: Any) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return list(value)
-    raise UserError(f"{name} must be {want}; got {value!r}.")
+    raise UserError(f"{name} must be {want}; got {_show(value)}.")
 
 
 def _describe(typ: Any) -> str:
@@ -209,7 +251,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int too long for int(); RecursionError: deep
         value = raw
     # Keep strings that YAML would turn into other things when the field is a string (e.g. a path "123").
     if key in field_names() and _type_of(key) in (str, str | None) and not isinstance(value, str) and value is not None:
