@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,6 +22,7 @@ class Pair:
     prompt: Text
     chosen: Text
     rejected: Text
+    origin: str = field(default="", compare=False)  # where it came from ("data.jsonl row 3"), for error messages
 
     @property
     def conversational(self) -> bool:
@@ -69,45 +71,95 @@ def load_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], 
 
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
+class Rows(list):
+    """Rows read from a file, with the line each started on where that is not simply its row number."""
+
+    lines: list[int] | None = None
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8 JSON lines.") from None
-    for number, line in enumerate(lines, start=1):
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}; check the path and its permissions.") from None
+
+
+def _parse_json(text: str, one_line: bool = False) -> tuple[Any, str | None]:
+    """json.loads, and why it failed in words (it can also fail with ValueError or RecursionError)."""
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as e:
+        where = f"column {e.colno}" if one_line else f"line {e.lineno} column {e.colno}"
+        return None, f"{e.msg} at {where}"
+    except ValueError:  # an integer longer than Python's int() accepts (sys.get_int_max_str_digits)
+        return None, "a number with too many digits"
+    except RecursionError:
+        return None, "nested too deeply"
+
+
+def _read_jsonl(path: Path) -> Rows:
+    rows, numbers = Rows(), []
+    # JSON strings cannot hold a raw CR or LF, so these are the only line breaks (str.splitlines would also
+    # split at U+2028, U+0085 and others that JSON strings may hold).
+    for number, raw in enumerate(re.split(rb"\r\n|\r|\n", _read_bytes(path)), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} line {number} is not UTF-8 text (byte {e.start + 1} of the line); "
+                            "save the file as UTF-8.") from None
+        if number == 1:
+            line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path} line {number} is not valid JSON ({e.msg}); fix or remove that line.") from None
+        row, error = _parse_json(line, one_line=True)
+        if error:
+            raise UserError(f"{path} line {number} is not valid JSON ({error}); fix or remove that line.")
         if not isinstance(row, dict):
-            raise UserError(f"{path} line {number} must be a JSON object with prompt/chosen/rejected keys.")
+            raise UserError(f"{path} line {number} is {_kind(row)}, not a JSON object with prompt/chosen/rejected "
+                            "keys; write one object per line.")
         rows.append(row)
+        numbers.append(number)
     if not rows:
         raise UserError(f"{path} has no rows; point data at a file with preference pairs.")
+    if numbers != list(range(1, len(rows) + 1)):
+        rows.lines = numbers
     return rows
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        loaded = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; save it as UTF-8 JSON.") from None
-    except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # several objects, one per line: it is JSON lines with a .json name
+        text = _read_bytes(path).decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = _read_bytes(path)[: e.start].count(b"\n") + 1
+        raise UserError(f"{path} is not UTF-8 text (line {line}); save it as UTF-8 JSON.") from None
+    loaded, error = _parse_json(text)
+    if error:
+        if error.startswith("Extra data at"):  # several objects, one per line: it is JSON lines with a .json name
             return _read_jsonl(path)
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix the file.") from None
+        raise UserError(f"{path} is not valid JSON ({error}); fix the file.")
     if isinstance(loaded, dict):
         lists = [v for v in loaded.values() if isinstance(v, list)]
         if len(lists) == 1:  # {"data": [...]} or similar wrapper
             loaded = lists[0]
         elif loaded and all(isinstance(v, list) for v in loaded.values()):  # column-oriented
+            if any(isinstance(item, dict) for values in loaded.values() for item in values[:1]):
+                shown = ", ".join(_show(k) for k in list(loaded)[:6])
+                raise UserError(f"{path} holds several lists of rows ({shown}); keep one list per file, for "
+                                "example one file per split.")
+            lengths = {key: len(values) for key, values in loaded.items()}
+            if len(set(lengths.values())) > 1:
+                shown = ", ".join(f"{_show(k)} {n}" for k, n in list(lengths.items())[:6])
+                raise UserError(f"{path} holds columns of different lengths ({shown}); give every column one value "
+                                "per row.")
             keys = list(loaded)
             loaded = [dict(zip(keys, values)) for values in zip(*loaded.values())]
-    if not isinstance(loaded, list) or not all(isinstance(r, dict) for r in loaded):
-        raise UserError(f"{path} must hold a list of objects with prompt/chosen/rejected keys.")
+    if not isinstance(loaded, list):
+        raise UserError(f"{path} holds {_kind(loaded)}; it must hold a list of objects with prompt/chosen/rejected "
+                        "keys.")
+    for number, item in enumerate(loaded, start=1):
+        if not isinstance(item, dict):
+            raise UserError(f"{path} row {number} is {_kind(item)}, not an object with prompt/chosen/rejected keys; "
+                            "fix that row.")
     return loaded
 
 
@@ -164,38 +216,143 @@ def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
     return loaded.to_list()
 
 
+_MISSING = object()
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT "from" -> chat role
+PROMPT_TURNS_COLUMN = "conversations"  # ShareGPT preference rows (LLaMA-Factory): the prompt turns
+
+
 def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> list[Pair]:
-    """Validate raw rows into Pairs, naming the row and column of the first bad value."""
+    """Validate raw rows into Pairs, naming the row and column of the first bad value.
+
+    Texts are strings or chat messages: {role, content}, or ShareGPT's {from, value} with human/gpt/system mapped to
+    user/assistant/system; a single message may stand for a list of one. Without a prompt column, a `conversations`
+    column holds the prompt turns (ShareGPT preference rows); without either, chosen and rejected are whole
+    conversations that share the prompt (Anthropic-HH style).
+    """
+    lines = getattr(rows, "lines", None)
     rows = list(rows)
+    names = {"prompt_column": columns.prompt, "chosen_column": columns.chosen, "rejected_column": columns.rejected}
+    if len(set(names.values())) < 3:
+        shown = ", ".join(f"{key}={value!r}" for key, value in names.items())
+        raise UserError(f"prompt_column, chosen_column and rejected_column must name three different columns; "
+                        f"got {shown}.")
     pairs = []
     for number, row in enumerate(rows, start=1):
+        line = lines[number - 1] if lines else number
+        at = f"{where} row {number}" + (f" (line {line})" if line != number else "")
+        if not isinstance(row, dict):
+            raise UserError(f"{at} is {_kind(row)}, not an object with {columns.chosen!r} and {columns.rejected!r} "
+                            "columns.")
         for name in (columns.chosen, columns.rejected):
             if name not in row:
-                raise UserError(f"{where} row {number} has no column {name!r} (it has {', '.join(map(str, row))}); map yours with --chosen-column/--rejected-column.")
-        chosen = _check_text(row[columns.chosen], where, number, columns.chosen)
-        rejected = _check_text(row[columns.rejected], where, number, columns.rejected)
+                has = f"it has {', '.join(_show(key) for key in list(row)[:8])}" if row else "it has no columns"
+                has += ", ..." if len(row) > 8 else ""
+                raise UserError(f"{at} has no column {_show(name)} ({has}); map yours with "
+                                "--chosen-column/--rejected-column.")
+        chosen = _check_text(row[columns.chosen], at, columns.chosen)
+        rejected = _check_text(row[columns.rejected], at, columns.rejected)
         if columns.prompt in row:
-            prompt = _check_text(row[columns.prompt], where, number, columns.prompt)
+            prompt = _check_text(row[columns.prompt], at, columns.prompt)
+        elif PROMPT_TURNS_COLUMN in row:
+            prompt = _check_text(row[PROMPT_TURNS_COLUMN], at, PROMPT_TURNS_COLUMN)
+            if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
+                raise UserError(f"{at} column {PROMPT_TURNS_COLUMN!r} ends with an assistant turn, but next to "
+                                f"{columns.chosen!r}/{columns.rejected!r} it must hold only the prompt turns; "
+                                "drop the answer from it or name the prompt column with --prompt-column.")
         else:
-            prompt, chosen, rejected = split_shared_prompt(chosen, rejected, columns.assistant_marker, where, number)
-        pairs.append(_unify(prompt, chosen, rejected))
+            prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, columns.assistant_marker, at)
+        pair = _unify(prompt, chosen, rejected, at)
+        for name, response in ((columns.chosen, pair.chosen), (columns.rejected, pair.rejected)):
+            _check_response(response, at, name, columns.prompt)
+        pairs.append(pair)
     return pairs
 
 
-def _check_text(value: Any, where: str, number: int, column: str) -> Text:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
-    ):
-        return [{"role": m["role"], "content": m["content"]} for m in value]
+def _kind(value: Any) -> str:
+    """What a JSON-ish value is, in words, for error messages."""
     if value is None:
-        raise UserError(f"{where} row {number} column {column!r} is empty; fill it or drop the row.")
-    raise UserError(f"{where} row {number} column {column!r} must be a string or a list of {{role, content}} messages, not {type(value).__name__}.")
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, (list, tuple)):
+        return "an empty list" if not value else "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """repr() on one line, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_chars(text: str, place: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: JSON's "\ud800" escape reads, but it is no character
+        raise UserError(f"{place} holds an invalid character (the lone surrogate U+{ord(text[e.start]):04X} at "
+                        f"position {e.start + 1}); fix the text.") from None
+    return text
+
+
+def _check_text(value: Any, at: str, column: str) -> Text:
+    if isinstance(value, str):
+        return _check_chars(value, f"{at} column {column!r}")
+    if value is None:
+        raise UserError(f"{at} column {column!r} is empty; fill it or drop the row.")
+    if isinstance(value, dict):  # one message, e.g. ShareGPT's chosen {"from": "gpt", "value": ...}
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise UserError(f"{at} column {column!r} must be a string or a list of {{role, content}} messages, "
+                        f"not {_kind(value)}.")
+    return [_check_message(m, i, at, column) for i, m in enumerate(value, start=1)]
+
+
+def _check_message(message: Any, i: int, at: str, column: str) -> dict[str, str]:
+    """One {role, content} (or ShareGPT {from, value}) message, as {role, content}."""
+    expected = f"{at} column {column!r} must be a string or a list of {{role, content}} messages"
+    if not isinstance(message, dict):
+        raise UserError(f"{expected}, but message {i} is {_kind(message)}.")
+    if "role" in message:
+        role = message["role"]
+    elif "from" in message:
+        role = message["from"]
+        role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
+    else:
+        raise UserError(f"{expected}, but message {i} has no 'role' (or ShareGPT 'from').")
+    content = message["content"] if "content" in message else message.get("value", _MISSING)
+    if content is _MISSING:
+        raise UserError(f"{expected}, but message {i} has no 'content' (or ShareGPT 'value').")
+    for what, value in (("role", role), ("content", content)):
+        if not isinstance(value, str):
+            raise UserError(f"{expected}, but the {what} of message {i} is {_kind(value)}, not a string.")
+        _check_chars(value, f"{at} column {column!r}: the {what} of message {i}")
+    return {"role": role, "content": content}
+
+
+def _check_response(response: Text, at: str, column: str, prompt_column: str) -> None:
+    """A response in messages must be the assistant's turn(s): start and end with an assistant message."""
+    if not isinstance(response, list):
+        return
+    if response[0]["role"] != "assistant":
+        raise UserError(f"{at} column {column!r}: the response starts with a {_show(response[0]['role'])} message, "
+                        f"not 'assistant'; put the turns before the answer in the {prompt_column!r} column.")
+    if response[-1]["role"] != "assistant":
+        raise UserError(f"{at} column {column!r}: the response ends with a {_show(response[-1]['role'])} message, "
+                        "not 'assistant'; end each response with the assistant's answer.")
 
 
 def split_shared_prompt(chosen: Text, rejected: Text, marker: str, where: str, number: int) -> tuple[Text, Text, Text]:
     """Split whole conversations (Anthropic-HH style) into shared prompt + the two final answers."""
+    return _split_shared_prompt(chosen, rejected, marker, f"{where} row {number}")
+
+
+def _split_shared_prompt(chosen: Text, rejected: Text, marker: str, at: str) -> tuple[Text, Text, Text]:
     if isinstance(chosen, list) and isinstance(rejected, list):
         k = 0
         while k < min(len(chosen), len(rejected)) and chosen[k] == rejected[k]:
@@ -204,7 +361,8 @@ def split_shared_prompt(chosen: Text, rejected: Text, marker: str, where: str, n
         while k > 0 and (k >= len(chosen) or chosen[k]["role"] != "assistant"):
             k -= 1
         if k == 0:
-            raise UserError(f"{where} row {number}: chosen and rejected share no prompt before an assistant turn; add a prompt column.")
+            raise UserError(f"{at}: chosen and rejected share no prompt before an assistant turn; "
+                            "add a prompt column.")
         return chosen[:k], chosen[k:], rejected[k:]
     if isinstance(chosen, str) and isinstance(rejected, str):
         k = 0
@@ -212,16 +370,17 @@ def split_shared_prompt(chosen: Text, rejected: Text, marker: str, where: str, n
             k += 1
         end = chosen.rfind(marker, 0, k)
         if end < 0 or (end + len(marker) > k):
-            raise UserError(f"{where} row {number}: no prompt column and no shared beginning ending in {marker!r}; add a prompt column or set assistant_marker.")
+            raise UserError(f"{at}: no prompt column and no shared beginning ending in {marker!r}; "
+                            "add a prompt column or set assistant_marker.")
         cut = end + len(marker)
         return chosen[:cut], chosen[cut:], rejected[cut:]
-    raise UserError(f"{where} row {number}: chosen and rejected must both be strings or both be message lists.")
+    raise UserError(f"{at}: chosen and rejected must both be strings or both be message lists.")
 
 
-def _unify(prompt: Text, chosen: Text, rejected: Text) -> Pair:
+def _unify(prompt: Text, chosen: Text, rejected: Text, origin: str = "") -> Pair:
     """Make a pair all-text or all-messages: one message list makes the whole row a chat."""
     if not any(isinstance(t, list) for t in (prompt, chosen, rejected)):
-        return Pair(prompt, chosen, rejected)
+        return Pair(prompt, chosen, rejected, origin)
 
     def as_messages(t: Text, role: str) -> list[dict[str, str]]:
         return t if isinstance(t, list) else [{"role": role, "content": t}]
@@ -231,7 +390,7 @@ def _unify(prompt: Text, chosen: Text, rejected: Text) -> Pair:
     n = len(prompt)
     if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:
         chosen, rejected = chosen[n:], rejected[n:]
-    return Pair(prompt, chosen, rejected)
+    return Pair(prompt, chosen, rejected, origin)
 
 
 def fingerprint(pairs: list[Pair]) -> str:

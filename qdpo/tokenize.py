@@ -45,6 +45,15 @@ class TokenizeStats:
                 f"cut {self.prompts_truncated} prompts (from the left) and {self.responses_truncated} responses (from the right)")
 
 
+def _template_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a chat template raises on messages it refuses (jinja2 ships with transformers)."""
+    try:
+        from jinja2 import TemplateError
+    except ImportError:
+        return ()
+    return (TemplateError,)
+
+
 def _text_is_empty(t: str | list[dict[str, str]]) -> bool:
     if isinstance(t, str):
         return not t.strip()
@@ -97,19 +106,28 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_len
     if any(p.conversational for p in pairs) and not getattr(tokenizer, "chat_template", None):
         raise UserError("the data has chat messages but the model's tokenizer has no chat template; use plain-text prompts or an instruct model.")
     out = []
-    for pair in pairs:
+    for number, pair in enumerate(pairs, start=1):
         if _text_is_empty(pair.chosen) or _text_is_empty(pair.rejected):
             stats.dropped_empty += 1
             continue
         if pair.chosen == pair.rejected:
             stats.dropped_identical += 1
             continue
-        prompt = encode_prompt(tokenizer, pair.prompt)
+        try:
+            prompt = encode_prompt(tokenizer, pair.prompt)
+            chosen = encode_response(tokenizer, pair.prompt, pair.chosen)
+            rejected = encode_response(tokenizer, pair.prompt, pair.rejected)
+        except _template_errors() as e:  # e.g. "Conversation roles must alternate user/assistant/..."
+            reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
+            reason = reason if len(reason) <= 160 else reason[:157] + "..."
+            raise UserError(f"{pair.origin or f'pair {number}'}: the tokenizer's chat template refused the messages "
+                            f"({reason}); fix the roles or set tokenizer= to one whose template takes them.") from None
         if not prompt:  # an empty prompt and no BOS: no position predicts the first response token
             stats.dropped_empty += 1
             continue
-        chosen = encode_response(tokenizer, pair.prompt, pair.chosen)
-        rejected = encode_response(tokenizer, pair.prompt, pair.rejected)
+        if chosen == rejected:  # different texts, same tokens (e.g. roles the template ignores, normalization)
+            stats.dropped_identical += 1
+            continue
         if len(prompt) > max_prompt_length:
             prompt = prompt[-max_prompt_length:]  # keep the end: it holds the question and the turn marker
             stats.prompts_truncated += 1

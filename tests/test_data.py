@@ -137,3 +137,90 @@ def test_prompt_repeated_inside_the_conversations_is_not_doubled():
     (pair,) = to_pairs(rows, Columns(), "x")
     assert pair.prompt == user
     assert pair.chosen == [{"role": "assistant", "content": "Paris."}] and pair.rejected == [{"role": "assistant", "content": "Pass."}]
+
+
+# --- ShareGPT and single-message shapes, and what is wrong with a message list
+
+SHAREGPT_ROW = {  # LLaMA-Factory's preference layout: the prompt turns, then one {from, value} answer each
+    "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Capital of France?"}],
+    "chosen": {"from": "gpt", "value": "Paris."},
+    "rejected": {"from": "gpt", "value": "Madrid."},
+}
+CHAT_PAIR = Pair([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+                 [{"role": "assistant", "content": "Paris."}], [{"role": "assistant", "content": "Madrid."}])
+
+
+def test_sharegpt_preference_rows_read_as_chat(tmp_path, tokenizer):
+    (pair,) = to_pairs([SHAREGPT_ROW], Columns(), "x")
+    assert pair == CHAT_PAIR
+    # the same through a file and the tokenizer: the ids of the {role, content} form
+    as_chat = {"prompt": CHAT_PAIR.prompt, "chosen": CHAT_PAIR.chosen, "rejected": CHAT_PAIR.rejected}
+    assert tokenized(tokenizer, write(tmp_path, "jsonl", [SHAREGPT_ROW])) == tokenized(
+        tokenizer, write(tmp_path, "json", [as_chat]))
+
+
+@pytest.mark.parametrize("row", [
+    {**SHAREGPT_ROW, "chosen": "Paris.", "rejected": "Madrid."},  # answers as strings
+    {**SHAREGPT_ROW, "chosen": [SHAREGPT_ROW["chosen"]], "rejected": [SHAREGPT_ROW["rejected"]]},  # lists of one
+    {"prompt": CHAT_PAIR.prompt, "chosen": CHAT_PAIR.chosen[0], "rejected": CHAT_PAIR.rejected[0]},  # one message
+    {"chosen": SHAREGPT_ROW["conversations"] + [SHAREGPT_ROW["chosen"]],  # whole ShareGPT conversations, no prompt
+     "rejected": SHAREGPT_ROW["conversations"] + [SHAREGPT_ROW["rejected"]]},
+], ids=["string answers", "lists of one", "single role/content message", "whole conversations"])
+def test_other_sharegpt_and_single_message_shapes(row):
+    assert to_pairs([row], Columns(), "x") == [CHAT_PAIR]
+
+
+def test_a_prompt_column_wins_over_conversations():
+    row = {**SHAREGPT_ROW, "prompt": "Capital of Spain?"}
+    (pair,) = to_pairs([row], Columns(), "x")
+    assert pair.prompt == [{"role": "user", "content": "Capital of Spain?"}]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "q", "chosen": ["x"], "rejected": "b"},
+     "row 1 column 'chosen' must be a string or a list of {role, content} messages, but message 1 is a string."),
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant"}], "rejected": "b"},
+     "row 1 column 'chosen' must be a string or a list of {role, content} messages, but message 2 has no 'content' "
+     "(or ShareGPT 'value')."),
+    ({"prompt": [{"content": "q"}], "chosen": "a", "rejected": "b"}, "column 'prompt' must be a string or a list of "
+     "{role, content} messages, but message 1 has no 'role' (or ShareGPT 'from')."),
+    ({"prompt": "q", "chosen": "a", "rejected": [{"from": "gpt", "value": None}]},
+     "but the content of message 1 is null, not a string."),
+    ({"prompt": [], "chosen": "a", "rejected": "b"}, "column 'prompt' must be a string or a list of {role, content} "
+     "messages, not an empty list."),
+    ({"prompt": "q", "chosen": {"text": "a"}, "rejected": "b"}, "but message 1 has no 'role' (or ShareGPT 'from')."),
+    ({**SHAREGPT_ROW, "conversations": SHAREGPT_ROW["conversations"] + [SHAREGPT_ROW["chosen"]]},
+     "column 'conversations' ends with an assistant turn, but next to 'chosen'/'rejected' it must hold only the "
+     "prompt turns"),
+    ({"prompt": "q", "chosen": [{"role": "user", "content": "q!"}, {"role": "assistant", "content": "a"}],
+      "rejected": "b"}, "column 'chosen': the response starts with a 'user' message, not 'assistant'; put the turns "
+     "before the answer in the 'prompt' column."),
+    ({"prompt": "q", "chosen": "a",
+      "rejected": [{"role": "assistant", "content": "b"}, {"from": "human", "value": "?"}]},
+     "column 'rejected': the response ends with a 'user' message, not 'assistant'"),
+    ({"prompt": "q\ud800", "chosen": "a", "rejected": "b"},
+     "column 'prompt' holds an invalid character (the lone surrogate U+D800 at position 2); fix the text."),
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "\udfff"}], "rejected": "b"},
+     "column 'chosen': the content of message 1 holds an invalid character (the lone surrogate U+DFFF"),
+    ({"prompt": "q", "chosen": 3, "rejected": "b"},
+     "column 'chosen' must be a string or a list of {role, content} messages, not a number."),
+    ({}, "row 1 has no column 'chosen' (it has no columns)"),
+    ({"a\nb": 1, "c": 2}, "row 1 has no column 'chosen' (it has 'a\\nb', 'c'); map yours"),
+])
+def test_what_is_wrong_with_a_row_in_one_line(row, message):
+    with pytest.raises(UserError) as info:
+        to_pairs([row], Columns(), "x")
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_same_column_for_two_roles_is_refused():
+    with pytest.raises(UserError, match="prompt_column, chosen_column and rejected_column must name three different "
+                                        "columns; got prompt_column='text', chosen_column='text'"):
+        to_pairs(STRING_ROWS, Columns("text", "text", "rejected"), "x")
+
+
+def test_a_bad_row_after_blank_lines_is_named_with_its_line(tmp_path):
+    (tmp_path / "d.jsonl").write_text(json.dumps(STRING_ROWS[0]) + "\n\n\n" + json.dumps({"chosen": "a"}) + "\n")
+    rows, where = load_rows(str(tmp_path / "d.jsonl"))
+    with pytest.raises(UserError, match=r"d.jsonl row 2 \(line 4\) has no column 'rejected'"):
+        to_pairs(rows, Columns(), where)
