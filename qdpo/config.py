@@ -23,10 +23,31 @@ COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field that carries its help text."""
+    """A dataclass field that carries its help text, and its valid values: choices=..., or a range given by
+    min/max (inclusive) and gt/lt (exclusive) bounds, checked in one place (Config.validate)."""
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _out_of_range(value: Any, meta: Any) -> str | None:
+    """What a number must be, as words ("be at least 1", "be in [0, 0.5)"), when value breaks meta's bounds."""
+    bounds = {k: meta[k] for k in ("min", "gt", "max", "lt") if k in meta}
+    if not bounds or not isinstance(value, (int, float)):
+        return None
+    low = ("[", bounds["min"]) if "min" in bounds else ("(", bounds["gt"]) if "gt" in bounds else None
+    high = ("]", bounds["max"]) if "max" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
+    if not math.isfinite(value):
+        return "be a finite number"
+    ok = (low is None or (value >= low[1] if low[0] == "[" else value > low[1]))
+    ok = ok and (high is None or (value <= high[1] if high[0] == "]" else value < high[1]))
+    if ok:
+        return None
+    if high is not None:
+        return f"be in {low[0] if low else '('}{low[1] if low else '-inf'}, {high[1]}{high[0]}"
+    if low == ("[", 0):
+        return "not be negative"
+    return "be positive" if low == ("(", 0) else f"be at least {low[1]}" if low[0] == "[" else f"be above {low[1]}"
 
 
 @dataclass
@@ -38,7 +59,7 @@ class Config:
     data: str = _f("builtin:answers", "Preference data: .jsonl/.json/.parquet/.csv file, save_to_disk dir, hub id, or builtin:answers.")
     data_split: str = _f("train", "Split to read when `data` is a hub dataset or a DatasetDict directory.")
     eval_data: str | None = _f(None, "Held-out preference data (same formats as `data`); if unset, `eval_fraction` of `data` is held out.")
-    eval_fraction: float = _f(0.05, "Share of `data` held out for evaluation when `eval_data` is unset (0 disables eval).")
+    eval_fraction: float = _f(0.05, "Share of `data` held out for evaluation when `eval_data` is unset (0 disables eval).", min=0, lt=1)
     prompt_column: str = _f("prompt", "Column with the prompt (string or chat messages).")
     chosen_column: str = _f("chosen", "Column with the preferred response.")
     rejected_column: str = _f("rejected", "Column with the dispreferred response.")
@@ -48,13 +69,13 @@ class Config:
 
     # --- model and adapters
     compute_dtype: str = _f("auto", "Matmul dtype for 4-bit layers: auto = bfloat16 on GPUs that have it, float16 otherwise, float32 on CPU (bf16 is ~10x slower there).", choices=COMPUTE_DTYPES)
-    lora_r: int = _f(16, "LoRA rank. Memory: r x (in + out) params per adapted matrix, x4 bytes for weights+grads+2 Adam states each.")
-    lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r).")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input; 0 keeps the step-0 policy identical to the reference.")
+    lora_r: int = _f(16, "LoRA rank. Memory: r x (in + out) params per adapted matrix, x4 bytes for weights+grads+2 Adam states each.", min=1)
+    lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r).", min=1)
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input; 0 keeps the step-0 policy identical to the reference.", min=0, lt=1)
     lora_target_modules: list[str] = _f(["all-linear"], "Module names to adapt; all-linear = every linear layer of the blocks (not lm_head).")
     tokenizer: str | None = _f(None, "Load the tokenizer (and chat template) from this directory or hub id instead of the model's; its ids must fit the model's vocabulary.")
     init_adapter: str | None = _f(None, "Start from this PEFT adapter (e.g. an SFT adapter); it is also the reference model.")
-    logits_chunk_size: int = _f(1024, "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.")
+    logits_chunk_size: int = _f(1024, "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.", min=0)
     offload_activations: bool = _f(False, "Keep the tensors saved for backward (with checkpointing: the layer-boundary activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.")
     share_prompt: bool | None = _f(None, "Pack each pair as one row prompt+chosen+rejected (rejected masked off the chosen part): the prompt is computed once, not twice. Unset (auto): on for every model family where it is exact (qdpo.families), off otherwise; true forces it and is refused where it cannot be exact.")
     pack_pairs: bool = _f(False, "With share_prompt: put all pairs of a micro-batch back to back in one row, no padding (attention masked per pair). With SDPA the masked attention spans the whole row, so today it costs more than the padding it saves (1.3x slower on the CPU); it needs a block-sparse attention kernel to pay off.")
@@ -62,34 +83,34 @@ class Config:
     gradient_checkpointing: bool = _f(True, "Recompute each block's activations in backward (non-reentrant). True cuts activation memory ~L-fold for ~30% more compute.")
 
     # --- data shaping
-    max_length: int = _f(1024, "Longest prompt+response in tokens; longer responses are cut from the right.")
-    max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts are cut from the left (the end is kept). When only max_length is set below it, it becomes max_length // 2.")
-    micro_batch_size: int = _f(1, "Pairs per forward pass (each pair is 2 sequences). Memory grows linearly with it.")
-    gradient_accumulation_steps: int = _f(8, "Micro-batches summed per optimizer step; pairs per step = micro_batch_size x this.")
+    max_length: int = _f(1024, "Longest prompt+response in tokens; longer responses are cut from the right.", min=2)
+    max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts are cut from the left (the end is kept). When only max_length is set below it, it becomes max_length // 2.", min=1)
+    micro_batch_size: int = _f(1, "Pairs per forward pass (each pair is 2 sequences). Memory grows linearly with it.", min=1)
+    gradient_accumulation_steps: int = _f(8, "Micro-batches summed per optimizer step; pairs per step = micro_batch_size x this.", min=1)
 
     # --- the objective
-    beta: float = _f(0.1, "How far the policy may drift from the reference (higher = stay closer).")
+    beta: float = _f(0.1, "How far the policy may drift from the reference (higher = stay closer).", gt=0)
     loss_type: str = _f("sigmoid", "sigmoid (DPO), ipo (IPO), hinge (SLiC), robust (rDPO).", choices=LOSS_TYPES)
-    label_smoothing: float = _f(0.0, "Assumed share of flipped labels (cDPO for sigmoid, rDPO for robust); in [0, 0.5).")
-    sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (RPO); 0 disables it.")
+    label_smoothing: float = _f(0.0, "Assumed share of flipped labels (cDPO for sigmoid, rDPO for robust); in [0, 0.5).", min=0, lt=0.5)
+    sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (RPO); 0 disables it.", min=0)
 
     # --- optimisation
-    learning_rate: float = _f(5e-5, "Peak learning rate of the LoRA parameters.")
+    learning_rate: float = _f(5e-5, "Peak learning rate of the LoRA parameters.", gt=0)
     lr_scheduler_type: str = _f("linear", "Decay after warmup: linear, cosine or constant.", choices=SCHEDULERS)
-    warmup_ratio: float = _f(0.1, "Share of steps spent warming the learning rate up from 0.")
-    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA parameters.")
-    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables clipping).")
+    warmup_ratio: float = _f(0.1, "Share of steps spent warming the learning rate up from 0.", min=0, lt=1)
+    weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA parameters.", min=0)
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables clipping).", min=0)
     optim: str = _f("adamw", "adamw (torch) or paged_adamw_8bit (bitsandbytes; 8-bit states: 4x smaller, needs CUDA).", choices=OPTIMIZERS)
-    num_train_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
-    max_steps: int = _f(0, "Optimizer steps to run; 0 = derive from num_train_epochs.")
-    seed: int = _f(42, "Seed for data order, eval split and LoRA init.")
+    num_train_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).", min=0)
+    max_steps: int = _f(0, "Optimizer steps to run; 0 = derive from num_train_epochs.", min=0)
+    seed: int = _f(42, "Seed for data order, eval split and LoRA init.", min=0, max=2**32 - 1)
 
     # --- what the run reports
-    logging_steps: int = _f(1, "Write a metrics line every this many optimizer steps.")
-    eval_steps: int = _f(0, "Score the eval split every this many steps (0 = only at the end).")
-    save_steps: int = _f(0, "Write a checkpoint (adapter, optimizer, RNG, data position, metrics) every this many optimizer steps and at the last one; `qdpo run --resume DIR` continues from the newest. 0: none, except on Ctrl-C/SIGTERM.")
-    save_total_limit: int = _f(2, "Keep only the newest this many checkpoints (each holds the adapter and the optimizer state).")
-    max_nonfinite_steps: int = _f(5, "Skip an update whose loss or gradients are NaN/Inf; stop the run after this many in a row.")
+    logging_steps: int = _f(1, "Write a metrics line every this many optimizer steps.", min=1)
+    eval_steps: int = _f(0, "Score the eval split every this many steps (0 = only at the end).", min=0)
+    save_steps: int = _f(0, "Write a checkpoint (adapter, optimizer, RNG, data position, metrics) every this many optimizer steps and at the last one; `qdpo run --resume DIR` continues from the newest. 0: none, except on Ctrl-C/SIGTERM.", min=0)
+    save_total_limit: int = _f(2, "Keep only the newest this many checkpoints (each holds the adapter and the optimizer state).", min=1)
+    max_nonfinite_steps: int = _f(5, "Skip an update whose loss or gradients are NaN/Inf; stop the run after this many in a row.", min=1)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,29 +118,13 @@ class Config:
     def validate(self) -> None:
         """Check every field's range and the cross-field rules; raise UserError naming the field."""
         for f in fields(self):
+            value = getattr(self, f.name)
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}.")
-        positive = ("lora_r", "lora_alpha", "max_length", "max_prompt_length", "micro_batch_size",
-                    "gradient_accumulation_steps", "logging_steps", "save_total_limit", "max_nonfinite_steps")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be at least 1; got {getattr(self, name)}.")
-        for name in ("max_steps", "eval_steps", "save_steps", "weight_decay", "max_grad_norm", "sft_weight", "logits_chunk_size"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must not be negative; got {getattr(self, name)}.")
-        if self.beta <= 0:
-            raise UserError(f"beta must be positive; got {self.beta}.")
-        if self.learning_rate <= 0:
-            raise UserError(f"learning_rate must be positive; got {self.learning_rate}.")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise UserError(f"label_smoothing must be in [0, 0.5); got {self.label_smoothing}.")
-        if not 0 <= self.lora_dropout < 1:
-            raise UserError(f"lora_dropout must be in [0, 1); got {self.lora_dropout}.")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UserError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio}.")
-        if not 0 <= self.eval_fraction < 1:
-            raise UserError(f"eval_fraction must be in [0, 1); got {self.eval_fraction}.")
+            if choices and value not in choices:
+                raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}.")
+            problem = _out_of_range(value, f.metadata)
+            if problem:
+                raise UserError(f"{f.name} must {problem}; got {value!r}.")
         if self.max_steps == 0 and self.num_train_epochs <= 0:
             raise UserError("set max_steps or a positive num_train_epochs; both say zero steps.")
         if self.max_prompt_length >= self.max_length:
