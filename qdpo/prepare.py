@@ -62,6 +62,8 @@ def prepare_data(config: Config, echo: Callable[[str], None] = print) -> Prepare
         train_pairs, eval_pairs = split_eval(pairs, config.eval_fraction, config.seed)
     train, train_stats = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
     echo(f"train: {train_stats.describe()}")
+    for note in train_stats.notes:
+        echo(f"train: {note}")
     eval_, eval_stats = [], None
     if eval_pairs:
         eval_, eval_stats = tokenize_pairs(tokenizer, eval_pairs, config.max_length, config.max_prompt_length)

@@ -60,21 +60,30 @@ def _text_is_empty(t: str | list[dict[str, str]]) -> bool:
     return all(not m["content"].strip() for m in t)
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
-    """Token ids of a prompt: chat template + generation prompt for messages, plain encoding otherwise."""
+def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], fixed: list[str] | None = None) -> list[int]:
+    """Token ids of a prompt: chat template + generation prompt for messages, plain encoding otherwise.
+
+    A doubled BOS (the text or template writes one, the tokenizer adds another) is cut to one, and "bos"
+    is appended to fixed so the run can say how often that happened.
+    """
     if isinstance(prompt, list):
         text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt)["input_ids"]
     bos = tokenizer.bos_token_id
+    doubled = bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos
     while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
         ids = ids[1:]  # a prompt text that already starts with BOS, plus the tokenizer's own
+    if doubled and fixed is not None:
+        fixed.append("bos")
     return ids
 
 
-def encode_response(tokenizer, prompt: str | list[dict[str, str]], response: str | list[dict[str, str]]) -> list[int]:
-    """Token ids of a response: no special tokens added, ending in exactly one EOS."""
+def encode_response(tokenizer, prompt: str | list[dict[str, str]], response: str | list[dict[str, str]],
+                    fixed: list[str] | None = None) -> list[int]:
+    """Token ids of a response: no special tokens added, ending in exactly one EOS ("eos" goes to fixed when
+    the text and the template both closed the turn and one EOS was dropped)."""
     if isinstance(response, list):
         prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
@@ -84,8 +93,13 @@ def encode_response(tokenizer, prompt: str | list[dict[str, str]], response: str
             text = "".join(m["content"] for m in response)
     else:
         text = response
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return _end_with_one_eos(tokenizer, ids)
+    ids = _end_with_one_eos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    if len(ids) > 1 and ids[-2] == ids[-1] == tokenizer.eos_token_id:
+        while len(ids) > 1 and ids[-2] == ids[-1]:
+            ids = ids[:-1]
+        if fixed is not None:
+            fixed.append("eos")
+    return ids
 
 
 def _end_with_one_eos(tokenizer, ids: list[int]) -> list[int]:
@@ -105,7 +119,7 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_len
     stats = TokenizeStats()
     if any(p.conversational for p in pairs) and not getattr(tokenizer, "chat_template", None):
         raise UserError("the data has chat messages but the model's tokenizer has no chat template; use plain-text prompts or an instruct model.")
-    out = []
+    out, fixed = [], []
     for number, pair in enumerate(pairs, start=1):
         if _text_is_empty(pair.chosen) or _text_is_empty(pair.rejected):
             stats.dropped_empty += 1
@@ -114,9 +128,9 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_len
             stats.dropped_identical += 1
             continue
         try:
-            prompt = encode_prompt(tokenizer, pair.prompt)
-            chosen = encode_response(tokenizer, pair.prompt, pair.chosen)
-            rejected = encode_response(tokenizer, pair.prompt, pair.rejected)
+            prompt = encode_prompt(tokenizer, pair.prompt, fixed)
+            chosen = encode_response(tokenizer, pair.prompt, pair.chosen, fixed)
+            rejected = encode_response(tokenizer, pair.prompt, pair.rejected, fixed)
         except _template_errors() as e:  # e.g. "Conversation roles must alternate user/assistant/..."
             reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
             reason = reason if len(reason) <= 160 else reason[:157] + "..."
@@ -140,4 +154,11 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_len
                 continue
         out.append(TokenizedPair(prompt, chosen, rejected))
     stats.kept = len(out)
+    # A second BOS or EOS would be scored as text (DPO users' most reported tokenization bug): say it happened.
+    if fixed.count("bos"):
+        stats.notes.append(f"{fixed.count('bos')} prompts started with two BOS tokens (the text or chat template "
+                           "writes one and the tokenizer adds one); qdpo kept one")
+    if fixed.count("eos"):
+        stats.notes.append(f"{fixed.count('eos')} responses ended with two EOS tokens (the text ends with "
+                           f"{tokenizer.eos_token!r} and the turn is closed again); qdpo kept one")
     return out, stats

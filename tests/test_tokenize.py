@@ -75,3 +75,23 @@ def test_empty_prompt_without_bos_is_dropped(tiny_model_dir):
     assert stats.kept == 1 and stats.dropped_empty == 1 and kept[0].prompt_ids
     kept, stats = tokenize_pairs(with_bos, pairs, max_length=24, max_prompt_length=8)
     assert stats.kept == 2 and kept[0].prompt_ids == [with_bos.bos_token_id]
+
+
+def test_doubled_bos_and_eos_are_cut_to_one_and_reported(tokenizer):
+    """The text writes BOS/EOS itself and the tokenizer or template adds another: one is kept, and the run says so."""
+    from qdpo.data import Columns, to_pairs
+    from qdpo.tokenize import tokenize_pairs
+
+    rows = [{"prompt": "<s>What is two plus two?", "chosen": "Four.", "rejected": "Five."},
+            {"prompt": [{"role": "user", "content": "What is two plus two?"}],
+             "chosen": [{"role": "assistant", "content": "Four.</s>"}],
+             "rejected": [{"role": "assistant", "content": "Five."}]}]
+    pairs, stats = tokenize_pairs(tokenizer, to_pairs(rows, Columns(), "t"), 128, 64)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for p in pairs:
+        assert p.prompt_ids[0] == bos and p.prompt_ids[1] != bos
+        for ids in (p.chosen_ids, p.rejected_ids):
+            assert ids[-1] == eos and ids[-2] != eos and ids.count(eos) == 1
+    assert stats.notes == [
+        "1 prompts started with two BOS tokens (the text or chat template writes one and the tokenizer adds one); qdpo kept one",
+        "1 responses ended with two EOS tokens (the text ends with '</s>' and the turn is closed again); qdpo kept one"]
