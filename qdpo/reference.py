@@ -172,7 +172,7 @@ def _adapter_fingerprint(init_adapter: str | None, memo: _Memo) -> dict | None:
 def _cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            line = next((l for l in f if l.startswith("flags")), "")
+            line = next((row for row in f if row.startswith("flags")), "")
     except OSError:
         return []
     present = set(line.split(":", 1)[-1].split())

@@ -34,7 +34,7 @@ def test_presets_lists_each_with_memory():
     assert result.exit_code == 0
     for name in ("smoke", "7b-24gb", "7b-16gb", "8b-24gb"):
         assert name in available()
-        line = next(l for l in result.output.splitlines() if l.startswith(name + " "))
+        line = next(line for line in result.output.splitlines() if line.startswith(name + " "))
         assert ("GB GPU" in line) != (name == "smoke")
 
 
@@ -92,7 +92,7 @@ def test_bad_data_through_the_real_cli(tmp_path, tiny_model_dir, content, messag
     proc = run_subprocess("run", "--model", str(tiny_model_dir), "--data", "bad.jsonl", "--output", "out", cwd=tmp_path)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
-    assert [l for l in proc.stderr.splitlines() if l.startswith("error:")] == [l for l in proc.stderr.splitlines() if "error" in l.lower()]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert not (tmp_path / "out").exists()
 
 
@@ -115,13 +115,13 @@ def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, chat_rows):
                     "gradient_accumulation_steps=2", "eval_fraction=0.25", "eval_steps=2", "learning_rate=1e-2")
     assert result.exit_code == 0, result.output
     assert "9 pairs kept" in result.output and "3 pairs kept" in result.output
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2, 3, 4]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
     for line in lines:
         for name in TRL_METRICS + ["grad_norm", "learning_rate", "tokens_per_second", "peak_memory_gb"]:
             assert name in line, name
     assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and lines[0]["rewards/margins"] == 0
-    assert [("eval_rewards/accuracies" in l) for l in lines] == [False, True, False, True]
+    assert [("eval_rewards/accuracies" in line) for line in lines] == [False, True, False, True]
     assert all("eval_" + name in lines[3] for name in TRL_METRICS)
 
     run_info = json.loads((out / "run.json").read_text())

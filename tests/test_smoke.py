@@ -21,7 +21,7 @@ def test_smoke_preset_short_run(tmp_path, smollm2_dir):
                                        "--eval-data", str(tmp_path / "eval.jsonl"), "max_steps=4", "eval_steps=0"])
     assert result.exit_code == 0, result.output
     assert "400 pairs kept" in result.output and "12 pairs kept" in result.output
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert lines[0]["rewards/chosen"] == 0 and lines[0]["rewards/rejected"] == 0
     # after a few steps at the preset's learning rate the policy prefers the chosen answers it trains on;
