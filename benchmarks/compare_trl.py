@@ -30,37 +30,115 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+}
 os.environ.update(OFFLINE_ENV)  # before anything imports huggingface_hub: there is no network here or on the GPU box
 
 # Named architectures with random weights: weight values change neither memory nor speed.
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama2-7b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=32, intermediate_size=11008, vocab_size=32000, max_position_embeddings=4096,
-                      rms_norm_eps=1e-5, rope_theta=10000.0),
-    "mistral-7b": dict(model_type="mistral", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, intermediate_size=14336, vocab_size=32768, max_position_embeddings=32768,
-                       rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None),
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, max_position_embeddings=8192,
-                      rms_norm_eps=1e-5, rope_theta=500000.0),
-    "llama2-13b": dict(model_type="llama", hidden_size=5120, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, intermediate_size=13824, vocab_size=32000, max_position_embeddings=4096,
-                       rms_norm_eps=1e-5, rope_theta=10000.0),
-    "tiny-llama": dict(model_type="llama", hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
-                       num_key_value_heads=4, intermediate_size=1408, vocab_size=32000, max_position_embeddings=4096),
-    "small-qwen2": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=12, num_attention_heads=14,
-                        num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, max_position_embeddings=32768,
-                        rope_theta=1000000.0, tie_word_embeddings=True),
+    "llama2-7b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        intermediate_size=11008,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    ),
+    "mistral-7b": dict(
+        model_type="mistral",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=32768,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-5,
+        rope_theta=1000000.0,
+        sliding_window=None,
+    ),
+    "llama3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+    ),
+    "llama2-13b": dict(
+        model_type="llama",
+        hidden_size=5120,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        intermediate_size=13824,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    ),
+    "tiny-llama": dict(
+        model_type="llama",
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1408,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+    ),
+    "small-qwen2": dict(
+        model_type="qwen2",
+        hidden_size=896,
+        num_hidden_layers=12,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        tie_word_embeddings=True,
+    ),
     # For a quick check on a laptop CPU: every code path, ~0.3M parameters.
-    "micro-llama": dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, intermediate_size=128, vocab_size=1024, max_position_embeddings=2048),
+    "micro-llama": dict(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1024,
+        max_position_embeddings=2048,
+    ),
 }
 
 # Dense bf16 tensor-core peak, TFLOP/s, no sparsity (T4: fp16, it has no bf16). First substring match wins.
-GPU_PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("A100", 312.0),
-                   ("4090", 165.2), ("3090", 71.0), ("L40S", 362.0), ("L40", 181.0), ("T4", 65.0), ("L4", 121.0)]
+GPU_PEAK_TFLOPS = [
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("A100", 312.0),
+    ("4090", 165.2),
+    ("3090", 71.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("T4", 65.0),
+    ("L4", 121.0),
+]
 
 SHARD_BYTES = 2 * 1024**3  # flush a safetensors shard once it would pass 2 GiB: peak host memory ~ one shard
 WORD_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3 of the word tokenizer; random ids start at 4
@@ -74,10 +152,10 @@ def cache_root() -> Path:
 
 # ----------------------------------------------------------------------------------------------- the checkpoint
 
+
 def model_config(shape: str):
     """A transformers config for a named shape or a config.json path."""
     from transformers import AutoConfig
-
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if shape in SHAPES:
@@ -88,7 +166,9 @@ def model_config(shape: str):
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise SystemExit(f"--shape {shape}: not one of {', '.join(['smollm2', *SHAPES])} and not a config.json file")
+            raise SystemExit(
+                f"--shape {shape}: not one of {', '.join(['smollm2', *SHAPES])} and not a config.json file"
+            )
         cfg = AutoConfig.from_pretrained(str(path))
     if not getattr(cfg, "architectures", None):  # TRL picks the model class from config.architectures
         cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
@@ -153,7 +233,8 @@ def write_random_checkpoint(cfg, target: Path, seed: int) -> float:
         print(f"  wrote {name} ({len(idx)} tensors)", flush=True)
     if len(shards) > 1:
         (tmp / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+        )
     cfg.dtype = torch.bfloat16
     cfg.save_pretrained(str(tmp))
     (tmp / "bench_source.json").write_text(json.dumps({"seed": seed, "init": "normal(0, 0.02); norms 1; biases 0"}))
@@ -172,7 +253,9 @@ def word_tokenizer(vocab_size: int, target: Path) -> None:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     fast.save_pretrained(str(target))
 
 
@@ -216,7 +299,9 @@ def check_tokenizer(path: Path, tokenizer: str) -> str:
     if tokenizer == "words":
         ids = tok("w4 w5 w6", add_special_tokens=False).input_ids
         if ids != [4, 5, 6]:
-            raise SystemExit(f"the word tokenizer loads as {type(tok).__name__} and encodes 'w4 w5 w6' as {ids}, not [4, 5, 6]")
+            raise SystemExit(
+                f"the word tokenizer loads as {type(tok).__name__} and encodes 'w4 w5 w6' as {ids}, not [4, 5, 6]"
+            )
     return type(tok).__name__
 
 
@@ -239,22 +324,38 @@ def prepare_model(shape: str, tokenizer: str, seed: int) -> dict[str, Any]:
             print(f"writing random bf16 weights for {shape} to {weights} (once)", flush=True)
             write_s = write_random_checkpoint(cfg, weights, seed)
     if tokenizer == "smollm2" and cfg.vocab_size < 49152:
-        raise SystemExit(f"--data builtin uses the SmolLM2 tokenizer (49152 ids) but {shape} has vocab {cfg.vocab_size}: "
-                         "use --data random, or a shape with a vocab of at least 49152")
+        raise SystemExit(
+            f"--data builtin uses the SmolLM2 tokenizer (49152 ids) but {shape} has vocab {cfg.vocab_size}: "
+            "use --data random, or a shape with a vocab of at least 49152"
+        )
     tok_dir = weights if (shape == "smollm2" and tokenizer == "smollm2") else tokenizer_dir(tokenizer, cfg.vocab_size)
     tokenizer_class = check_tokenizer(tok_dir, tokenizer)
     text = cfg.get_text_config()
-    return {"model_dir": str(weights), "tokenizer_dir": str(tok_dir), "write_s": round(write_s, 1), "tokenizer_class": tokenizer_class,
-            "model_type": cfg.model_type, "hidden_size": text.hidden_size, "num_layers": text.num_hidden_layers,
-            "vocab_size": text.vocab_size, "tokenizer": tokenizer, **count_params(cfg)}
+    return {
+        "model_dir": str(weights),
+        "tokenizer_dir": str(tok_dir),
+        "write_s": round(write_s, 1),
+        "tokenizer_class": tokenizer_class,
+        "model_type": cfg.model_type,
+        "hidden_size": text.hidden_size,
+        "num_layers": text.num_hidden_layers,
+        "vocab_size": text.vocab_size,
+        "tokenizer": tokenizer,
+        **count_params(cfg),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ the data
 
+
 def make_rows(kind: str, n_pairs: int | None, seq_len: int, vocab_size: int, seed: int) -> list[dict[str, Any]]:
     """Preference rows both tools read: qdpo's built-in pairs, or random words of exact token lengths."""
     if kind == "builtin":
-        rows = [json.loads(line) for line in (REPO / "qdpo" / "builtin" / "train.jsonl").read_text().splitlines() if line.strip()]
+        rows = [
+            json.loads(line)
+            for line in (REPO / "qdpo" / "builtin" / "train.jsonl").read_text().splitlines()
+            if line.strip()
+        ]
         rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]
         return rows[:n_pairs] if n_pairs else rows
     # prompt T/2 tokens; each response T - T/2 tokens counting the EOS both tools append (so T - T/2 - 1 words).
@@ -266,10 +367,14 @@ def make_rows(kind: str, n_pairs: int | None, seq_len: int, vocab_size: int, see
         return " ".join(f"w{rng.randrange(low, vocab_size)}" for _ in range(n))
 
     # Responses start with a space: TRL tokenizes prompt + response as one string.
-    return [{"prompt": words(n_prompt), "chosen": " " + words(n_resp), "rejected": " " + words(n_resp)} for _ in range(n_pairs)]
+    return [
+        {"prompt": words(n_prompt), "chosen": " " + words(n_resp), "rejected": " " + words(n_resp)}
+        for _ in range(n_pairs)
+    ]
 
 
 # --------------------------------------------------------------------------------------------- child: measuring
+
 
 @contextmanager
 def timed(store: dict[str, float], key: str):
@@ -304,7 +409,9 @@ def pair_tokens(prompt: int, chosen: int, rejected: int, max_length: int) -> int
     return min(prompt + chosen, max_length) + min(prompt + rejected, max_length)
 
 
-def measures(spec: dict[str, Any], t: dict[str, float], step_times: list[float], tokens_per_pair: float) -> dict[str, Any]:
+def measures(
+    spec: dict[str, Any], t: dict[str, float], step_times: list[float], tokens_per_pair: float
+) -> dict[str, Any]:
     """Throughput, memory and MFU from what a child recorded."""
     import torch
 
@@ -325,9 +432,12 @@ def measures(spec: dict[str, Any], t: dict[str, float], step_times: list[float],
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak = next((tf for sub, tf in GPU_PEAK_TFLOPS if sub in name), None)
-        out.update(gpu=name, gpu_peak_tflops=peak,
-                   peak_cuda_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
-                   peak_cuda_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3))
+        out.update(
+            gpu=name,
+            gpu_peak_tflops=peak,
+            peak_cuda_alloc_gib=round(torch.cuda.max_memory_allocated() / GIB, 3),
+            peak_cuda_reserved_gib=round(torch.cuda.max_memory_reserved() / GIB, 3),
+        )
         # 2 x params x tokens forward + 4 x params x tokens backward (the usual 6N; see README for what it leaves out).
         if peak and out["tokens_per_s_steady"]:
             out["mfu"] = round(6 * spec["matmul_params"] * out["tokens_per_s_steady"] / (peak * 1e12), 4)
@@ -337,14 +447,22 @@ def measures(spec: dict[str, Any], t: dict[str, float], step_times: list[float],
 def planned(spec: dict[str, Any], config, pairs) -> dict[str, Any]:
     """What `qdpo plan` predicts for this run's step, to set beside the measured peaks (same device, worst micro-batch)."""
     import torch
+
     from qdpo.config import read_json
     from qdpo.plan import OVERHEAD, plan_memory
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    plan = plan_memory(read_json(Path(spec["model_dir"]) / "config.json"), config,
-                       prompt_len=min(len(p.prompt_ids) for p in pairs), device=device)
+    plan = plan_memory(
+        read_json(Path(spec["model_dir"]) / "config.json"),
+        config,
+        prompt_len=min(len(p.prompt_ids) for p in pairs),
+        device=device,
+    )
     # max_memory_allocated sees tensors only; the plan's overhead line is the CUDA context and fragmentation.
-    return {"plan_tensors_gib": round((plan.total - plan.bytes_of(OVERHEAD)) / GIB, 3), "plan_total_gib": round(plan.total / GIB, 3)}
+    return {
+        "plan_tensors_gib": round((plan.total - plan.bytes_of(OVERHEAD)) / GIB, 3),
+        "plan_total_gib": round(plan.total / GIB, 3),
+    }
 
 
 def child_qdpo(spec: dict[str, Any]) -> dict[str, Any]:
@@ -385,15 +503,32 @@ def child_qdpo(spec: dict[str, Any]) -> dict[str, Any]:
     wrap("save_adapter", "save_s")
 
     overrides = {
-        "model": spec["model_dir"], "tokenizer": spec["tokenizer_dir"], "data": spec["data_file"], "eval_fraction": 0.0,  # a file path: no builtin eval split
-        "output_dir": str(Path(spec["out_dir"]) / "qdpo"), "overwrite": True,
-        "micro_batch_size": spec["micro_batch_size"], "gradient_accumulation_steps": 1,
-        "max_length": spec["seq_len"], "max_prompt_length": spec["max_prompt_length"],
-        "lora_r": spec["lora_r"], "lora_alpha": 2 * spec["lora_r"], "lora_dropout": 0.0,
-        "lora_target_modules": ["all-linear"], "learning_rate": spec["learning_rate"], "beta": 0.1,
-        "loss_type": "sigmoid", "lr_scheduler_type": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
-        "max_grad_norm": 1.0, "optim": "adamw", "seed": spec["seed"], "logging_steps": 1,
-        "gradient_checkpointing": spec["gradient_checkpointing"], "precompute_ref_log_probs": spec["precompute_ref"],
+        "model": spec["model_dir"],
+        "tokenizer": spec["tokenizer_dir"],
+        "data": spec["data_file"],
+        "eval_fraction": 0.0,  # a file path: no builtin eval split
+        "output_dir": str(Path(spec["out_dir"]) / "qdpo"),
+        "overwrite": True,
+        "micro_batch_size": spec["micro_batch_size"],
+        "gradient_accumulation_steps": 1,
+        "max_length": spec["seq_len"],
+        "max_prompt_length": spec["max_prompt_length"],
+        "lora_r": spec["lora_r"],
+        "lora_alpha": 2 * spec["lora_r"],
+        "lora_dropout": 0.0,
+        "lora_target_modules": ["all-linear"],
+        "learning_rate": spec["learning_rate"],
+        "beta": 0.1,
+        "loss_type": "sigmoid",
+        "lr_scheduler_type": "constant",
+        "warmup_ratio": 0.0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "optim": "adamw",
+        "seed": spec["seed"],
+        "logging_steps": 1,
+        "gradient_checkpointing": spec["gradient_checkpointing"],
+        "precompute_ref_log_probs": spec["precompute_ref"],
         **({"max_steps": 0, "num_train_epochs": 1.0} if spec["epoch"] else {"max_steps": spec["steps"]}),
         **spec["qdpo_set"],
     }
@@ -401,18 +536,27 @@ def child_qdpo(spec: dict[str, Any]) -> dict[str, Any]:
     with timed(t, "wall_s"):
         result = qt.run(config, preset="bench", echo=print, progress=False)
     pairs = seen["data"].train
-    tokens = statistics.mean(pair_tokens(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids), config.max_length) for p in pairs)
+    tokens = statistics.mean(
+        pair_tokens(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids), config.max_length) for p in pairs
+    )
     losses = [json.loads(line)["loss"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     model = seen["model"]
     try:  # a planner error must not throw away the measured run
         plan = planned(spec, config, pairs)
     except Exception as e:  # noqa: BLE001
         plan = {"plan_error": f"{type(e).__name__}: {e}"}
-    return {"tool": "qdpo", "version": qdpo.__version__, "train_pairs": len(pairs), **plan,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "first_loss": losses[0], "last_loss": losses[-1], "adapter": str(result.output_dir / "adapter"),
-            "settings": {k: v for k, v in config.to_dict().items() if k not in ("model", "data", "output_dir")},
-            **measures(spec, t, step_times, tokens)}
+    return {
+        "tool": "qdpo",
+        "version": qdpo.__version__,
+        "train_pairs": len(pairs),
+        **plan,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "first_loss": losses[0],
+        "last_loss": losses[-1],
+        "adapter": str(result.output_dir / "adapter"),
+        "settings": {k: v for k, v in config.to_dict().items() if k not in ("model", "data", "output_dir")},
+        **measures(spec, t, step_times, tokens),
+    }
 
 
 def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
@@ -459,48 +603,102 @@ def child_trl(spec: dict[str, Any]) -> dict[str, Any]:
     bf16, fp16 = cuda and dtype == torch.bfloat16, cuda and dtype == torch.float16
     args = DPOConfig(
         output_dir=str(Path(spec["out_dir"]) / "trl"),
-        per_device_train_batch_size=spec["micro_batch_size"], gradient_accumulation_steps=1,
-        max_length=spec["seq_len"], truncation_mode="keep_start",
-        learning_rate=spec["learning_rate"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, optim="adamw_torch", beta=0.1, loss_type=["sigmoid"], seed=spec["seed"],
+        per_device_train_batch_size=spec["micro_batch_size"],
+        gradient_accumulation_steps=1,
+        max_length=spec["seq_len"],
+        truncation_mode="keep_start",
+        learning_rate=spec["learning_rate"],
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        optim="adamw_torch",
+        beta=0.1,
+        loss_type=["sigmoid"],
+        seed=spec["seed"],
         precompute_ref_log_probs=spec["precompute_ref"],
         precompute_ref_batch_size=spec["micro_batch_size"],  # qdpo scores the reference in training micro-batches too
-        gradient_checkpointing=spec["gradient_checkpointing"], gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=bf16, fp16=fp16, use_cpu=not cuda,
-        model_init_kwargs={"dtype": str(dtype).removeprefix("torch."), "device_map": {"": str(device)} if cuda else None},
-        report_to="none", save_strategy="no", eval_strategy="no", logging_steps=1, disable_tqdm=True,
+        gradient_checkpointing=spec["gradient_checkpointing"],
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=bf16,
+        fp16=fp16,
+        use_cpu=not cuda,
+        model_init_kwargs={
+            "dtype": str(dtype).removeprefix("torch."),
+            "device_map": {"": str(device)} if cuda else None,
+        },
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
         dataloader_num_workers=0,
         **({"num_train_epochs": 1} if spec["epoch"] else {"max_steps": spec["steps"]}),
         **spec["trl_set"],
     )
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=dtype)
-    lora = LoraConfig(r=spec["lora_r"], lora_alpha=2 * spec["lora_r"], lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
+    lora = LoraConfig(
+        r=spec["lora_r"],
+        lora_alpha=2 * spec["lora_r"],
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
     rows = [json.loads(line) for line in Path(spec["data_file"]).read_text().splitlines()]
     with timed(t, "wall_s"):
         tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer_dir"])
-        trainer = TimedDPOTrainer(model=spec["model_dir"], args=args, train_dataset=Dataset.from_list(rows),
-                                  processing_class=tokenizer, peft_config=lora, quantization_config=quant,
-                                  callbacks=[StepTimer()])
+        trainer = TimedDPOTrainer(
+            model=spec["model_dir"],
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            peft_config=lora,
+            quantization_config=quant,
+            callbacks=[StepTimer()],
+        )
         trainer.train()
         with timed(t, "save_s"):
             trainer.save_model(str(Path(spec["out_dir"]) / "trl" / "adapter"))
     data = trainer.train_dataset
-    tokens = statistics.mean(pair_tokens(len(p), len(c), len(r), spec["seq_len"])
-                             for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+    tokens = statistics.mean(
+        pair_tokens(len(p), len(c), len(r), spec["seq_len"])
+        for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"])
+    )
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"tool": "trl", "version": trl.__version__, "train_pairs": len(data),
-            "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "adapter": str(Path(spec["out_dir"]) / "trl" / "adapter"),
-            "settings": {k: v for k, v in args.to_dict().items() if k in TRL_REPORTED},
-            **measures(spec, t, step_times, tokens)}
+    return {
+        "tool": "trl",
+        "version": trl.__version__,
+        "train_pairs": len(data),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "adapter": str(Path(spec["out_dir"]) / "trl" / "adapter"),
+        "settings": {k: v for k, v in args.to_dict().items() if k in TRL_REPORTED},
+        **measures(spec, t, step_times, tokens),
+    }
 
 
-TRL_REPORTED = ("per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "learning_rate",
-                "lr_scheduler_type", "optim", "beta", "loss_type", "precompute_ref_log_probs", "gradient_checkpointing",
-                "gradient_checkpointing_kwargs", "bf16", "fp16", "use_cpu", "max_steps", "num_train_epochs", "seed")
+TRL_REPORTED = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "learning_rate",
+    "lr_scheduler_type",
+    "optim",
+    "beta",
+    "loss_type",
+    "precompute_ref_log_probs",
+    "gradient_checkpointing",
+    "gradient_checkpointing_kwargs",
+    "bf16",
+    "fp16",
+    "use_cpu",
+    "max_steps",
+    "num_train_epochs",
+    "seed",
+)
 
 
 def child_main(tool: str, spec_path: Path, result_path: Path) -> None:
@@ -513,6 +711,7 @@ def child_main(tool: str, spec_path: Path, result_path: Path) -> None:
     import peft  # noqa: F401
     import torch  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: F401
+
     import_s = time.perf_counter() - started
     try:
         result = {"qdpo": child_qdpo, "trl": child_trl}[tool](spec)
@@ -521,8 +720,12 @@ def child_main(tool: str, spec_path: Path, result_path: Path) -> None:
         import traceback
 
         traceback.print_exc()
-        result = {"tool": tool, "ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500],
-                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3)}
+        result = {
+            "tool": tool,
+            "ok": False,
+            "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:500],
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 3),
+        }
     result.update(import_s=round(import_s, 2), versions=versions())
     result_path.write_text(json.dumps(result, indent=2, default=str) + "\n")
 
@@ -541,11 +744,14 @@ def versions() -> dict[str, str]:
 
 # ------------------------------------------------------------------------------------------------- the parent
 
+
 def run_child(argv: list[str], log: Path, timeout: int, env: dict[str, str], verbose: bool) -> int:
     """Run this script in a fresh process, its output to log (and the console with --verbose)."""
     cmd = [sys.executable, "-u", str(Path(__file__).resolve()), *argv]
     with log.open("w") as f:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO))
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO)
+        )
         deadline = time.time() + timeout
         for line in proc.stdout:
             f.write(line)
@@ -603,7 +809,11 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         row = f"{label:38}" + "".join(f"{fmt(v):>14}" for v in vals)
         if ratio and len(tools) == 2 and "qdpo" in results and "trl" in results:
             a, b = results["qdpo"].get(key), results["trl"].get(key)
-            row += f"{(a / b):>12.2f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else f"{'-':>12}"
+            row += (
+                f"{(a / b):>12.2f}"
+                if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b
+                else f"{'-':>12}"
+            )
         lines.append(row)
     return "\n".join(lines)
 
@@ -620,25 +830,54 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="smollm2", help=f"smollm2 (embedded, real weights), {', '.join(SHAPES)}, or a config.json path (random weights)")
+    p.add_argument(
+        "--shape",
+        default="smollm2",
+        help=f"smollm2 (embedded, real weights), {', '.join(SHAPES)}, or a config.json path (random weights)",
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default 4)")
     g.add_argument("--epoch", action="store_true", help="one epoch over the pairs instead of --steps")
-    p.add_argument("--seq-len", type=int, default=None, help="max_length = prompt + response tokens (random data: exactly this; default 256 builtin, 512 random)")
-    p.add_argument("--micro-batch", type=int, default=1, help="pairs per forward (micro_batch_size / per_device_train_batch_size)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="max_length = prompt + response tokens (random data: exactly this; default 256 builtin, 512 random)",
+    )
+    p.add_argument(
+        "--micro-batch", type=int, default=1, help="pairs per forward (micro_batch_size / per_device_train_batch_size)"
+    )
     p.add_argument("--lora-r", type=int, default=16, help="LoRA rank; alpha = 2r")
     p.add_argument("--data", choices=["builtin", "random"], default="builtin")
-    p.add_argument("--pairs", type=int, default=None, help="number of pairs (default: steps x micro-batch, so each is seen once; --epoch: all builtin / 64 random)")
+    p.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="number of pairs (default: steps x micro-batch, so each is seen once; --epoch: all builtin / 64 random)",
+    )
     p.add_argument("--tools", default="qdpo,trl", help="comma-separated: qdpo, trl")
     p.add_argument("--out", default=None, help="write the results JSON here")
     p.add_argument("--learning-rate", type=float, default=5e-5)
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    p.add_argument("--no-precompute-ref", dest="precompute_ref", action="store_false", help="reference forward in every step, both tools")
-    p.add_argument("--qdpo-set", action="append", default=[], metavar="KEY=VALUE", help="extra qdpo setting (e.g. share_prompt=false)")
+    p.add_argument(
+        "--no-precompute-ref",
+        dest="precompute_ref",
+        action="store_false",
+        help="reference forward in every step, both tools",
+    )
+    p.add_argument(
+        "--qdpo-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra qdpo setting (e.g. share_prompt=false)",
+    )
     p.add_argument("--trl-set", action="append", default=[], metavar="KEY=VALUE", help="extra DPOConfig field")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--timeout", type=int, default=3600, help="seconds per tool process")
-    p.add_argument("--workdir", default=None, help="run folders and logs (default: a new folder under $QDPO_BENCH_CACHE/runs)")
+    p.add_argument(
+        "--workdir", default=None, help="run folders and logs (default: a new folder under $QDPO_BENCH_CACHE/runs)"
+    )
     p.add_argument("--keep", action="store_true", help="keep run folders (adapters) after the run")
     p.add_argument("--verbose", "-v", action="store_true", help="stream the tools' output")
     p.add_argument("--_child", nargs=3, metavar=("KIND", "SPEC", "RESULT"), help=argparse.SUPPRESS)
@@ -660,40 +899,87 @@ def main() -> None:
     seq_len = a.seq_len or (256 if a.data == "builtin" else 512)
     work = Path(a.workdir or cache_root() / "runs" / f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}")
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        **OFFLINE_ENV,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
 
     print(f"[1/3] model {a.shape} ({'random' if a.shape != 'smollm2' else 'real'} weights)", flush=True)
     tokenizer = "smollm2" if a.data == "builtin" else "words"
     (work / "prepare.json").write_text(json.dumps({"shape": a.shape, "tokenizer": tokenizer, "seed": a.seed}))
     started = time.time()
-    if run_child(["--_child", "prepare", str(work / "prepare.json"), str(work / "model.json")], work / "prepare.log",
-                 a.timeout, env, True) != 0:
+    if (
+        run_child(
+            ["--_child", "prepare", str(work / "prepare.json"), str(work / "model.json")],
+            work / "prepare.log",
+            a.timeout,
+            env,
+            True,
+        )
+        != 0
+    ):
         raise SystemExit(f"preparing the model failed; see {work / 'prepare.log'}")
     model = json.loads((work / "model.json").read_text())
-    print(f"      {model['model_dir']}  ({model['params'] / 1e6:,.1f}M params, vocab {model['vocab_size']}, "
-          f"ready in {time.time() - started:.0f}s)", flush=True)
+    print(
+        f"      {model['model_dir']}  ({model['params'] / 1e6:,.1f}M params, vocab {model['vocab_size']}, "
+        f"ready in {time.time() - started:.0f}s)",
+        flush=True,
+    )
 
     n_pairs = a.pairs or (None if a.epoch and a.data == "builtin" else 64 if a.epoch else steps * a.micro_batch)
     rows = make_rows(a.data, n_pairs, seq_len, model["vocab_size"], a.seed)
     data_file = work / "pairs.jsonl"
     data_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"[2/3] data {a.data}: {len(rows)} pairs" + (f", {seq_len // 2} prompt + {seq_len - seq_len // 2} response tokens each" if a.data == "random" else ""), flush=True)
+    print(
+        f"[2/3] data {a.data}: {len(rows)} pairs"
+        + (f", {seq_len // 2} prompt + {seq_len - seq_len // 2} response tokens each" if a.data == "random" else ""),
+        flush=True,
+    )
 
-    spec = {"model_dir": model["model_dir"], "tokenizer_dir": model["tokenizer_dir"], "matmul_params": model["matmul_params"], "data_file": str(data_file),
-            "seq_len": seq_len, "max_prompt_length": seq_len // 2, "micro_batch_size": a.micro_batch, "lora_r": a.lora_r,
-            "learning_rate": a.learning_rate, "steps": steps, "epoch": a.epoch, "seed": a.seed,
-            "gradient_checkpointing": a.gradient_checkpointing, "precompute_ref": a.precompute_ref,
-            "qdpo_set": parse_sets(a.qdpo_set), "trl_set": parse_sets(a.trl_set), "out_dir": str(work)}
+    spec = {
+        "model_dir": model["model_dir"],
+        "tokenizer_dir": model["tokenizer_dir"],
+        "matmul_params": model["matmul_params"],
+        "data_file": str(data_file),
+        "seq_len": seq_len,
+        "max_prompt_length": seq_len // 2,
+        "micro_batch_size": a.micro_batch,
+        "lora_r": a.lora_r,
+        "learning_rate": a.learning_rate,
+        "steps": steps,
+        "epoch": a.epoch,
+        "seed": a.seed,
+        "gradient_checkpointing": a.gradient_checkpointing,
+        "precompute_ref": a.precompute_ref,
+        "qdpo_set": parse_sets(a.qdpo_set),
+        "trl_set": parse_sets(a.trl_set),
+        "out_dir": str(work),
+    }
     (work / "spec.json").write_text(json.dumps(spec, indent=2))
 
     def summary() -> dict[str, Any]:
-        return {"shape": a.shape, "model": model, "settings": {k: v for k, v in spec.items() if k not in ("out_dir",)},
-                "data": a.data, "pairs": len(rows), "results": results,
-                "ratios_qdpo_over_trl": {k: round(results["qdpo"][k] / results["trl"][k], 4) for k, _, r in ROWS
-                                         if r and "qdpo" in results and "trl" in results
-                                         and isinstance(results["qdpo"].get(k), (int, float))
-                                         and isinstance(results["trl"].get(k), (int, float)) and results["trl"][k]},
-                "complete": len(results) == len(tools) and all(r.get("ok") for r in results.values()), "workdir": str(work), "when": datetime.now().isoformat(timespec="seconds")}
+        return {
+            "shape": a.shape,
+            "model": model,
+            "settings": {k: v for k, v in spec.items() if k not in ("out_dir",)},
+            "data": a.data,
+            "pairs": len(rows),
+            "results": results,
+            "ratios_qdpo_over_trl": {
+                k: round(results["qdpo"][k] / results["trl"][k], 4)
+                for k, _, r in ROWS
+                if r
+                and "qdpo" in results
+                and "trl" in results
+                and isinstance(results["qdpo"].get(k), (int, float))
+                and isinstance(results["trl"].get(k), (int, float))
+                and results["trl"][k]
+            },
+            "complete": len(results) == len(tools) and all(r.get("ok") for r in results.values()),
+            "workdir": str(work),
+            "when": datetime.now().isoformat(timespec="seconds"),
+        }
 
     def save() -> None:
         if a.out:
@@ -704,11 +990,24 @@ def main() -> None:
     for tool in tools:
         print(f"[3/3] {tool} ...", end=" ", flush=True)
         # A fresh qdpo cache per run: the reference table would otherwise be reused from an earlier run.
-        child_env = {**env, "QDPO_CACHE": str(work / f"cache-{tool}"), "HF_DATASETS_CACHE": str(work / f"datasets-{tool}")}
-        rc = run_child(["--_child", tool, str(work / "spec.json"), str(work / f"{tool}.json")], work / f"{tool}.log",
-                       a.timeout, child_env, a.verbose)
+        child_env = {
+            **env,
+            "QDPO_CACHE": str(work / f"cache-{tool}"),
+            "HF_DATASETS_CACHE": str(work / f"datasets-{tool}"),
+        }
+        rc = run_child(
+            ["--_child", tool, str(work / "spec.json"), str(work / f"{tool}.json")],
+            work / f"{tool}.log",
+            a.timeout,
+            child_env,
+            a.verbose,
+        )
         res_file = work / f"{tool}.json"
-        results[tool] = json.loads(res_file.read_text()) if res_file.is_file() else {"tool": tool, "ok": False, "error": f"exit code {rc}"}
+        results[tool] = (
+            json.loads(res_file.read_text())
+            if res_file.is_file()
+            else {"tool": tool, "ok": False, "error": f"exit code {rc}"}
+        )
         results[tool]["log"] = str(work / f"{tool}.log")
         if results[tool].get("ok"):
             print(f"done, whole run {results[tool]['wall_s']:.1f}s", flush=True)
@@ -725,10 +1024,12 @@ def main() -> None:
                 results[tool]["adapter"] = None  # removed; --keep keeps it
 
     first = next(iter(results.values()))
-    print(f"\n{a.shape} ({model['params'] / 1e9:.3g}B params) · data {a.data} · max_length {seq_len} · micro-batch "
-          f"{a.micro_batch} · LoRA r={a.lora_r} · {'1 epoch' if a.epoch else f'{steps} steps'} · gradient checkpointing "
-          f"{'on' if a.gradient_checkpointing else 'off'} · reference {'precomputed' if a.precompute_ref else 'every step'}"
-          + (f" · {first.get('gpu')}" if first.get("gpu") else " · CPU"))
+    print(
+        f"\n{a.shape} ({model['params'] / 1e9:.3g}B params) · data {a.data} · max_length {seq_len} · micro-batch "
+        f"{a.micro_batch} · LoRA r={a.lora_r} · {'1 epoch' if a.epoch else f'{steps} steps'} · gradient checkpointing "
+        f"{'on' if a.gradient_checkpointing else 'off'} · reference {'precomputed' if a.precompute_ref else 'every step'}"
+        + (f" · {first.get('gpu')}" if first.get("gpu") else " · CPU")
+    )
     print(table(results))
     save()  # again: adapters removed
     if a.out:

@@ -24,16 +24,18 @@ import torch  # noqa: E402
 from qdpo.batching import LAYOUTS, length_grouped_batches, make_batch, padding_share  # noqa: E402
 from qdpo.config import build_config, parse_override  # noqa: E402
 from qdpo.model import add_lora, compute_dtype, load_base_4bit, pick_device  # noqa: E402
+from qdpo.prepare import prepare_data  # noqa: E402
 from qdpo.presets import load_preset  # noqa: E402
 from qdpo.step import preference_loss  # noqa: E402
-from qdpo.prepare import prepare_data  # noqa: E402
 
 
 def main() -> None:
     """Parse arguments, time every layout, print one table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="smoke")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override, as in qdpo run")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override, as in qdpo run"
+    )
     ap.add_argument("--micro-batches", type=int, default=10, help="micro-batches timed per layout (after one warm-up)")
     ap.add_argument("--ungrouped", action="store_true", help="random micro-batches instead of length-grouped ones")
     args = ap.parse_args()
@@ -50,18 +52,22 @@ def main() -> None:
     b = config.micro_batch_size
     if args.ungrouped:
         order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        batches = [order[i:i + b] for i in range(0, len(order) - b + 1, b)]
+        batches = [order[i : i + b] for i in range(0, len(order) - b + 1, b)]
     else:
         batches = [idx for idx in length_grouped_batches(data.train, b, config.seed) if len(idx) == b]
-    batches = batches[:args.micro_batches + 1]
+    batches = batches[: args.micro_batches + 1]
     if len(batches) < 2:
-        raise SystemExit(f"need at least 2 full micro-batches of {b} pairs (one is warm-up); the data gives {len(batches)}.")
+        raise SystemExit(
+            f"need at least 2 full micro-batches of {b} pairs (one is warm-up); the data gives {len(batches)}."
+        )
     pad_id = data.tokenizer.pad_token_id
     reference = torch.zeros(2 * b)  # the loss value does not matter here, only the work
 
-    print(f"# {args.preset} {' '.join(args.set)} | {len(batches) - 1} micro-batches of {b} pairs"
-          f"{' (ungrouped)' if args.ungrouped else ' (length-grouped)'} | {device.type} {platform.processor() or platform.machine()}"
-          f" x{torch.get_num_threads()} threads | torch {torch.__version__}")
+    print(
+        f"# {args.preset} {' '.join(args.set)} | {len(batches) - 1} micro-batches of {b} pairs"
+        f"{' (ungrouped)' if args.ungrouped else ' (length-grouped)'} | {device.type} {platform.processor() or platform.machine()}"
+        f" x{torch.get_num_threads()} threads | torch {torch.__version__}"
+    )
     print(f"{'layout':<8} {'padding':>8} {'positions/mb':>13} {'s/mb':>7} {'(min..max)':>14} {'vs plain':>9}")
     base = None
     for layout in LAYOUTS:
@@ -78,8 +84,10 @@ def main() -> None:
                 positions.append(batch.input_ids.numel())
         mean = statistics.mean(times)
         base = base or mean
-        print(f"{layout:<8} {padding_share(data.train, batches[1:], layout):>8.1%} {statistics.mean(positions):>13.0f} "
-              f"{mean:>7.2f} {min(times):>6.2f}..{max(times):<6.2f} {mean / base:>8.2f}x")
+        print(
+            f"{layout:<8} {padding_share(data.train, batches[1:], layout):>8.1%} {statistics.mean(positions):>13.0f} "
+            f"{mean:>7.2f} {min(times):>6.2f}..{max(times):<6.2f} {mean / base:>8.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ PACKAGES = ["bitsandbytes", "trl", "datasets", "dill", "multiprocess", "peft"]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", default=str(Path(__file__).resolve().parent.parent / "runs" / "bench-site"))
-    p.add_argument("--cuda", default="130", help="which libbitsandbytes_cuda<N>.so to keep (torch.version.cuda there, no dot)")
+    p.add_argument(
+        "--cuda", default="130", help="which libbitsandbytes_cuda<N>.so to keep (torch.version.cuda there, no dot)"
+    )
     p.add_argument("--packages", default=",".join(PACKAGES))
     a = p.parse_args()
     target = Path(a.target)
@@ -36,7 +38,13 @@ def main() -> None:
         n = 0
         for f in dist.files or []:
             rel = str(f)
-            if ".." in rel or "__pycache__" in rel or rel.endswith(".pyc") or ".dist-info/" in rel and not rel.endswith("METADATA"):
+            if (
+                ".." in rel
+                or "__pycache__" in rel
+                or rel.endswith(".pyc")
+                or ".dist-info/" in rel
+                and not rel.endswith("METADATA")
+            ):
                 continue
             if name == "bitsandbytes" and rel.endswith(".so") and not rel.endswith((f"_cuda{a.cuda}.so", "_cpu.so")):
                 continue

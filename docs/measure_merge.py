@@ -44,8 +44,10 @@ def main(work: Path) -> None:
 
     run_dir = work / "run"
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        config = build_config(load_preset("smoke").settings,
-                              {"max_steps": 4, "eval_steps": 0, "output_dir": str(run_dir), "overwrite": True})
+        config = build_config(
+            load_preset("smoke").settings,
+            {"max_steps": 4, "eval_steps": 0, "output_dir": str(run_dir), "overwrite": True},
+        )
         run(config, preset="smoke", progress=False)
     rows = [("no merge: the base in fp32", "the base in NF4, no adapter", quantization_gap(run_dir))]
     for onto in ("original", "dequantized"):
@@ -58,7 +60,9 @@ def main(work: Path) -> None:
     print("\n| model | compared with | max abs logit deviation | largest logit | same top token |")
     print("|---|---|---|---|---|")
     for command, against, d in rows:
-        print(f"| {command} | {against} | {d.max_abs:.3g} | {d.max_logit:.3g} | {d.top1_agreement:.1%} of {d.positions} |")
+        print(
+            f"| {command} | {against} | {d.max_abs:.3g} | {d.max_logit:.3g} | {d.top1_agreement:.1%} of {d.positions} |"
+        )
 
 
 if __name__ == "__main__":

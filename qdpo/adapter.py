@@ -15,9 +15,13 @@ from qdpo.model import ModelSource, convert_gguf, pick_device, resolve_model
 from qdpo.model import compute_dtype as auto_compute_dtype
 
 _PEFT_PREFIX = "base_model.model."  # how PEFT prefixes a LoRA model's keys in adapter_model.safetensors
-_LORA_SUFFIXES = {".lora_A.weight": ("a", False), ".lora_B.weight": ("b", False),
-                  ".lora_embedding_A": ("a", True), ".lora_embedding_B": ("b", True),
-                  ".base_layer.weight": ("weight", None)}  # embedding layers PEFT wraps (save_embedding_layers)
+_LORA_SUFFIXES = {
+    ".lora_A.weight": ("a", False),
+    ".lora_B.weight": ("b", False),
+    ".lora_embedding_A": ("a", True),
+    ".lora_embedding_B": ("b", True),
+    ".base_layer.weight": ("weight", None),
+}  # embedding layers PEFT wraps (save_embedding_layers)
 
 
 @dataclass
@@ -63,11 +67,14 @@ def find_adapter(path: str | Path) -> Adapter:
         run = read_json(given / "run.json")
         adapter_dir = given / run.get("adapter_dir", "adapter")
         if not (adapter_dir / "adapter_config.json").is_file():
-            raise UserError(f"run {given} has no adapter yet (status: {run.get('status', 'unknown')}); "
-                            "merge or export it once it has finished.")
+            raise UserError(
+                f"run {given} has no adapter yet (status: {run.get('status', 'unknown')}); "
+                "merge or export it once it has finished."
+            )
     else:
-        raise UserError(f"{given} is neither a qdpo run directory (run.json) nor a PEFT adapter directory "
-                        "(adapter_config.json).")
+        raise UserError(
+            f"{given} is neither a qdpo run directory (run.json) nor a PEFT adapter directory (adapter_config.json)."
+        )
     config = read_json(adapter_dir / "adapter_config.json")
     if config.get("peft_type") != "LORA":
         raise UserError(f"{adapter_dir} is a {config.get('peft_type')} adapter; qdpo merges LoRA adapters only.")
@@ -146,8 +153,9 @@ def read_lora(adapter: Adapter) -> dict[str, Lora]:
         name = key.removeprefix(_PEFT_PREFIX)
         suffix = next((s for s in _LORA_SUFFIXES if name.endswith(s)), None)
         if suffix is None:
-            raise UserError(f"{adapter.path} holds {key}, which is not a LoRA factor; "
-                            "qdpo merges plain LoRA adapters only.")
+            raise UserError(
+                f"{adapter.path} holds {key}, which is not a LoRA factor; qdpo merges plain LoRA adapters only."
+            )
         part, embedding = _LORA_SUFFIXES[suffix]
         entry = factors.setdefault(name.removesuffix(suffix), {})
         entry[part] = tensor

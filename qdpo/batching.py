@@ -41,8 +41,8 @@ def length_grouped_batches(pairs: list[TokenizedPair], micro_batch_size: int, se
     window = micro_batch_size * LENGTH_GROUP_WINDOW
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: len(pairs[i]), reverse=True)
-        batches += [chunk[i:i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
+        chunk = sorted(order[start : start + window], key=lambda i: len(pairs[i]), reverse=True)
+        batches += [chunk[i : i + micro_batch_size] for i in range(0, len(chunk), micro_batch_size)]
     rng.shuffle(batches)
     return batches
 
@@ -124,9 +124,13 @@ def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int, packed: bool 
         n_p, n_c, n_r = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
         end = s + n_p + n_c + n_r
         input_ids[r, s:end] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
-        positions[r, s:s + n_p + n_c] = torch.arange(n_p + n_c)
-        positions[r, s + n_p + n_c:end] = torch.arange(n_p, n_p + n_r)
-        segments[r, s:s + n_p], segments[r, s + n_p:s + n_p + n_c], segments[r, s + n_p + n_c:end] = PROMPT, CHOSEN, REJECTED
+        positions[r, s : s + n_p + n_c] = torch.arange(n_p + n_c)
+        positions[r, s + n_p + n_c : end] = torch.arange(n_p, n_p + n_r)
+        segments[r, s : s + n_p], segments[r, s + n_p : s + n_p + n_c], segments[r, s + n_p + n_c : end] = (
+            PROMPT,
+            CHOSEN,
+            REJECTED,
+        )
         pair_ids[r, s:end] = b
         # chosen token at n_p + i is predicted by the position before it; the first rejected token by
         # the last prompt position (not the last chosen one), later ones by their predecessor.
@@ -137,8 +141,17 @@ def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int, packed: bool 
         rows += [b] * n_c + [b_total + b] * n_r
         logical += 2 * n_p + n_c + n_r
         cursor[r] = end
-    return SharedPromptBatch(input_ids, positions, segments, pair_ids, torch.tensor(predictors), torch.tensor(labels),
-                             torch.tensor(rows), b_total, logical)
+    return SharedPromptBatch(
+        input_ids,
+        positions,
+        segments,
+        pair_ids,
+        torch.tensor(predictors),
+        torch.tensor(labels),
+        torch.tensor(rows),
+        b_total,
+        logical,
+    )
 
 
 def shared_prompt_mask(segments: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
@@ -171,7 +184,11 @@ def padding_share(pairs: list[TokenizedPair], batches: list[list[int]], layout: 
         if layout == "shared":
             lengths = [pair_length(pairs[i]) for i in idx]
         else:
-            lengths = [len(pairs[i].prompt_ids) + len(getattr(pairs[i], side)) for side in ("chosen_ids", "rejected_ids") for i in idx]
+            lengths = [
+                len(pairs[i].prompt_ids) + len(getattr(pairs[i], side))
+                for side in ("chosen_ids", "rejected_ids")
+                for i in idx
+            ]
         real += sum(lengths)
         total += max(lengths) * len(lengths)
     return 1 - real / total if total else 0.0
@@ -180,7 +197,9 @@ def padding_share(pairs: list[TokenizedPair], batches: list[list[int]], layout: 
 class BatchStream:
     """Pair indices of each micro-batch, epoch after epoch (each regrouped with its own seed); its position can be saved."""
 
-    def __init__(self, pairs: list[TokenizedPair], micro_batch_size: int, seed: int, first_epoch: list[list[int]]) -> None:
+    def __init__(
+        self, pairs: list[TokenizedPair], micro_batch_size: int, seed: int, first_epoch: list[list[int]]
+    ) -> None:
         self.pairs, self.micro_batch_size, self.seed = pairs, micro_batch_size, seed
         self.epoch, self.queue = 0, [list(b) for b in first_epoch]
 
@@ -203,4 +222,4 @@ class BatchStream:
         if state["micro_batch_size"] != self.micro_batch_size:
             left = [i for batch in reversed(self.queue) for i in batch]  # in the order they would be handed out
             n = self.micro_batch_size
-            self.queue = [left[k:k + n] for k in range(0, len(left), n)][::-1]
+            self.queue = [left[k : k + n] for k in range(0, len(left), n)][::-1]

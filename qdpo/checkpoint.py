@@ -30,8 +30,17 @@ CHECKPOINTS = "checkpoints"
 FORMAT = 1
 # Settings a resume may change: they decide when things are logged, evaluated or saved, and how long the run
 # goes on, not what a step computes. Every other difference is refused.
-HARMLESS = ("logging_steps", "eval_steps", "save_steps", "save_total_limit", "max_steps", "num_train_epochs",
-            "overwrite", "output_dir", "max_nonfinite_steps")
+HARMLESS = (
+    "logging_steps",
+    "eval_steps",
+    "save_steps",
+    "save_total_limit",
+    "max_steps",
+    "num_train_epochs",
+    "overwrite",
+    "output_dir",
+    "max_nonfinite_steps",
+)
 
 
 @dataclass
@@ -58,8 +67,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, trainer_state: dict[str, Any], config: Config,
-                    description: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    *,
+    model,
+    tokenizer,
+    trainer_state: dict[str, Any],
+    config: Config,
+    description: dict[str, Any],
+    keep: int,
+) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep`; returns its directory.
 
     trainer_state holds the optimizer, scheduler, scaler, data-stream and RNG states as of the start of step + 1.
@@ -112,8 +130,10 @@ def load_trainer_state(checkpoint: Checkpoint) -> dict[str, Any]:
     try:
         return torch.load(checkpoint.path / "trainer_state.pt", map_location="cpu", weights_only=False)
     except Exception as e:  # a damaged file: say which, and how to go on from the one before
-        raise UserError(f"checkpoint {checkpoint.path} cannot be read ({type(e).__name__}); delete that directory "
-                        "to resume from the one before it.") from None
+        raise UserError(
+            f"checkpoint {checkpoint.path} cannot be read ({type(e).__name__}); delete that directory "
+            "to resume from the one before it."
+        ) from None
 
 
 def load_adapter_weights(model, checkpoint: Checkpoint) -> None:
@@ -125,8 +145,10 @@ def load_adapter_weights(model, checkpoint: Checkpoint) -> None:
     result = set_peft_model_state_dict(model, weights, adapter_name="default")
     missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
     if missing:
-        raise UserError(f"checkpoint {checkpoint.path} does not match this model's adapter ({missing[0]}); "
-                        "resume with the settings the run was started with.")
+        raise UserError(
+            f"checkpoint {checkpoint.path} does not match this model's adapter ({missing[0]}); "
+            "resume with the settings the run was started with."
+        )
 
 
 def saved_config(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -142,16 +164,23 @@ def resume_conflicts(saved: dict[str, Any], config: Config) -> list[str]:
     """
     now = config.to_dict()
     regroup = ("micro_batch_size", "gradient_accumulation_steps")
-    same_step = (saved.get(regroup[0], 0) * saved.get(regroup[1], 0)
-                 == config.micro_batch_size * config.gradient_accumulation_steps)
-    return [f"{f.name}: {saved.get(f.name)!r} -> {now[f.name]!r}" for f in fields(Config)
-            if f.name not in HARMLESS and not (f.name in regroup and same_step) and saved.get(f.name) != now[f.name]]
+    same_step = (
+        saved.get(regroup[0], 0) * saved.get(regroup[1], 0)
+        == config.micro_batch_size * config.gradient_accumulation_steps
+    )
+    return [
+        f"{f.name}: {saved.get(f.name)!r} -> {now[f.name]!r}"
+        for f in fields(Config)
+        if f.name not in HARMLESS and not (f.name in regroup and same_step) and saved.get(f.name) != now[f.name]
+    ]
 
 
 def check_resume(checkpoint: Checkpoint, config: Config) -> None:
     """Refuse, naming the fields, a resume whose settings would make it compute something else."""
     conflicts = resume_conflicts(saved_config(checkpoint), config)
     if conflicts:
-        raise UserError(f"cannot resume {checkpoint.path.parent.parent}: these settings differ from the run's "
-                        f"({'; '.join(conflicts)}); resume with the run's own settings (qdpo run --resume DIR alone "
-                        "takes them from the run) or start a new run.")
+        raise UserError(
+            f"cannot resume {checkpoint.path.parent.parent}: these settings differ from the run's "
+            f"({'; '.join(conflicts)}); resume with the run's own settings (qdpo run --resume DIR alone "
+            "takes them from the run) or start a new run."
+        )

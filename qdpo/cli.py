@@ -48,17 +48,40 @@ def main() -> None:
 @click.option("--rejected-column", default=None, help="Column holding the dispreferred response.")
 @click.option("--overwrite", is_flag=True, default=None, help="Replace an existing run in the output directory.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar (metrics still go to metrics.jsonl).")
-@click.option("--micro-batch", "micro_batch", default=None,
-              help="Pairs per forward, or 'auto': the largest the memory plan fits into the preset's GPU budget.")
+@click.option(
+    "--micro-batch",
+    "micro_batch",
+    default=None,
+    help="Pairs per forward, or 'auto': the largest the memory plan fits into the preset's GPU budget.",
+)
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings as YAML and stop (loads no model or data).")
-@click.option("--resume", "resume", default=None, is_flag=False, flag_value="", metavar="[RUN_DIR]",
-              help="Continue a run from its newest checkpoint. `--resume RUN_DIR` alone takes the run's own settings; "
-                   "bare `--resume` with --output DIR checks the settings given against the run's.")
+@click.option(
+    "--resume",
+    "resume",
+    default=None,
+    is_flag=False,
+    flag_value="",
+    metavar="[RUN_DIR]",
+    help="Continue a run from its newest checkpoint. `--resume RUN_DIR` alone takes the run's own settings; "
+    "bare `--resume` with --output DIR checks the settings given against the run's.",
+)
 @click.argument("overrides", nargs=-1)
-def run(preset: str, model: str | None, data: str | None, eval_data: str | None, output_dir: str | None,
-        prompt_column: str | None, chosen_column: str | None, rejected_column: str | None,
-        overwrite: bool | None, no_progress: bool, micro_batch: str | None, dry_run: bool, resume: str | None,
-        overrides: tuple[str, ...]) -> None:
+def run(
+    preset: str,
+    model: str | None,
+    data: str | None,
+    eval_data: str | None,
+    output_dir: str | None,
+    prompt_column: str | None,
+    chosen_column: str | None,
+    rejected_column: str | None,
+    overwrite: bool | None,
+    no_progress: bool,
+    micro_batch: str | None,
+    dry_run: bool,
+    resume: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Tune LoRA adapters with DPO. OVERRIDES are key=value settings (see `qdpo settings`), e.g. beta=0.2.
 
     Later sources win: built-in defaults < preset < flags and key=value overrides. A resumed run may change
@@ -70,9 +93,16 @@ def run(preset: str, model: str | None, data: str | None, eval_data: str | None,
     from qdpo.train import run as run_training
 
     loaded = load_preset(preset)
-    flags = {"model": model, "data": data, "eval_data": eval_data, "output_dir": output_dir,
-             "prompt_column": prompt_column, "chosen_column": chosen_column,
-             "rejected_column": rejected_column, "overwrite": overwrite}
+    flags = {
+        "model": model,
+        "data": data,
+        "eval_data": eval_data,
+        "output_dir": output_dir,
+        "prompt_column": prompt_column,
+        "chosen_column": chosen_column,
+        "rejected_column": rejected_column,
+        "overwrite": overwrite,
+    }
     if micro_batch is not None and micro_batch != "auto":
         flags["micro_batch_size"] = parse_override(f"micro_batch_size={micro_batch}")[1]
     if resume and "=" in resume and not Path(resume).expanduser().exists():  # `--resume key=value`: an override
@@ -83,7 +113,9 @@ def run(preset: str, model: str | None, data: str | None, eval_data: str | None,
 
         run_dir = Path(resume).expanduser()
         if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"cannot resume {run_dir}: it is not a qdpo run directory (no config.yaml); check the path.")
+            raise UserError(
+                f"cannot resume {run_dir}: it is not a qdpo run directory (no config.yaml); check the path."
+            )
         flags["output_dir"] = str(run_dir)
         values = {k: v for k, v in flags.items() if v is not None}
         values.update(parse_override(text) for text in overrides)
@@ -91,8 +123,10 @@ def run(preset: str, model: str | None, data: str | None, eval_data: str | None,
     else:
         config = resolve_settings(preset, flags, overrides, notes)
         if resume is not None and not config.output_dir:
-            raise UserError("--resume without a directory needs --output DIR (the run to continue); "
-                            "or pass the run directory: --resume DIR.")
+            raise UserError(
+                "--resume without a directory needs --output DIR (the run to continue); "
+                "or pass the run directory: --resume DIR."
+            )
     for note in notes:
         click.echo(note, err=dry_run)  # a dry run's stdout is the YAML alone
     if micro_batch == "auto":
@@ -118,7 +152,9 @@ def _auto_micro_batch(config, budget_gb: float | None):
     if budget_gb is None:
         raise UserError("--micro-batch auto needs a GPU budget: use a GPU preset (gpu_memory_gb) or run on a GPU.")
     size = auto_micro_batch(config, budget_gb)
-    click.echo(f"micro_batch_size {size}: the largest that fits {budget_gb:g} GB at max_length {config.max_length} (qdpo plan)")
+    click.echo(
+        f"micro_batch_size {size}: the largest that fits {budget_gb:g} GB at max_length {config.max_length} (qdpo plan)"
+    )
     return dataclasses.replace(config, micro_batch_size=size)
 
 

@@ -52,19 +52,28 @@ def list_cache() -> None:
     if not entries:
         click.echo(f"no reference tables in {reference_dir()} ({limit})")
     else:
-        click.echo(f"{len(entries)} reference tables, {_size(sum(e.bytes for e in entries))}, in {reference_dir()} ({limit}):")
+        click.echo(
+            f"{len(entries)} reference tables, {_size(sum(e.bytes for e in entries))}, in {reference_dir()} ({limit}):"
+        )
         width = max(len(e.path.name) for e in entries)
         for e in reversed(entries):  # most recently used first
             click.echo(f"  {e.path.name:<{width}}  {_size(e.bytes):>8}  {_age(now - e.used):>10}  {_what(e.about)}")
     models = converted_models()
     if models:
-        click.echo(f"{len(models)} converted GGUF models, {_size(sum(size for _, size in models))} (removed by `qdpo cache clear --all`):")
+        click.echo(
+            f"{len(models)} converted GGUF models, {_size(sum(size for _, size in models))} (removed by `qdpo cache clear --all`):"
+        )
         for path, size in models:
             click.echo(f"  {path.name}  {_size(size)}")
 
 
 @cache.command("clear")
-@click.option("--all", "everything", is_flag=True, help="Also remove the GGUF models converted into transformers checkpoints (<cache>/models).")
+@click.option(
+    "--all",
+    "everything",
+    is_flag=True,
+    help="Also remove the GGUF models converted into transformers checkpoints (<cache>/models).",
+)
 def clear_cache(everything: bool) -> None:
     """Remove the cached reference tables (--all: converted models too).
 
@@ -73,5 +82,8 @@ def clear_cache(everything: bool) -> None:
     from qdpo.reference import clear_cache as clear
 
     tables, models, removed = clear(models=everything)
-    click.echo(f"removed {tables} reference tables" + (f" and {models} converted GGUF models" if everything else "")
-               + f" ({_size(removed)})")
+    click.echo(
+        f"removed {tables} reference tables"
+        + (f" and {models} converted GGUF models" if everything else "")
+        + f" ({_size(removed)})"
+    )

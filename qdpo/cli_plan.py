@@ -32,8 +32,14 @@ def format_plan(plan, budget_gb: float | None) -> list[str]:
 
 @click.command("plan")
 @click.option("--preset", default="smoke", show_default=True, help="Preset name (see `qdpo presets`) or a .yaml file.")
-@click.option("--model", default=None, help="A model directory or config.json (default: the preset's model; built-in shapes for the shipped presets' hub ids).")
-@click.option("--budget-gb", type=float, default=None, help="GPU memory to plan for (default: the preset's gpu_memory_gb).")
+@click.option(
+    "--model",
+    default=None,
+    help="A model directory or config.json (default: the preset's model; built-in shapes for the shipped presets' hub ids).",
+)
+@click.option(
+    "--budget-gb", type=float, default=None, help="GPU memory to plan for (default: the preset's gpu_memory_gb)."
+)
 @click.argument("overrides", nargs=-1)
 def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tuple[str, ...]) -> None:
     """Estimate GPU memory of a run from the model's config.json (no weights) and the largest batch/length that fit.
@@ -62,13 +68,19 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
     click.echo(f"preset {loaded.name}: {config.model}")
     for note in family_notes:
         click.echo(note)
-    click.echo(f"model shape from {source}: hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads "
-               f"({shape.kv_heads} kv), MLP {shape.intermediate}, vocab {shape.vocab}{' (tied)' if shape.tied else ''}")
-    click.echo(f"step: micro_batch_size {result.micro_batch_size} pairs x max_length {result.seq_len}, "
-               f"{result.dtype} on {'the CPU' if device == 'cpu' else 'a GPU'}, "
-               f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
-               f"{f'logits in chunks of {chunk}' if chunk else 'full logits'}, LoRA r={config.lora_r}, {config.optim}")
-    click.echo("assumes: " + "; ".join(result.assumptions + ["worst case: every sequence max_length tokens, 1-token prompts"]))
+    click.echo(
+        f"model shape from {source}: hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads "
+        f"({shape.kv_heads} kv), MLP {shape.intermediate}, vocab {shape.vocab}{' (tied)' if shape.tied else ''}"
+    )
+    click.echo(
+        f"step: micro_batch_size {result.micro_batch_size} pairs x max_length {result.seq_len}, "
+        f"{result.dtype} on {'the CPU' if device == 'cpu' else 'a GPU'}, "
+        f"gradient checkpointing {'on' if config.gradient_checkpointing else 'off'}, "
+        f"{f'logits in chunks of {chunk}' if chunk else 'full logits'}, LoRA r={config.lora_r}, {config.optim}"
+    )
+    click.echo(
+        "assumes: " + "; ".join(result.assumptions + ["worst case: every sequence max_length tokens, 1-token prompts"])
+    )
     click.echo("")
     for row in format_plan(result, budget):
         click.echo(row)

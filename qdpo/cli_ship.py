@@ -8,20 +8,35 @@ import click
 
 from qdpo.merge import DTYPES, ONTO
 
-_ONTO_HELP = ("original: add the adapter to the base's full-precision weights as they are on disk; dequantized: add it "
-              "to the NF4-quantized-then-dequantized weights, exactly the function the adapter was trained on.")
+_ONTO_HELP = (
+    "original: add the adapter to the base's full-precision weights as they are on disk; dequantized: add it "
+    "to the NF4-quantized-then-dequantized weights, exactly the function the adapter was trained on."
+)
 
 
 @click.command("merge")
 @click.argument("source", metavar="RUN_DIR|ADAPTER_DIR")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory to write the merged model to.")
-@click.option("--base", default=None, help="Base model (dir, .gguf or hub id); default: the one the run was trained on.")
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default=None, help="dtype of the written weights; default: the base checkpoint's own.")
+@click.option(
+    "--base", default=None, help="Base model (dir, .gguf or hub id); default: the one the run was trained on."
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(list(DTYPES)),
+    default=None,
+    help="dtype of the written weights; default: the base checkpoint's own.",
+)
 @click.option("--onto", type=click.Choice(ONTO), default="original", show_default=True, help=_ONTO_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace an earlier merged model in --out.")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="Load the result back and print its largest logit deviation from the adapter on the 4-bit base.")
-def merge(source: str, out: Path, base: str | None, dtype: str | None, onto: str, overwrite: bool, check: bool) -> None:
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="Load the result back and print its largest logit deviation from the adapter on the 4-bit base.",
+)
+def merge(
+    source: str, out: Path, base: str | None, dtype: str | None, onto: str, overwrite: bool, check: bool
+) -> None:
     """Merge a run's LoRA adapter into its base model and write a plain transformers directory.
 
     The base is streamed tensor by tensor into sharded safetensors (memory holds one tensor, not the model),
@@ -34,16 +49,33 @@ def merge(source: str, out: Path, base: str | None, dtype: str | None, onto: str
 
 @click.command("export")
 @click.argument("source", metavar="RUN_DIR")
-@click.option("--format", "fmt", type=click.Choice(["gguf", "peft"]), required=True,
-              help="gguf: the merged model as one GGUF file (llama, mistral, qwen2); peft: the adapter alone with a model card.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="GGUF file, or adapter directory, to write.")
-@click.option("--type", "qtype", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True, help="GGUF tensor type.")
-@click.option("--onto", type=click.Choice(ONTO), default="original", show_default=True, help="GGUF only: " + _ONTO_HELP)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["gguf", "peft"]),
+    required=True,
+    help="gguf: the merged model as one GGUF file (llama, mistral, qwen2); peft: the adapter alone with a model card.",
+)
+@click.option(
+    "--out", required=True, type=click.Path(path_type=Path), help="GGUF file, or adapter directory, to write."
+)
+@click.option(
+    "--type", "qtype", type=click.Choice(["f16", "q8_0"]), default="f16", show_default=True, help="GGUF tensor type."
+)
+@click.option(
+    "--onto", type=click.Choice(ONTO), default="original", show_default=True, help="GGUF only: " + _ONTO_HELP
+)
 @click.option("--base", default=None, help="GGUF only: base model; default: the one the run was trained on.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export at --out.")
-@click.option("--check/--no-check", default=True, show_default=True,
-              help="GGUF only: read the file back with transformers and compare logits and tokenization with the merged model.")
-def export(source: str, fmt: str, out: Path, qtype: str, onto: str, base: str | None, overwrite: bool, check: bool) -> None:
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="GGUF only: read the file back with transformers and compare logits and tokenization with the merged model.",
+)
+def export(
+    source: str, fmt: str, out: Path, qtype: str, onto: str, base: str | None, overwrite: bool, check: bool
+) -> None:
     """Export a run: the merged model as a GGUF file for llama.cpp, or the adapter alone with a README.md model card."""
     from qdpo.export import export_gguf, export_peft
 

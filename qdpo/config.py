@@ -39,7 +39,7 @@ def _out_of_range(value: Any, meta: Any) -> str | None:
     high = ("]", bounds["max"]) if "max" in bounds else (")", bounds["lt"]) if "lt" in bounds else None
     if not math.isfinite(value):
         return "be a finite number"
-    ok = (low is None or (value >= low[1] if low[0] == "[" else value > low[1]))
+    ok = low is None or (value >= low[1] if low[0] == "[" else value > low[1])
     ok = ok and (high is None or (value <= high[1] if high[0] == "]" else value < high[1]))
     if ok:
         return None
@@ -55,43 +55,103 @@ class Config:
     """Every setting of a qdpo run; names follow TRL/transformers where one exists."""
 
     # --- what to tune on
-    model: str = _f("builtin:smollm2-135m-instruct", "Base model: local transformers dir, .gguf file, hub id, or builtin:smollm2-135m-instruct.")
-    data: str = _f("builtin:answers", "Preference data: .jsonl/.json/.parquet/.csv file, save_to_disk dir, hub id, or builtin:answers.")
+    model: str = _f(
+        "builtin:smollm2-135m-instruct",
+        "Base model: local transformers dir, .gguf file, hub id, or builtin:smollm2-135m-instruct.",
+    )
+    data: str = _f(
+        "builtin:answers",
+        "Preference data: .jsonl/.json/.parquet/.csv file, save_to_disk dir, hub id, or builtin:answers.",
+    )
     data_split: str = _f("train", "Split to read when `data` is a hub dataset or a DatasetDict directory.")
-    eval_data: str | None = _f(None, "Held-out preference data (same formats as `data`); if unset, `eval_fraction` of `data` is held out.")
-    eval_fraction: float = _f(0.05, "Share of `data` held out for evaluation when `eval_data` is unset (0 disables eval).", min=0, lt=1)
+    eval_data: str | None = _f(
+        None, "Held-out preference data (same formats as `data`); if unset, `eval_fraction` of `data` is held out."
+    )
+    eval_fraction: float = _f(
+        0.05, "Share of `data` held out for evaluation when `eval_data` is unset (0 disables eval).", min=0, lt=1
+    )
     prompt_column: str = _f("prompt", "Column with the prompt (string or chat messages).")
     chosen_column: str = _f("chosen", "Column with the preferred response.")
     rejected_column: str = _f("rejected", "Column with the dispreferred response.")
-    assistant_marker: str = _f("\n\nAssistant:", "For rows without a prompt column (Anthropic-HH style): text that opens an assistant turn.")
-    output_dir: str | None = _f(None, "Where the run writes config, metrics and the adapter; default runs/<preset>-<time>.")
+    assistant_marker: str = _f(
+        "\n\nAssistant:", "For rows without a prompt column (Anthropic-HH style): text that opens an assistant turn."
+    )
+    output_dir: str | None = _f(
+        None, "Where the run writes config, metrics and the adapter; default runs/<preset>-<time>."
+    )
     overwrite: bool = _f(False, "Replace an existing, non-empty output_dir.")
 
     # --- model and adapters
-    compute_dtype: str = _f("auto", "Matmul dtype for 4-bit layers: auto = bfloat16 on GPUs that have it, float16 otherwise, float32 on CPU (bf16 is ~10x slower there).", choices=COMPUTE_DTYPES)
-    lora_r: int = _f(16, "LoRA rank. Memory: r x (in + out) params per adapted matrix, x4 bytes for weights+grads+2 Adam states each.", min=1)
+    compute_dtype: str = _f(
+        "auto",
+        "Matmul dtype for 4-bit layers: auto = bfloat16 on GPUs that have it, float16 otherwise, float32 on CPU (bf16 is ~10x slower there).",
+        choices=COMPUTE_DTYPES,
+    )
+    lora_r: int = _f(
+        16,
+        "LoRA rank. Memory: r x (in + out) params per adapted matrix, x4 bytes for weights+grads+2 Adam states each.",
+        min=1,
+    )
     lora_alpha: int = _f(32, "LoRA scale numerator (scale = alpha / r).", min=1)
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input; 0 keeps the step-0 policy identical to the reference.", min=0, lt=1)
-    lora_target_modules: list[str] = _f(["all-linear"], "Module names to adapt; all-linear = every linear layer of the blocks (not lm_head).")
-    tokenizer: str | None = _f(None, "Load the tokenizer (and chat template) from this directory or hub id instead of the model's; its ids must fit the model's vocabulary.")
-    init_adapter: str | None = _f(None, "Start from this PEFT adapter (e.g. an SFT adapter); it is also the reference model.")
-    logits_chunk_size: int = _f(1024, "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.", min=0)
-    offload_activations: bool = _f(False, "Keep the tensors saved for backward (with checkpointing: the layer-boundary activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.")
-    share_prompt: bool | None = _f(None, "Pack each pair as one row prompt+chosen+rejected (rejected masked off the chosen part): the prompt is computed once, not twice. Unset (auto): on for every model family where it is exact (qdpo.families), off otherwise; true forces it and is refused where it cannot be exact.")
-    pack_pairs: bool = _f(False, "With share_prompt: put all pairs of a micro-batch back to back in one row, no padding (attention masked per pair). With SDPA the masked attention spans the whole row, so today it costs more than the padding it saves (1.3x slower on the CPU); it needs a block-sparse attention kernel to pay off.")
-    precompute_ref_log_probs: bool = _f(True, "Score every pair with the reference once before training (cached on disk) instead of a reference forward in every step.")
-    gradient_checkpointing: bool = _f(True, "Recompute each block's activations in backward (non-reentrant). True cuts activation memory ~L-fold for ~30% more compute.")
+    lora_dropout: float = _f(
+        0.0, "Dropout on the LoRA input; 0 keeps the step-0 policy identical to the reference.", min=0, lt=1
+    )
+    lora_target_modules: list[str] = _f(
+        ["all-linear"], "Module names to adapt; all-linear = every linear layer of the blocks (not lm_head)."
+    )
+    tokenizer: str | None = _f(
+        None,
+        "Load the tokenizer (and chat template) from this directory or hub id instead of the model's; its ids must fit the model's vocabulary.",
+    )
+    init_adapter: str | None = _f(
+        None, "Start from this PEFT adapter (e.g. an SFT adapter); it is also the reference model."
+    )
+    logits_chunk_size: int = _f(
+        1024,
+        "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.",
+        min=0,
+    )
+    offload_activations: bool = _f(
+        False,
+        "Keep the tensors saved for backward (with checkpointing: the layer-boundary activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.",
+    )
+    share_prompt: bool | None = _f(
+        None,
+        "Pack each pair as one row prompt+chosen+rejected (rejected masked off the chosen part): the prompt is computed once, not twice. Unset (auto): on for every model family where it is exact (qdpo.families), off otherwise; true forces it and is refused where it cannot be exact.",
+    )
+    pack_pairs: bool = _f(
+        False,
+        "With share_prompt: put all pairs of a micro-batch back to back in one row, no padding (attention masked per pair). With SDPA the masked attention spans the whole row, so today it costs more than the padding it saves (1.3x slower on the CPU); it needs a block-sparse attention kernel to pay off.",
+    )
+    precompute_ref_log_probs: bool = _f(
+        True,
+        "Score every pair with the reference once before training (cached on disk) instead of a reference forward in every step.",
+    )
+    gradient_checkpointing: bool = _f(
+        True,
+        "Recompute each block's activations in backward (non-reentrant). True cuts activation memory ~L-fold for ~30% more compute.",
+    )
 
     # --- data shaping
     max_length: int = _f(1024, "Longest prompt+response in tokens; longer responses are cut from the right.", min=2)
-    max_prompt_length: int = _f(512, "Longest prompt in tokens; longer prompts are cut from the left (the end is kept). When only max_length is set below it, it becomes max_length // 2.", min=1)
-    micro_batch_size: int = _f(1, "Pairs per forward pass (each pair is 2 sequences). Memory grows linearly with it.", min=1)
-    gradient_accumulation_steps: int = _f(8, "Micro-batches summed per optimizer step; pairs per step = micro_batch_size x this.", min=1)
+    max_prompt_length: int = _f(
+        512,
+        "Longest prompt in tokens; longer prompts are cut from the left (the end is kept). When only max_length is set below it, it becomes max_length // 2.",
+        min=1,
+    )
+    micro_batch_size: int = _f(
+        1, "Pairs per forward pass (each pair is 2 sequences). Memory grows linearly with it.", min=1
+    )
+    gradient_accumulation_steps: int = _f(
+        8, "Micro-batches summed per optimizer step; pairs per step = micro_batch_size x this.", min=1
+    )
 
     # --- the objective
     beta: float = _f(0.1, "How far the policy may drift from the reference (higher = stay closer).", gt=0)
     loss_type: str = _f("sigmoid", "sigmoid (DPO), ipo (IPO), hinge (SLiC), robust (rDPO).", choices=LOSS_TYPES)
-    label_smoothing: float = _f(0.0, "Assumed share of flipped labels (cDPO for sigmoid, rDPO for robust); in [0, 0.5).", min=0, lt=0.5)
+    label_smoothing: float = _f(
+        0.0, "Assumed share of flipped labels (cDPO for sigmoid, rDPO for robust); in [0, 0.5).", min=0, lt=0.5
+    )
     sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (RPO); 0 disables it.", min=0)
 
     # --- optimisation
@@ -100,7 +160,11 @@ class Config:
     warmup_ratio: float = _f(0.1, "Share of steps spent warming the learning rate up from 0.", min=0, lt=1)
     weight_decay: float = _f(0.0, "AdamW weight decay on the LoRA parameters.", min=0)
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables clipping).", min=0)
-    optim: str = _f("adamw", "adamw (torch) or paged_adamw_8bit (bitsandbytes; 8-bit states: 4x smaller, needs CUDA).", choices=OPTIMIZERS)
+    optim: str = _f(
+        "adamw",
+        "adamw (torch) or paged_adamw_8bit (bitsandbytes; 8-bit states: 4x smaller, needs CUDA).",
+        choices=OPTIMIZERS,
+    )
     num_train_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).", min=0)
     max_steps: int = _f(0, "Optimizer steps to run; 0 = derive from num_train_epochs.", min=0)
     seed: int = _f(42, "Seed for data order, eval split and LoRA init.", min=0, max=2**32 - 1)
@@ -108,9 +172,17 @@ class Config:
     # --- what the run reports
     logging_steps: int = _f(1, "Write a metrics line every this many optimizer steps.", min=1)
     eval_steps: int = _f(0, "Score the eval split every this many steps (0 = only at the end).", min=0)
-    save_steps: int = _f(0, "Write a checkpoint (adapter, optimizer, RNG, data position, metrics) every this many optimizer steps and at the last one; `qdpo run --resume DIR` continues from the newest. 0: none, except on Ctrl-C/SIGTERM.", min=0)
-    save_total_limit: int = _f(2, "Keep only the newest this many checkpoints (each holds the adapter and the optimizer state).", min=1)
-    max_nonfinite_steps: int = _f(5, "Skip an update whose loss or gradients are NaN/Inf; stop the run after this many in a row.", min=1)
+    save_steps: int = _f(
+        0,
+        "Write a checkpoint (adapter, optimizer, RNG, data position, metrics) every this many optimizer steps and at the last one; `qdpo run --resume DIR` continues from the newest. 0: none, except on Ctrl-C/SIGTERM.",
+        min=0,
+    )
+    save_total_limit: int = _f(
+        2, "Keep only the newest this many checkpoints (each holds the adapter and the optimizer state).", min=1
+    )
+    max_nonfinite_steps: int = _f(
+        5, "Skip an update whose loss or gradients are NaN/Inf; stop the run after this many in a row.", min=1
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -128,7 +200,9 @@ class Config:
         if self.max_steps == 0 and self.num_train_epochs <= 0:
             raise UserError("set max_steps or a positive num_train_epochs; both say zero steps.")
         if self.max_prompt_length >= self.max_length:
-            raise UserError(f"max_prompt_length ({self.max_prompt_length}) must be less than max_length ({self.max_length}) to leave room for the response.")
+            raise UserError(
+                f"max_prompt_length ({self.max_prompt_length}) must be less than max_length ({self.max_length}) to leave room for the response."
+            )
         if self.loss_type != "sigmoid" and self.loss_type != "robust" and self.label_smoothing:
             raise UserError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}.")
         if self.pack_pairs and self.share_prompt is False:
@@ -156,10 +230,18 @@ def _type_of(name: str) -> Any:
 
 
 # Names other tools use for a setting qdpo calls differently (TRL/transformers, axolotl, common shorthand).
-ALIASES = {"lr": "learning_rate", "epochs": "num_train_epochs", "batch_size": "micro_batch_size",
-           "per_device_train_batch_size": "micro_batch_size", "max_seq_length": "max_length",
-           "max_seq_len": "max_length", "lora_rank": "lora_r", "rank": "lora_r", "optimizer": "optim",
-           "warmup_steps": "warmup_ratio"}
+ALIASES = {
+    "lr": "learning_rate",
+    "epochs": "num_train_epochs",
+    "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size",
+    "max_seq_length": "max_length",
+    "max_seq_len": "max_length",
+    "lora_rank": "lora_r",
+    "rank": "lora_r",
+    "optimizer": "optim",
+    "warmup_steps": "warmup_ratio",
+}
 
 
 def unknown_setting(name: Any) -> UserError:
@@ -259,13 +341,19 @@ def parse_override(text: str) -> tuple[str, Any]:
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int too long for int(); RecursionError: deep
         value = raw
     # Keep strings that YAML would turn into other things when the field is a string (e.g. a path "123").
-    if key in field_names() and _type_of(key) in (str, str | None) and not isinstance(value, str) and value is not None:
+    if (
+        key in field_names()
+        and _type_of(key) in (str, str | None)
+        and not isinstance(value, str)
+        and value is not None
+    ):
         value = raw
     return key, coerce(key, value)
 
 
-def build_config(preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
-                 notes: list[str] | None = None) -> Config:
+def build_config(
+    preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None, notes: list[str] | None = None
+) -> Config:
     """Resolve dataclass defaults < preset < overrides into one validated Config.
 
     A value the user did not set (absent from overrides) gives way to one they did: lowering only
@@ -280,8 +368,10 @@ def build_config(preset: dict[str, Any] | None = None, overrides: dict[str, Any]
     if max_prompt >= max_length and "max_prompt_length" not in (overrides or {}) and max_length >= 2:
         values["max_prompt_length"] = max_length // 2
         if notes is not None:
-            notes.append(f"max_prompt_length {max_prompt} does not fit max_length {max_length}: "
-                         f"using max_prompt_length {max_length // 2} (set it to choose another)")
+            notes.append(
+                f"max_prompt_length {max_prompt} does not fit max_length {max_length}: "
+                f"using max_prompt_length {max_length // 2} (set it to choose another)"
+            )
     return Config(**values)
 
 

@@ -60,15 +60,18 @@ def load_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], 
         suffix = path.suffix.lower()
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
         if suffix not in readers:
-            raise UserError(f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .parquet, .csv or a save_to_disk directory.")
+            raise UserError(
+                f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .parquet, .csv or a save_to_disk directory."
+            )
         rows = readers[suffix](path)
         if not rows:
             raise UserError(f"{path} has no rows; point data at a file with preference pairs.")
         return rows, str(path)
     if looks_like_hub_id(source):
         return _read_hub(source, split), source
-    raise UserError(f"data {source!r} does not exist; pass a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a hub dataset id.")
-
+    raise UserError(
+        f"data {source!r} does not exist; pass a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a hub dataset id."
+    )
 
 
 class Rows(list):
@@ -105,8 +108,9 @@ def _read_jsonl(path: Path) -> Rows:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise UserError(f"{path} line {number} is not UTF-8 text (byte {e.start + 1} of the line); "
-                            "save the file as UTF-8.") from None
+            raise UserError(
+                f"{path} line {number} is not UTF-8 text (byte {e.start + 1} of the line); save the file as UTF-8."
+            ) from None
         if number == 1:
             line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
         if not line.strip():
@@ -115,8 +119,10 @@ def _read_jsonl(path: Path) -> Rows:
         if error:
             raise UserError(f"{path} line {number} is not valid JSON ({error}); fix or remove that line.")
         if not isinstance(row, dict):
-            raise UserError(f"{path} line {number} is {_kind(row)}, not a JSON object with prompt/chosen/rejected "
-                            "keys; write one object per line.")
+            raise UserError(
+                f"{path} line {number} is {_kind(row)}, not a JSON object with prompt/chosen/rejected "
+                "keys; write one object per line."
+            )
         rows.append(row)
         numbers.append(number)
     if not rows:
@@ -144,22 +150,27 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         elif loaded and all(isinstance(v, list) for v in loaded.values()):  # column-oriented
             if any(isinstance(item, dict) for values in loaded.values() for item in values[:1]):
                 shown = ", ".join(_show(k) for k in list(loaded)[:6])
-                raise UserError(f"{path} holds several lists of rows ({shown}); keep one list per file, for "
-                                "example one file per split.")
+                raise UserError(
+                    f"{path} holds several lists of rows ({shown}); keep one list per file, for "
+                    "example one file per split."
+                )
             lengths = {key: len(values) for key, values in loaded.items()}
             if len(set(lengths.values())) > 1:
                 shown = ", ".join(f"{_show(k)} {n}" for k, n in list(lengths.items())[:6])
-                raise UserError(f"{path} holds columns of different lengths ({shown}); give every column one value "
-                                "per row.")
+                raise UserError(
+                    f"{path} holds columns of different lengths ({shown}); give every column one value per row."
+                )
             keys = list(loaded)
             loaded = [dict(zip(keys, values)) for values in zip(*loaded.values())]
     if not isinstance(loaded, list):
-        raise UserError(f"{path} holds {_kind(loaded)}; it must hold a list of objects with prompt/chosen/rejected "
-                        "keys.")
+        raise UserError(
+            f"{path} holds {_kind(loaded)}; it must hold a list of objects with prompt/chosen/rejected keys."
+        )
     for number, item in enumerate(loaded, start=1):
         if not isinstance(item, dict):
-            raise UserError(f"{path} row {number} is {_kind(item)}, not an object with prompt/chosen/rejected keys; "
-                            "fix that row.")
+            raise UserError(
+                f"{path} row {number} is {_kind(item)}, not an object with prompt/chosen/rejected keys; fix that row."
+            )
     return loaded
 
 
@@ -198,7 +209,9 @@ def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
     try:
         loaded = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError):
-        raise UserError(f"{path} is a directory but not one written by datasets' save_to_disk; pass a data file instead.") from None
+        raise UserError(
+            f"{path} is a directory but not one written by datasets' save_to_disk; pass a data file instead."
+        ) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise UserError(f"{path} has splits {', '.join(loaded)}; choose one with data_split=NAME.")
@@ -212,7 +225,9 @@ def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
     try:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
-        raise UserError(f"could not load dataset {name!r} split {split!r} from the hub ({type(e).__name__}); check the name, the network, or pass a local file.") from None
+        raise UserError(
+            f"could not load dataset {name!r} split {split!r} from the hub ({type(e).__name__}); check the name, the network, or pass a local file."
+        ) from None
     return loaded.to_list()
 
 
@@ -234,21 +249,24 @@ def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> li
     names = {"prompt_column": columns.prompt, "chosen_column": columns.chosen, "rejected_column": columns.rejected}
     if len(set(names.values())) < 3:
         shown = ", ".join(f"{key}={value!r}" for key, value in names.items())
-        raise UserError(f"prompt_column, chosen_column and rejected_column must name three different columns; "
-                        f"got {shown}.")
+        raise UserError(
+            f"prompt_column, chosen_column and rejected_column must name three different columns; got {shown}."
+        )
     pairs = []
     for number, row in enumerate(rows, start=1):
         line = lines[number - 1] if lines else number
         at = f"{where} row {number}" + (f" (line {line})" if line != number else "")
         if not isinstance(row, dict):
-            raise UserError(f"{at} is {_kind(row)}, not an object with {columns.chosen!r} and {columns.rejected!r} "
-                            "columns.")
+            raise UserError(
+                f"{at} is {_kind(row)}, not an object with {columns.chosen!r} and {columns.rejected!r} columns."
+            )
         for name in (columns.chosen, columns.rejected):
             if name not in row:
                 has = f"it has {', '.join(_show(key) for key in list(row)[:8])}" if row else "it has no columns"
                 has += ", ..." if len(row) > 8 else ""
-                raise UserError(f"{at} has no column {_show(name)} ({has}); map yours with "
-                                "--chosen-column/--rejected-column.")
+                raise UserError(
+                    f"{at} has no column {_show(name)} ({has}); map yours with --chosen-column/--rejected-column."
+                )
         chosen = _check_text(row[columns.chosen], at, columns.chosen)
         rejected = _check_text(row[columns.rejected], at, columns.rejected)
         if columns.prompt in row:
@@ -256,9 +274,11 @@ def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> li
         elif PROMPT_TURNS_COLUMN in row:
             prompt = _check_text(row[PROMPT_TURNS_COLUMN], at, PROMPT_TURNS_COLUMN)
             if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
-                raise UserError(f"{at} column {PROMPT_TURNS_COLUMN!r} ends with an assistant turn, but next to "
-                                f"{columns.chosen!r}/{columns.rejected!r} it must hold only the prompt turns; "
-                                "drop the answer from it or name the prompt column with --prompt-column.")
+                raise UserError(
+                    f"{at} column {PROMPT_TURNS_COLUMN!r} ends with an assistant turn, but next to "
+                    f"{columns.chosen!r}/{columns.rejected!r} it must hold only the prompt turns; "
+                    "drop the answer from it or name the prompt column with --prompt-column."
+                )
         else:
             prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, columns.assistant_marker, at)
         pair = _unify(prompt, chosen, rejected, at)
@@ -295,8 +315,10 @@ def _check_chars(text: str, place: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: JSON's "\ud800" escape reads, but it is no character
-        raise UserError(f"{place} holds an invalid character (the lone surrogate U+{ord(text[e.start]):04X} at "
-                        f"position {e.start + 1}); fix the text.") from None
+        raise UserError(
+            f"{place} holds an invalid character (the lone surrogate U+{ord(text[e.start]):04X} at "
+            f"position {e.start + 1}); fix the text."
+        ) from None
     return text
 
 
@@ -308,8 +330,9 @@ def _check_text(value: Any, at: str, column: str) -> Text:
     if isinstance(value, dict):  # one message, e.g. ShareGPT's chosen {"from": "gpt", "value": ...}
         value = [value]
     if not isinstance(value, (list, tuple)) or not value:
-        raise UserError(f"{at} column {column!r} must be a string or a list of {{role, content}} messages, "
-                        f"not {_kind(value)}.")
+        raise UserError(
+            f"{at} column {column!r} must be a string or a list of {{role, content}} messages, not {_kind(value)}."
+        )
     return [_check_message(m, i, at, column) for i, m in enumerate(value, start=1)]
 
 
@@ -340,11 +363,15 @@ def _check_response(response: Text, at: str, column: str, prompt_column: str) ->
     if not isinstance(response, list):
         return
     if response[0]["role"] != "assistant":
-        raise UserError(f"{at} column {column!r}: the response starts with a {_show(response[0]['role'])} message, "
-                        f"not 'assistant'; put the turns before the answer in the {prompt_column!r} column.")
+        raise UserError(
+            f"{at} column {column!r}: the response starts with a {_show(response[0]['role'])} message, "
+            f"not 'assistant'; put the turns before the answer in the {prompt_column!r} column."
+        )
     if response[-1]["role"] != "assistant":
-        raise UserError(f"{at} column {column!r}: the response ends with a {_show(response[-1]['role'])} message, "
-                        "not 'assistant'; end each response with the assistant's answer.")
+        raise UserError(
+            f"{at} column {column!r}: the response ends with a {_show(response[-1]['role'])} message, "
+            "not 'assistant'; end each response with the assistant's answer."
+        )
 
 
 def split_shared_prompt(chosen: Text, rejected: Text, marker: str, where: str, number: int) -> tuple[Text, Text, Text]:
@@ -361,8 +388,9 @@ def _split_shared_prompt(chosen: Text, rejected: Text, marker: str, at: str) -> 
         while k > 0 and (k >= len(chosen) or chosen[k]["role"] != "assistant"):
             k -= 1
         if k == 0:
-            raise UserError(f"{at}: chosen and rejected share no prompt before an assistant turn; "
-                            "add a prompt column.")
+            raise UserError(
+                f"{at}: chosen and rejected share no prompt before an assistant turn; add a prompt column."
+            )
         return chosen[:k], chosen[k:], rejected[k:]
     if isinstance(chosen, str) and isinstance(rejected, str):
         k = 0
@@ -370,8 +398,10 @@ def _split_shared_prompt(chosen: Text, rejected: Text, marker: str, at: str) -> 
             k += 1
         end = chosen.rfind(marker, 0, k)
         if end < 0 or (end + len(marker) > k):
-            raise UserError(f"{at}: no prompt column and no shared beginning ending in {marker!r}; "
-                            "add a prompt column or set assistant_marker.")
+            raise UserError(
+                f"{at}: no prompt column and no shared beginning ending in {marker!r}; "
+                "add a prompt column or set assistant_marker."
+            )
         cut = end + len(marker)
         return chosen[:cut], chosen[cut:], rejected[cut:]
     raise UserError(f"{at}: chosen and rejected must both be strings or both be message lists.")
@@ -385,7 +415,11 @@ def _unify(prompt: Text, chosen: Text, rejected: Text, origin: str = "") -> Pair
     def as_messages(t: Text, role: str) -> list[dict[str, str]]:
         return t if isinstance(t, list) else [{"role": role, "content": t}]
 
-    prompt, chosen, rejected = as_messages(prompt, "user"), as_messages(chosen, "assistant"), as_messages(rejected, "assistant")
+    prompt, chosen, rejected = (
+        as_messages(prompt, "user"),
+        as_messages(chosen, "assistant"),
+        as_messages(rejected, "assistant"),
+    )
     # Some sets (UltraFeedback-style) repeat the prompt at the start of both conversations: drop it there.
     n = len(prompt)
     if chosen[:n] == prompt and rejected[:n] == prompt and len(chosen) > n and len(rejected) > n:

@@ -25,8 +25,13 @@ GGUF_TYPES = ("f16", "q8_0")
 # llama.cpp runs Mistral with its llama graph; Qwen2 has its own.
 GGUF_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 ROPE_PERMUTED = {"llama", "mistral"}  # llama.cpp's llama graph wants Q/K rows in its own rotary layout
-CHECK_STRINGS = ["Hello there, how are you today?", "The capital of France is Paris.", "  two  spaces\nand a newline",
-                 "What is 12 plus 30? It is 42.", "naïve café, 東京"]
+CHECK_STRINGS = [
+    "Hello there, how are you today?",
+    "The capital of France is Paris.",
+    "  two  spaces\nand a newline",
+    "What is 12 plus 30? It is 42.",
+    "naïve café, 東京",
+]
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -49,6 +54,7 @@ class GgufResult:
 
 # ---------------------------------------------------------------- the adapter alone
 
+
 def _table(rows: dict[str, Any]) -> str:
     """A two-column markdown table of the rows that have a value."""
     lines = ["| | |", "|---|---|"]
@@ -63,44 +69,103 @@ def model_card(adapter: Adapter, title: str) -> str:
     """README.md for an exported adapter: base model, data, settings and final metrics, from the run's own records."""
     run = adapter.run or {}
     base = run.get("base_model") or {"name": adapter.config.get("base_model_name_or_path")}
-    summary = read_json(adapter.run_dir / "summary.json") if adapter.run_dir and (adapter.run_dir / "summary.json").is_file() else None
+    summary = (
+        read_json(adapter.run_dir / "summary.json")
+        if adapter.run_dir and (adapter.run_dir / "summary.json").is_file()
+        else None
+    )
     data, lora, quant = run.get("data") or {}, run.get("lora") or {}, run.get("quantization") or {}
     front = {"base_model": base["name"], "library_name": "peft", "tags": ["dpo", "lora", "qlora", "qdpo"]}
     parts = [
-        "---", *(f"{k}: {json.dumps(v)}" for k, v in front.items()), "---", "",
-        f"# {title}", "",
+        "---",
+        *(f"{k}: {json.dumps(v)}" for k, v in front.items()),
+        "---",
+        "",
+        f"# {title}",
+        "",
         f"A LoRA adapter for **{base['name']}**, tuned with Direct Preference Optimization (DPO) by qdpo "
-        "on a 4-bit copy of the base (bitsandbytes NF4, double-quantized scales).", "",
-        "## Base model", "",
-        _table({"model": base["name"], "loaded from": base.get("path"), "converted from GGUF": base.get("gguf_file"),
+        "on a 4-bit copy of the base (bitsandbytes NF4, double-quantized scales).",
+        "",
+        "## Base model",
+        "",
+        _table(
+            {
+                "model": base["name"],
+                "loaded from": base.get("path"),
+                "converted from GGUF": base.get("gguf_file"),
                 "quantization while training": f"{quant.get('quant_type', 'nf4')}, double quant {quant.get('double_quant', True)}, "
-                                              f"compute dtype {quant.get('compute_dtype', '?')}"}),
-        "", f"`adapter_config.json` names the base as `{adapter.config.get('base_model_name_or_path')}`; "
-        "pass the base's hub id or directory to `from_pretrained` if it lives elsewhere on your machine.", "",
-        "## Data", "",
-        _table({"training data": data.get("source"), "held-out data": data.get("eval_source") or "a share of the training data",
-                "training pairs": data.get("train_pairs"), "held-out pairs": data.get("eval_pairs"),
+                f"compute dtype {quant.get('compute_dtype', '?')}",
+            }
+        ),
+        "",
+        f"`adapter_config.json` names the base as `{adapter.config.get('base_model_name_or_path')}`; "
+        "pass the base's hub id or directory to `from_pretrained` if it lives elsewhere on your machine.",
+        "",
+        "## Data",
+        "",
+        _table(
+            {
+                "training data": data.get("source"),
+                "held-out data": data.get("eval_source") or "a share of the training data",
+                "training pairs": data.get("train_pairs"),
+                "held-out pairs": data.get("eval_pairs"),
                 "fingerprint": data.get("fingerprint"),
-                "pairs dropped": ", ".join(f"{n} {why.replace('_', ' ')}" for why, n in (data.get("dropped") or {}).items()) or None}),
-        "", "## LoRA", "",
-        _table({"r": adapter.config.get("r"), "lora_alpha": adapter.config.get("lora_alpha"),
-                "lora_dropout": adapter.config.get("lora_dropout"), "use_rslora": adapter.config.get("use_rslora"),
-                "target modules": lora.get("target_modules") or adapter.config.get("target_modules")}),
+                "pairs dropped": ", ".join(
+                    f"{n} {why.replace('_', ' ')}" for why, n in (data.get("dropped") or {}).items()
+                )
+                or None,
+            }
+        ),
+        "",
+        "## LoRA",
+        "",
+        _table(
+            {
+                "r": adapter.config.get("r"),
+                "lora_alpha": adapter.config.get("lora_alpha"),
+                "lora_dropout": adapter.config.get("lora_dropout"),
+                "use_rslora": adapter.config.get("use_rslora"),
+                "target modules": lora.get("target_modules") or adapter.config.get("target_modules"),
+            }
+        ),
     ]
     if adapter.run_dir and (adapter.run_dir / "config.yaml").is_file():
-        parts += ["", "## Settings", "", "Every resolved setting of the run (`qdpo_config.yaml`):", "", "```yaml",
-                  (adapter.run_dir / "config.yaml").read_text().rstrip(), "```"]
+        parts += [
+            "",
+            "## Settings",
+            "",
+            "Every resolved setting of the run (`qdpo_config.yaml`):",
+            "",
+            "```yaml",
+            (adapter.run_dir / "config.yaml").read_text().rstrip(),
+            "```",
+        ]
     parts += ["", "## Final metrics", ""]
-    parts.append(_table({k: _metric(v) for k, v in summary.items()}) if summary else "No summary.json: the run did not record final metrics.")
-    parts += ["", "## Use", "", "```python", "from peft import PeftModel",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f"base = AutoModelForCausalLM.from_pretrained({str(base.get('path') or base['name'])!r})",
-              'model = PeftModel.from_pretrained(base, "path/to/this/adapter")',
-              'tokenizer = AutoTokenizer.from_pretrained("path/to/this/adapter")', "```", ""]
+    parts.append(
+        _table({k: _metric(v) for k, v in summary.items()})
+        if summary
+        else "No summary.json: the run did not record final metrics."
+    )
+    parts += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"base = AutoModelForCausalLM.from_pretrained({str(base.get('path') or base['name'])!r})",
+        'model = PeftModel.from_pretrained(base, "path/to/this/adapter")',
+        'tokenizer = AutoTokenizer.from_pretrained("path/to/this/adapter")',
+        "```",
+        "",
+    ]
     return "\n".join(str(p) for p in parts)
 
 
-def export_peft(path: str | Path, out: str | Path, overwrite: bool = False, echo: Callable[[str], None] = print) -> Path:
+def export_peft(
+    path: str | Path, out: str | Path, overwrite: bool = False, echo: Callable[[str], None] = print
+) -> Path:
     """Copy a run's adapter (weights, config, tokenizer, chat template) into out with a README.md model card."""
     out = Path(out).expanduser()
     check_output(out, overwrite, marker="adapter_config.json")
@@ -118,11 +183,13 @@ def export_peft(path: str | Path, out: str | Path, overwrite: bool = False, echo
 
 # ---------------------------------------------------------------- GGUF
 
+
 def llama_permute(weight: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
     """Reorder Q/K rows from the HF rotary layout (halves) to llama.cpp's (interleaved pairs), as its converter does."""
     heads = n_head_kv if n_head != n_head_kv else n_head
-    return (weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 def gguf_type(shape: tuple[int, ...], qtype: str):
@@ -156,12 +223,16 @@ def _rope_theta(config) -> float:
 def check_exportable(config) -> None:
     """Refuse, before any work, a model the GGUF writer here does not cover."""
     if config.model_type not in GGUF_ARCHS:
-        raise UserError(f"GGUF export covers {', '.join(GGUF_ARCHS)} models; this one is {config.model_type}. "
-                        "Use `qdpo merge` and convert the merged directory with llama.cpp's convert_hf_to_gguf.py.")
+        raise UserError(
+            f"GGUF export covers {', '.join(GGUF_ARCHS)} models; this one is {config.model_type}. "
+            "Use `qdpo merge` and convert the merged directory with llama.cpp's convert_hf_to_gguf.py."
+        )
     params = getattr(config, "rope_parameters", None) or {}
     if params.get("rope_type", "default") != "default":
-        raise UserError(f"GGUF export does not handle {params['rope_type']} rope scaling yet; use `qdpo merge` and "
-                        "llama.cpp's convert_hf_to_gguf.py.")
+        raise UserError(
+            f"GGUF export does not handle {params['rope_type']} rope scaling yet; use `qdpo merge` and "
+            "llama.cpp's convert_hf_to_gguf.py."
+        )
 
 
 def add_hyperparameters(writer, config, vocab_size: int) -> None:
@@ -220,7 +291,9 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, source_gguf: Path | None) 
     sentencepiece = bool(model.get("byte_fallback"))  # Llama/Mistral style: ▁ for spaces, <0xNN> byte tokens
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
-        raise UserError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} embeddings.")
+        raise UserError(
+            f"the tokenizer has ids up to {max(vocab.values())} but the model only {vocab_size} embeddings."
+        )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]  # rows the tokenizer never produces, as llama.cpp names them
     types = [TokenType.UNUSED] * vocab_size
     for token, i in vocab.items():
@@ -274,7 +347,9 @@ def plan_gguf(model_dir: Path, config, qtype: str) -> list[GgufTensor]:
     for hf_name, (file, shape, _) in checkpoint_tensors(model_dir).items():
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise UserError(f"no GGUF name for tensor {hf_name}; GGUF export covers plain {config.model_type} checkpoints only.")
+            raise UserError(
+                f"no GGUF name for tensor {hf_name}; GGUF export covers plain {config.model_type} checkpoints only."
+            )
         planned.append(GgufTensor(gguf_name, hf_name, file, shape, gguf_type(shape, qtype)))
     return planned
 
@@ -329,8 +404,11 @@ def check_gguf(gguf_file: Path, model_dir: Path) -> GgufCheck:
     gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     strings = list(CHECK_STRINGS)
     if reference_tokenizer.chat_template:
-        strings.append(reference_tokenizer.apply_chat_template([{"role": "user", "content": CHECK_STRINGS[0]}],
-                                                               add_generation_prompt=True, tokenize=False))
+        strings.append(
+            reference_tokenizer.apply_chat_template(
+                [{"role": "user", "content": CHECK_STRINGS[0]}], add_generation_prompt=True, tokenize=False
+            )
+        )
     mismatched = [s for s in strings if reference_tokenizer(s)["input_ids"] != gguf_tokenizer(s)["input_ids"]]
     prompts = check_prompts(reference_tokenizer)  # the same ids into both models: logits compare weights alone
     reference = merged_logits(model_dir, prompts)
@@ -339,9 +417,17 @@ def check_gguf(gguf_file: Path, model_dir: Path) -> GgufCheck:
     return GgufCheck(deviation, mismatched, reference_tokenizer.chat_template == gguf_tokenizer.chat_template)
 
 
-def export_gguf(path: str | Path, out: str | Path, qtype: str = "f16", onto: str = "original", base: str | None = None,
-                overwrite: bool = False, check: bool = True, echo: Callable[[str], None] = print,
-                max_shard_bytes: int = SHARD_BYTES) -> GgufResult:
+def export_gguf(
+    path: str | Path,
+    out: str | Path,
+    qtype: str = "f16",
+    onto: str = "original",
+    base: str | None = None,
+    overwrite: bool = False,
+    check: bool = True,
+    echo: Callable[[str], None] = print,
+    max_shard_bytes: int = SHARD_BYTES,
+) -> GgufResult:
     """Merge a run's adapter into its base (in a temp directory next to out) and write the result as one GGUF file."""
     out = Path(out).expanduser()
     if qtype not in GGUF_TYPES:
@@ -359,9 +445,14 @@ def export_gguf(path: str | Path, out: str | Path, qtype: str = "f16", onto: str
         write_gguf(merged, tmp / "model.gguf", qtype, name=Path(adapter.run_dir or adapter.path).name)
         if check:
             result = check_gguf(tmp / "model.gguf", merged)
-            tokens = ("tokenization identical on the check strings" if not result.mismatched_strings
-                      else f"WARNING: tokenization differs on {len(result.mismatched_strings)} check strings")
-            echo(f"read back with transformers: largest logit deviation from the merged model {result.deviation.describe()}; "
-                 f"{tokens}; chat template {'kept' if result.chat_template_same else 'NOT kept'}")
+            tokens = (
+                "tokenization identical on the check strings"
+                if not result.mismatched_strings
+                else f"WARNING: tokenization differs on {len(result.mismatched_strings)} check strings"
+            )
+            echo(
+                f"read back with transformers: largest logit deviation from the merged model {result.deviation.describe()}; "
+                f"{tokens}; chat template {'kept' if result.chat_template_same else 'NOT kept'}"
+            )
     echo(f"GGUF: {out}  (llama.cpp, or transformers with gguf_file=)")
     return GgufResult(out, result)

@@ -100,7 +100,9 @@ def layer_windows(config: Any) -> dict[str, int | None]:
         return {"*": window}
     unknown = set(types) - {"full_attention", "sliding_attention"}
     if unknown:
-        raise UserError(f"layer type {sorted(unknown)[0]} is not supported by the shared-prompt layout; set share_prompt=false.")
+        raise UserError(
+            f"layer type {sorted(unknown)[0]} is not supported by the shared-prompt layout; set share_prompt=false."
+        )
     return {t: (window if t == "sliding_attention" else None) for t in set(types)}
 
 
@@ -157,22 +159,34 @@ def exact_settings(config: Config, model_config: Any) -> tuple[Config, list[str]
     if problem and config.batch_layout != "plain":
         if config.pack_pairs or config.share_prompt:
             forced = "pack_pairs" if config.pack_pairs else "share_prompt"
-            raise UserError(f"{forced}=true cannot be exact for this model: {problem}; leave share_prompt unset "
-                            "(qdpo then picks the plain layout) or set share_prompt=false and pack_pairs=false.")
+            raise UserError(
+                f"{forced}=true cannot be exact for this model: {problem}; leave share_prompt unset "
+                "(qdpo then picks the plain layout) or set share_prompt=false and pack_pairs=false."
+            )
         config = replace(config, share_prompt=False)
     elif config.share_prompt is None:
         config = replace(config, share_prompt=True)
     if family_of(model_config) is None and config.logits_chunk_size:
         config = replace(config, logits_chunk_size=0)  # the model's own forward: exact for any family
     family = family_of(model_config)
-    layout = {"plain": "plain layout (two sequences per pair)", "shared": "shared-prompt layout",
-              "packed": "packed layout"}[config.batch_layout]
+    layout = {
+        "plain": "plain layout (two sequences per pair)",
+        "shared": "shared-prompt layout",
+        "packed": "packed layout",
+    }[config.batch_layout]
     windows = sorted({w for w in layer_windows(model_config).values() if w}) if config.batch_layout != "plain" else []
     if windows:
         layout += f" (sliding window {windows[0]} kept in the mask)"
-    then = {"softcap": ", then soft-capped", "divide": ", then divided by logits_scaling",
-            "multiply": ", then multiplied by logit_scale"}.get(family.logits if family else "none", "")
-    head = f"lm_head in chunks of {config.logits_chunk_size}{then}" if config.logits_chunk_size else "the model's own logits"
+    then = {
+        "softcap": ", then soft-capped",
+        "divide": ", then divided by logits_scaling",
+        "multiply": ", then multiplied by logit_scale",
+    }.get(family.logits if family else "none", "")
+    head = (
+        f"lm_head in chunks of {config.logits_chunk_size}{then}"
+        if config.logits_chunk_size
+        else "the model's own logits"
+    )
     line = f"model family: {label}: {layout}, {head}"
     if problem and config.batch_layout == "plain":
         line += f" (shared prompt off: {problem})"
@@ -181,8 +195,12 @@ def exact_settings(config: Config, model_config: Any) -> tuple[Config, list[str]
 
 def family_table() -> str:
     """The README's table of verified families (regenerate with `python -m qdpo.families`)."""
-    after = {"none": "-", "softcap": "soft-cap (`final_logit_softcapping`)", "divide": "÷ `logits_scaling`",
-             "multiply": "× `logit_scale`"}
+    after = {
+        "none": "-",
+        "softcap": "soft-cap (`final_logit_softcapping`)",
+        "divide": "÷ `logits_scaling`",
+        "multiply": "× `logit_scale`",
+    }
     rows = ["| family | `model_type` | after lm_head (applied by the chunked head) | layouts |", "|---|---|---|---|"]
     for model_type, family in FAMILIES.items():
         rows.append(f"| {family.label} | `{model_type}` | {after[family.logits]} | plain, shared prompt, packed |")

@@ -79,7 +79,9 @@ def check_output(out: Path, overwrite: bool, marker: str | None) -> None:
         if out.is_dir():
             raise UserError(f"{out} is a directory; --out must name a file.")
     elif not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file()):
-        raise UserError(f"{out} is not an earlier output of this command (no {marker}); refusing to overwrite it, pick another --out.")
+        raise UserError(
+            f"{out} is not an earlier output of this command (no {marker}); refusing to overwrite it, pick another --out."
+        )
 
 
 def _swap_in(new: Path, out: Path) -> None:
@@ -116,5 +118,3 @@ def staged(out: Path, inner: str | None = None) -> Iterator[Path]:
         raise UserError(f"could not write {out} ({e.strerror or e}); nothing was left under that name.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-

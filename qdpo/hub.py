@@ -5,8 +5,20 @@ from __future__ import annotations
 from pathlib import PurePath
 
 # Suffixes that name a local file, never a hub repository (ids may contain dots: "allenai/tulu-2.5-preference-data").
-LOCAL_FILE_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".gguf", ".yaml", ".yml", ".safetensors", ".bin",
-                       ".txt", ".arrow", ".pt"}
+LOCAL_FILE_SUFFIXES = {
+    ".jsonl",
+    ".json",
+    ".parquet",
+    ".csv",
+    ".gguf",
+    ".yaml",
+    ".yml",
+    ".safetensors",
+    ".bin",
+    ".txt",
+    ".arrow",
+    ".pt",
+}
 
 
 def looks_like_hub_id(name: str) -> bool:

@@ -31,14 +31,22 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask:
     return SequenceScores(token_logps.sum(-1), mask.sum(-1), logits_sum)
 
 
-def _chunk_logps(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_logps(
+    head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     logits = head(hidden).float()
     token_logps = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return token_logps, logits.detach().sum(-1)
 
 
-def gathered_logps(states: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor, num_rows: int,
-                   head: torch.nn.Module, chunk_size: int) -> SequenceScores:
+def gathered_logps(
+    states: torch.Tensor,
+    labels: torch.Tensor,
+    rows: torch.Tensor,
+    num_rows: int,
+    head: torch.nn.Module,
+    chunk_size: int,
+) -> SequenceScores:
     """Per-sequence sums of log p(label | state) for M gathered positions; rows[m] names each one's sequence.
 
     chunk_size > 0 runs lm_head on that many positions at a time under non-reentrant
@@ -51,7 +59,7 @@ def gathered_logps(states: torch.Tensor, labels: torch.Tensor, rows: torch.Tenso
     token_logps, logit_sums = [], []
     step = chunk_size if chunk_size > 0 else max(states.shape[0], 1)
     for start in range(0, states.shape[0], step):
-        args = (head, states[start:start + step], labels[start:start + step])
+        args = (head, states[start : start + step], labels[start : start + step])
         lp, ls = checkpoint(_chunk_logps, *args, use_reentrant=False) if chunk_size > 0 else _chunk_logps(*args)
         token_logps.append(lp)
         logit_sums.append(ls)
@@ -62,8 +70,9 @@ def gathered_logps(states: torch.Tensor, labels: torch.Tensor, rows: torch.Tenso
     return SequenceScores(logps, lengths, logits_sum)
 
 
-def chunked_sequence_logps(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
-                           response_mask: torch.Tensor, chunk_size: int) -> SequenceScores:
+def chunked_sequence_logps(
+    hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor, chunk_size: int
+) -> SequenceScores:
     """sequence_logps from final hidden states, applying lm_head only at positions that predict a response token."""
     rows, cols = response_mask[:, 1:].nonzero(as_tuple=True)
     states = hidden[:, :-1][rows, cols]  # [M, H]

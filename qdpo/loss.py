@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from qdpo.config import LOSS_TYPES
 
 
-
 def dpo_loss(
     policy_chosen_logps: torch.Tensor,
     policy_rejected_logps: torch.Tensor,
@@ -49,12 +48,12 @@ def dpo_loss(
     if loss_type == "sigmoid":
         # DPO, Rafailov et al. 2023 (arXiv:2305.18290) eq. 7; with label_smoothing = epsilon it is
         # conservative DPO (cDPO, Mitchell 2023): the target is 1 - epsilon instead of 1.
-        losses = (-F.logsigmoid(beta * delta) * (1 - label_smoothing)
-                  - F.logsigmoid(-beta * delta) * label_smoothing)
+        losses = -F.logsigmoid(beta * delta) * (1 - label_smoothing) - F.logsigmoid(-beta * delta) * label_smoothing
     elif loss_type == "robust":
         # Robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409) eq. 8: unbiased under a label-flip rate epsilon.
-        losses = (-F.logsigmoid(beta * delta) * (1 - label_smoothing)
-                  + F.logsigmoid(-beta * delta) * label_smoothing) / (1 - 2 * label_smoothing)
+        losses = (
+            -F.logsigmoid(beta * delta) * (1 - label_smoothing) + F.logsigmoid(-beta * delta) * label_smoothing
+        ) / (1 - 2 * label_smoothing)
     elif loss_type == "hinge":
         # SLiC-HF, Zhao et al. 2023 (arXiv:2305.10425) eq. 2, as TRL writes it: relu(1 - beta * delta).
         losses = torch.relu(1 - beta * delta)

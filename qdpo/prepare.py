@@ -70,13 +70,19 @@ def prepare_data(config: Config, echo: Callable[[str], None] = print) -> Prepare
         echo(f"eval:  {eval_stats.describe()}")
     if not train:
         raise UserError(f"no training pairs are left after filtering {config.data}; check the data and max_length.")
-    return PreparedData(source, model_config, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs))
+    return PreparedData(
+        source, model_config, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs)
+    )
 
 
 def check_vocabulary(data: PreparedData, embedding_rows: int) -> None:
     """Refuse token ids the model has no embedding for (a tokenizer from another model), before they crash a step."""
-    largest = max([max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in data.train + data.eval]
-                  + [data.tokenizer.pad_token_id])  # padding is fed to the embedding too
+    largest = max(
+        [max(p.prompt_ids + p.chosen_ids + p.rejected_ids) for p in data.train + data.eval]
+        + [data.tokenizer.pad_token_id]
+    )  # padding is fed to the embedding too
     if largest >= embedding_rows:
-        raise UserError(f"the tokenizer produces token id {largest} but {data.source.name} has only {embedding_rows} "
-                        "embeddings; use the model's own tokenizer (leave `tokenizer` unset) or one made for it.")
+        raise UserError(
+            f"the tokenizer produces token id {largest} but {data.source.name} has only {embedding_rows} "
+            "embeddings; use the model's own tokenizer (leave `tokenizer` unset) or one made for it."
+        )

@@ -47,7 +47,9 @@ def load_preset(name_or_path: str) -> Preset:
     else:
         path = preset_dir() / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise UserError(f"unknown preset {name_or_path!r}; choose one of {', '.join(available())} or pass a .yaml file.")
+            raise UserError(
+                f"unknown preset {name_or_path!r}; choose one of {', '.join(available())} or pass a .yaml file."
+            )
     raw = load_yaml(path)
     meta = {k: raw.pop(k) for k in META_KEYS if k in raw}
     return Preset(
@@ -59,8 +61,9 @@ def load_preset(name_or_path: str) -> Preset:
     )
 
 
-def resolve_settings(preset: str, flags: dict[str, Any] | None = None, overrides: Iterable[str] = (),
-                     notes: list[str] | None = None) -> Config:
+def resolve_settings(
+    preset: str, flags: dict[str, Any] | None = None, overrides: Iterable[str] = (), notes: list[str] | None = None
+) -> Config:
     """The one way run, plan and the notebook turn a preset, flags and key=value overrides into a Config.
 
     Later sources win: built-in defaults < preset < flags (None means "not given") < overrides.

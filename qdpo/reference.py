@@ -166,7 +166,10 @@ def _adapter_fingerprint(init_adapter: str | None, memo: _Memo) -> dict | None:
     if init_adapter is None:
         return None
     root = Path(init_adapter).expanduser().resolve()
-    return {"dir": str(root), "files": {n: memo.digest(root / n) if (root / n).is_file() else None for n in ADAPTER_FILES}}
+    return {
+        "dir": str(root),
+        "files": {n: memo.digest(root / n) if (root / n).is_file() else None for n in ADAPTER_FILES},
+    }
 
 
 def _cpu_flags() -> list[str]:
@@ -186,10 +189,19 @@ def device_fingerprint(device: torch.device | str | None) -> dict | None:
     device = torch.device(device)
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return {"type": "cuda", "name": torch.cuda.get_device_name(index), "capability": list(torch.cuda.get_device_capability(index)),
-                "cuda": torch.version.cuda, "tf32": torch.backends.cuda.matmul.allow_tf32}
-    return {"type": device.type, "machine": platform.machine(), "torch_cpu": torch.backends.cpu.get_cpu_capability(),
-            "flags": _cpu_flags()}
+        return {
+            "type": "cuda",
+            "name": torch.cuda.get_device_name(index),
+            "capability": list(torch.cuda.get_device_capability(index)),
+            "cuda": torch.version.cuda,
+            "tf32": torch.backends.cuda.matmul.allow_tf32,
+        }
+    return {
+        "type": device.type,
+        "machine": platform.machine(),
+        "torch_cpu": torch.backends.cpu.get_cpu_capability(),
+        "flags": _cpu_flags(),
+    }
 
 
 class CacheKey(str):
@@ -198,9 +210,19 @@ class CacheKey(str):
     about: dict
 
 
-def cache_key(source: ModelSource, init_adapter: str | None, pairs: list[TokenizedPair], dtype: torch.dtype,
-              micro_batch_size: int, batches: list[list[int]], logits_chunk_size: int = 0, layout: str = "plain", *,
-              device: torch.device | str | None = None, extra: dict | None = None) -> CacheKey:
+def cache_key(
+    source: ModelSource,
+    init_adapter: str | None,
+    pairs: list[TokenizedPair],
+    dtype: torch.dtype,
+    micro_batch_size: int,
+    batches: list[list[int]],
+    logits_chunk_size: int = 0,
+    layout: str = "plain",
+    *,
+    device: torch.device | str | None = None,
+    extra: dict | None = None,
+) -> CacheKey:
     """A hash of everything that determines the reference log-probs of these pairs.
 
     extra: any further JSON-able settings the caller knows decide the numbers (e.g. {"lora_dropout": 0.0}).
@@ -227,20 +249,35 @@ def cache_key(source: ModelSource, init_adapter: str | None, pairs: list[Tokeniz
     digest.update(data.hexdigest().encode())
     digest.update(json.dumps(batches).encode())  # batch composition changes padding, hence float rounding
     key = CacheKey(digest.hexdigest()[:24])
-    key.about = {"model": source.name, "init_adapter": inputs["init_adapter"] and inputs["init_adapter"]["dir"], "pairs": len(pairs),
-                 "data_sha256": data.hexdigest()[:16], "inputs": inputs}
+    key.about = {
+        "model": source.name,
+        "init_adapter": inputs["init_adapter"] and inputs["init_adapter"]["dir"],
+        "pairs": len(pairs),
+        "data_sha256": data.hexdigest()[:16],
+        "inputs": inputs,
+    }
     return key
 
 
-def compute_reference(model, pairs: list[TokenizedPair], batches: list[list[int]], pad_id: int, logits_chunk_size: int = 0,
-                      layout: str = "plain") -> torch.Tensor:
+def compute_reference(
+    model,
+    pairs: list[TokenizedPair],
+    batches: list[list[int]],
+    pad_id: int,
+    logits_chunk_size: int = 0,
+    layout: str = "plain",
+) -> torch.Tensor:
     """[N, 2] reference log-probs (chosen, rejected) of the pairs in the given micro-batches; NaN for the others."""
     table = torch.full((len(pairs), 2), float("nan"), dtype=torch.float32)  # an unscored pair can never pass as 0
     was_training = model.training
     model.eval()
     for idx in batches:
         crash_point("reference")
-        scores = reference_scores(model, make_batch([pairs[i] for i in idx], pad_id, layout), logits_chunk_size).logps.float().cpu()
+        scores = (
+            reference_scores(model, make_batch([pairs[i] for i in idx], pad_id, layout), logits_chunk_size)
+            .logps.float()
+            .cpu()
+        )
         b = len(idx)
         table[idx, 0] = scores[:b]
         table[idx, 1] = scores[b:]
@@ -268,9 +305,16 @@ def _read_table(path: Path) -> tuple[torch.Tensor | None, str | None]:
     return table, None
 
 
-def load_or_compute(model, pairs: list[TokenizedPair], batches: list[list[int]], pad_id: int, key: str,
-                    logits_chunk_size: int = 0, layout: str = "plain",
-                    notes: list[str] | None = None) -> tuple[torch.Tensor, bool]:
+def load_or_compute(
+    model,
+    pairs: list[TokenizedPair],
+    batches: list[list[int]],
+    pad_id: int,
+    key: str,
+    logits_chunk_size: int = 0,
+    layout: str = "plain",
+    notes: list[str] | None = None,
+) -> tuple[torch.Tensor, bool]:
     """The reference table from the cache if present and intact, else computed and stored; and whether it was cached.
 
     A damaged entry (unreadable, or its checksum does not match) is never used: it is reported in notes and
@@ -301,8 +345,10 @@ def load_or_compute(model, pairs: list[TokenizedPair], batches: list[list[int]],
             tmp.write_text(json.dumps({**about, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
             tmp.replace(sidecar)
     except OSError as e:
-        raise UserError(f"cannot write the reference cache in {directory} ({e.strerror or e}); set QDPO_CACHE to a "
-                        "writable directory or precompute_ref_log_probs=false.") from None
+        raise UserError(
+            f"cannot write the reference cache in {directory} ({e.strerror or e}); set QDPO_CACHE to a "
+            "writable directory or precompute_ref_log_probs=false."
+        ) from None
     evict(keep=path)
     return table, False
 

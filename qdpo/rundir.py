@@ -34,8 +34,10 @@ def check_run_dir(out: Path, config: Config, resume: bool) -> None:
         return
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not config.overwrite:
-            raise UserError(f"output_dir {out} already exists and is not empty; pick another, pass --overwrite, "
-                            "or continue it with --resume.")
+            raise UserError(
+                f"output_dir {out} already exists and is not empty; pick another, pass --overwrite, "
+                "or continue it with --resume."
+            )
         if not (out / "run.json").is_file():
             raise UserError(f"output_dir {out} is not a qdpo run directory; refusing to overwrite it, pick another.")
 
@@ -77,8 +79,10 @@ def take_lock(out: Path) -> None:
             fresh = time.time() - lock.stat().st_mtime < FOREIGN_LOCK_STALE_SECONDS
             if isinstance(pid, int) and pid != os.getpid() and (_alive(pid) if here else fresh):
                 where = "this machine" if here else f"host {host}"
-                raise UserError(f"{out} is in use by another qdpo run (pid {pid} on {where}); wait for it to end, "
-                                f"pick another output_dir, or delete {lock} if that run is gone.")
+                raise UserError(
+                    f"{out} is in use by another qdpo run (pid {pid} on {where}); wait for it to end, "
+                    f"pick another output_dir, or delete {lock} if that run is gone."
+                )
             lock.unlink(missing_ok=True)  # stale: its owner was killed; take it over
             continue
         with os.fdopen(fd, "w") as f:

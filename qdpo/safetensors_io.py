@@ -14,9 +14,18 @@ from qdpo.errors import UserError
 
 # 2 GB shards: a 7B bf16 model becomes 7 files, and no more than one tensor is ever held while writing.
 SHARD_BYTES = 2 * 1024**3
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 _DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
 
 
@@ -41,8 +50,10 @@ def checkpoint_tensors(base_dir: Path) -> dict[str, tuple[Path, tuple[int, ...],
     elif (base_dir / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
-        raise UserError(f"{base_dir} has no safetensors weights (model.safetensors or its index); "
-                        "qdpo merges safetensors checkpoints only.")
+        raise UserError(
+            f"{base_dir} has no safetensors weights (model.safetensors or its index); "
+            "qdpo merges safetensors checkpoints only."
+        )
     found = {}
     for name in files:
         with safe_open(str(base_dir / name), "pt") as f:
@@ -62,8 +73,11 @@ def write_safetensors(path: Path, entries: Sequence[TensorEntry], tensors: Itera
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for e in entries:
-        header[e.name] = {"dtype": _DTYPE_CODES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
+        header[e.name] = {
+            "dtype": _DTYPE_CODES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         offset += e.nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format pads the header to 8 bytes with spaces
@@ -71,8 +85,9 @@ def write_safetensors(path: Path, entries: Sequence[TensorEntry], tensors: Itera
         f.write(struct.pack("<Q", len(blob)) + blob)
         for e, tensor in zip(entries, tensors, strict=True):
             if tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
-                raise RuntimeError(f"merge produced {e.name} as {tuple(tensor.shape)} {tensor.dtype}, "
-                                   f"planned {e.shape} {e.dtype}")
+                raise RuntimeError(
+                    f"merge produced {e.name} as {tuple(tensor.shape)} {tensor.dtype}, planned {e.shape} {e.dtype}"
+                )
             write_tensor(f, tensor)
 
 
@@ -89,8 +104,13 @@ def shards(entries: Sequence[TensorEntry], max_bytes: int) -> list[list[TensorEn
     return groups
 
 
-def write_sharded(target: Path, entries: Sequence[TensorEntry], tensors: Iterator[torch.Tensor], max_shard_bytes: int,
-                  echo: Callable[[str], None]) -> None:
+def write_sharded(
+    target: Path,
+    entries: Sequence[TensorEntry],
+    tensors: Iterator[torch.Tensor],
+    max_shard_bytes: int,
+    echo: Callable[[str], None],
+) -> None:
     """Stream tensors, in entry order, into sharded model-*.safetensors files plus model.safetensors.index.json."""
     groups = shards(entries, max_shard_bytes)
     weight_map = {}

@@ -33,8 +33,9 @@ class ModelShape:
         need = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
         missing = [k for k in need if not isinstance(config.get(k), int)]
         if missing:
-            raise UserError(f"the model config has no {', '.join(missing)}; "
-                            "the planner needs a Llama-style decoder config.json.")
+            raise UserError(
+                f"the model config has no {', '.join(missing)}; the planner needs a Llama-style decoder config.json."
+            )
         heads = config["num_attention_heads"]
         qwen = config.get("model_type") == "qwen2"  # Qwen2 always has q/k/v biases
         return cls(
@@ -58,17 +59,39 @@ class ModelShape:
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each linear layer in one decoder block."""
         h, a, kv, i = self.hidden, self.attn, self.kv_heads * self.head_dim, self.intermediate
-        return {"q_proj": (h, a), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (a, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, a),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (a, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
 
-
-def _shape(model_type: str, hidden: int, layers: int, heads: int, kv_heads: int, intermediate: int, vocab: int,
-           tied: bool = False) -> dict[str, Any]:
+def _shape(
+    model_type: str,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    intermediate: int,
+    vocab: int,
+    tied: bool = False,
+) -> dict[str, Any]:
     """A minimal config.json dict with the sizes the planner reads."""
-    return {"model_type": model_type, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads, "head_dim": hidden // heads, "intermediate_size": intermediate,
-            "vocab_size": vocab, "tie_word_embeddings": tied}
+    return {
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": hidden // heads,
+        "intermediate_size": intermediate,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+    }
 
 
 # Shapes of the shipped presets' models (and their base/chat siblings), for when no config.json is at hand
@@ -122,8 +145,9 @@ def model_config(name: str) -> tuple[dict[str, Any], str]:
             raise UserError(f"config file {path} does not exist.")
         return read_config(path), str(path)
     if path.suffix == ".gguf":
-        raise UserError("the planner reads a config.json, not a .gguf file; "
-                        "pass the converted model directory or its config.json.")
+        raise UserError(
+            "the planner reads a config.json, not a .gguf file; pass the converted model directory or its config.json."
+        )
     is_hub_id = looks_like_hub_id(name)
     cached = _hub_cached(name) if is_hub_id else None
     if cached is not None:
@@ -132,6 +156,7 @@ def model_config(name: str) -> tuple[dict[str, Any], str]:
         label, config = BUILTIN_SHAPES[name]
         return dict(config), f"built-in {label} shape (no config.json for {name} available offline)"
     if is_hub_id:
-        raise UserError(f"no config.json for {name} offline and no built-in shape; "
-                        "pass --model with its directory or config.json.")
+        raise UserError(
+            f"no config.json for {name} offline and no built-in shape; pass --model with its directory or config.json."
+        )
     raise UserError(f"model path {name} does not exist; pass a model directory or a config.json file.")

@@ -26,17 +26,28 @@ def score_shared_prompt(model, batch: SharedPromptBatch, logits_chunk_size: int)
     base = _base(model)
     problem = shared_layout_problem(base.config)
     if problem:
-        raise UserError(f"share_prompt cannot be exact here: {problem}; set share_prompt=false (and pack_pairs=false).")
+        raise UserError(
+            f"share_prompt cannot be exact here: {problem}; set share_prompt=false (and pack_pairs=false)."
+        )
     # Built after the checks: a packed row's [1, 1, W, W] mask can be hundreds of MB.
     allowed = shared_prompt_mask(batch.segments.to(device), batch.pair_ids.to(device))
     positions = batch.position_ids.to(device)
     mask = decoder_masks(base.config, allowed, positions, base.get_input_embeddings().weight.dtype)
     hidden = base.get_decoder()(
-        input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions, use_cache=False,
+        input_ids=batch.input_ids.to(device),
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=False,
     ).last_hidden_state
     states = hidden.reshape(-1, hidden.shape[-1])[batch.predictors.to(device)]
-    return gathered_logps(states, batch.labels.to(device), batch.rows.to(device), 2 * batch.num_pairs,
-                          OutputHead(base.get_output_embeddings(), base.config), logits_chunk_size)
+    return gathered_logps(
+        states,
+        batch.labels.to(device),
+        batch.rows.to(device),
+        2 * batch.num_pairs,
+        OutputHead(base.get_output_embeddings(), base.config),
+        logits_chunk_size,
+    )
 
 
 def score_batch(model, batch: Batch | SharedPromptBatch, logits_chunk_size: int = 0) -> SequenceScores:
@@ -52,10 +63,17 @@ def score_batch(model, batch: Batch | SharedPromptBatch, logits_chunk_size: int 
     base = _base(model)
     if logits_chunk_size > 0 and family_of(base.config) is not None:
         hidden = base.get_decoder()(
-            input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device), use_cache=False,
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            use_cache=False,
         ).last_hidden_state
-        return chunked_sequence_logps(hidden, OutputHead(base.get_output_embeddings(), base.config),
-                                      batch.input_ids.to(device), batch.response_mask.to(device), logits_chunk_size)
+        return chunked_sequence_logps(
+            hidden,
+            OutputHead(base.get_output_embeddings(), base.config),
+            batch.input_ids.to(device),
+            batch.response_mask.to(device),
+            logits_chunk_size,
+        )
     # Only positions from the earliest response token on need logits: skipping the prompt's share of
     # lm_head (and of the [2B, T, vocab] tensor) saves memory and time (~15% of a step on SmolLM2).
     start = int(batch.response_mask.int().argmax(dim=1).min()) - 1
@@ -65,7 +83,9 @@ def score_batch(model, batch: Batch | SharedPromptBatch, logits_chunk_size: int 
         use_cache=False,
         logits_to_keep=batch.input_ids.shape[1] - start,
     )
-    scores = sequence_logps(out.logits, batch.input_ids[:, start:].to(device), batch.response_mask[:, start:].to(device))
+    scores = sequence_logps(
+        out.logits, batch.input_ids[:, start:].to(device), batch.response_mask[:, start:].to(device)
+    )
     del out  # free the logits before backward needs the memory
     return scores
 
@@ -86,8 +106,14 @@ class Metrics:
         self.logit_sums = [0.0, 0.0]  # chosen, rejected: sum of all vocab logits at scored positions
         self.logit_counts = [0, 0]
 
-    def add(self, losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
-            policy: SequenceScores, vocab_size: int) -> None:
+    def add(
+        self,
+        losses: torch.Tensor,
+        chosen_rewards: torch.Tensor,
+        rejected_rewards: torch.Tensor,
+        policy: SequenceScores,
+        vocab_size: int,
+    ) -> None:
         """Accumulate one micro-batch."""
         b = losses.shape[0]
         values = {
@@ -114,7 +140,9 @@ class Metrics:
         return out
 
 
-def preference_loss(model, batch: Batch | SharedPromptBatch, config: Config, reference_logps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SequenceScores]:
+def preference_loss(
+    model, batch: Batch | SharedPromptBatch, config: Config, reference_logps: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SequenceScores]:
     """Per-pair losses, rewards and the policy scores for one micro-batch.
 
     reference_logps ([2B], chosen then rejected) comes from the precomputed table when there is
@@ -123,14 +151,25 @@ def preference_loss(model, batch: Batch | SharedPromptBatch, config: Config, ref
     if reference_logps is None:
         reference_logps = reference_scores(model, batch, config.logits_chunk_size).logps
     # Pinned host memory lets the copies back overlap with backward compute on a GPU.
-    offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if config.offload_activations else contextlib.nullcontext()
+    offload = (
+        torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+        if config.offload_activations
+        else contextlib.nullcontext()
+    )
     with offload:
         policy = score_batch(model, batch, config.logits_chunk_size)
     b = batch.num_pairs
     ref = reference_logps.to(policy.logps.device)
     losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy.logps[:b], policy.logps[b:], ref[:b], ref[b:],
-        beta=config.beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-        chosen_lengths=policy.lengths[:b], rejected_lengths=policy.lengths[b:], sft_weight=config.sft_weight,
+        policy.logps[:b],
+        policy.logps[b:],
+        ref[:b],
+        ref[b:],
+        beta=config.beta,
+        loss_type=config.loss_type,
+        label_smoothing=config.label_smoothing,
+        chosen_lengths=policy.lengths[:b],
+        rejected_lengths=policy.lengths[b:],
+        sft_weight=config.sft_weight,
     )
     return losses, chosen_rewards, rejected_rewards, policy

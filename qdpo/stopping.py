@@ -57,8 +57,10 @@ def stop_requests(echo: Callable[[str], None] = print) -> Iterator[StopRequest]:
                 signal.signal(s, handler)
             raise KeyboardInterrupt
         request.signum = signum
-        echo(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
-             "(press Ctrl-C again to stop at once)")
+        echo(
+            f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint "
+            "(press Ctrl-C again to stop at once)"
+        )
 
     for s in EXIT_CODES:
         signal.signal(s, handle)

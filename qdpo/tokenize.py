@@ -40,9 +40,11 @@ class TokenizeStats:
 
     def describe(self) -> str:
         """One line for the console."""
-        return (f"{self.kept} pairs kept; dropped {self.dropped_empty} with an empty prompt or response, "
-                f"{self.dropped_identical} with chosen == rejected, {self.dropped_too_long} that do not fit max_length; "
-                f"cut {self.prompts_truncated} prompts (from the left) and {self.responses_truncated} responses (from the right)")
+        return (
+            f"{self.kept} pairs kept; dropped {self.dropped_empty} with an empty prompt or response, "
+            f"{self.dropped_identical} with chosen == rejected, {self.dropped_too_long} that do not fit max_length; "
+            f"cut {self.prompts_truncated} prompts (from the left) and {self.responses_truncated} responses (from the right)"
+        )
 
 
 def _template_errors() -> tuple[type[BaseException], ...]:
@@ -80,15 +82,16 @@ def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], fixed: list[str
     return ids
 
 
-def encode_response(tokenizer, prompt: str | list[dict[str, str]], response: str | list[dict[str, str]],
-                    fixed: list[str] | None = None) -> list[int]:
+def encode_response(
+    tokenizer, prompt: str | list[dict[str, str]], response: str | list[dict[str, str]], fixed: list[str] | None = None
+) -> list[int]:
     """Token ids of a response: no special tokens added, ending in exactly one EOS ("eos" goes to fixed when
     the text and the template both closed the turn and one EOS was dropped)."""
     if isinstance(response, list):
         prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
         full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
         if full_text.startswith(prompt_text):
-            text = full_text[len(prompt_text):]
+            text = full_text[len(prompt_text) :]
         else:  # templates that render the last turn differently (e.g. strip reasoning): use the content
             text = "".join(m["content"] for m in response)
     else:
@@ -109,16 +112,20 @@ def _end_with_one_eos(tokenizer, ids: list[int]) -> list[int]:
     if eos in ids:
         last = len(ids) - 1 - ids[::-1].index(eos)
         # The template closed the turn with EOS and maybe a newline after it: end at that EOS.
-        if not tokenizer.decode(ids[last + 1:]).strip():
+        if not tokenizer.decode(ids[last + 1 :]).strip():
             return ids[: last + 1]
     return ids + [eos]
 
 
-def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_length: int) -> tuple[list[TokenizedPair], TokenizeStats]:
+def tokenize_pairs(
+    tokenizer, pairs: list[Pair], max_length: int, max_prompt_length: int
+) -> tuple[list[TokenizedPair], TokenizeStats]:
     """Tokenize, truncate and filter pairs; return the kept pairs and what happened to the rest."""
     stats = TokenizeStats()
     if any(p.conversational for p in pairs) and not getattr(tokenizer, "chat_template", None):
-        raise UserError("the data has chat messages but the model's tokenizer has no chat template; use plain-text prompts or an instruct model.")
+        raise UserError(
+            "the data has chat messages but the model's tokenizer has no chat template; use plain-text prompts or an instruct model."
+        )
     out, fixed = [], []
     for number, pair in enumerate(pairs, start=1):
         if _text_is_empty(pair.chosen) or _text_is_empty(pair.rejected):
@@ -134,8 +141,10 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_len
         except _template_errors() as e:  # e.g. "Conversation roles must alternate user/assistant/..."
             reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
             reason = reason if len(reason) <= 160 else reason[:157] + "..."
-            raise UserError(f"{pair.origin or f'pair {number}'}: the tokenizer's chat template refused the messages "
-                            f"({reason}); fix the roles or set tokenizer= to one whose template takes them.") from None
+            raise UserError(
+                f"{pair.origin or f'pair {number}'}: the tokenizer's chat template refused the messages "
+                f"({reason}); fix the roles or set tokenizer= to one whose template takes them."
+            ) from None
         if not prompt:  # an empty prompt and no BOS: no position predicts the first response token
             stats.dropped_empty += 1
             continue
@@ -156,9 +165,13 @@ def tokenize_pairs(tokenizer, pairs: list[Pair], max_length: int, max_prompt_len
     stats.kept = len(out)
     # A second BOS or EOS would be scored as text (DPO users' most reported tokenization bug): say it happened.
     if fixed.count("bos"):
-        stats.notes.append(f"{fixed.count('bos')} prompts started with two BOS tokens (the text or chat template "
-                           "writes one and the tokenizer adds one); qdpo kept one")
+        stats.notes.append(
+            f"{fixed.count('bos')} prompts started with two BOS tokens (the text or chat template "
+            "writes one and the tokenizer adds one); qdpo kept one"
+        )
     if fixed.count("eos"):
-        stats.notes.append(f"{fixed.count('eos')} responses ended with two EOS tokens (the text ends with "
-                           f"{tokenizer.eos_token!r} and the turn is closed again); qdpo kept one")
+        stats.notes.append(
+            f"{fixed.count('eos')} responses ended with two EOS tokens (the text ends with "
+            f"{tokenizer.eos_token!r} and the turn is closed again); qdpo kept one"
+        )
     return out, stats

@@ -16,20 +16,36 @@ import yaml
 
 from qdpo import __version__
 from qdpo.batching import BatchStream, length_grouped_batches, make_batch, padding_share
+from qdpo.checkpoint import (
+    Checkpoint,
+    check_resume,
+    latest,
+    load_adapter_weights,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    saved_config,
+    set_rng_state,
+)
 from qdpo.config import Config, read_json
 from qdpo.errors import UserError
-from qdpo.checkpoint import (Checkpoint, check_resume, latest, load_adapter_weights, load_trainer_state, rng_state,
-                             save_checkpoint, saved_config, set_rng_state)
 from qdpo.families import exact_settings
 from qdpo.faults import crash_point
 from qdpo.fs import staged, write_json, write_text
-from qdpo.model import (add_lora, adapter_lora_settings, compute_dtype, load_base_4bit, pick_device, trainable_parameters)
+from qdpo.model import (
+    adapter_lora_settings,
+    add_lora,
+    compute_dtype,
+    load_base_4bit,
+    pick_device,
+    trainable_parameters,
+)
+from qdpo.prepare import PreparedData, check_vocabulary, prepare_data
 from qdpo.reference import cache_key, compute_reference, load_or_compute
 from qdpo.rundir import check_run_dir, claim_run_dir, mark_stopped, release_lock, run_dir_for, touch_lock
 from qdpo.step import Metrics, preference_loss
 from qdpo.stopping import Interrupted, stop_requests
 from qdpo.tokenize import TokenizedPair
-from qdpo.prepare import PreparedData, check_vocabulary, prepare_data
 from qdpo.watch import Watch, not_finite, out_of_memory
 
 
@@ -48,20 +64,44 @@ def total_steps(config: Config, num_micro_batches: int) -> int:
     return max(1, math.ceil(config.num_train_epochs * num_micro_batches / config.gradient_accumulation_steps))
 
 
-def describe_run(config: Config, data: PreparedData, dtype: torch.dtype, device: torch.device, status: str) -> dict[str, Any]:
+def describe_run(
+    config: Config, data: PreparedData, dtype: torch.dtype, device: torch.device, status: str
+) -> dict[str, Any]:
     """The self-description written as run.json: later commands read it instead of asking again."""
     return {
         "qdpo_version": __version__,
         "status": status,
-        "base_model": {"name": data.source.name, "path": data.source.path, "gguf_file": data.source.gguf_file,
-                       "tokenizer": config.tokenizer},
-        "quantization": {"method": "bitsandbytes", "quant_type": "nf4", "double_quant": True, "compute_dtype": str(dtype).removeprefix("torch.")},
-        "lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
-                 "target_modules": config.lora_target_modules, "init_adapter": config.init_adapter},
-        "data": {"source": config.data, "eval_source": config.eval_data, "fingerprint": data.fingerprint,
-                 "train_pairs": len(data.train), "eval_pairs": len(data.eval),
-                 "dropped": {"empty": data.train_stats.dropped_empty, "identical": data.train_stats.dropped_identical,
-                             "too_long": data.train_stats.dropped_too_long}},
+        "base_model": {
+            "name": data.source.name,
+            "path": data.source.path,
+            "gguf_file": data.source.gguf_file,
+            "tokenizer": config.tokenizer,
+        },
+        "quantization": {
+            "method": "bitsandbytes",
+            "quant_type": "nf4",
+            "double_quant": True,
+            "compute_dtype": str(dtype).removeprefix("torch."),
+        },
+        "lora": {
+            "r": config.lora_r,
+            "alpha": config.lora_alpha,
+            "dropout": config.lora_dropout,
+            "target_modules": config.lora_target_modules,
+            "init_adapter": config.init_adapter,
+        },
+        "data": {
+            "source": config.data,
+            "eval_source": config.eval_data,
+            "fingerprint": data.fingerprint,
+            "train_pairs": len(data.train),
+            "eval_pairs": len(data.eval),
+            "dropped": {
+                "empty": data.train_stats.dropped_empty,
+                "identical": data.train_stats.dropped_identical,
+                "too_long": data.train_stats.dropped_too_long,
+            },
+        },
         "device": device.type,
         "adapter_dir": "adapter",
     }
@@ -83,7 +123,9 @@ def make_scheduler(config: Config, optimizer: torch.optim.Optimizer, steps: int)
     from transformers import get_scheduler
 
     name = "constant_with_warmup" if config.lr_scheduler_type == "constant" else config.lr_scheduler_type
-    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * steps), num_training_steps=steps)
+    return get_scheduler(
+        name, optimizer, num_warmup_steps=math.ceil(config.warmup_ratio * steps), num_training_steps=steps
+    )
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -101,7 +143,9 @@ def table_rows(table: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return rows
 
 
-def evaluate(model, pairs: list[TokenizedPair], batches: list[list[int]], reference: torch.Tensor, config: Config, pad_id: int) -> dict[str, float]:
+def evaluate(
+    model, pairs: list[TokenizedPair], batches: list[list[int]], reference: torch.Tensor, config: Config, pad_id: int
+) -> dict[str, float]:
     """Mean metrics over the eval pairs (eval_ prefix), against the precomputed reference table."""
     metrics = Metrics()
     was_training = model.training
@@ -131,32 +175,54 @@ class Training:
     eval_ref: torch.Tensor | None
 
 
-def setup_training(config: Config, data: PreparedData, device: torch.device, dtype: torch.dtype,
-                   echo: Callable[[str], None], score_all: bool = False) -> Training:
+def setup_training(
+    config: Config,
+    data: PreparedData,
+    device: torch.device,
+    dtype: torch.dtype,
+    echo: Callable[[str], None],
+    score_all: bool = False,
+) -> Training:
     """Load the 4-bit base, add LoRA, build optimizer and schedule, and score the reference once.
 
     score_all scores every training pair (a resume that regroups micro-batches may use any of them).
     """
     model = load_base_4bit(data.source, dtype, device, config.gradient_checkpointing)
     check_vocabulary(data, model.get_input_embeddings().num_embeddings)
-    model = add_lora(model, config.lora_r, config.lora_alpha, config.lora_dropout, config.lora_target_modules,
-                     config.init_adapter, config.seed)
+    model = add_lora(
+        model,
+        config.lora_r,
+        config.lora_alpha,
+        config.lora_dropout,
+        config.lora_target_modules,
+        config.init_adapter,
+        config.seed,
+    )
     params = trainable_parameters(model)
     if not params:  # the loss would sit at ln 2 forever
-        raise UserError("no parameter of the model requires a gradient after adding LoRA, so nothing would train; "
-                        "check lora_target_modules (and init_adapter).")
-    echo(f"model: {data.source.name} in 4-bit NF4 on {device.type} ({str(dtype).removeprefix('torch.')} compute), "
-         f"{sum(p.numel() for p in params):,} trainable LoRA parameters")
+        raise UserError(
+            "no parameter of the model requires a gradient after adding LoRA, so nothing would train; "
+            "check lora_target_modules (and init_adapter)."
+        )
+    echo(
+        f"model: {data.source.name} in 4-bit NF4 on {device.type} ({str(dtype).removeprefix('torch.')} compute), "
+        f"{sum(p.numel() for p in params):,} trainable LoRA parameters"
+    )
     optimizer = make_optimizer(config, params, device)
     # fp16 compute (T4) underflows small gradients: scale the loss; a no-op for bf16/fp32.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     epoch_batches = length_grouped_batches(data.train, config.micro_batch_size, config.seed)
     steps = total_steps(config, len(epoch_batches))
     eval_batches = length_grouped_batches(data.eval, config.micro_batch_size, config.seed)
-    echo(f"{steps} steps of {config.micro_batch_size * config.gradient_accumulation_steps} pairs; "
-         f"padding share {padding_share(data.train, epoch_batches, config.batch_layout):.1%}"
-         + {"plain": "", "shared": " (prompt computed once per pair)",
-            "packed": " (prompt computed once per pair, pairs packed into one row)"}[config.batch_layout])
+    echo(
+        f"{steps} steps of {config.micro_batch_size * config.gradient_accumulation_steps} pairs; "
+        f"padding share {padding_share(data.train, epoch_batches, config.batch_layout):.1%}"
+        + {
+            "plain": "",
+            "shared": " (prompt computed once per pair)",
+            "packed": " (prompt computed once per pair, pairs packed into one row)",
+        }[config.batch_layout]
+    )
 
     pad_id, chunk, layout = data.tokenizer.pad_token_id, config.logits_chunk_size, config.batch_layout
     # The eval reference is always scored once; the train reference too unless switched off.
@@ -164,21 +230,43 @@ def setup_training(config: Config, data: PreparedData, device: torch.device, dty
     train_ref = None
     if config.precompute_ref_log_probs:
         # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
-        used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps):]
+        used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps) :]
         used = epoch_batches if score_all else used
-        key = cache_key(data.source, config.init_adapter, data.train, dtype, config.micro_batch_size, used, chunk, layout,
-                        device=device, extra={"lora_dropout": config.lora_dropout})
+        key = cache_key(
+            data.source,
+            config.init_adapter,
+            data.train,
+            dtype,
+            config.micro_batch_size,
+            used,
+            chunk,
+            layout,
+            device=device,
+            extra={"lora_dropout": config.lora_dropout},
+        )
         damage: list[str] = []
         train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout, damage)
         for note in damage:
             echo(note)
         echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
     stream = BatchStream(data.train, config.micro_batch_size, config.seed, epoch_batches)
-    return Training(model, params, optimizer, make_scheduler(config, optimizer, steps), scaler, steps,
-                    stream, eval_batches, train_ref, eval_ref)
+    return Training(
+        model,
+        params,
+        optimizer,
+        make_scheduler(config, optimizer, steps),
+        scaler,
+        steps,
+        stream,
+        eval_batches,
+        train_ref,
+        eval_ref,
+    )
 
 
-def train_step(t: Training, data: PreparedData, config: Config, stream: BatchStream, device: torch.device) -> dict[str, Any]:
+def train_step(
+    t: Training, data: PreparedData, config: Config, stream: BatchStream, device: torch.device
+) -> dict[str, Any]:
     """One optimizer step over gradient_accumulation_steps micro-batches; returns its metrics row.
 
     A step whose loss or gradients are not finite changes nothing: no update, no scheduler step. The row
@@ -215,8 +303,13 @@ def train_step(t: Training, data: PreparedData, config: Config, stream: BatchStr
     if not skipped:  # a skipped step changed nothing, so the schedule does not advance either
         t.scheduler.step()
     t.optimizer.zero_grad(set_to_none=True)
-    row.update({"learning_rate": learning_rate, "tokens_per_second": tokens / (time.time() - start),
-                "peak_memory_gb": peak_memory_gb(device)})
+    row.update(
+        {
+            "learning_rate": learning_rate,
+            "tokens_per_second": tokens / (time.time() - start),
+            "peak_memory_gb": peak_memory_gb(device),
+        }
+    )
     if skipped or t.scaler.is_enabled():
         row["skipped"] = skipped
     if not finite:
@@ -224,8 +317,13 @@ def train_step(t: Training, data: PreparedData, config: Config, stream: BatchStr
     return row
 
 
-def run(config: Config, preset: str = "custom", echo: Callable[[str], None] = print, progress: bool = True,
-        resume: bool = False) -> RunResult:
+def run(
+    config: Config,
+    preset: str = "custom",
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+    resume: bool = False,
+) -> RunResult:
     """Tune LoRA adapters on a 4-bit base with DPO and write a self-describing run directory.
 
     resume=True continues the run in config.output_dir from its newest checkpoint (from step 1 if it has none).
@@ -304,19 +402,41 @@ def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str]
 
 def trainer_state(t: Training) -> dict[str, Any]:
     """Everything besides the adapter that the next step depends on."""
-    return {"optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
-            "scaler": t.scaler.state_dict(), "stream": t.stream.state_dict(), "rng": rng_state()}
+    return {
+        "optimizer": t.optimizer.state_dict(),
+        "scheduler": t.scheduler.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "stream": t.stream.state_dict(),
+        "rng": rng_state(),
+    }
 
 
-def train_loop(t: Training, config: Config, data: PreparedData, device: torch.device, out: Path, first_step: int,
-               started: float, describe: Callable[[str], dict[str, Any]], echo: Callable[[str], None],
-               progress: bool) -> dict[str, Any]:
+def train_loop(
+    t: Training,
+    config: Config,
+    data: PreparedData,
+    device: torch.device,
+    out: Path,
+    first_step: int,
+    started: float,
+    describe: Callable[[str], dict[str, Any]],
+    echo: Callable[[str], None],
+    progress: bool,
+) -> dict[str, Any]:
     """Run steps first_step..t.steps with checkpoints, stop requests and fault handling; save; return the summary."""
     from tqdm.auto import tqdm
 
     def checkpoint(step: int, state: dict[str, Any] | None = None) -> Path:
-        return save_checkpoint(out, step, model=t.model, tokenizer=data.tokenizer, trainer_state=state or trainer_state(t),
-                               config=config, description=describe("checkpoint"), keep=config.save_total_limit)
+        return save_checkpoint(
+            out,
+            step,
+            model=t.model,
+            tokenizer=data.tokenizer,
+            trainer_state=state or trainer_state(t),
+            config=config,
+            description=describe("checkpoint"),
+            keep=config.save_total_limit,
+        )
 
     t.model.train()
     last_eval: dict[str, float] = {}
@@ -327,7 +447,9 @@ def train_loop(t: Training, config: Config, data: PreparedData, device: torch.de
     def adapter_moved() -> bool:
         return any(not torch.equal(p.detach().flatten()[:64], s) for p, s in zip(t.params, start))
 
-    bar = tqdm(total=t.steps, initial=first_step - 1, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=t.steps, initial=first_step - 1, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True
+    )
     with stop_requests(echo) as stop, (out / "metrics.jsonl").open("a") as log:
         for step in range(first_step, t.steps + 1):
             before = trainer_state(t)  # the last good state, should memory run out mid-step (references, no copies)
@@ -340,7 +462,9 @@ def train_loop(t: Training, config: Config, data: PreparedData, device: torch.de
             evaluating = bool(data.eval) and ((config.eval_steps and step % config.eval_steps == 0) or step == t.steps)
             if evaluating:
                 try:
-                    last_eval = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, data.tokenizer.pad_token_id)
+                    last_eval = evaluate(
+                        t.model, data.eval, t.eval_batches, t.eval_ref, config, data.tokenizer.pad_token_id
+                    )
                 except torch.cuda.OutOfMemoryError:  # the step itself is done: keep it, then stop
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -363,10 +487,17 @@ def train_loop(t: Training, config: Config, data: PreparedData, device: torch.de
                 raise not_finite(nonfinite, config, checkpoint(step))
             if stop.requested:
                 where = checkpoint(step) if not saved else out / "checkpoints" / f"step-{step:06d}"
-                raise Interrupted(f"{stop.name} at step {step} of {t.steps}: checkpoint written to {where}; "
-                                  f"resume with: qdpo run --resume {out}", stop.signum)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['rewards/accuracies']:.2f}",
-                            margin=f"{row['rewards/margins']:.3f}", tok_s=f"{row['tokens_per_second']:.0f}")
+                raise Interrupted(
+                    f"{stop.name} at step {step} of {t.steps}: checkpoint written to {where}; "
+                    f"resume with: qdpo run --resume {out}",
+                    stop.signum,
+                )
+            bar.set_postfix(
+                loss=f"{row['loss']:.3f}",
+                acc=f"{row['rewards/accuracies']:.2f}",
+                margin=f"{row['rewards/margins']:.3f}",
+                tok_s=f"{row['tokens_per_second']:.0f}",
+            )
             bar.update(1)
     bar.close()
 
@@ -399,6 +530,8 @@ def format_summary(summary: dict[str, Any], out: Path) -> str:
     """The closing lines printed after a run."""
     acc, margin = summary["eval_rewards/accuracies"], summary["eval_rewards/margins"]
     evals = f"eval reward accuracy {acc:.3f}, margin {margin:.3f}" if acc is not None else "no eval split"
-    return (f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; {evals}; "
-            f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['peak_memory_kind']})\n"
-            f"adapter: {out / 'adapter'}  (loads with peft.PeftModel.from_pretrained)")
+    return (
+        f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; {evals}; "
+        f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['peak_memory_kind']})\n"
+        f"adapter: {out / 'adapter'}  (loads with peft.PeftModel.from_pretrained)"
+    )

@@ -11,8 +11,11 @@ from qdpo.adapter import Adapter
 from qdpo.model import ModelSource, load_base_4bit, pick_device
 from qdpo.tokenize import encode_prompt
 
-CHECK_PROMPTS = ["What is two plus two?", "Name the capital of France in one sentence.",
-                 "Write one short sentence about the sea."]
+CHECK_PROMPTS = [
+    "What is two plus two?",
+    "Name the capital of France in one sentence.",
+    "Write one short sentence about the sea.",
+]
 
 
 @dataclass
@@ -26,8 +29,10 @@ class Deviation:
 
     def describe(self) -> str:
         """One line for the user: the deviation, the logits' scale, and top-token agreement."""
-        return (f"{self.max_abs:.3g} (logits reach {self.max_logit:.3g}; same top token at "
-                f"{self.top1_agreement:.0%} of {self.positions} positions)")
+        return (
+            f"{self.max_abs:.3g} (logits reach {self.max_logit:.3g}; same top token at "
+            f"{self.top1_agreement:.0%} of {self.positions} positions)"
+        )
 
 
 def check_prompts(tokenizer) -> list[list[int]]:
@@ -49,12 +54,17 @@ def prompt_logits(model, prompts: list[list[int]]) -> list[torch.Tensor]:
 def compare(reference: list[torch.Tensor], other: list[torch.Tensor]) -> Deviation:
     """Largest logit difference and top-token agreement between two models' logits on the same prompts."""
     ref, got = torch.cat(reference), torch.cat(other)
-    return Deviation(max_abs=(ref - got).abs().max().item(), max_logit=ref.abs().max().item(),
-                     top1_agreement=(ref.argmax(-1) == got.argmax(-1)).float().mean().item(), positions=ref.shape[0])
+    return Deviation(
+        max_abs=(ref - got).abs().max().item(),
+        max_logit=ref.abs().max().item(),
+        top1_agreement=(ref.argmax(-1) == got.argmax(-1)).float().mean().item(),
+        positions=ref.shape[0],
+    )
 
 
-def adapter_logits(adapter: Adapter, source: ModelSource, compute_dtype: torch.dtype,
-                   prompts: list[list[int]]) -> list[torch.Tensor]:
+def adapter_logits(
+    adapter: Adapter, source: ModelSource, compute_dtype: torch.dtype, prompts: list[list[int]]
+) -> list[torch.Tensor]:
     """Logits of the adapter on the 4-bit base, the model the adapter was trained as."""
     from peft import PeftModel
 

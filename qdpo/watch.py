@@ -38,9 +38,11 @@ class Watch:
         """Check one step's row; adapter_moved() says whether the trainable LoRA weights differ from their start."""
         zero = row.get("rewards/chosen") == 0 and row.get("rewards/rejected") == 0
         if self.updated and zero and adapter_moved():
-            raise UserError(f"at step {row['step']} the reference still equals the policy although the adapter has "
-                            "moved (every reward is exactly 0): the reference pass is not switching the adapter off, "
-                            "so DPO has nothing to learn from; report this with the model and run.json.")
+            raise UserError(
+                f"at step {row['step']} the reference still equals the policy although the adapter has "
+                "moved (every reward is exactly 0): the reference pass is not switching the adapter off, "
+                "so DPO has nothing to learn from; report this with the model and run.json."
+            )
         if not row.get("skipped"):
             self.updated = True
         if "loss" in row and row.get("loss") == row.get("loss"):  # NaN rows say nothing about the trend
@@ -55,9 +57,11 @@ class Watch:
         margin_then, margin_now = _mean(early, "rewards/margins"), _mean(recent, "rewards/margins")
         if chosen_now < chosen_then - max(2.0, 0.05 * abs(chosen_then)) and margin_now > margin_then + 0.5:
             self.warned = True
-            return [f"warning: logps/chosen fell from {chosen_then:.1f} to {chosen_now:.1f} while rewards/margins "
-                    f"rose from {margin_then:.2f} to {margin_now:.2f}: the policy is pushing the chosen answers down "
-                    "too; sft_weight=0.1 to 1 (an NLL term on the chosen response, RPO) usually stops that."]
+            return [
+                f"warning: logps/chosen fell from {chosen_then:.1f} to {chosen_now:.1f} while rewards/margins "
+                f"rose from {margin_then:.2f} to {margin_now:.2f}: the policy is pushing the chosen answers down "
+                "too; sft_weight=0.1 to 1 (an NLL term on the chosen response, RPO) usually stops that."
+            ]
         return []
 
 
@@ -77,17 +81,25 @@ def out_of_memory(config: Config, out: Path, step: int, saved: Path | None, duri
         fit_batch, fit_length = 0, 0
     if 0 < fit_batch < config.micro_batch_size:
         accumulation = max(1, pairs // fit_batch)
-        advice = (f"the planner fits micro_batch_size={fit_batch} at max_length={config.max_length}: resume with "
-                  f"qdpo run --resume {out} micro_batch_size={fit_batch} gradient_accumulation_steps={accumulation}")
+        advice = (
+            f"the planner fits micro_batch_size={fit_batch} at max_length={config.max_length}: resume with "
+            f"qdpo run --resume {out} micro_batch_size={fit_batch} gradient_accumulation_steps={accumulation}"
+        )
     elif fit_length and fit_length < config.max_length:
-        advice = (f"even one pair of {config.max_length} tokens is too long by the planner, which fits max_length="
-                  f"{fit_length}: start a new run with max_length={fit_length}")
+        advice = (
+            f"even one pair of {config.max_length} tokens is too long by the planner, which fits max_length="
+            f"{fit_length}: start a new run with max_length={fit_length}"
+        )
     else:
-        advice = (f"lower micro_batch_size (and raise gradient_accumulation_steps to keep {pairs} pairs per step): "
-                  f"qdpo run --resume {out} micro_batch_size=1 gradient_accumulation_steps={pairs}")
-    return UserError(f"out of GPU memory at step {step}{' during ' + during if during else ''} "
-                     f"(micro_batch_size={config.micro_batch_size}, "
-                     f"max_length={config.max_length}); {where}; {advice}.")
+        advice = (
+            f"lower micro_batch_size (and raise gradient_accumulation_steps to keep {pairs} pairs per step): "
+            f"qdpo run --resume {out} micro_batch_size=1 gradient_accumulation_steps={pairs}"
+        )
+    return UserError(
+        f"out of GPU memory at step {step}{' during ' + during if during else ''} "
+        f"(micro_batch_size={config.micro_batch_size}, "
+        f"max_length={config.max_length}); {where}; {advice}."
+    )
 
 
 def not_finite(rows: list[dict[str, Any]], config: Config, saved: Path) -> UserError:
@@ -95,7 +107,9 @@ def not_finite(rows: list[dict[str, Any]], config: Config, saved: Path) -> UserE
     steps = f"steps {rows[0]['step']}-{rows[-1]['step']}"
     pairs = sorted({i for row in rows for i in row["pairs"]})
     shown = ", ".join(map(str, pairs[:12])) + (", ..." if len(pairs) > 12 else "")
-    return UserError(f"the loss or gradients were NaN/Inf for {len(rows)} steps in a row ({steps}; no update was "
-                     f"applied); likely causes: learning_rate {config.learning_rate:g} too high, fp16 overflow "
-                     f"(compute_dtype=float16), or a broken pair among training pairs {shown}; the adapter before "
-                     f"them is in {saved / 'adapter'}.")
+    return UserError(
+        f"the loss or gradients were NaN/Inf for {len(rows)} steps in a row ({steps}; no update was "
+        f"applied); likely causes: learning_rate {config.learning_rate:g} too high, fp16 overflow "
+        f"(compute_dtype=float16), or a broken pair among training pairs {shown}; the adapter before "
+        f"them is in {saved / 'adapter'}."
+    )

@@ -36,8 +36,12 @@ def make_tokenizer(path: Path):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(CORPUS * 4, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -52,9 +56,19 @@ def make_model(path: Path, arch: str = "llama", vocab_size: int = 320, seed: int
 
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
     # 64-wide layers: NF4 quantizes in blocks of 64, so every linear layer really is 4-bit.
-    config = cls(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    config = cls(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # larger weights than the default init so 4-bit rounding and LoRA changes show
@@ -86,11 +100,13 @@ def chat_rows() -> list[dict]:
     """A few conversational preference rows."""
     rows = []
     for i in range(12):
-        rows.append({
-            "prompt": [{"role": "user", "content": f"What is {i} plus two?"}],
-            "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}."}],
-            "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think."}],
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"What is {i} plus two?"}],
+                "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}."}],
+                "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think."}],
+            }
+        )
     return rows
 
 

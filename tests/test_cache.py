@@ -144,7 +144,11 @@ def test_settings_that_decide_the_numbers_are_in_the_key(tmp_path, monkeypatch):
     assert key_of(model, extra={"lora_dropout": 0.1}) != key_of(model, extra={"lora_dropout": 0.0})
     assert key_of(model, extra={"lora_dropout": 0.0}) != base
     assert base.about["inputs"]["bnb_cpu_repack"] == "off"
-    assert base.about["inputs"]["quantization"] == {"type": "nf4", "double_quant": True, "compute_dtype": "torch.float32"}
+    assert base.about["inputs"]["quantization"] == {
+        "type": "nf4",
+        "double_quant": True,
+        "compute_dtype": "torch.float32",
+    }
     on_cpu = key_of(model, device=torch.device("cpu"))
     assert on_cpu != base
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
@@ -225,7 +229,9 @@ def test_a_bad_entry_limit_is_one_clear_error(monkeypatch):
         ref.max_entries()
     result = CliRunner().invoke(main, ["cache", "list"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == ["error: QDPO_REFERENCE_CACHE_ENTRIES must be a whole number of at least 1; got 'lots'."]
+    assert result.output.strip().splitlines() == [
+        "error: QDPO_REFERENCE_CACHE_ENTRIES must be a whole number of at least 1; got 'lots'."
+    ]
 
 
 @pytest.mark.parametrize("args", [["cache", "--help"], ["cache", "list", "--help"], ["cache", "clear", "--help"]])

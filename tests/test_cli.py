@@ -15,8 +15,17 @@ from qdpo.config import Config, field_names
 from qdpo.presets import available
 
 REPO = Path(__file__).resolve().parent.parent
-TRL_METRICS = ["loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-               "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"]
+TRL_METRICS = [
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+]
 
 
 def invoke(*args: str):
@@ -54,22 +63,30 @@ def test_every_preset_loads_through_the_cli(preset):
 def test_precedence_defaults_preset_flags(tmp_path):
     preset = tmp_path / "p.yaml"
     preset.write_text("beta: 0.3\nlora_r: 4\nmodel: from-preset\n")
-    result = invoke("run", "--preset", str(preset), "--model", "from-flag", "lora_r=8", "learning_rate=1e-4", "--dry-run")
+    result = invoke(
+        "run", "--preset", str(preset), "--model", "from-flag", "lora_r=8", "learning_rate=1e-4", "--dry-run"
+    )
     resolved = yaml.safe_load(result.output)
     assert resolved["beta"] == 0.3 and resolved["lora_r"] == 8 and resolved["model"] == "from-flag"
     assert resolved["learning_rate"] == 1e-4 and resolved["loss_type"] == Config().loss_type
 
 
-@pytest.mark.parametrize("args, message", [
-    (["bogus=1"], "unknown setting 'bogus'"),
-    (["beta=abc"], "beta must be a number"),
-    (["lora_r=2.5"], "lora_r must be an integer"),
-    (["loss_type=dpo"], "loss_type must be one of sigmoid, ipo, hinge, robust"),
-    (["max_prompt_length=2000"], "max_prompt_length (2000) must be less than max_length"),
-    (["share_prompt=false", "pack_pairs=true"], "pack_pairs packs prompt+chosen+rejected runs, so it needs share_prompt=true"),
-    (["--preset", "nope"], "unknown preset 'nope'"),
-    (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["bogus=1"], "unknown setting 'bogus'"),
+        (["beta=abc"], "beta must be a number"),
+        (["lora_r=2.5"], "lora_r must be an integer"),
+        (["loss_type=dpo"], "loss_type must be one of sigmoid, ipo, hinge, robust"),
+        (["max_prompt_length=2000"], "max_prompt_length (2000) must be less than max_length"),
+        (
+            ["share_prompt=false", "pack_pairs=true"],
+            "pack_pairs packs prompt+chosen+rejected runs, so it needs share_prompt=true",
+        ),
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
+    ],
+)
 def test_config_errors_are_one_line(args, message):
     result = invoke("run", *args)
     assert result.exit_code == 2
@@ -77,22 +94,34 @@ def test_config_errors_are_one_line(args, message):
 
 
 def run_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a", "chosen": "b"}\n', "row 1 has no column 'rejected'"),
-    ('{"prompt": "a", "chosen": ["x"], "rejected": "c"}\n', "column 'chosen' must be a string or a list of {role, content} messages"),
-    ("", "has no rows"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n', "line 2 is not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a", "chosen": "b"}\n', "row 1 has no column 'rejected'"),
+        (
+            '{"prompt": "a", "chosen": ["x"], "rejected": "c"}\n',
+            "column 'chosen' must be a string or a list of {role, content} messages",
+        ),
+        ("", "has no rows"),
+        ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n', "line 2 is not valid JSON"),
+    ],
+)
 def test_bad_data_through_the_real_cli(tmp_path, tiny_model_dir, content, message):
     """A real process: exit code 2, one line on stderr, no traceback, no output directory left."""
     (tmp_path / "bad.jsonl").write_text(content)
-    proc = run_subprocess("run", "--model", str(tiny_model_dir), "--data", "bad.jsonl", "--output", "out", cwd=tmp_path)
+    proc = run_subprocess(
+        "run", "--model", str(tiny_model_dir), "--data", "bad.jsonl", "--output", "out", cwd=tmp_path
+    )
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in proc.stderr.splitlines() if "error" in line.lower()
+    ]
     assert not (tmp_path / "out").exists()
 
 
@@ -100,9 +129,20 @@ def test_existing_output_dir_is_refused(tmp_path, tiny_model_dir, chat_rows):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mine.txt").write_text("keep me")
-    result = invoke("run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out"))
+    result = invoke(
+        "run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out")
+    )
     assert result.exit_code == 2 and "already exists" in result.output
-    result = invoke("run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out"), "--overwrite")
+    result = invoke(
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--output",
+        str(tmp_path / "out"),
+        "--overwrite",
+    )
     assert result.exit_code == 2 and "not a qdpo run directory" in result.output
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
 
@@ -110,9 +150,24 @@ def test_existing_output_dir_is_refused(tmp_path, tiny_model_dir, chat_rows):
 def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, chat_rows):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
     out = tmp_path / "run"
-    result = invoke("run", "--preset", "smoke", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"),
-                    "--output", str(out), "--no-progress", "max_steps=4", "micro_batch_size=2",
-                    "gradient_accumulation_steps=2", "eval_fraction=0.25", "eval_steps=2", "learning_rate=1e-2")
+    result = invoke(
+        "run",
+        "--preset",
+        "smoke",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--output",
+        str(out),
+        "--no-progress",
+        "max_steps=4",
+        "micro_batch_size=2",
+        "gradient_accumulation_steps=2",
+        "eval_fraction=0.25",
+        "eval_steps=2",
+        "learning_rate=1e-2",
+    )
     assert result.exit_code == 0, result.output
     assert "9 pairs kept" in result.output and "3 pairs kept" in result.output
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -128,7 +183,11 @@ def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, chat_rows):
     assert run_info["status"] == "finished"
     assert run_info["base_model"]["path"] == str(tiny_model_dir)
     assert run_info["quantization"]["quant_type"] == "nf4" and run_info["quantization"]["double_quant"]
-    assert run_info["lora"]["r"] == 16 and run_info["data"]["train_pairs"] == 9 and len(run_info["data"]["fingerprint"]) == 16
+    assert (
+        run_info["lora"]["r"] == 16
+        and run_info["data"]["train_pairs"] == 9
+        and len(run_info["data"]["fingerprint"]) == 16
+    )
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["max_steps"] == 4 and Config(**config).learning_rate == 1e-2
     summary = json.loads((out / "summary.json").read_text())
@@ -154,8 +213,8 @@ def test_micro_batch_auto_uses_the_planner():
     """auto picks the largest micro-batch whose plan fits; one more pair must not fit."""
     from qdpo.config import build_config
     from qdpo.plan import plan_memory
-    from qdpo.shapes import model_config
     from qdpo.presets import load_preset
+    from qdpo.shapes import model_config
 
     result = invoke("run", "--preset", "7b-24gb", "--micro-batch", "auto", "--dry-run")
     assert result.exit_code == 0, result.output
@@ -179,17 +238,35 @@ def test_tokenizer_from_another_directory(tmp_path, tiny_model_dir, chat_rows):
     weights_only, tokenizer_only = tmp_path / "weights", tmp_path / "tok"
     weights_only.mkdir(), tokenizer_only.mkdir()
     for f in tiny_model_dir.iterdir():
-        shutil.copy(f, (tokenizer_only if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) else weights_only) / f.name)
+        shutil.copy(
+            f,
+            (tokenizer_only if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) else weights_only)
+            / f.name,
+        )
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
     settings = {"data": str(tmp_path / "d.jsonl"), "eval_fraction": 0.0}
     expected = prepare_data(build_config(None, {**settings, "model": str(tiny_model_dir)}), echo=lambda _: None).train
-    got = prepare_data(build_config(None, {**settings, "model": str(weights_only), "tokenizer": str(tokenizer_only)}),
-                       echo=lambda _: None).train
-    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in got] == [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in expected]
-    result = invoke("run", "--model", str(weights_only), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out"))
+    got = prepare_data(
+        build_config(None, {**settings, "model": str(weights_only), "tokenizer": str(tokenizer_only)}),
+        echo=lambda _: None,
+    ).train
+    assert [(p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in got] == [
+        (p.prompt_ids, p.chosen_ids, p.rejected_ids) for p in expected
+    ]
+    result = invoke(
+        "run", "--model", str(weights_only), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out")
+    )
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "could not load a tokenizer" in result.output
-    result = invoke("run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "tokenizer=" + str(tmp_path / "nope"),
-                    "--output", str(tmp_path / "out"))
+    result = invoke(
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "tokenizer=" + str(tmp_path / "nope"),
+        "--output",
+        str(tmp_path / "out"),
+    )
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "could not load tokenizer" in result.output
     assert not (tmp_path / "out").exists()
 
@@ -201,8 +278,18 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_model_di
     small = tmp_path / "small-vocab"
     make_model(small, vocab_size=64)  # the test tokenizer has 320 ids
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
-    result = invoke("run", "--model", str(small), "--data", str(tmp_path / "d.jsonl"), "tokenizer=" + str(tiny_model_dir),
-                    "--output", str(tmp_path / "out"), "--no-progress", "max_steps=1")
+    result = invoke(
+        "run",
+        "--model",
+        str(small),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "tokenizer=" + str(tiny_model_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--no-progress",
+        "max_steps=1",
+    )
     assert result.exit_code == 2, result.output
     assert "has only 64 embeddings" in result.output.splitlines()[-1]
     assert not (tmp_path / "out").exists()

@@ -17,12 +17,21 @@ from hypothesis import strategies as st
 from qdpo.config import Config, build_config, coerce, field_names, parse_override
 from qdpo.errors import UserError
 
-FUZZ = dict(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate, Phase.shrink],
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FUZZ = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 FIELDS = field_names()
 HINTS = typing.get_type_hints(Config)
 VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=12)
     | st.sampled_from(["nan", "inf", "-inf", "1e-4", "true", "off", "auto", "", " 7 ", "1" * 5000, 10**400]),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
     max_leaves=5,
@@ -65,8 +74,12 @@ def typos(draw) -> tuple[str, str]:
     i = draw(st.integers(0, len(name) - 1))
     c = draw(st.sampled_from("abcdefghijklmnopqrstuvwxyz_"))
     edit = draw(st.sampled_from(["delete", "replace", "insert", "swap"]))
-    typo = {"delete": name[:i] + name[i + 1:], "replace": name[:i] + c + name[i + 1:],
-            "insert": name[:i] + c + name[i:], "swap": name[:i] + name[i + 1: i + 2] + name[i] + name[i + 2:]}[edit]
+    typo = {
+        "delete": name[:i] + name[i + 1 :],
+        "replace": name[:i] + c + name[i + 1 :],
+        "insert": name[:i] + c + name[i:],
+        "swap": name[:i] + name[i + 1 : i + 2] + name[i] + name[i + 2 :],
+    }[edit]
     return name, typo
 
 
@@ -88,13 +101,17 @@ def test_a_typo_suggests_a_setting_one_edit_away(typo):
 @example(key="bogus", value=1)
 @example(key="x" * 500, value=1)
 def test_unknown_keys_are_one_line_with_a_hint(key, value):
-    for message in (outcome(coerce, key, value), outcome(build_config, {key: value}),
-                    outcome(build_config, None, {key: value})):
+    for message in (
+        outcome(coerce, key, value),
+        outcome(build_config, {key: value}),
+        outcome(build_config, None, {key: value}),
+    ):
         assert isinstance(message, str) and message.startswith("unknown setting "), message
         hint = message.split("; ", 1)[-1]
         suggested = hint.removeprefix("did you mean ").removesuffix("?")
         assert hint == "see `qdpo settings` for the list." or (
-            hint.startswith("did you mean ") and suggested in FIELDS), message
+            hint.startswith("did you mean ") and suggested in FIELDS
+        ), message
 
 
 def test_unknown_key_messages():
@@ -102,7 +119,8 @@ def test_unknown_key_messages():
     assert outcome(coerce, "Learning-Rate", 1) == "unknown setting 'Learning-Rate'; did you mean learning_rate?"
     assert outcome(coerce, "lr", 1) == "unknown setting 'lr'; did you mean learning_rate?"
     assert outcome(coerce, "per_device_train_batch_size", 1) == (
-        "unknown setting 'per_device_train_batch_size'; did you mean micro_batch_size?")
+        "unknown setting 'per_device_train_batch_size'; did you mean micro_batch_size?"
+    )
     assert outcome(coerce, "warmup", 1) == "unknown setting 'warmup'; did you mean warmup_ratio?"
     assert outcome(coerce, "bogus", 1) == "unknown setting 'bogus'; see `qdpo settings` for the list."
     assert outcome(parse_override, "colour=blue") == "unknown setting 'colour'; see `qdpo settings` for the list."
@@ -122,8 +140,11 @@ def accepts(name: str, value) -> bool:
     base = [a for a in typing.get_args(typ) if a is not type(None)][0] if optional else typ
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if base is bool:
-        return isinstance(value, bool) or isinstance(value, str) and value.lower() in ("true", "false", "yes", "no",
-                                                                                        "1", "0")
+        return (
+            isinstance(value, bool)
+            or isinstance(value, str)
+            and value.lower() in ("true", "false", "yes", "no", "1", "0")
+        )
     if base is int:
         if isinstance(value, str):
             try:
@@ -159,9 +180,28 @@ def test_each_value_is_taken_or_refused_naming_the_setting(name, value):
 
 
 @settings(max_examples=100, **FUZZ)
-@given(name=st.sampled_from(FIELDS), raw=st.one_of(
-    st.text(max_size=16), st.sampled_from(["[" * 300, "1" * 5000, ".nan", "-.inf", "&a [*a]", "{a: 1}", "[a, 1]",
-                                           "!!python/object:os.system", "2024-01-01", "0x10", "1_000", "~"])))
+@given(
+    name=st.sampled_from(FIELDS),
+    raw=st.one_of(
+        st.text(max_size=16),
+        st.sampled_from(
+            [
+                "[" * 300,
+                "1" * 5000,
+                ".nan",
+                "-.inf",
+                "&a [*a]",
+                "{a: 1}",
+                "[a, 1]",
+                "!!python/object:os.system",
+                "2024-01-01",
+                "0x10",
+                "1_000",
+                "~",
+            ]
+        ),
+    ),
+)
 @example(name="lora_r", raw="1" * 5000)  # was ValueError from yaml's int()
 @example(name="beta", raw="[" * 1200)  # was RecursionError from yaml
 @example(name="learning_rate", raw=".nan")
@@ -182,23 +222,38 @@ def test_command_line_overrides_parse_or_fail_naming_the_setting(name, raw):
 # --------------------------------------------------------------------------------------- ranges and conflicts
 
 # (setting, values that must be refused, values that must be taken) with every other setting at its default
-RANGES = [
-    (name, [0, -1], [1, 3]) for name in ("lora_r", "lora_alpha", "micro_batch_size", "gradient_accumulation_steps",
-                                        "logging_steps", "save_total_limit", "max_nonfinite_steps")
-] + [
-    (name, [-1, -7], [0, 5]) for name in ("max_steps", "eval_steps", "save_steps", "logits_chunk_size")
-] + [
-    (name, [-0.5, -1e-9], [0.0, 2.5]) for name in ("weight_decay", "max_grad_norm", "sft_weight")
-] + [
-    ("beta", [0.0, -0.1], [1e-6, 5.0]), ("learning_rate", [0.0, -1e-5], [1e-7, 1.0]),
-    ("label_smoothing", [-0.1, 0.5, 0.9], [0.0, 0.49]), ("lora_dropout", [-0.1, 1.0], [0.0, 0.99]),
-    ("warmup_ratio", [-0.1, 1.0], [0.0, 0.5]), ("eval_fraction", [-0.01, 1.0], [0.0, 0.99]),
-    ("num_train_epochs", [0.0, -1.0], [0.5, 3.0]), ("max_length", [-1, 0, 1], [2, 100, 4096]),
-    ("max_prompt_length", [0, -3, 1024, 5000], [1, 1023]),
-    ("loss_type", ["dpo", "SIGMOID", ""], ["ipo", "robust"]), ("optim", ["sgd"], ["adamw"]),
-    ("lr_scheduler_type", ["step"], ["cosine"]), ("compute_dtype", ["fp16", "half"], ["float16", "auto"]),
-    ("lora_target_modules", [[], ""], [["q_proj"], "q_proj,v_proj"]),
-]
+RANGES = (
+    [
+        (name, [0, -1], [1, 3])
+        for name in (
+            "lora_r",
+            "lora_alpha",
+            "micro_batch_size",
+            "gradient_accumulation_steps",
+            "logging_steps",
+            "save_total_limit",
+            "max_nonfinite_steps",
+        )
+    ]
+    + [(name, [-1, -7], [0, 5]) for name in ("max_steps", "eval_steps", "save_steps", "logits_chunk_size")]
+    + [(name, [-0.5, -1e-9], [0.0, 2.5]) for name in ("weight_decay", "max_grad_norm", "sft_weight")]
+    + [
+        ("beta", [0.0, -0.1], [1e-6, 5.0]),
+        ("learning_rate", [0.0, -1e-5], [1e-7, 1.0]),
+        ("label_smoothing", [-0.1, 0.5, 0.9], [0.0, 0.49]),
+        ("lora_dropout", [-0.1, 1.0], [0.0, 0.99]),
+        ("warmup_ratio", [-0.1, 1.0], [0.0, 0.5]),
+        ("eval_fraction", [-0.01, 1.0], [0.0, 0.99]),
+        ("num_train_epochs", [0.0, -1.0], [0.5, 3.0]),
+        ("max_length", [-1, 0, 1], [2, 100, 4096]),
+        ("max_prompt_length", [0, -3, 1024, 5000], [1, 1023]),
+        ("loss_type", ["dpo", "SIGMOID", ""], ["ipo", "robust"]),
+        ("optim", ["sgd"], ["adamw"]),
+        ("lr_scheduler_type", ["step"], ["cosine"]),
+        ("compute_dtype", ["fp16", "half"], ["float16", "auto"]),
+        ("lora_target_modules", [[], ""], [["q_proj"], "q_proj,v_proj"]),
+    ]
+)
 
 
 @pytest.mark.parametrize("name, refused, taken", RANGES, ids=[r[0] for r in RANGES])
@@ -210,19 +265,36 @@ def test_out_of_range_values_are_refused_naming_the_setting(name, refused, taken
         assert getattr(outcome(build_config, None, {name: value}), name) == coerce(name, value), value
 
 
-CONFLICTS = st.fixed_dictionaries({}, optional={
-    "share_prompt": st.sampled_from([None, True, False]), "pack_pairs": st.booleans(),
-    "loss_type": st.sampled_from(["sigmoid", "ipo", "hinge", "robust"]),
-    "label_smoothing": st.sampled_from([0.0, 0.2]),
-    "max_steps": st.sampled_from([0, 10]), "num_train_epochs": st.sampled_from([0.0, 1.0]),
-    "max_length": st.sampled_from([64, 512, 2048]), "max_prompt_length": st.sampled_from([32, 512, 1024, 4096]),
-})
+CONFLICTS = st.fixed_dictionaries(
+    {},
+    optional={
+        "share_prompt": st.sampled_from([None, True, False]),
+        "pack_pairs": st.booleans(),
+        "loss_type": st.sampled_from(["sigmoid", "ipo", "hinge", "robust"]),
+        "label_smoothing": st.sampled_from([0.0, 0.2]),
+        "max_steps": st.sampled_from([0, 10]),
+        "num_train_epochs": st.sampled_from([0.0, 1.0]),
+        "max_length": st.sampled_from([64, 512, 2048]),
+        "max_prompt_length": st.sampled_from([32, 512, 1024, 4096]),
+    },
+)
 
 
 def conflicts(values: dict) -> list[set[str]]:
     """The documented cross-setting rules this combination breaks, each as the settings it involves."""
-    v = {f: getattr(Config, f) for f in ("share_prompt", "pack_pairs", "loss_type", "label_smoothing", "max_steps",
-                                         "num_train_epochs", "max_length", "max_prompt_length")} | values
+    v = {
+        f: getattr(Config, f)
+        for f in (
+            "share_prompt",
+            "pack_pairs",
+            "loss_type",
+            "label_smoothing",
+            "max_steps",
+            "num_train_epochs",
+            "max_length",
+            "max_prompt_length",
+        )
+    } | values
     broken = []
     if v["pack_pairs"] and v["share_prompt"] is False:
         broken.append({"pack_pairs", "share_prompt"})
@@ -249,8 +321,10 @@ def test_contradictory_settings_are_refused_naming_both(values):
 
 
 @settings(max_examples=60, **FUZZ)
-@given(preset=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), VALUES, max_size=4),
-       overrides=st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=3))
+@given(
+    preset=st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=8), VALUES, max_size=4),
+    overrides=st.dictionaries(st.sampled_from(FIELDS), VALUES, max_size=3),
+)
 def test_any_preset_and_overrides_give_a_config_or_one_line(preset, overrides):
     got = outcome(build_config, preset, overrides)
     assert isinstance(got, (Config, str))

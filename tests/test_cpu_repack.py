@@ -33,7 +33,9 @@ def lora_grads(model_dir, pairs, pad_id):
     config = Config(model="x", data="y")
     table = compute_reference(model, pairs, [[0, 1]], pad_id, config.logits_chunk_size, config.batch_layout)
     model.train()
-    losses, *_ = preference_loss(model, make_batch(pairs, pad_id, config.batch_layout), config, table_rows(table, [0, 1]))
+    losses, *_ = preference_loss(
+        model, make_batch(pairs, pad_id, config.batch_layout), config, table_rows(table, [0, 1])
+    )
     losses.sum().backward()
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, layers, table
@@ -71,7 +73,9 @@ def test_guard_switches_every_4bit_layer(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True)
+    )
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert all(layer.support_avx512bf16_for_cpu for layer in layers)
     assert disable_cpu_repack(model) == len(layers) == 14  # 7 linears x 2 blocks of the tiny Llama

@@ -13,9 +13,11 @@ STRING_ROWS = [
     {"prompt": "The capital of France?", "chosen": "The capital of France is Paris.", "rejected": "Madrid."},
 ]
 CHAT_ROWS = [
-    {"prompt": [{"role": "user", "content": r["prompt"]}],
-     "chosen": [{"role": "assistant", "content": r["chosen"]}],
-     "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+    {
+        "prompt": [{"role": "user", "content": r["prompt"]}],
+        "chosen": [{"role": "assistant", "content": r["chosen"]}],
+        "rejected": [{"role": "assistant", "content": r["rejected"]}],
+    }
     for r in STRING_ROWS
 ]
 
@@ -36,7 +38,9 @@ def write(tmp_path, fmt: str, rows: list[dict]):
         datasets.Dataset.from_list(rows).to_parquet(str(path))
     elif fmt == "csv":
         path = tmp_path / "d.csv"
-        pd.DataFrame([{k: v if isinstance(v, str) else json.dumps(v) for k, v in r.items()} for r in rows]).to_csv(path, index=False)
+        pd.DataFrame([{k: v if isinstance(v, str) else json.dumps(v) for k, v in r.items()} for r in rows]).to_csv(
+            path, index=False
+        )
     else:
         path = tmp_path / "saved"
         datasets.Dataset.from_list(rows).save_to_disk(str(path))
@@ -58,8 +62,13 @@ def test_every_format_gives_the_same_tokenized_pairs(tmp_path, tokenizer, fmt, r
             prompt = tokenizer(r["prompt"])["input_ids"]
             chosen = tokenizer(r["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         else:
-            prompt = tokenizer(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"]
-            chosen = tokenizer(r["chosen"][0]["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            prompt = tokenizer(
+                tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False,
+            )["input_ids"]
+            chosen = tokenizer(r["chosen"][0]["content"], add_special_tokens=False)["input_ids"] + [
+                tokenizer.eos_token_id
+            ]
         expected_pairs.append((prompt, chosen))
     got = tokenized(tokenizer, write(tmp_path, fmt, rows))
     assert [(p.prompt_ids, p.chosen_ids) for p in got] == expected_pairs
@@ -89,8 +98,11 @@ def test_hh_strings_split_at_last_assistant_marker():
 
 
 def test_hh_messages_split_before_the_differing_assistant_turn():
-    shared = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-              {"role": "user", "content": "Capital of France?"}]
+    shared = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Capital of France?"},
+    ]
     chosen = shared + [{"role": "assistant", "content": "Paris."}]
     rejected = shared + [{"role": "assistant", "content": "Pass."}]
     rows = [{"chosen": chosen, "rejected": rejected}]
@@ -100,18 +112,29 @@ def test_hh_messages_split_before_the_differing_assistant_turn():
 
 def test_hh_same_start_of_answer_is_not_part_of_prompt():
     """Answers that start alike ("Paris ...") still split at the marker, not mid-answer."""
-    prompt, c, r = split_shared_prompt("\n\nHuman: Q\n\nAssistant: Paris is it.", "\n\nHuman: Q\n\nAssistant: Paris? No idea.",
-                                       "\n\nAssistant:", "x", 1)
+    prompt, c, r = split_shared_prompt(
+        "\n\nHuman: Q\n\nAssistant: Paris is it.",
+        "\n\nHuman: Q\n\nAssistant: Paris? No idea.",
+        "\n\nAssistant:",
+        "x",
+        1,
+    )
     assert prompt == "\n\nHuman: Q\n\nAssistant:" and c == " Paris is it." and r == " Paris? No idea."
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a", "chosen": "b"}\n', "row 1 has no column 'rejected'"),
-    ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n', "row 1 column 'chosen' must be a string or a list"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b" "rejected": "c"}\n', "line 2 is not valid JSON"),
-    ("", "has no rows"),
-    ('{"chosen": "b", "rejected": "c"}\n', "no shared beginning"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a", "chosen": "b"}\n', "row 1 has no column 'rejected'"),
+        ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n', "row 1 column 'chosen' must be a string or a list"),
+        (
+            '{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b" "rejected": "c"}\n',
+            "line 2 is not valid JSON",
+        ),
+        ("", "has no rows"),
+        ('{"chosen": "b", "rejected": "c"}\n', "no shared beginning"),
+    ],
+)
 def test_bad_rows_raise_one_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
@@ -132,11 +155,18 @@ def test_unknown_extension_and_missing_file(tmp_path):
 def test_prompt_repeated_inside_the_conversations_is_not_doubled():
     """UltraFeedback-style rows: a prompt column, and chosen/rejected that start with the same user turn."""
     user = [{"role": "user", "content": "Capital of France?"}]
-    rows = [{"prompt": "Capital of France?", "chosen": user + [{"role": "assistant", "content": "Paris."}],
-             "rejected": user + [{"role": "assistant", "content": "Pass."}]}]
+    rows = [
+        {
+            "prompt": "Capital of France?",
+            "chosen": user + [{"role": "assistant", "content": "Paris."}],
+            "rejected": user + [{"role": "assistant", "content": "Pass."}],
+        }
+    ]
     (pair,) = to_pairs(rows, Columns(), "x")
     assert pair.prompt == user
-    assert pair.chosen == [{"role": "assistant", "content": "Paris."}] and pair.rejected == [{"role": "assistant", "content": "Pass."}]
+    assert pair.chosen == [{"role": "assistant", "content": "Paris."}] and pair.rejected == [
+        {"role": "assistant", "content": "Pass."}
+    ]
 
 
 # --- ShareGPT and single-message shapes, and what is wrong with a message list
@@ -146,8 +176,11 @@ SHAREGPT_ROW = {  # LLaMA-Factory's preference layout: the prompt turns, then on
     "chosen": {"from": "gpt", "value": "Paris."},
     "rejected": {"from": "gpt", "value": "Madrid."},
 }
-CHAT_PAIR = Pair([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
-                 [{"role": "assistant", "content": "Paris."}], [{"role": "assistant", "content": "Madrid."}])
+CHAT_PAIR = Pair(
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}],
+    [{"role": "assistant", "content": "Paris."}],
+    [{"role": "assistant", "content": "Madrid."}],
+)
 
 
 def test_sharegpt_preference_rows_read_as_chat(tmp_path, tokenizer):
@@ -156,16 +189,24 @@ def test_sharegpt_preference_rows_read_as_chat(tmp_path, tokenizer):
     # the same through a file and the tokenizer: the ids of the {role, content} form
     as_chat = {"prompt": CHAT_PAIR.prompt, "chosen": CHAT_PAIR.chosen, "rejected": CHAT_PAIR.rejected}
     assert tokenized(tokenizer, write(tmp_path, "jsonl", [SHAREGPT_ROW])) == tokenized(
-        tokenizer, write(tmp_path, "json", [as_chat]))
+        tokenizer, write(tmp_path, "json", [as_chat])
+    )
 
 
-@pytest.mark.parametrize("row", [
-    {**SHAREGPT_ROW, "chosen": "Paris.", "rejected": "Madrid."},  # answers as strings
-    {**SHAREGPT_ROW, "chosen": [SHAREGPT_ROW["chosen"]], "rejected": [SHAREGPT_ROW["rejected"]]},  # lists of one
-    {"prompt": CHAT_PAIR.prompt, "chosen": CHAT_PAIR.chosen[0], "rejected": CHAT_PAIR.rejected[0]},  # one message
-    {"chosen": SHAREGPT_ROW["conversations"] + [SHAREGPT_ROW["chosen"]],  # whole ShareGPT conversations, no prompt
-     "rejected": SHAREGPT_ROW["conversations"] + [SHAREGPT_ROW["rejected"]]},
-], ids=["string answers", "lists of one", "single role/content message", "whole conversations"])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {**SHAREGPT_ROW, "chosen": "Paris.", "rejected": "Madrid."},  # answers as strings
+        {**SHAREGPT_ROW, "chosen": [SHAREGPT_ROW["chosen"]], "rejected": [SHAREGPT_ROW["rejected"]]},  # lists of one
+        {"prompt": CHAT_PAIR.prompt, "chosen": CHAT_PAIR.chosen[0], "rejected": CHAT_PAIR.rejected[0]},  # one message
+        {
+            "chosen": SHAREGPT_ROW["conversations"]
+            + [SHAREGPT_ROW["chosen"]],  # whole ShareGPT conversations, no prompt
+            "rejected": SHAREGPT_ROW["conversations"] + [SHAREGPT_ROW["rejected"]],
+        },
+    ],
+    ids=["string answers", "lists of one", "single role/content message", "whole conversations"],
+)
 def test_other_sharegpt_and_single_message_shapes(row):
     assert to_pairs([row], Columns(), "x") == [CHAT_PAIR]
 
@@ -176,37 +217,73 @@ def test_a_prompt_column_wins_over_conversations():
     assert pair.prompt == [{"role": "user", "content": "Capital of Spain?"}]
 
 
-@pytest.mark.parametrize("row, message", [
-    ({"prompt": "q", "chosen": ["x"], "rejected": "b"},
-     "row 1 column 'chosen' must be a string or a list of {role, content} messages, but message 1 is a string."),
-    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant"}], "rejected": "b"},
-     "row 1 column 'chosen' must be a string or a list of {role, content} messages, but message 2 has no 'content' "
-     "(or ShareGPT 'value')."),
-    ({"prompt": [{"content": "q"}], "chosen": "a", "rejected": "b"}, "column 'prompt' must be a string or a list of "
-     "{role, content} messages, but message 1 has no 'role' (or ShareGPT 'from')."),
-    ({"prompt": "q", "chosen": "a", "rejected": [{"from": "gpt", "value": None}]},
-     "but the content of message 1 is null, not a string."),
-    ({"prompt": [], "chosen": "a", "rejected": "b"}, "column 'prompt' must be a string or a list of {role, content} "
-     "messages, not an empty list."),
-    ({"prompt": "q", "chosen": {"text": "a"}, "rejected": "b"}, "but message 1 has no 'role' (or ShareGPT 'from')."),
-    ({**SHAREGPT_ROW, "conversations": SHAREGPT_ROW["conversations"] + [SHAREGPT_ROW["chosen"]]},
-     "column 'conversations' ends with an assistant turn, but next to 'chosen'/'rejected' it must hold only the "
-     "prompt turns"),
-    ({"prompt": "q", "chosen": [{"role": "user", "content": "q!"}, {"role": "assistant", "content": "a"}],
-      "rejected": "b"}, "column 'chosen': the response starts with a 'user' message, not 'assistant'; put the turns "
-     "before the answer in the 'prompt' column."),
-    ({"prompt": "q", "chosen": "a",
-      "rejected": [{"role": "assistant", "content": "b"}, {"from": "human", "value": "?"}]},
-     "column 'rejected': the response ends with a 'user' message, not 'assistant'"),
-    ({"prompt": "q\ud800", "chosen": "a", "rejected": "b"},
-     "column 'prompt' holds an invalid character (the lone surrogate U+D800 at position 2); fix the text."),
-    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "\udfff"}], "rejected": "b"},
-     "column 'chosen': the content of message 1 holds an invalid character (the lone surrogate U+DFFF"),
-    ({"prompt": "q", "chosen": 3, "rejected": "b"},
-     "column 'chosen' must be a string or a list of {role, content} messages, not a number."),
-    ({}, "row 1 has no column 'chosen' (it has no columns)"),
-    ({"a\nb": 1, "c": 2}, "row 1 has no column 'chosen' (it has 'a\\nb', 'c'); map yours"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        (
+            {"prompt": "q", "chosen": ["x"], "rejected": "b"},
+            "row 1 column 'chosen' must be a string or a list of {role, content} messages, but message 1 is a string.",
+        ),
+        (
+            {"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant"}], "rejected": "b"},
+            "row 1 column 'chosen' must be a string or a list of {role, content} messages, but message 2 has no 'content' "
+            "(or ShareGPT 'value').",
+        ),
+        (
+            {"prompt": [{"content": "q"}], "chosen": "a", "rejected": "b"},
+            "column 'prompt' must be a string or a list of "
+            "{role, content} messages, but message 1 has no 'role' (or ShareGPT 'from').",
+        ),
+        (
+            {"prompt": "q", "chosen": "a", "rejected": [{"from": "gpt", "value": None}]},
+            "but the content of message 1 is null, not a string.",
+        ),
+        (
+            {"prompt": [], "chosen": "a", "rejected": "b"},
+            "column 'prompt' must be a string or a list of {role, content} messages, not an empty list.",
+        ),
+        (
+            {"prompt": "q", "chosen": {"text": "a"}, "rejected": "b"},
+            "but message 1 has no 'role' (or ShareGPT 'from').",
+        ),
+        (
+            {**SHAREGPT_ROW, "conversations": SHAREGPT_ROW["conversations"] + [SHAREGPT_ROW["chosen"]]},
+            "column 'conversations' ends with an assistant turn, but next to 'chosen'/'rejected' it must hold only the "
+            "prompt turns",
+        ),
+        (
+            {
+                "prompt": "q",
+                "chosen": [{"role": "user", "content": "q!"}, {"role": "assistant", "content": "a"}],
+                "rejected": "b",
+            },
+            "column 'chosen': the response starts with a 'user' message, not 'assistant'; put the turns "
+            "before the answer in the 'prompt' column.",
+        ),
+        (
+            {
+                "prompt": "q",
+                "chosen": "a",
+                "rejected": [{"role": "assistant", "content": "b"}, {"from": "human", "value": "?"}],
+            },
+            "column 'rejected': the response ends with a 'user' message, not 'assistant'",
+        ),
+        (
+            {"prompt": "q\ud800", "chosen": "a", "rejected": "b"},
+            "column 'prompt' holds an invalid character (the lone surrogate U+D800 at position 2); fix the text.",
+        ),
+        (
+            {"prompt": "q", "chosen": [{"role": "assistant", "content": "\udfff"}], "rejected": "b"},
+            "column 'chosen': the content of message 1 holds an invalid character (the lone surrogate U+DFFF",
+        ),
+        (
+            {"prompt": "q", "chosen": 3, "rejected": "b"},
+            "column 'chosen' must be a string or a list of {role, content} messages, not a number.",
+        ),
+        ({}, "row 1 has no column 'chosen' (it has no columns)"),
+        ({"a\nb": 1, "c": 2}, "row 1 has no column 'chosen' (it has 'a\\nb', 'c'); map yours"),
+    ],
+)
 def test_what_is_wrong_with_a_row_in_one_line(row, message):
     with pytest.raises(UserError) as info:
         to_pairs([row], Columns(), "x")
@@ -214,8 +291,11 @@ def test_what_is_wrong_with_a_row_in_one_line(row, message):
 
 
 def test_same_column_for_two_roles_is_refused():
-    with pytest.raises(UserError, match="prompt_column, chosen_column and rejected_column must name three different "
-                                        "columns; got prompt_column='text', chosen_column='text'"):
+    with pytest.raises(
+        UserError,
+        match="prompt_column, chosen_column and rejected_column must name three different "
+        "columns; got prompt_column='text', chosen_column='text'",
+    ):
         to_pairs(STRING_ROWS, Columns("text", "text", "rejected"), "x")
 
 

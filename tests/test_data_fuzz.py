@@ -21,8 +21,13 @@ from qdpo.errors import UserError
 from qdpo.tokenize import TokenizedPair, tokenize_pairs
 
 # Deterministic (CI sees the same examples every run) and small: this file runs in about 15 s on 2 cores.
-FUZZ = dict(deadline=None, derandomize=True, database=None, phases=[Phase.explicit, Phase.generate, Phase.shrink],
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+FUZZ = dict(
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=[Phase.explicit, Phase.generate, Phase.shrink],
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+)
 MARKER = "\n\nAssistant:"
 
 # ----------------------------------------------------------------------------------------------- the oracle
@@ -45,7 +50,7 @@ def expected_prompt_ids(tokenizer, prompt) -> list[int]:
 
 def expected_response_ids(tokenizer, response) -> list[int]:
     if isinstance(response, list):  # what the template adds after the generation prompt, up to the last EOS
-        text = render(response)[len("<s><|assistant|>\n"):].removesuffix("\n")
+        text = render(response)[len("<s><|assistant|>\n") :].removesuffix("\n")
     else:
         end = re.search(r"</s>\s*\Z", response)  # a text that already ends in EOS (and blanks) gets no second one
         text = response[: end.start() + 4] if end else response + "</s>"
@@ -92,15 +97,36 @@ def check_one_line(error: UserError) -> str:
 
 # ----------------------------------------------------------------------------------------------- strategies
 
-ODD_TEXT = st.sampled_from([
-    "", " ", "\t\n ", "</s>", "<s>", "<s><s>Hi", "Yes.</s>\n", "Yes.</s>x", "a\u2028b", "a\x85b", "e\u0301",
-    "\U0001F600 emoji", "\u200b", "\u3000", "Two plus two is four.", "Paris.", "\x00", "{{ bos_token }}",
-    "<|assistant|>\n", "\\ud800", "Hello there, how are you today? " * 12,
-])
+ODD_TEXT = st.sampled_from(
+    [
+        "",
+        " ",
+        "\t\n ",
+        "</s>",
+        "<s>",
+        "<s><s>Hi",
+        "Yes.</s>\n",
+        "Yes.</s>x",
+        "a\u2028b",
+        "a\x85b",
+        "e\u0301",
+        "\U0001f600 emoji",
+        "\u200b",
+        "\u3000",
+        "Two plus two is four.",
+        "Paris.",
+        "\x00",
+        "{{ bos_token }}",
+        "<|assistant|>\n",
+        "\\ud800",
+        "Hello there, how are you today? " * 12,
+    ]
+)
 BAD_TEXT = st.sampled_from(["\ud800", "a\udfffb"])  # lone surrogates: valid JSON escapes, not encodable text
 TEXT = st.one_of(ODD_TEXT, st.text(max_size=24), st.text(alphabet="ab </s>\n", max_size=24))
-ROLE = st.one_of(st.sampled_from(["user", "assistant", "system", "human", "gpt", "tool", "bot", ""]),
-                 st.text(max_size=6))
+ROLE = st.one_of(
+    st.sampled_from(["user", "assistant", "system", "human", "gpt", "tool", "bot", ""]), st.text(max_size=6)
+)
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
@@ -118,10 +144,12 @@ ANSWERS = st.lists(ANSWER, min_size=1, max_size=2)
 FIELD = st.one_of(TEXT, TEXT, TEXT, ANSWERS, ANSWERS, st.lists(MESSAGE, max_size=4), MESSAGE, JSON, BAD_TEXT)
 FULL_ROW = st.fixed_dictionaries({"prompt": FIELD, "chosen": FIELD, "rejected": FIELD}, optional={"extra": JSON})
 ROW = st.one_of(  # mostly rows with the columns, so that most examples get as far as tokenization
-    FULL_ROW, FULL_ROW,
+    FULL_ROW,
+    FULL_ROW,
     st.fixed_dictionaries({"chosen": FIELD, "rejected": FIELD}, optional={"conversations": FIELD}),
-    st.fixed_dictionaries({}, optional={"prompt": FIELD, "chosen": FIELD, "rejected": FIELD,
-                                        "conversations": FIELD, "extra": JSON}),
+    st.fixed_dictionaries(
+        {}, optional={"prompt": FIELD, "chosen": FIELD, "rejected": FIELD, "conversations": FIELD, "extra": JSON}
+    ),
 )
 GOOD_ROW = {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "Five."}
 LENGTHS = st.integers(2, 48).flatmap(lambda n: st.tuples(st.just(n), st.integers(1, n - 1)))
@@ -151,16 +179,31 @@ def through_the_data_path(tokenizer, rows: list, lengths: tuple[int, int]) -> st
 @given(row=ROW, lengths=LENGTHS)
 @example(row={"prompt": "\ud800", "chosen": "a", "rejected": "b"}, lengths=(32, 16))  # lone surrogate
 @example(row={"a\nb": 1}, lengths=(32, 16))  # a column name with a newline, in the "no column" message
-@example(row={"prompt": "Q", "chosen": [{"role": "user", "content": "Q "}, {"role": "assistant", "content": "A"}],
-              "rejected": [{"role": "assistant", "content": "B"}]}, lengths=(32, 16))  # response that is a chat
-@example(row={"prompt": "Q", "chosen": [{"role": "bot", "content": "A"}],
-              "rejected": [{"role": "assistant", "content": "A"}]}, lengths=(32, 16))  # same ids, other role
+@example(
+    row={
+        "prompt": "Q",
+        "chosen": [{"role": "user", "content": "Q "}, {"role": "assistant", "content": "A"}],
+        "rejected": [{"role": "assistant", "content": "B"}],
+    },
+    lengths=(32, 16),
+)  # response that is a chat
+@example(
+    row={
+        "prompt": "Q",
+        "chosen": [{"role": "bot", "content": "A"}],
+        "rejected": [{"role": "assistant", "content": "A"}],
+    },
+    lengths=(32, 16),
+)  # same ids, other role
 @example(row=GOOD_ROW, lengths=(32, 16))  # a duplicated pair: kept twice, as TRL does
 @example(row={"prompt": "Q", "chosen": "Same.", "rejected": "Same."}, lengths=(32, 16))  # chosen == rejected
-@example(row={"prompt": "Hello there, how are you today? " * 20, "chosen": "Yes.", "rejected": "No."},
-         lengths=(8, 4))  # a prompt longer than max_length
-@example(row={"prompt": [{"role": "bot", "content": "Q"}], "chosen": [{"role": "user", "content": "A"}],
-              "rejected": "B"}, lengths=(32, 16))  # an unknown role, and a response with no assistant turn
+@example(
+    row={"prompt": "Hello there, how are you today? " * 20, "chosen": "Yes.", "rejected": "No."}, lengths=(8, 4)
+)  # a prompt longer than max_length
+@example(
+    row={"prompt": [{"role": "bot", "content": "Q"}], "chosen": [{"role": "user", "content": "A"}], "rejected": "B"},
+    lengths=(32, 16),
+)  # an unknown role, and a response with no assistant turn
 def test_any_row_is_kept_dropped_or_refused_naming_it(tokenizer, row, lengths):
     """A good row first, then the fuzzed one: an error must name row 2, never row 1."""
     message = through_the_data_path(tokenizer, [GOOD_ROW, row], lengths)
@@ -189,7 +232,9 @@ PLAIN_CONTENT = st.text(alphabet=st.characters(exclude_characters=":"), max_size
 
 
 def messages(roles: list[str]) -> st.SearchStrategy:
-    return st.tuples(*[CONTENT for _ in roles]).map(lambda cs: [{"role": r, "content": c} for r, c in zip(roles, cs, strict=True)])
+    return st.tuples(*[CONTENT for _ in roles]).map(
+        lambda cs: [{"role": r, "content": c} for r, c in zip(roles, cs, strict=True)]
+    )
 
 
 PROMPT_ROLES = st.sampled_from([["user"], ["system", "user"], ["user", "assistant", "user"], ["tool", "user"]])
@@ -208,16 +253,18 @@ def as_chat(text, role: str) -> list[dict]:
 @st.composite
 def shaped_rows(draw) -> tuple[dict, Pair | None]:
     """A raw row in one of the shapes qdpo reads, and the Pair it must become (None: identical, do not compare)."""
-    shape = draw(st.sampled_from(["columns", "chat", "sharegpt", "single_message", "ultrafeedback", "hh_text",
-                                  "hh_chat"]))
+    shape = draw(
+        st.sampled_from(["columns", "chat", "sharegpt", "single_message", "ultrafeedback", "hh_text", "hh_chat"])
+    )
     prompt = draw(messages(draw(PROMPT_ROLES)))
     chosen, rejected = draw(messages(draw(RESPONSE_ROLES))), draw(messages(draw(RESPONSE_ROLES)))
     if shape == "columns":  # strings, or a mix of strings and messages (one list makes the whole row a chat)
         p, c, r = (draw(st.sampled_from([m[0]["content"], m])) for m in (prompt, chosen, rejected))
         if all(isinstance(t, str) for t in (p, c, r)):
             return {"prompt": p, "chosen": c, "rejected": r}, Pair(p, c, r)
-        return {"prompt": p, "chosen": c, "rejected": r}, Pair(as_chat(p, "user"), as_chat(c, "assistant"),
-                                                               as_chat(r, "assistant"))
+        return {"prompt": p, "chosen": c, "rejected": r}, Pair(
+            as_chat(p, "user"), as_chat(c, "assistant"), as_chat(r, "assistant")
+        )
     if shape == "chat":
         return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "id": 7}, Pair(prompt, chosen, rejected)
     if shape == "sharegpt":  # LLaMA-Factory: conversations = the prompt turns, chosen/rejected = one {from, value}
@@ -237,8 +284,9 @@ def shaped_rows(draw) -> tuple[dict, Pair | None]:
         return {"chosen": p + c, "rejected": p + r}, Pair(p, c, r)
     # hh_chat: whole conversations that share the prompt turns and differ from the first answer on
     assume(chosen[0] != rejected[0] or chosen == rejected)
-    return {"chosen": prompt + chosen, "rejected": prompt + rejected}, (Pair(prompt, chosen, rejected)
-                                                                        if chosen != rejected else None)
+    return {"chosen": prompt + chosen, "rejected": prompt + rejected}, (
+        Pair(prompt, chosen, rejected) if chosen != rejected else None
+    )
 
 
 @settings(max_examples=150, **FUZZ)
@@ -258,16 +306,27 @@ def test_common_shapes_become_the_expected_pairs_and_ids(tokenizer, shaped, leng
 
 LINE = st.one_of(
     # ensure_ascii=False with a lone surrogate writes it as (invalid) UTF-8 bytes: a file another tool could write
-    st.builds(lambda row, ascii_only: json.dumps(row, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"),
-              st.one_of(st.just(GOOD_ROW), ROW), st.booleans()),
+    st.builds(
+        lambda row, ascii_only: json.dumps(row, ensure_ascii=ascii_only).encode("utf-8", "surrogatepass"),
+        st.one_of(st.just(GOOD_ROW), ROW),
+        st.booleans(),
+    ),
     st.just(json.dumps(GOOD_ROW).encode()),
     st.just(b""),
     st.builds(lambda v: json.dumps(v).encode(), JSON),
     st.binary(max_size=12).filter(lambda b: b"\n" not in b and b"\r" not in b),
-    st.sampled_from([b"", b"  \t", b'{"prompt": "\xff\xfe", "chosen": "a", "rejected": "b"}', b"\xc3",
-                     b"[" * 3000, b'{"prompt": ' + b"1" * 5000 + b"}", b'{"prompt": "a\\ud800"}',
-                     json.dumps({"prompt": "a\u2028b\x85c", "chosen": "d", "rejected": "e"},
-                                ensure_ascii=False).encode()]),
+    st.sampled_from(
+        [
+            b"",
+            b"  \t",
+            b'{"prompt": "\xff\xfe", "chosen": "a", "rejected": "b"}',
+            b"\xc3",
+            b"[" * 3000,
+            b'{"prompt": ' + b"1" * 5000 + b"}",
+            b'{"prompt": "a\\ud800"}',
+            json.dumps({"prompt": "a\u2028b\x85c", "chosen": "d", "rejected": "e"}, ensure_ascii=False).encode(),
+        ]
+    ),
 )
 
 
@@ -295,18 +354,39 @@ def expected_jsonl(lines: list[bytes]) -> tuple[list[dict], list[int]] | str:
 
 
 @settings(max_examples=100, **FUZZ)
-@given(lines=st.lists(LINE, max_size=5), newline=st.sampled_from([b"\n", b"\r\n", b"\r"]), bom=st.booleans(),
-       trailing=st.booleans(), lengths=LENGTHS)
-@example(lines=[json.dumps({"prompt": "a\u2028b", "chosen": "c", "rejected": "d"}, ensure_ascii=False).encode()],
-         newline=b"\n", bom=False, trailing=True, lengths=(32, 16))  # U+2028 inside a string is not a line break
+@given(
+    lines=st.lists(LINE, max_size=5),
+    newline=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    bom=st.booleans(),
+    trailing=st.booleans(),
+    lengths=LENGTHS,
+)
+@example(
+    lines=[json.dumps({"prompt": "a\u2028b", "chosen": "c", "rejected": "d"}, ensure_ascii=False).encode()],
+    newline=b"\n",
+    bom=False,
+    trailing=True,
+    lengths=(32, 16),
+)  # U+2028 inside a string is not a line break
 @example(lines=[json.dumps(GOOD_ROW).encode()], newline=b"\n", bom=True, trailing=True, lengths=(32, 16))  # BOM
 @example(lines=[b"[" * 3000], newline=b"\n", bom=False, trailing=True, lengths=(32, 16))  # nested too deep
-@example(lines=[b'{"prompt": ' + b"1" * 5000 + b"}"], newline=b"\n", bom=False, trailing=True,
-         lengths=(32, 16))  # an integer too long for Python's int()
-@example(lines=[json.dumps(GOOD_ROW).encode(), b'{"prompt": "\xff"}'], newline=b"\n", bom=False, trailing=True,
-         lengths=(32, 16))  # invalid UTF-8 on line 2 only
-@example(lines=[json.dumps(GOOD_ROW).encode(), b"", json.dumps({"chosen": "a"}).encode()], newline=b"\n", bom=False,
-         trailing=True, lengths=(32, 16))  # a bad row after a blank line: "row 2 (line 3)"
+@example(
+    lines=[b'{"prompt": ' + b"1" * 5000 + b"}"], newline=b"\n", bom=False, trailing=True, lengths=(32, 16)
+)  # an integer too long for Python's int()
+@example(
+    lines=[json.dumps(GOOD_ROW).encode(), b'{"prompt": "\xff"}'],
+    newline=b"\n",
+    bom=False,
+    trailing=True,
+    lengths=(32, 16),
+)  # invalid UTF-8 on line 2 only
+@example(
+    lines=[json.dumps(GOOD_ROW).encode(), b"", json.dumps({"chosen": "a"}).encode()],
+    newline=b"\n",
+    bom=False,
+    trailing=True,
+    lengths=(32, 16),
+)  # a bad row after a blank line: "row 2 (line 3)"
 def test_jsonl_bytes_load_or_fail_naming_the_line(tokenizer, lines, newline, bom, trailing, lengths):
     data = (b"\xef\xbb\xbf" if bom else b"") + newline.join(lines) + (newline if trailing and lines else b"")
     with tempfile.TemporaryDirectory() as tmp:
@@ -333,19 +413,28 @@ def test_jsonl_bytes_load_or_fail_naming_the_line(tokenizer, lines, newline, bom
 # -------------------------------------------------------------- regressions: what the properties found, one each
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"[" * 3000, "is not valid JSON (nested too deeply); fix the file."),
-    (b"[{\"prompt\": " + b"1" * 5000 + b"}]", "is not valid JSON (a number with too many digits); fix the file."),
-    (b'{"prompt": ["a", "b"], "chosen": ["c"], "rejected": ["d", "e"]}',  # was: zip() kept 1 row, lost one silently
-     "holds columns of different lengths ('prompt' 2, 'chosen' 1, 'rejected' 2); give every column one value per "
-     "row."),
-    (b'[{"prompt": "a", "chosen": "b", "rejected": "c"}, 5]', "row 2 is a number, not an object with "
-     "prompt/chosen/rejected keys; fix that row."),
-    (b'"text"', "holds a string; it must hold a list of objects with prompt/chosen/rejected keys."),
-    (b'{"train": [{"prompt": "a", "chosen": "b", "rejected": "c"}], "test": []}',  # was: "row 1 has no column ..."
-     "holds several lists of rows ('train', 'test'); keep one list per file, for example one file per split."),
-    (b'[{"prompt": "a"}]\n\xff', "is not UTF-8 text (line 2); save it as UTF-8 JSON."),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"[" * 3000, "is not valid JSON (nested too deeply); fix the file."),
+        (b'[{"prompt": ' + b"1" * 5000 + b"}]", "is not valid JSON (a number with too many digits); fix the file."),
+        (
+            b'{"prompt": ["a", "b"], "chosen": ["c"], "rejected": ["d", "e"]}',  # was: zip() kept 1 row, lost one silently
+            "holds columns of different lengths ('prompt' 2, 'chosen' 1, 'rejected' 2); give every column one value per "
+            "row.",
+        ),
+        (
+            b'[{"prompt": "a", "chosen": "b", "rejected": "c"}, 5]',
+            "row 2 is a number, not an object with prompt/chosen/rejected keys; fix that row.",
+        ),
+        (b'"text"', "holds a string; it must hold a list of objects with prompt/chosen/rejected keys."),
+        (
+            b'{"train": [{"prompt": "a", "chosen": "b", "rejected": "c"}], "test": []}',  # was: "row 1 has no column ..."
+            "holds several lists of rows ('train', 'test'); keep one list per file, for example one file per split.",
+        ),
+        (b'[{"prompt": "a"}]\n\xff', "is not UTF-8 text (line 2); save it as UTF-8 JSON."),
+    ],
+)
 def test_json_file_edge_cases_are_one_line(tmp_path, content, message):
     path = tmp_path / "d.json"
     path.write_bytes(content)
@@ -394,14 +483,22 @@ def test_a_chat_template_that_refuses_the_roles_names_the_row(tiny_model_dir):
     strict.chat_template = (
         "{% for m in messages %}{% if m['role'] not in ['user', 'assistant'] %}"
         "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
-        "{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
-    rows = [GOOD_ROW, {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
-                       "chosen": "Hello.", "rejected": "Go away."}]
+        "{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    rows = [
+        GOOD_ROW,
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+            "chosen": "Hello.",
+            "rejected": "Go away.",
+        },
+    ]
     pairs = to_pairs(rows, Columns(), "d.jsonl")
     with pytest.raises(UserError) as info:
         tokenize_pairs(strict, pairs, 64, 32)
     assert check_one_line(info.value) == (
         "d.jsonl row 2: the tokenizer's chat template refused the messages (Only user and assistant roles are "
-        "supported!); fix the roles or set tokenizer= to one whose template takes them.")
+        "supported!); fix the roles or set tokenizer= to one whose template takes them."
+    )
     with pytest.raises(UserError, match=r"^pair 1: the tokenizer's chat template refused"):
         tokenize_pairs(strict, [Pair(*[pairs[1].prompt, pairs[1].chosen, pairs[1].rejected])], 64, 32)

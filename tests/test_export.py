@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from test_merge import dir_logits, make_run, peft_logits, random_adapter
 
 from qdpo.cli_ship import export as export_command
 from qdpo.errors import UserError
 from qdpo.export import CHECK_STRINGS, check_exportable, export_gguf, export_peft
 from qdpo.merge import merge
 from qdpo.verify import check_prompts, compare, prompt_logits
-
-from test_merge import dir_logits, make_run, peft_logits, random_adapter
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,9 @@ def assert_same_tokenizer(model_dir: Path, gguf_file: Path) -> None:
 
     ours = AutoTokenizer.from_pretrained(model_dir)
     theirs = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    chat = ours.apply_chat_template([{"role": "user", "content": "What is 7 plus two?"}], add_generation_prompt=True, tokenize=False)
+    chat = ours.apply_chat_template(
+        [{"role": "user", "content": "What is 7 plus two?"}], add_generation_prompt=True, tokenize=False
+    )
     for text in [*CHECK_STRINGS, chat, "user assistant system human </s>"]:
         assert ours(text)["input_ids"] == theirs(text)["input_ids"], text
     assert theirs.chat_template == ours.chat_template
@@ -72,7 +73,11 @@ def test_gguf_round_trip_through_transformers(run_dir, merged_dir, tmp_path, qty
 
     reader = GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
-    assert types["blk.0.attn_q.weight"] == ggml and types["token_embd.weight"] == ggml and types["output_norm.weight"] == "F32"
+    assert (
+        types["blk.0.attn_q.weight"] == ggml
+        and types["token_embd.weight"] == ggml
+        and types["output_norm.weight"] == "F32"
+    )
     assert reader.fields["general.architecture"].contents() == "llama"
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is True  # the test tokenizer adds <s>
@@ -104,10 +109,9 @@ def test_gguf_round_trip_for_mistral_and_qwen2(tmp_path, arch):
 
 def make_sentencepiece_style_tokenizer(path: Path):
     """A Llama-2-style tokenizer (▁ for spaces, <0xNN> byte fallback, BOS added) trained on the test corpus."""
+    from conftest import CHAT_TEMPLATE, CORPUS
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaTokenizer
-
-    from conftest import CHAT_TEMPLATE, CORPUS
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.Metaspace()
@@ -123,9 +127,8 @@ def make_sentencepiece_style_tokenizer(path: Path):
 
 
 def test_gguf_round_trip_with_a_sentencepiece_style_tokenizer(tmp_path):
-    from gguf import GGUFReader, TokenType
-
     from conftest import make_model
+    from gguf import GGUFReader, TokenType
 
     base = tmp_path / "base"
     tokenizer = make_sentencepiece_style_tokenizer(base)
@@ -138,7 +141,10 @@ def test_gguf_round_trip_with_a_sentencepiece_style_tokenizer(tmp_path):
     assert deviation.max_abs <= 0.01 * deviation.max_logit, deviation
     assert_same_tokenizer(base, out)
     fields = GGUFReader(str(out)).fields
-    assert fields["tokenizer.ggml.model"].contents() == "llama" and fields["tokenizer.ggml.add_bos_token"].contents() is True
+    assert (
+        fields["tokenizer.ggml.model"].contents() == "llama"
+        and fields["tokenizer.ggml.add_bos_token"].contents() is True
+    )
     types = fields["tokenizer.ggml.token_type"].contents()
     assert types[0] == TokenType.UNKNOWN and types[1] == TokenType.CONTROL and types[3 + 0x41] == TokenType.BYTE
 
@@ -147,7 +153,9 @@ def test_peft_export_loads_and_has_a_model_card(run_dir, tiny_model_dir, tmp_pat
     out = tmp_path / "adapter"
     export_peft(run_dir, out, echo=lambda _: None)
     prompts = check_prompts(result_tokenizer(out))
-    deviation = compare(peft_logits(tiny_model_dir, run_dir / "adapter", prompts), peft_logits(tiny_model_dir, out, prompts))
+    deviation = compare(
+        peft_logits(tiny_model_dir, run_dir / "adapter", prompts), peft_logits(tiny_model_dir, out, prompts)
+    )
     assert deviation.max_abs == 0
 
     card = (out / "README.md").read_text()
@@ -223,6 +231,13 @@ def test_smollm2_tokenizer_survives_gguf(smollm2_dir, tmp_path):
 
     arrays = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type")
     ours, shipped = read_gguf_metadata(str(out), arrays)[0], read_gguf_metadata(source_gguf, arrays)[0]
-    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
-                "tokenizer.ggml.add_bos_token", "tokenizer.chat_template", *arrays):
+    for key in (
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.add_bos_token",
+        "tokenizer.chat_template",
+        *arrays,
+    ):
         assert ours[key] == shipped[key], key

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import make_tokenizer
+
 from qdpo.batching import make_batch
 from qdpo.config import Config
 from qdpo.data import Columns, to_pairs
@@ -37,13 +37,24 @@ FAMILY_SETTINGS: dict[str, dict] = {
     "mistral": dict(sliding_window=WINDOW),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
     "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
-    "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
-                      use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
+    "qwen2_moe": dict(
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        use_sliding_window=True,
+        sliding_window=WINDOW,
+        max_window_layers=1,
+    ),
     "qwen3": dict(head_dim=16),
     "gemma": dict(head_dim=16),
     "gemma2": dict(head_dim=16, sliding_window=WINDOW, final_logit_softcapping=3.0, attn_logit_softcapping=5.0),
-    "gemma3_text": dict(head_dim=16, sliding_window=WINDOW, final_logit_softcapping=3.0,
-                        layer_types=["sliding_attention", "full_attention"]),
+    "gemma3_text": dict(
+        head_dim=16,
+        sliding_window=WINDOW,
+        final_logit_softcapping=3.0,
+        layer_types=["sliding_attention", "full_attention"],
+    ),
     "phi": dict(resid_pdrop=0.3, embd_pdrop=0.3, attention_dropout=0.3),  # dropout in the config (Phi-2 style)
     "phi3": dict(sliding_window=WINDOW),
     "granite": dict(logits_scaling=4.0, embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3),
@@ -51,9 +62,19 @@ FAMILY_SETTINGS: dict[str, dict] = {
     "olmo2": {},
     "stablelm": {},
 }
-COMMON = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-              tie_word_embeddings=False)
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    tie_word_embeddings=False,
+)
 LN2 = math.log(2)
 # On the CPU the policy and reference passes run the same kernels: exactly ln 2. CUDA picks other kernels
 # with and without grad, so fp32 rounding differs there by a few 1e-6.
@@ -103,11 +124,20 @@ def pairs(tokenizer):
     """Pairs longer than every window: prompts ~20 tokens, responses 10-30 tokens, lengths differ."""
     rows = []
     for i in range(5):
-        rows.append({
-            "prompt": [{"role": "user", "content": f"What is {i} plus two? Answer briefly and correctly please."}],
-            "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}, I think." + " The answer is four." * (i % 3)}],
-            "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think about it for a while."}],
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"What is {i} plus two? Answer briefly and correctly please."}],
+                "chosen": [
+                    {
+                        "role": "assistant",
+                        "content": f"{i} plus two is {i + 2}, I think." + " The answer is four." * (i % 3),
+                    }
+                ],
+                "rejected": [
+                    {"role": "assistant", "content": "I am not sure about that, let me think about it for a while."}
+                ],
+            }
+        )
     tokenized, _ = tokenize_pairs(tokenizer, to_pairs(rows, Columns(), "t"), 96, 48)
     assert min(len(p.chosen_ids) for p in tokenized) > WINDOW and min(len(p.prompt_ids) for p in tokenized) > WINDOW
     return tokenized
@@ -128,7 +158,7 @@ def oracle(model, pairs, reference: bool) -> torch.Tensor:
                 else:
                     logits = model(input_ids=ids).logits[0]
                 logps = torch.log_softmax(logits.double(), -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0].cpu()
-                out.append(float(logps[len(p.prompt_ids) - 1:].sum()))
+                out.append(float(logps[len(p.prompt_ids) - 1 :].sum()))
     model.train(was_training)
     return torch.tensor(out, dtype=torch.float64)
 
@@ -189,7 +219,9 @@ def scores_by_path(model, pairs, pad_id: int) -> dict[str, tuple[torch.Tensor, t
 
 @pytest.mark.parametrize("with_init_adapter", [False, True], ids=["fresh-lora", "init-adapter"])
 @pytest.mark.parametrize("model_type", list(FAMILY_SETTINGS))
-def test_every_path_matches_the_models_own_forward(model_type, with_init_adapter, family_dirs, sft_adapters, pairs, tokenizer):
+def test_every_path_matches_the_models_own_forward(
+    model_type, with_init_adapter, family_dirs, sft_adapters, pairs, tokenizer
+):
     """Plain, shared and packed layouts, chunked logits on and off, reference precomputed and in-step: all equal the oracle."""
     model = load(family_dirs[model_type], sft_adapters[model_type] if with_init_adapter else None)
     pad = tokenizer.pad_token_id
@@ -209,8 +241,11 @@ def test_every_path_matches_the_models_own_forward(model_type, with_init_adapter
     want_policy, want_reference = oracle(model, pairs, reference=False), oracle(model, pairs, reference=True)
     assert (want_policy - want_reference).abs().max() > 0.05  # the test can tell policy from reference
     for path, (policy, precomputed, in_step) in scores_by_path(model, pairs, pad).items():
-        for name, got, want in (("policy", policy, want_policy), ("precomputed reference", precomputed, want_reference),
-                                ("in-step reference", in_step, want_reference)):
+        for name, got, want in (
+            ("policy", policy, want_policy),
+            ("precomputed reference", precomputed, want_reference),
+            ("in-step reference", in_step, want_reference),
+        ):
             error = (got.double() - want).abs().max().item()
             assert error < 2e-3, f"{model_type} {path} {name}: off the oracle by {error:.4g} nats"
 
@@ -242,9 +277,25 @@ def test_qdpo_run_end_to_end_with_defaults(model_type, family_dirs, tmp_path, ch
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--model", str(family_dirs[model_type]), "--data", str(data),
-                                       "--output", str(out), "--no-progress", "max_steps=2", "micro_batch_size=4",
-                                       "max_length=64", "eval_fraction=0.25"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--model",
+            str(family_dirs[model_type]),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--no-progress",
+            "max_steps=2",
+            "micro_batch_size=4",
+            "max_length=64",
+            "eval_fraction=0.25",
+        ],
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert f"model family: {FAMILIES[model_type].label}" in result.output
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
@@ -262,13 +313,26 @@ def test_an_unverified_family_takes_the_exact_paths(tmp_path, chat_rows):
     from qdpo.cli import main
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
-                               eos_token_id=2)).save_pretrained(tmp_path / "gpt2")
+    GPT2LMHeadModel(
+        GPT2Config(vocab_size=320, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1, eos_token_id=2)
+    ).save_pretrained(tmp_path / "gpt2")
     make_tokenizer(tmp_path / "gpt2")
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
-    args = ["run", "--preset", "smoke", "--model", str(tmp_path / "gpt2"), "--data", str(data), "--no-progress",
-            "max_steps=1", "micro_batch_size=4", "max_length=64", "eval_fraction=0.25"]
+    args = [
+        "run",
+        "--preset",
+        "smoke",
+        "--model",
+        str(tmp_path / "gpt2"),
+        "--data",
+        str(data),
+        "--no-progress",
+        "max_steps=1",
+        "micro_batch_size=4",
+        "max_length=64",
+        "eval_fraction=0.25",
+    ]
     result = CliRunner().invoke(main, args + ["--output", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "not verified by qdpo" in result.output and "plain layout" in result.output

@@ -33,7 +33,11 @@ def loss_and_grads(model, batch, config, reference=None):
     model.zero_grad()
     losses, cr, rr, scores = preference_loss(model, batch, config, reference)
     losses.sum().backward()
-    return losses.detach(), scores.logits_sum, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return (
+        losses.detach(),
+        scores.logits_sum,
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad},
+    )
 
 
 @pytest.fixture
@@ -84,13 +88,22 @@ def test_all_switches_together_equal_the_plain_path(tiny_model_dir, tokenizer, c
     pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows, Columns(), "t"), 128, 64)
     batches = length_grouped_batches(pairs, 3, seed=0)
     model = policy(tiny_model_dir, ["all-linear"])
-    lean = Config(model="x", data="y", logits_chunk_size=5, offload_activations=True, share_prompt=True, pack_pairs=pack)
+    lean = Config(
+        model="x", data="y", logits_chunk_size=5, offload_activations=True, share_prompt=True, pack_pairs=pack
+    )
     plain = Config(model="x", data="y", logits_chunk_size=0, share_prompt=False)
     with torch.no_grad():  # the reference table is built with the adapters off, as in training
-        table = compute_reference(model, pairs, batches, tokenizer.pad_token_id, lean.logits_chunk_size, lean.batch_layout)
+        table = compute_reference(
+            model, pairs, batches, tokenizer.pad_token_id, lean.logits_chunk_size, lean.batch_layout
+        )
     for idx in batches:
         a = loss_and_grads(model, collate([pairs[i] for i in idx], tokenizer.pad_token_id), plain)
-        c = loss_and_grads(model, make_batch([pairs[i] for i in idx], tokenizer.pad_token_id, lean.batch_layout), lean, table_rows(table, idx))
+        c = loss_and_grads(
+            model,
+            make_batch([pairs[i] for i in idx], tokenizer.pad_token_id, lean.batch_layout),
+            lean,
+            table_rows(table, idx),
+        )
         torch.testing.assert_close(c[0], a[0], rtol=1e-5, atol=1e-6)
         for n in a[2]:
             torch.testing.assert_close(c[2][n], a[2][n], rtol=1e-4, atol=1e-5)
@@ -170,7 +183,9 @@ def test_shared_prompt_equals_two_sequence_forward(tiny_model_dir, batch, attn, 
     packed = collate_shared_prompt(pairs, 0, packed=pack)
     assert packed.input_ids.shape[0] == (1 if pack else len(pairs)) and packed.num_tokens == plain_batch.num_tokens
     if pack:  # no padding: the row is exactly every pair's prompt + chosen + rejected
-        assert packed.input_ids.shape[1] == sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+        assert packed.input_ids.shape[1] == sum(
+            len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs
+        )
     for chunk in (0, 7):
         config = Config(model="x", data="y", logits_chunk_size=chunk)
         plain = loss_and_grads(model, plain_batch, config)
@@ -217,7 +232,9 @@ def test_packed_pairs_do_not_see_each_other(tiny_model_dir, batch):
         changed = score_batch(model, collate_shared_prompt(earlier + pairs[-1:], 0, packed=True), 4).logps
     last = [n - 1, 2 * n - 1]  # its chosen and rejected rows
     torch.testing.assert_close(changed[last], first[last], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(changed[:n - 1], first[:n - 1])  # the edit was real: the changed pairs score differently
+    assert not torch.allclose(
+        changed[: n - 1], first[: n - 1]
+    )  # the edit was real: the changed pairs score differently
 
 
 def test_padding_share_counts_the_positions_of_each_layout(tokenizer, chat_rows):

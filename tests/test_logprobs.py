@@ -28,7 +28,9 @@ def test_random_logits_match_direct_computation():
     mask[1, 1:5] = True
     mask[2, 6] = True
     scores = sequence_logps(logits, ids, mask)
-    assert torch.allclose(scores.logps.double(), torch.tensor(direct_logps(logits, ids, mask), dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(
+        scores.logps.double(), torch.tensor(direct_logps(logits, ids, mask), dtype=torch.float64), atol=1e-4
+    )
     assert scores.lengths.tolist() == [4, 4, 1]
 
 
@@ -49,7 +51,9 @@ def test_tiny_model_scores_only_response_tokens(tiny_model_dir):
     alone = collate([pairs[1]], pad_id=0)
     with torch.no_grad():
         single = model(input_ids=alone.input_ids, attention_mask=alone.attention_mask).logits
-    assert torch.allclose(sequence_logps(single, alone.input_ids, alone.response_mask).logps[1], scores.logps[3], atol=1e-4)
+    assert torch.allclose(
+        sequence_logps(single, alone.input_ids, alone.response_mask).logps[1], scores.logps[3], atol=1e-4
+    )
 
 
 def test_score_batch_with_response_only_logits_matches_full_logits(tiny_model_dir):
@@ -59,7 +63,10 @@ def test_score_batch_with_response_only_logits_matches_full_logits(tiny_model_di
     from qdpo.step import score_batch
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    pairs = [TokenizedPair([1, 5, 6, 7, 8, 9], [8, 9, 2], [10, 2]), TokenizedPair([1, 11, 12], [12, 13, 14, 2], [15, 16, 2])]
+    pairs = [
+        TokenizedPair([1, 5, 6, 7, 8, 9], [8, 9, 2], [10, 2]),
+        TokenizedPair([1, 11, 12], [12, 13, 14, 2], [15, 16, 2]),
+    ]
     batch = collate(pairs, pad_id=0)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

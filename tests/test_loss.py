@@ -23,10 +23,14 @@ def test_sigmoid_matches_hand_value_and_rewards():
 
 def test_rewards_sign_follows_the_policy_moving():
     """The policy raising the chosen response gives a positive chosen reward and lowers the loss below log 2."""
-    losses, rc, rr = dpo_loss(torch.tensor([-5.0]), torch.tensor([-20.0]), torch.tensor([-10.0]), torch.tensor([-10.0]), beta=0.5)
+    losses, rc, rr = dpo_loss(
+        torch.tensor([-5.0]), torch.tensor([-20.0]), torch.tensor([-10.0]), torch.tensor([-10.0]), beta=0.5
+    )
     assert rc.item() == pytest.approx(2.5) and rr.item() == pytest.approx(-5.0)
     assert losses.item() < math.log(2)
-    worse, _, _ = dpo_loss(torch.tensor([-20.0]), torch.tensor([-5.0]), torch.tensor([-10.0]), torch.tensor([-10.0]), beta=0.5)
+    worse, _, _ = dpo_loss(
+        torch.tensor([-20.0]), torch.tensor([-5.0]), torch.tensor([-10.0]), torch.tensor([-10.0]), beta=0.5
+    )
     assert worse.item() > math.log(2)
 
 
@@ -67,7 +71,9 @@ def test_ipo_uses_per_token_averages():
     Rewards stay beta x the summed log-ratios (1 and -1), as TRL 1.x logs them for IPO too.
     """
     lengths_c, lengths_r = torch.tensor([4]), torch.tensor([2])
-    losses, rc, rr = dpo_loss(PC, PR, RC, RR, beta=0.1, loss_type="ipo", chosen_lengths=lengths_c, rejected_lengths=lengths_r)
+    losses, rc, rr = dpo_loss(
+        PC, PR, RC, RR, beta=0.1, loss_type="ipo", chosen_lengths=lengths_c, rejected_lengths=lengths_r
+    )
     assert losses.item() == pytest.approx(18.0625)
     assert rc.item() == pytest.approx(0.1) and rr.item() == pytest.approx(-0.1)
     with pytest.raises(ValueError, match="lengths"):
@@ -76,8 +82,9 @@ def test_ipo_uses_per_token_averages():
 
 def test_sft_term_adds_chosen_nll_per_token():
     """sft_weight 0.5, chosen log-prob -10 over 4 tokens: 0.5981388693 + 0.5 * 10/4 = 1.8481388693."""
-    losses, _, _ = dpo_loss(PC, PR, RC, RR, beta=0.1, sft_weight=0.5,
-                            chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([3]))
+    losses, _, _ = dpo_loss(
+        PC, PR, RC, RR, beta=0.1, sft_weight=0.5, chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([3])
+    )
     assert losses.item() == pytest.approx(1.8481388693, abs=1e-9)
 
 

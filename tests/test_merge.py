@@ -11,9 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from qdpo.adapter import find_adapter
 from qdpo.cli_ship import merge as merge_command
 from qdpo.errors import UserError
-from qdpo.adapter import find_adapter
 from qdpo.merge import merge
 from qdpo.model import ModelSource, load_base_4bit
 from qdpo.nf4 import as_trained, model_layout
@@ -29,15 +29,37 @@ def make_run(tmp_path_factory, model_dir: Path) -> Path:
         return out
     from qdpo.cli import main
 
-    rows = [{"prompt": [{"role": "user", "content": f"What is {i} plus two?"}],
-             "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}."}],
-             "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think."}]} for i in range(12)]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} plus two?"}],
+            "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}."}],
+            "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think."}],
+        }
+        for i in range(12)
+    ]
     data = tmp_path_factory.getbasetemp() / "ship-data.jsonl"
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--model", str(model_dir), "--data", str(data),
-                                       "--output", str(out), "--no-progress", "max_steps=2", "micro_batch_size=2",
-                                       "gradient_accumulation_steps=1", "eval_fraction=0.25", "eval_steps=2",
-                                       "learning_rate=1e-2"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--no-progress",
+            "max_steps=2",
+            "micro_batch_size=2",
+            "gradient_accumulation_steps=1",
+            "eval_fraction=0.25",
+            "eval_steps=2",
+            "learning_rate=1e-2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -49,7 +71,9 @@ def random_adapter(base_dir: Path, out: Path, seed: int = 0, **lora) -> Path:
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     torch.manual_seed(seed)
-    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False, **lora})
+    config = LoraConfig(
+        **{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": False, **lora}
+    )
     model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -104,7 +128,10 @@ def test_original_merge_equals_peft_on_the_full_precision_base(run_dir, tiny_mod
     assert (out / "generation_config.json").is_file()
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(out).chat_template == AutoTokenizer.from_pretrained(run_dir / "adapter").chat_template
+    assert (
+        AutoTokenizer.from_pretrained(out).chat_template
+        == AutoTokenizer.from_pretrained(run_dir / "adapter").chat_template
+    )
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
 
     # --overwrite replaces an earlier merge; an adapter directory works as well as a run directory
@@ -132,7 +159,9 @@ def test_dequantized_weights_are_the_4bit_models_own(tiny_model_dir, dtype):
             assert torch.equal(as_trained(disk[name], False, dtype), param.data), name
 
 
-def test_dequantized_merge_is_the_trained_function_and_original_shows_quantization_error(run_dir, tiny_model_dir, prompts, tmp_path):
+def test_dequantized_merge_is_the_trained_function_and_original_shows_quantization_error(
+    run_dir, tiny_model_dir, prompts, tmp_path
+):
     lines: list[str] = []
     exact = merge(run_dir, tmp_path / "dequantized", onto="dequantized", echo=lines.append)
     approx = merge(run_dir, tmp_path / "original", onto="original", echo=lines.append)
@@ -142,8 +171,9 @@ def test_dequantized_merge_is_the_trained_function_and_original_shows_quantizati
     # the reported number is the one a user measures by hand: adapter on the 4-bit base vs the merged directory
     from peft import PeftModel
 
-    trained = PeftModel.from_pretrained(load_base_4bit(ModelSource("m", str(tiny_model_dir)), torch.float32, CPU, False),
-                                        str(run_dir / "adapter"))
+    trained = PeftModel.from_pretrained(
+        load_base_4bit(ModelSource("m", str(tiny_model_dir)), torch.float32, CPU, False), str(run_dir / "adapter")
+    )
     reference = prompt_logits(trained.eval(), prompts)
     for result in (exact, approx):
         by_hand = compare(reference, dir_logits(result.out, prompts))
@@ -155,24 +185,36 @@ def test_dequantized_merge_is_the_trained_function_and_original_shows_quantizati
 @pytest.fixture(scope="module")
 def tied_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama whose lm_head shares the embedding matrix (like SmolLM2)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     from conftest import make_tokenizer
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     path = tmp_path_factory.mktemp("tied-llama")
     make_tokenizer(path)
-    config = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     return path
 
 
-@pytest.mark.parametrize("lora, untied", [
-    ({"target_modules": ["q_proj", "v_proj"], "use_rslora": True}, False),
-    ({"target_modules": ["lm_head", "down_proj"]}, True),
-    ({"target_modules": ["embed_tokens", "o_proj"], "alpha_pattern": {"o_proj": 2}}, True),
-])
+@pytest.mark.parametrize(
+    "lora, untied",
+    [
+        ({"target_modules": ["q_proj", "v_proj"], "use_rslora": True}, False),
+        ({"target_modules": ["lm_head", "down_proj"]}, True),
+        ({"target_modules": ["embed_tokens", "o_proj"], "alpha_pattern": {"o_proj": 2}}, True),
+    ],
+)
 def test_tied_embeddings_rslora_and_alpha_pattern_match_peft(tied_model_dir, prompts, tmp_path, lora, untied):
     adapter = random_adapter(tied_model_dir, tmp_path / "adapter", **lora)
     out = tmp_path / "merged"
@@ -244,7 +286,11 @@ def test_full_disk_part_way_leaves_nothing(run_dir, tmp_path, monkeypatch):
 
 def test_merge_help():
     result = CliRunner().invoke(merge_command, ["--help"])
-    assert result.exit_code == 0 and "--onto [original|dequantized]" in result.output and "RUN_DIR|ADAPTER_DIR" in result.output
+    assert (
+        result.exit_code == 0
+        and "--onto [original|dequantized]" in result.output
+        and "RUN_DIR|ADAPTER_DIR" in result.output
+    )
 
 
 def test_find_adapter_reads_the_run(run_dir):

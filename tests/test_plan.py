@@ -29,6 +29,7 @@ from click.testing import CliRunner
 
 from qdpo import plan as P
 from qdpo.batching import Batch
+from qdpo.batching import make_batch as build_batch
 from qdpo.cli_plan import plan as plan_command
 from qdpo.config import Config, build_config, field_names
 from qdpo.errors import UserError
@@ -38,20 +39,45 @@ from qdpo.shapes import BUILTIN_SHAPES
 from qdpo.step import preference_loss
 from qdpo.tokenize import TokenizedPair
 
-from qdpo.batching import make_batch as build_batch
-
 CPU = torch.device("cpu")
 LAYOUTS = ["shared", "plain", "packed"]  # qdpo.batching.LAYOUTS, in the order the report prints them
 TOLERANCE = 0.10  # plan within 10% of what was measured
 
 # name: (architecture, sizes); hidden and MLP widths are multiples of 64 (one NF4 block)
 SHAPES = {
-    "llama-mha": ("llama", dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3,
-                                num_attention_heads=4, num_key_value_heads=4, vocab_size=512)),
-    "mistral-gqa": ("mistral", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                    num_attention_heads=8, num_key_value_heads=2, vocab_size=1024)),
-    "qwen2-mqa": ("qwen2", dict(hidden_size=192, intermediate_size=512, num_hidden_layers=2,
-                                num_attention_heads=3, num_key_value_heads=1, vocab_size=768)),
+    "llama-mha": (
+        "llama",
+        dict(
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=512,
+        ),
+    ),
+    "mistral-gqa": (
+        "mistral",
+        dict(
+            hidden_size=256,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=1024,
+        ),
+    ),
+    "qwen2-mqa": (
+        "qwen2",
+        dict(
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            vocab_size=768,
+        ),
+    ),
 }
 BATCH = dict(pairs=2, length=80, prompt=24)  # 4 sequences x 80 tokens, responses from token 24 on
 
@@ -71,8 +97,15 @@ def settings(checkpointing: bool, dtype: str = "float32", chunk: int = 0, layout
     extra["logits_chunk_size"] = chunk
     extra["share_prompt"] = layout != "plain"
     extra["pack_pairs"] = layout == "packed"
-    return Config(model="x", data="y", lora_r=8, lora_alpha=16, gradient_checkpointing=checkpointing,
-                  compute_dtype=dtype, **extra)
+    return Config(
+        model="x",
+        data="y",
+        lora_r=8,
+        lora_alpha=16,
+        gradient_checkpointing=checkpointing,
+        compute_dtype=dtype,
+        **extra,
+    )
 
 
 def save_tiny(name: str, tmp_path_factory) -> tuple[str, Path, dict]:
@@ -82,8 +115,9 @@ def save_tiny(name: str, tmp_path_factory) -> tuple[str, Path, dict]:
     arch, sizes = SHAPES[name]
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
     path = tmp_path_factory.mktemp(name)
-    config = cls(max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                 tie_word_embeddings=False, **sizes)
+    config = cls(
+        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **sizes
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
     return name, path, json.loads((path / "config.json").read_text())
@@ -118,15 +152,17 @@ def make_batch(pairs: int, length: int, prompt: int, vocab: int, layout: str) ->
     def ids(n: int) -> list[int]:
         return torch.randint(3, vocab, (n,), generator=g).tolist()
 
-    tokenized = [TokenizedPair(ids(prompt), ids(length - prompt), ids(length - prompt - 5 * (i % 2 == 0)))
-                 for i in range(pairs)]
+    tokenized = [
+        TokenizedPair(ids(prompt), ids(length - prompt), ids(length - prompt - 5 * (i % 2 == 0))) for i in range(pairs)
+    ]
     return build_batch(tokenized, 0, layout)
 
 
 def batch_for(model_config: dict, config: Config, batch: dict = BATCH) -> Batch:
     """The measured micro-batch for this config."""
-    return make_batch(batch["pairs"], batch["length"], batch["prompt"], model_config["vocab_size"],
-                      config.batch_layout)
+    return make_batch(
+        batch["pairs"], batch["length"], batch["prompt"], model_config["vocab_size"], config.batch_layout
+    )
 
 
 def resident_bytes(model) -> tuple[dict[str, int], set[int]]:
@@ -165,8 +201,10 @@ def saved_bytes(model, batch: Batch, config: Config, layer: int = 1) -> tuple[in
     in_layer: set[int] = set()
     inside = [False]
     block = model.get_base_model().model.layers[layer]
-    hooks = [block.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)),
-             block.register_forward_hook(lambda *a: inside.__setitem__(0, False))]
+    hooks = [
+        block.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)),
+        block.register_forward_hook(lambda *a: inside.__setitem__(0, False)),
+    ]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
@@ -229,7 +267,9 @@ def peak_bytes(model, batch: Batch, config: Config) -> int:
 
 def plan_for(model_config: dict, config: Config, batch: dict = BATCH) -> P.Plan:
     """The CPU plan of the measured micro-batch."""
-    return P.plan_memory(model_config, config, batch["pairs"], batch["length"], prompt_len=batch["prompt"], device="cpu")
+    return P.plan_memory(
+        model_config, config, batch["pairs"], batch["length"], prompt_len=batch["prompt"], device="cpu"
+    )
 
 
 def close(planned: int, measured: int, tolerance: float = TOLERANCE) -> bool:
@@ -245,16 +285,19 @@ def report(name: str, rows: list[tuple[str, int, int]]) -> None:
 
 # ---------------------------------------------------------------- 1. what the loaded model holds
 
+
 def check_resident(name: str, path: Path, model_config: dict, config: Config, model=None) -> None:
     """Each weight line of the plan within 10% of the bytes the loaded model holds."""
     model = model if model is not None else load(path, config)
     measured, _ = resident_bytes(model)
     plan = plan_for(model_config, config)
-    rows = [("4-bit weights", measured["4bit"], plan.bytes_of(P.WEIGHTS_4BIT)),
-            ("quantization state", measured["quant"], plan.bytes_of(P.QUANT_STATE)),
-            ("frozen (embeddings, norms)", measured["frozen"], plan.bytes_of(P.FROZEN)),
-            ("LoRA weights", measured["lora"], plan.bytes_of(P.LORA)),
-            ("all resident", sum(measured.values()), plan.bytes_of(*P.RESIDENT_PARTS))]
+    rows = [
+        ("4-bit weights", measured["4bit"], plan.bytes_of(P.WEIGHTS_4BIT)),
+        ("quantization state", measured["quant"], plan.bytes_of(P.QUANT_STATE)),
+        ("frozen (embeddings, norms)", measured["frozen"], plan.bytes_of(P.FROZEN)),
+        ("LoRA weights", measured["lora"], plan.bytes_of(P.LORA)),
+        ("all resident", sum(measured.values()), plan.bytes_of(*P.RESIDENT_PARTS)),
+    ]
     report(name, rows)
     for part, m, p in rows:
         assert close(p, m), f"{name} {part}: planned {p} vs measured {m}"
@@ -268,6 +311,7 @@ def test_resident_bytes_match_plan(shape_dir, dtype):
 
 # ---------------------------------------------------------------- 2. what autograd keeps for backward
 
+
 def check_saved(name: str, path: Path, model_config: dict, config: Config, model=None) -> None:
     """Saved-for-backward bytes vs the plan's activation + logits lines (and the recomputed layer)."""
     model = model if model is not None else load(path, config)
@@ -275,11 +319,18 @@ def check_saved(name: str, path: Path, model_config: dict, config: Config, model
     plan = plan_for(model_config, config)
     measured, _ = saved_bytes(model, batch, config)
     planned = plan.bytes_of(P.BOUNDARIES, P.LAYERS, P.OTHER_SAVED, P.LOGITS)
-    rows = [("saved: " + ("boundaries+final+logits" if config.gradient_checkpointing else "all layers+final+logits"),
-             measured, planned)]
+    rows = [
+        (
+            "saved: " + ("boundaries+final+logits" if config.gradient_checkpointing else "all layers+final+logits"),
+            measured,
+            planned,
+        )
+    ]
     if config.gradient_checkpointing:
         plain = load(path, Config(**{**config.to_dict(), "gradient_checkpointing": False}))
-        rows.append(("saved: one layer (recomputed)", saved_bytes(plain, batch, config)[1], plan.bytes_of(P.RECOMPUTE)))
+        rows.append(
+            ("saved: one layer (recomputed)", saved_bytes(plain, batch, config)[1], plan.bytes_of(P.RECOMPUTE))
+        )
     report(name, rows)
     for part, m, p in rows:
         assert close(p, m), f"{name} {part}: planned {p} vs measured {m}"
@@ -289,7 +340,9 @@ def check_saved(name: str, path: Path, model_config: dict, config: Config, model
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_saved_tensors_match_plan(shape_dir, checkpointing, layout):
     name, path, model_config = shape_dir
-    check_saved(f"{name} {layout} ckpt={int(checkpointing)}", path, model_config, settings(checkpointing, layout=layout))
+    check_saved(
+        f"{name} {layout} ckpt={int(checkpointing)}", path, model_config, settings(checkpointing, layout=layout)
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -298,19 +351,29 @@ def test_saved_tensors_match_plan_in_bf16(gqa_dir, checkpointing, layout):
     """bf16 on the CPU (slow for real models, fine for tiny ones) checks the dtype accounting GPU plans rely on:
     fp32 LoRA-input copies, fp32 RMSNorm internals, bf16 attention/MLP tensors."""
     name, path, model_config = gqa_dir
-    check_saved(f"{name} bf16 {layout} ckpt={int(checkpointing)}", path, model_config,
-                settings(checkpointing, "bfloat16", layout=layout))
+    check_saved(
+        f"{name} bf16 {layout} ckpt={int(checkpointing)}",
+        path,
+        model_config,
+        settings(checkpointing, "bfloat16", layout=layout),
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_saved_tensors_match_plan_with_chunked_logits(gqa_dir, checkpointing, layout):
     name, path, model_config = gqa_dir
-    check_saved(f"{name} chunk=16 {layout} ckpt={int(checkpointing)}", path, model_config,
-                settings(checkpointing, chunk=16, layout=layout))
+    check_saved(
+        f"{name} chunk=16 {layout} ckpt={int(checkpointing)}",
+        path,
+        model_config,
+        settings(checkpointing, chunk=16, layout=layout),
+    )
 
 
-@pytest.mark.parametrize("targets", [["o_proj", "down_proj"], ["q_proj", "v_proj", "lm_head"]], ids=["o+down", "q+v+lm_head"])
+@pytest.mark.parametrize(
+    "targets", [["o_proj", "down_proj"], ["q_proj", "v_proj", "lm_head"]], ids=["o+down", "q+v+lm_head"]
+)
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_saved_tensors_match_plan_for_other_lora_targets(gqa_dir, targets, checkpointing):
     """Which modules carry LoRA decides what is saved, and where gradients start in layer 0."""
@@ -339,7 +402,9 @@ def check_peak(name: str, path: Path, model_config: dict, config: Config) -> Non
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_step_peak_matches_plan(shape_dir, checkpointing, layout):
     name, path, model_config = shape_dir
-    check_peak(f"{name} {layout} ckpt={int(checkpointing)}", path, model_config, settings(checkpointing, layout=layout))
+    check_peak(
+        f"{name} {layout} ckpt={int(checkpointing)}", path, model_config, settings(checkpointing, layout=layout)
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -347,8 +412,12 @@ def test_step_peak_matches_plan(shape_dir, checkpointing, layout):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
 def test_step_peak_matches_plan_in_bf16_and_with_chunked_logits(gqa_dir, dtype, chunk, checkpointing, layout):
     name, path, model_config = gqa_dir
-    check_peak(f"{name} {dtype} chunk={chunk} {layout} ckpt={int(checkpointing)}", path, model_config,
-               settings(checkpointing, dtype, chunk, layout))
+    check_peak(
+        f"{name} {dtype} chunk={chunk} {layout} ckpt={int(checkpointing)}",
+        path,
+        model_config,
+        settings(checkpointing, dtype, chunk, layout),
+    )
 
 
 def step_peak(plan: P.Plan) -> int:
@@ -358,6 +427,7 @@ def step_peak(plan: P.Plan) -> int:
 
 
 # ---------------------------------------------------------------- the real SmolLM2-135M (30 layers, tied, 49k vocab)
+
 
 def test_smollm2_resident_and_saved_match_plan(smollm2_dir):
     """One load (quantizing 135M params takes most of this test), then the checkpointed step (saved bytes and
@@ -375,9 +445,11 @@ def test_smollm2_resident_and_saved_match_plan(smollm2_dir):
     plain_config = settings(False)
     plain_plan = plan_for(model_config, plain_config, small)
     everything, layer = saved_bytes(model, batch, plain_config)
-    rows = [("saved: boundaries+final+logits", boundaries, plan.bytes_of(P.BOUNDARIES, P.OTHER_SAVED, P.LOGITS)),
-            ("saved: one layer (recomputed)", layer, plan.bytes_of(P.RECOMPUTE)),
-            ("saved: all layers+final+logits", everything, plain_plan.bytes_of(P.LAYERS, P.OTHER_SAVED, P.LOGITS))]
+    rows = [
+        ("saved: boundaries+final+logits", boundaries, plan.bytes_of(P.BOUNDARIES, P.OTHER_SAVED, P.LOGITS)),
+        ("saved: one layer (recomputed)", layer, plan.bytes_of(P.RECOMPUTE)),
+        ("saved: all layers+final+logits", everything, plain_plan.bytes_of(P.LAYERS, P.OTHER_SAVED, P.LOGITS)),
+    ]
     report("smollm2", rows + [("step peak above resident (ckpt)", peak, step_peak(plan))])
     for part, m, p in rows:
         assert close(p, m), f"smollm2 {part}: planned {p} vs measured {m}"
@@ -395,7 +467,9 @@ def test_largest_fit_is_the_edge_of_the_budget():
     assert batch >= 1 and length >= config.max_length
     budget = 24e9
     assert P.plan_memory(MISTRAL, config, batch).total <= budget < P.plan_memory(MISTRAL, config, batch + 1).total
-    assert P.plan_memory(MISTRAL, config, 1, length).total <= budget < P.plan_memory(MISTRAL, config, 1, length + 1).total
+    assert (
+        P.plan_memory(MISTRAL, config, 1, length).total <= budget < P.plan_memory(MISTRAL, config, 1, length + 1).total
+    )
     assert P.largest_fit(MISTRAL, config, 3) == (0, 0)  # the 4-bit weights alone are 3.6 GB
 
 
@@ -418,7 +492,9 @@ def test_offloaded_activations_leave_the_gpu_total(checkpointing):
     layer's worth comes back for its backward (not measurable on a CPU-only machine: planned from the code)."""
     preset = load_preset("7b-24gb").settings
     kept = P.plan_memory(MISTRAL, build_config(preset, {"gradient_checkpointing": checkpointing}))
-    moved = P.plan_memory(MISTRAL, build_config(preset, {"gradient_checkpointing": checkpointing, "offload_activations": True}))
+    moved = P.plan_memory(
+        MISTRAL, build_config(preset, {"gradient_checkpointing": checkpointing, "offload_activations": True})
+    )
     part = P.BOUNDARIES if checkpointing else P.LAYERS
     offloaded = [line for line in moved.lines if line.part == part]
     assert offloaded and not offloaded[0].counted and "pinned CPU memory" in offloaded[0].note
@@ -438,6 +514,7 @@ def test_unknown_lora_target_is_a_user_error():
 
 # ---------------------------------------------------------------- the command
 
+
 def invoke(*args: str):
     return CliRunner().invoke(plan_command, list(args))
 
@@ -455,20 +532,25 @@ def test_plan_command_for_every_preset(preset):
 
 def test_plan_command_reads_a_model_directory_or_config_file(tiny_model_dir):
     by_dir = invoke("--preset", "7b-24gb", "--model", str(tiny_model_dir))
-    by_file = invoke("--preset", "7b-24gb", "--model", str(tiny_model_dir / "config.json"), "max_length=512", "max_prompt_length=64")
+    by_file = invoke(
+        "--preset", "7b-24gb", "--model", str(tiny_model_dir / "config.json"), "max_length=512", "max_prompt_length=64"
+    )
     assert by_dir.exit_code == 0 and by_file.exit_code == 0, by_dir.output + by_file.output
     assert f"model shape from {tiny_model_dir / 'config.json'}" in by_dir.output
     assert "max_length 512" in by_file.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--preset", "nope"], "unknown preset 'nope'"),
-    (["--model", "/no/such/dir"], "model path /no/such/dir does not exist"),
-    (["--model", "/no/such/config.json"], "config file /no/such/config.json does not exist"),
-    (["--model", "someone/unknown-model"], "no config.json for someone/unknown-model offline"),
-    (["bogus=1"], "unknown setting 'bogus'"),
-    (["--budget-gb", "-1"], "budget must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "nope"], "unknown preset 'nope'"),
+        (["--model", "/no/such/dir"], "model path /no/such/dir does not exist"),
+        (["--model", "/no/such/config.json"], "config file /no/such/config.json does not exist"),
+        (["--model", "someone/unknown-model"], "no config.json for someone/unknown-model offline"),
+        (["bogus=1"], "unknown setting 'bogus'"),
+        (["--budget-gb", "-1"], "budget must be a positive number"),
+    ],
+)
 def test_plan_command_user_errors_are_one_sentence(args, message):
     result = invoke(*args)
     assert isinstance(result.exception, UserError), result.output
@@ -484,11 +566,19 @@ def test_plan_command_rejects_a_config_that_is_not_a_decoder(tmp_path):
 
 # ---------------------------------------------------------------- the presets' hand estimates
 
+
 def hand_estimates(preset: str) -> dict[str, float]:
     """GB per category from the 'Where memory goes' comment block of a preset file."""
-    categories = {"weights": ("NF4", "double-quantized"), "embeddings": ("embeddings",), "lora": ("LoRA", "AdamW states"),
-                  "boundaries": ("boundaries",), "recompute": ("recomputed",), "logits": ("logits:",),
-                  "overhead": ("CUDA",), "total": ("total",)}
+    categories = {
+        "weights": ("NF4", "double-quantized"),
+        "embeddings": ("embeddings",),
+        "lora": ("LoRA", "AdamW states"),
+        "boundaries": ("boundaries",),
+        "recompute": ("recomputed",),
+        "logits": ("logits:",),
+        "overhead": ("CUDA",),
+        "total": ("total",),
+    }
     found: dict[str, float] = {}
     for line in load_preset(preset).path.read_text().splitlines():
         m = re.match(r"#\s+(.*?)\s+~?([\d.]+) GB$", line)
@@ -501,10 +591,15 @@ def hand_estimates(preset: str) -> dict[str, float]:
     return found
 
 
-PLANNED_CATEGORIES = {"weights": (P.WEIGHTS_4BIT, P.QUANT_STATE), "embeddings": (P.FROZEN,),
-                      "lora": (P.LORA, P.LORA_GRADS, P.OPTIMIZER), "boundaries": (P.BOUNDARIES,),
-                      "recompute": (P.RECOMPUTE, P.LAYER_WORK), "logits": (P.LOGITS, P.LOGITS_WORK),
-                      "overhead": (P.OVERHEAD,)}
+PLANNED_CATEGORIES = {
+    "weights": (P.WEIGHTS_4BIT, P.QUANT_STATE),
+    "embeddings": (P.FROZEN,),
+    "lora": (P.LORA, P.LORA_GRADS, P.OPTIMIZER),
+    "boundaries": (P.BOUNDARIES,),
+    "recompute": (P.RECOMPUTE, P.LAYER_WORK),
+    "logits": (P.LOGITS, P.LOGITS_WORK),
+    "overhead": (P.OVERHEAD,),
+}
 
 
 @pytest.mark.parametrize("preset", ["7b-24gb", "8b-24gb", "7b-16gb"])
@@ -516,8 +611,12 @@ def test_preset_memory_comments_agree_with_the_plan(preset):
     planned = P.plan_memory(BUILTIN_SHAPES[model][1], build_config(load_preset(preset).settings))
     for category, parts in PLANNED_CATEGORIES.items():
         if category in hand:
-            print(f"{preset} {category:<11} hand {hand[category]:6.2f} GB  planned {planned.bytes_of(*parts) / 1e9:6.2f} GB")
+            print(
+                f"{preset} {category:<11} hand {hand[category]:6.2f} GB  planned {planned.bytes_of(*parts) / 1e9:6.2f} GB"
+            )
     print(f"{preset} {'total':<11} hand {hand['total']:6.2f} GB  planned {planned.total / 1e9:6.2f} GB")
     for category in ("weights", "embeddings", "lora", "boundaries", "recompute", "overhead"):
-        assert planned.bytes_of(*PLANNED_CATEGORIES[category]) / 1e9 == pytest.approx(hand[category], rel=0.05), category
+        assert planned.bytes_of(*PLANNED_CATEGORIES[category]) / 1e9 == pytest.approx(hand[category], rel=0.05), (
+            category
+        )
     assert planned.total / 1e9 == pytest.approx(hand["total"], rel=0.05)

@@ -36,22 +36,31 @@ def base_oracle(model_dir, pairs) -> torch.Tensor:
         for i, p in enumerate(pairs):
             for side, response in enumerate((p.chosen_ids, p.rejected_ids)):
                 ids = torch.tensor([p.prompt_ids + response])
-                logps = torch.log_softmax(base(input_ids=ids).logits[0].double(), -1)[:-1].gather(-1, ids[0, 1:, None])[:, 0]
-                out[i, side] = logps[len(p.prompt_ids) - 1:].sum()
+                logps = torch.log_softmax(base(input_ids=ids).logits[0].double(), -1)[:-1].gather(
+                    -1, ids[0, 1:, None]
+                )[:, 0]
+                out[i, side] = logps[len(p.prompt_ids) - 1 :].sum()
     return out
 
 
-@pytest.mark.parametrize("config", [Config(model="x", data="y"), Config(model="x", data="y", logits_chunk_size=0, share_prompt=False)],
-                         ids=["lean", "plain"])
+@pytest.mark.parametrize(
+    "config",
+    [Config(model="x", data="y"), Config(model="x", data="y", logits_chunk_size=0, share_prompt=False)],
+    ids=["lean", "plain"],
+)
 def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup, tiny_model_dir, config):
     source, model, pairs, batches, pad = setup
-    with torch.no_grad():  # move the policy away from the reference first: a table that kept the adapters on would show
+    with (
+        torch.no_grad()
+    ):  # move the policy away from the reference first: a table that kept the adapters on would show
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(3))
     model.train()
     table = compute_reference(model, pairs, batches, pad, config.logits_chunk_size, config.batch_layout)
-    assert model.training and all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)  # left as found
+    assert model.training and all(
+        p.requires_grad for n, p in model.named_parameters() if "lora_" in n
+    )  # left as found
     # Independent expectation: the reference is the bare 4-bit base model, scored by its own forward.
     expected = base_oracle(tiny_model_dir, pairs)
     torch.testing.assert_close(table.double(), expected, rtol=0, atol=1e-3)
@@ -62,7 +71,9 @@ def test_table_gives_the_same_loss_and_gradients_as_the_reference_pass(setup, ti
             model.zero_grad()
             losses, cr, rr, policy = preference_loss(model, batch, config, reference)
             losses.sum().backward()
-            results.append((losses.detach(), cr, rr, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+            results.append(
+                (losses.detach(), cr, rr, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+            )
         # the policy really is elsewhere: with the adapters on, the sequences score far from the reference
         b = len(idx)
         policy_rows = torch.stack([policy.logps[:b], policy.logps[b:]], 1).detach().double()

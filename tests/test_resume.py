@@ -25,8 +25,18 @@ from qdpo.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
 TIMING = ("tokens_per_second", "peak_memory_gb")  # wall-clock measurements: the only fields allowed to differ
-SETTINGS = ["--no-progress", "max_steps=4", "micro_batch_size=2", "gradient_accumulation_steps=2", "save_steps=1",
-            "save_total_limit=5", "eval_fraction=0.25", "eval_steps=2", "learning_rate=1e-2", "lora_dropout=0.1"]
+SETTINGS = [
+    "--no-progress",
+    "max_steps=4",
+    "micro_batch_size=2",
+    "gradient_accumulation_steps=2",
+    "save_steps=1",
+    "save_total_limit=5",
+    "eval_fraction=0.25",
+    "eval_steps=2",
+    "learning_rate=1e-2",
+    "lora_dropout=0.1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,26 +48,43 @@ def data_file(tmp_path_factory, chat_rows_module) -> Path:
 
 @pytest.fixture(scope="module")
 def chat_rows_module():
-    return [{"prompt": [{"role": "user", "content": f"What is {i} plus two?"}],
-             "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}."}],
-             "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think."}]} for i in range(12)]
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} plus two?"}],
+            "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}."}],
+            "rejected": [{"role": "assistant", "content": "I am not sure about that, let me think."}],
+        }
+        for i in range(12)
+    ]
 
 
-def start(out: Path, model: Path, data: Path, cache: Path, *extra: str, crash_at: str | None = None) -> subprocess.Popen:
+def start(
+    out: Path, model: Path, data: Path, cache: Path, *extra: str, crash_at: str | None = None
+) -> subprocess.Popen:
     env = {**os.environ, "QDPO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     env.pop("QDPO_CRASH_AT", None)
     if crash_at:
         env["QDPO_CRASH_AT"] = crash_at
     args = ["run", "--output", str(out), "--model", str(model), "--data", str(data), *SETTINGS, *extra]
-    return subprocess.Popen([sys.executable, str(REPO / "cli.py"), *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "cli.py"), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def resume(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "QDPO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     env.pop("QDPO_CRASH_AT", None)
-    return subprocess.run([sys.executable, str(REPO / "cli.py"), "run", "--resume", str(out), "--no-progress", *extra],
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(REPO / "cli.py"), "run", "--resume", str(out), "--no-progress", *extra],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def metrics(out: Path) -> list[dict]:
@@ -67,7 +94,10 @@ def metrics(out: Path) -> list[dict]:
 
 def assert_same_run(got: Path, want: Path) -> None:
     assert metrics(got) == metrics(want)
-    a, b = load_file(got / "adapter" / "adapter_model.safetensors"), load_file(want / "adapter" / "adapter_model.safetensors")
+    a, b = (
+        load_file(got / "adapter" / "adapter_model.safetensors"),
+        load_file(want / "adapter" / "adapter_model.safetensors"),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((got / "run.json").read_text())["status"] == "finished"
 
@@ -82,8 +112,11 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, data_file) -> Path:
     return root / "run"
 
 
-@pytest.mark.parametrize("crash_at", ["checkpoint:2", "reference", "step:3"],
-                         ids=["writing-a-checkpoint", "computing-the-reference", "after-a-step"])
+@pytest.mark.parametrize(
+    "crash_at",
+    ["checkpoint:2", "reference", "step:3"],
+    ids=["writing-a-checkpoint", "computing-the-reference", "after-a-step"],
+)
 def test_sigkill_at_an_exact_moment_then_resume(crash_at, tmp_path, tiny_model_dir, data_file, uninterrupted):
     out = tmp_path / "run"
     process = start(out, tiny_model_dir, data_file, tmp_path / "cache", crash_at=crash_at)
@@ -156,8 +189,12 @@ def test_a_resume_that_changes_the_computation_is_refused(tmp_path, uninterrupte
 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
-    for override, field in (("beta=0.2", "beta: 0.1 -> 0.2"), ("max_length=512", "max_length: 256 -> 512"),
-                            ("lora_r=8", "lora_r: 16 -> 8"), ("micro_batch_size=4", "micro_batch_size: 2 -> 4")):
+    for override, field in (
+        ("beta=0.2", "beta: 0.1 -> 0.2"),
+        ("max_length=512", "max_length: 256 -> 512"),
+        ("lora_r=8", "lora_r: 16 -> 8"),
+        ("micro_batch_size=4", "micro_batch_size: 2 -> 4"),
+    ):
         result = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", override])
         assert result.exit_code == 2 and field in result.output and "cannot resume" in result.output, result.output
     done = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", "logging_steps=2"])
@@ -177,7 +214,9 @@ def test_resume_trains_on_when_max_steps_is_raised(tmp_path, tiny_model_dir, dat
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[:4] == metrics(uninterrupted)
 
 
-def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(monkeypatch, tmp_path, tiny_model_dir, data_file):
+def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
+    monkeypatch, tmp_path, tiny_model_dir, data_file
+):
     import qdpo.train as train
 
     real, calls = train.preference_loss, []
@@ -190,8 +229,20 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(monkeypatc
     monkeypatch.setattr(train, "preference_loss", poisoned)
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file),
-                                       *SETTINGS, "max_nonfinite_steps=2"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--output",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data_file),
+            *SETTINGS,
+            "max_nonfinite_steps=2",
+        ],
+    )
     assert result.exit_code == 2, result.output
     last = result.output.strip().splitlines()[-1]
     assert "NaN/Inf for 2 steps in a row (steps 2-3" in last and "learning_rate" in last and "training pairs" in last
@@ -203,7 +254,9 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(monkeypatc
     assert all(torch.equal(first[k], third[k]) for k in first)  # no update was applied by the bad steps
 
 
-def test_out_of_memory_checkpoints_the_last_good_state(monkeypatch, tmp_path, tiny_model_dir, data_file, uninterrupted):
+def test_out_of_memory_checkpoints_the_last_good_state(
+    monkeypatch, tmp_path, tiny_model_dir, data_file, uninterrupted
+):
     """Memory running out in the middle of step 3: the state before step 3 is saved, and resuming from it is exact."""
     import qdpo.train as train
 
@@ -218,11 +271,25 @@ def test_out_of_memory_checkpoints_the_last_good_state(monkeypatch, tmp_path, ti
     monkeypatch.setattr(train, "preference_loss", runs_out)
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file),
-                                       *SETTINGS, "save_steps=0"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--output",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data_file),
+            *SETTINGS,
+            "save_steps=0",
+        ],
+    )
     assert result.exit_code == 2, result.output
     last = result.output.strip().splitlines()[-1]
-    assert "out of GPU memory at step 3" in last and f"qdpo run --resume {out}" in last and "micro_batch_size=1" in last
+    assert (
+        "out of GPU memory at step 3" in last and f"qdpo run --resume {out}" in last and "micro_batch_size=1" in last
+    )
     assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step-000002"]
     monkeypatch.setattr(train, "preference_loss", real)
     finished = resume(out, tmp_path / "cache", "save_steps=0")
@@ -231,11 +298,25 @@ def test_out_of_memory_checkpoints_the_last_good_state(monkeypatch, tmp_path, ti
     regrouped = tmp_path / "regrouped"  # the advice itself: one pair per forward, twice the accumulation
     monkeypatch.setattr(train, "preference_loss", runs_out)
     calls.clear()
-    CliRunner().invoke(main, ["run", "--output", str(regrouped), "--model", str(tiny_model_dir), "--data", str(data_file),
-                              *SETTINGS, "save_steps=0"])
+    CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--output",
+            str(regrouped),
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data_file),
+            *SETTINGS,
+            "save_steps=0",
+        ],
+    )
     monkeypatch.setattr(train, "preference_loss", real)
-    again = CliRunner().invoke(main, ["run", "--resume", str(regrouped), "--no-progress", "micro_batch_size=1",
-                                      "gradient_accumulation_steps=4"])
+    again = CliRunner().invoke(
+        main,
+        ["run", "--resume", str(regrouped), "--no-progress", "micro_batch_size=1", "gradient_accumulation_steps=4"],
+    )
     assert again.exit_code == 0, again.output
     assert [r["step"] for r in metrics(regrouped)] == [1, 2, 3, 4]
 
@@ -257,10 +338,14 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(monkeypatch
     monkeypatch.setattr(checkpoint.torch, "save", fills_up)
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file),
-                                       *SETTINGS])
+    result = CliRunner().invoke(
+        main, ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file), *SETTINGS]
+    )
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1].startswith("error: could not write") and "No space left" in result.output
+    assert (
+        result.output.strip().splitlines()[-1].startswith("error: could not write")
+        and "No space left" in result.output
+    )
     assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step-000001"]  # no half checkpoint
     assert checkpoint.load_trainer_state(checkpoint.latest(out))["step"] == 1
     assert json.loads((out / "run.json").read_text())["status"] == "failed"

@@ -22,9 +22,17 @@ def invoke(*args: str):
     return CliRunner().invoke(main, list(args))
 
 
-@pytest.mark.parametrize("capability, want", [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16),
-                                              ((8, 9), torch.bfloat16), ((9, 0), torch.bfloat16)],
-                         ids=["T4", "V100", "A100", "L4", "H100"])
+@pytest.mark.parametrize(
+    "capability, want",
+    [
+        ((7, 5), torch.float16),
+        ((7, 0), torch.float16),
+        ((8, 0), torch.bfloat16),
+        ((8, 9), torch.bfloat16),
+        ((9, 0), torch.bfloat16),
+    ],
+    ids=["T4", "V100", "A100", "L4", "H100"],
+)
 def test_auto_dtype_is_bf16_only_from_ampere(monkeypatch, capability, want):
     """torch.cuda.is_bf16_supported() says yes on a T4 (emulated bf16); qdpo looks at the compute capability."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -33,12 +41,23 @@ def test_auto_dtype_is_bf16_only_from_ampere(monkeypatch, capability, want):
     assert compute_dtype("auto", torch.device("cpu")) == torch.float32
 
 
-@pytest.mark.parametrize("name, hub", [
-    ("allenai/tulu-2.5-preference-data", True), ("trl-lib/ultrafeedback_binarized", True),
-    ("mistralai/Mistral-7B-Instruct-v0.3", True), ("data/prefs.jsonl", False), ("models/model.gguf", False),
-    ("./org/name", False), ("~/org/name", False), ("/org/name", False), ("a/b/c", False), ("name", False),
-    ("org/na me", False), ("org/--bad", False),
-])
+@pytest.mark.parametrize(
+    "name, hub",
+    [
+        ("allenai/tulu-2.5-preference-data", True),
+        ("trl-lib/ultrafeedback_binarized", True),
+        ("mistralai/Mistral-7B-Instruct-v0.3", True),
+        ("data/prefs.jsonl", False),
+        ("models/model.gguf", False),
+        ("./org/name", False),
+        ("~/org/name", False),
+        ("/org/name", False),
+        ("a/b/c", False),
+        ("name", False),
+        ("org/na me", False),
+        ("org/--bad", False),
+    ],
+)
 def test_one_rule_for_hub_ids(name, hub):
     assert looks_like_hub_id(name) is hub
 
@@ -51,8 +70,14 @@ def test_a_hub_dataset_id_with_a_dot_goes_to_the_hub(monkeypatch):
     from qdpo.model import resolve_model
 
     asked = []
-    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: asked.append((name, split)) or
-                        datasets.Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}]))
+    monkeypatch.setattr(
+        datasets,
+        "load_dataset",
+        lambda name, split: (
+            asked.append((name, split))
+            or datasets.Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r"}])
+        ),
+    )
     rows, where = load_rows("allenai/tulu-2.5-preference-data", "train")
     assert asked == [("allenai/tulu-2.5-preference-data", "train")] and rows[0]["chosen"] == "c"
     assert resolve_model("org/model-v0.1").path == "org/model-v0.1"
@@ -66,7 +91,9 @@ def test_lowering_max_length_alone_derives_max_prompt_length():
         build_config({}, {"max_length": 1024, "max_prompt_length": 1024})
 
 
-@pytest.mark.parametrize("args", [["run", "max_length=128", "--dry-run"], ["plan", "--preset", "7b-24gb", "max_length=1024"]])
+@pytest.mark.parametrize(
+    "args", [["run", "max_length=128", "--dry-run"], ["plan", "--preset", "7b-24gb", "max_length=1024"]]
+)
 def test_lowered_max_length_works_through_the_cli(args):
     result = invoke(*args)
     assert result.exit_code == 0, result.output
@@ -75,8 +102,11 @@ def test_lowered_max_length_works_through_the_cli(args):
 
 def write_adapter(path, r=4, alpha=8, targets=("q_proj", "v_proj")):
     path.mkdir(parents=True, exist_ok=True)
-    (path / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": alpha, "target_modules": list(targets),
-                                                          "peft_type": "LORA", "lora_dropout": 0.1}))
+    (path / "adapter_config.json").write_text(
+        json.dumps(
+            {"r": r, "lora_alpha": alpha, "target_modules": list(targets), "peft_type": "LORA", "lora_dropout": 0.1}
+        )
+    )
     return str(path)
 
 
@@ -85,7 +115,9 @@ def test_init_adapter_decides_the_lora_settings(tmp_path):
     config, notes = adapter_lora_settings(Config(model="x", data="y", init_adapter=adapter))
     assert (config.lora_r, config.lora_alpha, config.lora_target_modules) == (4, 8, ["q_proj", "v_proj"])
     assert "lora_r=4" in notes[0]
-    same, _ = adapter_lora_settings(Config(model="x", data="y", init_adapter=adapter, lora_target_modules=["v_proj", "q_proj"]))
+    same, _ = adapter_lora_settings(
+        Config(model="x", data="y", init_adapter=adapter, lora_target_modules=["v_proj", "q_proj"])
+    )
     assert same.lora_target_modules == ["q_proj", "v_proj"]
     with pytest.raises(UserError, match=r"lora_r=8 contradicts init_adapter .* trained with lora_r=4"):
         adapter_lora_settings(Config(model="x", data="y", init_adapter=adapter, lora_r=8))
@@ -101,14 +133,37 @@ def test_run_records_the_init_adapters_settings(tmp_path, tiny_model_dir, chat_r
     add_lora(base, 4, 8, 0.0, ["q_proj", "v_proj"], None, seed=0).save_pretrained(tmp_path / "sft")
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
     out = tmp_path / "run"
-    result = invoke("run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(out),
-                    "--no-progress", "max_steps=1", "micro_batch_size=4", f"init_adapter={tmp_path / 'sft'}", "eval_fraction=0")
+    result = invoke(
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--output",
+        str(out),
+        "--no-progress",
+        "max_steps=1",
+        "micro_batch_size=4",
+        f"init_adapter={tmp_path / 'sft'}",
+        "eval_fraction=0",
+    )
     assert result.exit_code == 0, result.output
     recorded = json.loads((out / "run.json").read_text())["lora"]
     assert (recorded["r"], recorded["alpha"], sorted(recorded["target_modules"])) == (4, 8, ["q_proj", "v_proj"])
     assert yaml.safe_load((out / "config.yaml").read_text())["lora_r"] == 4
-    refused = invoke("run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "r2"),
-                     "--no-progress", "max_steps=1", f"init_adapter={tmp_path / 'sft'}", "lora_r=32")
+    refused = invoke(
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--output",
+        str(tmp_path / "r2"),
+        "--no-progress",
+        "max_steps=1",
+        f"init_adapter={tmp_path / 'sft'}",
+        "lora_r=32",
+    )
     assert refused.exit_code == 2 and "lora_r=32 contradicts" in refused.output and not (tmp_path / "r2").exists()
 
 
@@ -129,12 +184,28 @@ def test_a_skipped_fp16_step_does_not_advance_the_schedule(monkeypatch):
 
     monkeypatch.setattr(train, "preference_loss", fake_loss)
     monkeypatch.setattr(train, "make_batch", lambda pairs, pad, layout: SimpleNamespace(num_tokens=1))
-    config = Config(model="x", data="y", gradient_accumulation_steps=1, micro_batch_size=1, warmup_ratio=0.0,
-                    lr_scheduler_type="linear", learning_rate=1.0)
+    config = Config(
+        model="x",
+        data="y",
+        gradient_accumulation_steps=1,
+        micro_batch_size=1,
+        warmup_ratio=0.0,
+        lr_scheduler_type="linear",
+        learning_rate=1.0,
+    )
     optimizer = torch.optim.SGD([weight], lr=1.0)
-    t = train.Training(model=SimpleNamespace(config=SimpleNamespace(vocab_size=4)), params=[weight], optimizer=optimizer,
-                       scheduler=train.make_scheduler(config, optimizer, 4), scaler=torch.amp.GradScaler("cpu", enabled=True),
-                       steps=4, stream=None, eval_batches=[], train_ref=None, eval_ref=None)
+    t = train.Training(
+        model=SimpleNamespace(config=SimpleNamespace(vocab_size=4)),
+        params=[weight],
+        optimizer=optimizer,
+        scheduler=train.make_scheduler(config, optimizer, 4),
+        scaler=torch.amp.GradScaler("cpu", enabled=True),
+        steps=4,
+        stream=None,
+        eval_batches=[],
+        train_ref=None,
+        eval_ref=None,
+    )
     data = SimpleNamespace(train=[None], tokenizer=SimpleNamespace(pad_token_id=0))
     stream = iter([[0], [0]])
     lr_before = t.scheduler.get_last_lr()[0]
@@ -149,14 +220,29 @@ def test_a_skipped_fp16_step_does_not_advance_the_schedule(monkeypatch):
 @pytest.fixture
 def run_args(tmp_path, tiny_model_dir, chat_rows):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
-    return ["run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "run"),
-            "--no-progress", "max_steps=3", "micro_batch_size=2", "eval_fraction=0"]
+    return [
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(tmp_path / "d.jsonl"),
+        "--output",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "max_steps=3",
+        "micro_batch_size=2",
+        "eval_fraction=0",
+    ]
 
 
-@pytest.mark.parametrize("error, status, exit_code", [
-    (UserError("out of GPU memory at micro_batch_size=2, max_length=1024; lower one of them."), "failed", 2),
-    (KeyboardInterrupt(), "interrupted", 1),
-], ids=["oom", "ctrl-c"])
+@pytest.mark.parametrize(
+    "error, status, exit_code",
+    [
+        (UserError("out of GPU memory at micro_batch_size=2, max_length=1024; lower one of them."), "failed", 2),
+        (KeyboardInterrupt(), "interrupted", 1),
+    ],
+    ids=["oom", "ctrl-c"],
+)
 def test_a_failure_after_training_started_keeps_the_run(monkeypatch, tmp_path, run_args, error, status, exit_code):
     """Out of memory at step 2 (or Ctrl-C): metrics.jsonl keeps step 1, run.json says why, exit is non-zero."""
     import qdpo.train as train
@@ -202,12 +288,21 @@ def test_flex_attention_is_refused_by_the_shared_layout(tiny_model_dir, tokenize
     from qdpo.step import score_batch
     from qdpo.tokenize import tokenize_pairs
 
-    model = add_lora(load_base_4bit(ModelSource("m", str(tiny_model_dir)), torch.float32, torch.device("cpu"), False),
-                     4, 8, 0.0, ["all-linear"], None, seed=0)
+    model = add_lora(
+        load_base_4bit(ModelSource("m", str(tiny_model_dir)), torch.float32, torch.device("cpu"), False),
+        4,
+        8,
+        0.0,
+        ["all-linear"],
+        None,
+        seed=0,
+    )
     model.get_base_model().config._attn_implementation = "flex_attention"
     pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows[:2], Columns(), "t"), 64, 32)
     for layout in ("shared", "packed"):
-        with pytest.raises(UserError, match="share_prompt cannot be exact here: its attention implementation is flex_attention"):
+        with pytest.raises(
+            UserError, match="share_prompt cannot be exact here: its attention implementation is flex_attention"
+        ):
             score_batch(model, make_batch(pairs, tokenizer.pad_token_id, layout), 4)
 
 
@@ -223,7 +318,9 @@ def test_an_existing_output_dir_is_refused_before_the_data_is_read(monkeypatch, 
     assert (out / "notes.txt").read_text() == "mine"
 
 
-def test_a_damaged_reference_cache_entry_is_reported_and_recomputed(tmp_path, monkeypatch, tiny_model_dir, tokenizer, chat_rows):
+def test_a_damaged_reference_cache_entry_is_reported_and_recomputed(
+    tmp_path, monkeypatch, tiny_model_dir, tokenizer, chat_rows
+):
     """A flipped byte in a cached table still parses as safetensors; its checksum catches it, and it is never used."""
     from qdpo.batching import length_grouped_batches
     from qdpo.data import Columns, to_pairs
@@ -232,8 +329,15 @@ def test_a_damaged_reference_cache_entry_is_reported_and_recomputed(tmp_path, mo
     from qdpo.tokenize import tokenize_pairs
 
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
-    model = add_lora(load_base_4bit(ModelSource("m", str(tiny_model_dir)), torch.float32, torch.device("cpu"), False),
-                     4, 8, 0.0, ["all-linear"], None, seed=0)
+    model = add_lora(
+        load_base_4bit(ModelSource("m", str(tiny_model_dir)), torch.float32, torch.device("cpu"), False),
+        4,
+        8,
+        0.0,
+        ["all-linear"],
+        None,
+        seed=0,
+    )
     pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows, Columns(), "t"), 128, 64)
     batches = length_grouped_batches(pairs, 4, seed=0)
     good, cached = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1")

@@ -17,8 +17,21 @@ def test_smoke_preset_short_run(tmp_path, smollm2_dir):
     eval_rows = eval_path().read_text().splitlines()[::4]
     (tmp_path / "eval.jsonl").write_text("\n".join(eval_rows) + "\n")
     out = tmp_path / "run"
-    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--output", str(out), "--no-progress",
-                                       "--eval-data", str(tmp_path / "eval.jsonl"), "max_steps=4", "eval_steps=0"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--eval-data",
+            str(tmp_path / "eval.jsonl"),
+            "max_steps=4",
+            "eval_steps=0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "400 pairs kept" in result.output and "12 pairs kept" in result.output
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -56,7 +56,10 @@ def test_truncation_and_drop_counts(tokenizer):
     full_prompt = encode_prompt(tokenizer, long_prompt)
     assert first.prompt_ids == full_prompt[-8:]  # the end of the prompt is kept
     assert len(second.prompt_ids) + len(second.chosen_ids) == 24
-    assert second.chosen_ids == encode_response(tokenizer, "Hi", "I am fine, thank you. " * 10)[:24 - len(second.prompt_ids)]
+    assert (
+        second.chosen_ids
+        == encode_response(tokenizer, "Hi", "I am fine, thank you. " * 10)[: 24 - len(second.prompt_ids)]
+    )
     assert all(len(p) <= 24 for p in kept)
 
 
@@ -82,10 +85,14 @@ def test_doubled_bos_and_eos_are_cut_to_one_and_reported(tokenizer):
     from qdpo.data import Columns, to_pairs
     from qdpo.tokenize import tokenize_pairs
 
-    rows = [{"prompt": "<s>What is two plus two?", "chosen": "Four.", "rejected": "Five."},
-            {"prompt": [{"role": "user", "content": "What is two plus two?"}],
-             "chosen": [{"role": "assistant", "content": "Four.</s>"}],
-             "rejected": [{"role": "assistant", "content": "Five."}]}]
+    rows = [
+        {"prompt": "<s>What is two plus two?", "chosen": "Four.", "rejected": "Five."},
+        {
+            "prompt": [{"role": "user", "content": "What is two plus two?"}],
+            "chosen": [{"role": "assistant", "content": "Four.</s>"}],
+            "rejected": [{"role": "assistant", "content": "Five."}],
+        },
+    ]
     pairs, stats = tokenize_pairs(tokenizer, to_pairs(rows, Columns(), "t"), 128, 64)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     for p in pairs:
@@ -94,4 +101,5 @@ def test_doubled_bos_and_eos_are_cut_to_one_and_reported(tokenizer):
             assert ids[-1] == eos and ids[-2] != eos and ids.count(eos) == 1
     assert stats.notes == [
         "1 prompts started with two BOS tokens (the text or chat template writes one and the tokenizer adds one); qdpo kept one",
-        "1 responses ended with two EOS tokens (the text ends with '</s>' and the turn is closed again); qdpo kept one"]
+        "1 responses ended with two EOS tokens (the text ends with '</s>' and the turn is closed again); qdpo kept one",
+    ]

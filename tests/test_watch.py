@@ -16,8 +16,14 @@ from qdpo.watch import WINDOW, Watch
 
 
 def row(step, chosen, margin, rewards=0.5):
-    return {"step": step, "loss": 0.6, "logps/chosen": chosen, "rewards/margins": margin,
-            "rewards/chosen": rewards, "rewards/rejected": rewards - margin}
+    return {
+        "step": step,
+        "loss": 0.6,
+        "logps/chosen": chosen,
+        "rewards/margins": margin,
+        "rewards/chosen": rewards,
+        "rewards/rejected": rewards - margin,
+    }
 
 
 def test_falling_chosen_logps_with_rising_margins_warns_once_with_the_numbers():
@@ -32,12 +38,18 @@ def test_falling_chosen_logps_with_rising_margins_warns_once_with_the_numbers():
     assert "sft_weight" in warnings[0]
 
 
-@pytest.mark.parametrize("sft_weight, chosen_slope", [(0.5, -2.0), (0.0, 0.0), (0.0, 0.1)],
-                         ids=["sft-term-on", "chosen-flat", "chosen-rising"])
+@pytest.mark.parametrize(
+    "sft_weight, chosen_slope",
+    [(0.5, -2.0), (0.0, 0.0), (0.0, 0.1)],
+    ids=["sft-term-on", "chosen-flat", "chosen-rising"],
+)
 def test_no_warning_when_the_chosen_answers_hold_up_or_an_sft_term_is_on(sft_weight, chosen_slope):
     watch = Watch(sft_weight=sft_weight)
-    assert not [w for step in range(1, 4 * WINDOW) for w in watch.see(row(step, -100 + chosen_slope * step, 0.15 * step),
-                                                                       lambda: True)]
+    assert not [
+        w
+        for step in range(1, 4 * WINDOW)
+        for w in watch.see(row(step, -100 + chosen_slope * step, 0.15 * step), lambda: True)
+    ]
 
 
 def test_a_reference_equal_to_the_moved_policy_stops_the_run():
@@ -56,9 +68,24 @@ def test_a_broken_reference_switch_is_caught_in_a_real_run(monkeypatch, tmp_path
     monkeypatch.setattr(step, "reference_model", lambda model: contextlib.nullcontext())
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
-    result = CliRunner().invoke(main, [
-        "run", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "run"), "--no-progress",
-        "max_steps=3", "micro_batch_size=4", "precompute_ref_log_probs=false", "eval_fraction=0", "learning_rate=1e-2"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "run"),
+            "--no-progress",
+            "max_steps=3",
+            "micro_batch_size=4",
+            "precompute_ref_log_probs=false",
+            "eval_fraction=0",
+            "learning_rate=1e-2",
+        ],
+    )
     assert result.exit_code == 2 and "at step 2 the reference still equals the policy" in result.output
 
 
@@ -81,7 +108,18 @@ def test_no_trainable_parameter_is_refused(monkeypatch, tmp_path, tiny_model_dir
     monkeypatch.setattr(train, "trainable_parameters", lambda model: [])
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
-    result = CliRunner().invoke(main, [
-        "run", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "run"), "--no-progress"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 2 and "no parameter of the model requires a gradient" in result.output
     assert not (tmp_path / "run").exists()

@@ -21,57 +21,181 @@ EVAL_ROWS = 48
 
 # Short, crisp, and ASCII-only so a checker never trips over accents a model drops.
 CAPITALS: tuple[tuple[str, str], ...] = (
-    ("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"),
-    ("Portugal", "Lisbon"), ("Japan", "Tokyo"), ("China", "Beijing"), ("India", "New Delhi"),
-    ("Russia", "Moscow"), ("Canada", "Ottawa"), ("Australia", "Canberra"), ("Argentina", "Buenos Aires"),
-    ("Mexico", "Mexico City"), ("Egypt", "Cairo"), ("Kenya", "Nairobi"), ("Nigeria", "Abuja"),
-    ("Greece", "Athens"), ("Turkey", "Ankara"), ("Poland", "Warsaw"), ("Sweden", "Stockholm"),
-    ("Norway", "Oslo"), ("Finland", "Helsinki"), ("Denmark", "Copenhagen"), ("Ireland", "Dublin"),
-    ("Austria", "Vienna"), ("Hungary", "Budapest"), ("the Czech Republic", "Prague"), ("the Netherlands", "Amsterdam"),
-    ("Belgium", "Brussels"), ("Switzerland", "Bern"), ("Thailand", "Bangkok"), ("Vietnam", "Hanoi"),
-    ("South Korea", "Seoul"), ("Indonesia", "Jakarta"), ("the Philippines", "Manila"), ("Peru", "Lima"),
-    ("Chile", "Santiago"), ("Venezuela", "Caracas"), ("Cuba", "Havana"), ("Iran", "Tehran"),
-    ("Iraq", "Baghdad"), ("Saudi Arabia", "Riyadh"), ("Pakistan", "Islamabad"), ("Bangladesh", "Dhaka"),
-    ("Afghanistan", "Kabul"), ("Ukraine", "Kyiv"), ("Romania", "Bucharest"), ("Bulgaria", "Sofia"),
-    ("Serbia", "Belgrade"), ("Croatia", "Zagreb"), ("Morocco", "Rabat"), ("Ethiopia", "Addis Ababa"),
-    ("Ghana", "Accra"), ("Uganda", "Kampala"), ("New Zealand", "Wellington"), ("Iceland", "Reykjavik"),
-    ("Nepal", "Kathmandu"), ("Malaysia", "Kuala Lumpur"), ("Syria", "Damascus"), ("Lebanon", "Beirut"),
-    ("Jordan", "Amman"), ("Qatar", "Doha"), ("Estonia", "Tallinn"), ("Latvia", "Riga"),
-    ("Lithuania", "Vilnius"), ("Jamaica", "Kingston"), ("Cambodia", "Phnom Penh"), ("Ecuador", "Quito"),
-    ("Uruguay", "Montevideo"), ("Senegal", "Dakar"), ("Zimbabwe", "Harare"), ("Zambia", "Lusaka"),
-    ("the United Kingdom", "London"), ("Kazakhstan", "Astana"),
+    ("France", "Paris"),
+    ("Germany", "Berlin"),
+    ("Italy", "Rome"),
+    ("Spain", "Madrid"),
+    ("Portugal", "Lisbon"),
+    ("Japan", "Tokyo"),
+    ("China", "Beijing"),
+    ("India", "New Delhi"),
+    ("Russia", "Moscow"),
+    ("Canada", "Ottawa"),
+    ("Australia", "Canberra"),
+    ("Argentina", "Buenos Aires"),
+    ("Mexico", "Mexico City"),
+    ("Egypt", "Cairo"),
+    ("Kenya", "Nairobi"),
+    ("Nigeria", "Abuja"),
+    ("Greece", "Athens"),
+    ("Turkey", "Ankara"),
+    ("Poland", "Warsaw"),
+    ("Sweden", "Stockholm"),
+    ("Norway", "Oslo"),
+    ("Finland", "Helsinki"),
+    ("Denmark", "Copenhagen"),
+    ("Ireland", "Dublin"),
+    ("Austria", "Vienna"),
+    ("Hungary", "Budapest"),
+    ("the Czech Republic", "Prague"),
+    ("the Netherlands", "Amsterdam"),
+    ("Belgium", "Brussels"),
+    ("Switzerland", "Bern"),
+    ("Thailand", "Bangkok"),
+    ("Vietnam", "Hanoi"),
+    ("South Korea", "Seoul"),
+    ("Indonesia", "Jakarta"),
+    ("the Philippines", "Manila"),
+    ("Peru", "Lima"),
+    ("Chile", "Santiago"),
+    ("Venezuela", "Caracas"),
+    ("Cuba", "Havana"),
+    ("Iran", "Tehran"),
+    ("Iraq", "Baghdad"),
+    ("Saudi Arabia", "Riyadh"),
+    ("Pakistan", "Islamabad"),
+    ("Bangladesh", "Dhaka"),
+    ("Afghanistan", "Kabul"),
+    ("Ukraine", "Kyiv"),
+    ("Romania", "Bucharest"),
+    ("Bulgaria", "Sofia"),
+    ("Serbia", "Belgrade"),
+    ("Croatia", "Zagreb"),
+    ("Morocco", "Rabat"),
+    ("Ethiopia", "Addis Ababa"),
+    ("Ghana", "Accra"),
+    ("Uganda", "Kampala"),
+    ("New Zealand", "Wellington"),
+    ("Iceland", "Reykjavik"),
+    ("Nepal", "Kathmandu"),
+    ("Malaysia", "Kuala Lumpur"),
+    ("Syria", "Damascus"),
+    ("Lebanon", "Beirut"),
+    ("Jordan", "Amman"),
+    ("Qatar", "Doha"),
+    ("Estonia", "Tallinn"),
+    ("Latvia", "Riga"),
+    ("Lithuania", "Vilnius"),
+    ("Jamaica", "Kingston"),
+    ("Cambodia", "Phnom Penh"),
+    ("Ecuador", "Quito"),
+    ("Uruguay", "Montevideo"),
+    ("Senegal", "Dakar"),
+    ("Zimbabwe", "Harare"),
+    ("Zambia", "Lusaka"),
+    ("the United Kingdom", "London"),
+    ("Kazakhstan", "Astana"),
 )
 
 # (word, opposite, a plausible wrong answer: usually a near-synonym of the word itself)
 OPPOSITES: tuple[tuple[str, str, str], ...] = (
-    ("hot", "cold", "warm"), ("big", "small", "huge"), ("fast", "slow", "quick"), ("happy", "sad", "glad"),
-    ("light", "dark", "bright"), ("early", "late", "soon"), ("open", "closed", "wide"), ("full", "empty", "packed"),
-    ("hard", "soft", "firm"), ("up", "down", "above"), ("strong", "weak", "tough"), ("rich", "poor", "wealthy"),
-    ("young", "old", "new"), ("wet", "dry", "damp"), ("clean", "dirty", "neat"), ("loud", "quiet", "noisy"),
-    ("thick", "thin", "wide"), ("push", "pull", "press"), ("buy", "sell", "pay"), ("win", "lose", "beat"),
-    ("first", "last", "second"), ("day", "night", "noon"), ("north", "south", "east"), ("inside", "outside", "within"),
-    ("love", "hate", "like"), ("true", "false", "real"), ("begin", "end", "start"), ("long", "short", "tall"),
-    ("heavy", "light", "big"), ("near", "far", "close"), ("safe", "dangerous", "secure"), ("easy", "difficult", "simple"),
-    ("give", "take", "send"), ("laugh", "cry", "smile"), ("asleep", "awake", "tired"), ("always", "never", "often"),
-    ("cheap", "expensive", "low"), ("question", "answer", "query"), ("friend", "enemy", "pal"), ("sweet", "sour", "sugary"),
+    ("hot", "cold", "warm"),
+    ("big", "small", "huge"),
+    ("fast", "slow", "quick"),
+    ("happy", "sad", "glad"),
+    ("light", "dark", "bright"),
+    ("early", "late", "soon"),
+    ("open", "closed", "wide"),
+    ("full", "empty", "packed"),
+    ("hard", "soft", "firm"),
+    ("up", "down", "above"),
+    ("strong", "weak", "tough"),
+    ("rich", "poor", "wealthy"),
+    ("young", "old", "new"),
+    ("wet", "dry", "damp"),
+    ("clean", "dirty", "neat"),
+    ("loud", "quiet", "noisy"),
+    ("thick", "thin", "wide"),
+    ("push", "pull", "press"),
+    ("buy", "sell", "pay"),
+    ("win", "lose", "beat"),
+    ("first", "last", "second"),
+    ("day", "night", "noon"),
+    ("north", "south", "east"),
+    ("inside", "outside", "within"),
+    ("love", "hate", "like"),
+    ("true", "false", "real"),
+    ("begin", "end", "start"),
+    ("long", "short", "tall"),
+    ("heavy", "light", "big"),
+    ("near", "far", "close"),
+    ("safe", "dangerous", "secure"),
+    ("easy", "difficult", "simple"),
+    ("give", "take", "send"),
+    ("laugh", "cry", "smile"),
+    ("asleep", "awake", "tired"),
+    ("always", "never", "often"),
+    ("cheap", "expensive", "low"),
+    ("question", "answer", "query"),
+    ("friend", "enemy", "pal"),
+    ("sweet", "sour", "sugary"),
 )
 
 # (singular, plural, a plausible wrong plural)
 PLURALS: tuple[tuple[str, str, str], ...] = (
-    ("mouse", "mice", "mouses"), ("child", "children", "childs"), ("man", "men", "mans"), ("woman", "women", "womans"),
-    ("foot", "feet", "foots"), ("tooth", "teeth", "tooths"), ("goose", "geese", "gooses"), ("box", "boxes", "boxs"),
-    ("city", "cities", "citys"), ("baby", "babies", "babys"), ("leaf", "leaves", "leafs"), ("knife", "knives", "knifes"),
-    ("wolf", "wolves", "wolfs"), ("potato", "potatoes", "potatos"), ("hero", "heroes", "heros"), ("bus", "buses", "buss"),
-    ("dish", "dishes", "dishs"), ("church", "churches", "churchs"), ("fox", "foxes", "foxs"), ("story", "stories", "storys"),
-    ("party", "parties", "partys"), ("half", "halves", "halfs"), ("life", "lives", "lifes"), ("wife", "wives", "wifes"),
-    ("ox", "oxen", "oxes"), ("tomato", "tomatoes", "tomatos"), ("class", "classes", "classs"), ("watch", "watches", "watchs"),
-    ("country", "countries", "countrys"), ("lady", "ladies", "ladys"), ("shelf", "shelves", "shelfs"), ("loaf", "loaves", "loafs"),
-    ("brush", "brushes", "brushs"), ("glass", "glasses", "glasss"), ("thief", "thieves", "thiefs"), ("louse", "lice", "louses"),
+    ("mouse", "mice", "mouses"),
+    ("child", "children", "childs"),
+    ("man", "men", "mans"),
+    ("woman", "women", "womans"),
+    ("foot", "feet", "foots"),
+    ("tooth", "teeth", "tooths"),
+    ("goose", "geese", "gooses"),
+    ("box", "boxes", "boxs"),
+    ("city", "cities", "citys"),
+    ("baby", "babies", "babys"),
+    ("leaf", "leaves", "leafs"),
+    ("knife", "knives", "knifes"),
+    ("wolf", "wolves", "wolfs"),
+    ("potato", "potatoes", "potatos"),
+    ("hero", "heroes", "heros"),
+    ("bus", "buses", "buss"),
+    ("dish", "dishes", "dishs"),
+    ("church", "churches", "churchs"),
+    ("fox", "foxes", "foxs"),
+    ("story", "stories", "storys"),
+    ("party", "parties", "partys"),
+    ("half", "halves", "halfs"),
+    ("life", "lives", "lifes"),
+    ("wife", "wives", "wifes"),
+    ("ox", "oxen", "oxes"),
+    ("tomato", "tomatoes", "tomatos"),
+    ("class", "classes", "classs"),
+    ("watch", "watches", "watchs"),
+    ("country", "countries", "countrys"),
+    ("lady", "ladies", "ladys"),
+    ("shelf", "shelves", "shelfs"),
+    ("loaf", "loaves", "loafs"),
+    ("brush", "brushes", "brushs"),
+    ("glass", "glasses", "glasss"),
+    ("thief", "thieves", "thiefs"),
+    ("louse", "lice", "louses"),
 )
 
 WEEKDAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
-MONTHS = ("January", "February", "March", "April", "May", "June", "July",
-          "August", "September", "October", "November", "December")
+MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 EVAL_WEEKDAYS = ("Thursday", "Sunday")
 EVAL_MONTHS = ("April", "August", "November")
 
@@ -138,26 +262,83 @@ class Item:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("addition", ("What is {a} plus {b}?", "What is {a} + {b}?", "What do you get when you add {a} and {b}?"),
-           "{a} plus {b}", "{a} plus {b} is {v}", (70, 6)),
-    Family("multiplication", ("What is {a} times {b}?", "What is {a} multiplied by {b}?", "Multiply {a} by {b}."),
-           "{a} times {b}", "{a} times {b} is {v}", (60, 6)),
-    Family("capital", ("What is the capital of {c}?", "Name the capital of {c}.", "Which city is the capital of {c}?"),
-           "the capital of {c}", "the capital of {c} is {v}", (60, 6)),
-    Family("opposite", ("What is the opposite of {w}?", "Give the opposite of the word {w}.", "Which word means the opposite of {w}?"),
-           "the opposite of {w}", "the opposite of {w} is {v}", (50, 6)),
-    Family("plural", ("What is the plural of {w}?", "Give the plural form of {w}.", "What is the plural of the word {w}?"),
-           "the plural of {w}", "the plural of {w} is {v}", (50, 6)),
-    Family("minutes", ("How many minutes are in {n} hours?", "How many minutes is {n} hours?", "Convert {n} hours to minutes."),
-           "the number of minutes in {n} hours", "there are {v} minutes in {n} hours", (40, 5)),
-    Family("weekday", ("What day comes after {d}?", "Which day of the week follows {d}?",
-                       "If today is {d}, what day is tomorrow?", "What is the day after {d}?"),
-           "the day after {d}", "the day after {d} is {v}", (20, 4)),
-    Family("month", ("What month comes after {m}?", "Which month follows {m}?",
-                     "What is the month after {m}?", "If this month is {m}, what is next month?"),
-           "the month after {m}", "the month after {m} is {v}", (30, 5)),
-    Family("days", ("How many days are in {n} weeks?", "How many days is {n} weeks?", "Convert {n} weeks to days."),
-           "the number of days in {n} weeks", "there are {v} days in {n} weeks", (20, 4)),
+    Family(
+        "addition",
+        ("What is {a} plus {b}?", "What is {a} + {b}?", "What do you get when you add {a} and {b}?"),
+        "{a} plus {b}",
+        "{a} plus {b} is {v}",
+        (70, 6),
+    ),
+    Family(
+        "multiplication",
+        ("What is {a} times {b}?", "What is {a} multiplied by {b}?", "Multiply {a} by {b}."),
+        "{a} times {b}",
+        "{a} times {b} is {v}",
+        (60, 6),
+    ),
+    Family(
+        "capital",
+        ("What is the capital of {c}?", "Name the capital of {c}.", "Which city is the capital of {c}?"),
+        "the capital of {c}",
+        "the capital of {c} is {v}",
+        (60, 6),
+    ),
+    Family(
+        "opposite",
+        (
+            "What is the opposite of {w}?",
+            "Give the opposite of the word {w}.",
+            "Which word means the opposite of {w}?",
+        ),
+        "the opposite of {w}",
+        "the opposite of {w} is {v}",
+        (50, 6),
+    ),
+    Family(
+        "plural",
+        ("What is the plural of {w}?", "Give the plural form of {w}.", "What is the plural of the word {w}?"),
+        "the plural of {w}",
+        "the plural of {w} is {v}",
+        (50, 6),
+    ),
+    Family(
+        "minutes",
+        ("How many minutes are in {n} hours?", "How many minutes is {n} hours?", "Convert {n} hours to minutes."),
+        "the number of minutes in {n} hours",
+        "there are {v} minutes in {n} hours",
+        (40, 5),
+    ),
+    Family(
+        "weekday",
+        (
+            "What day comes after {d}?",
+            "Which day of the week follows {d}?",
+            "If today is {d}, what day is tomorrow?",
+            "What is the day after {d}?",
+        ),
+        "the day after {d}",
+        "the day after {d} is {v}",
+        (20, 4),
+    ),
+    Family(
+        "month",
+        (
+            "What month comes after {m}?",
+            "Which month follows {m}?",
+            "What is the month after {m}?",
+            "If this month is {m}, what is next month?",
+        ),
+        "the month after {m}",
+        "the month after {m} is {v}",
+        (30, 5),
+    ),
+    Family(
+        "days",
+        ("How many days are in {n} weeks?", "How many days is {n} weeks?", "Convert {n} weeks to days."),
+        "the number of days in {n} weeks",
+        "there are {v} days in {n} weeks",
+        (20, 4),
+    ),
 )
 
 
@@ -167,14 +348,23 @@ def _positive(values: list[int], answer: int) -> tuple[str, ...]:
 
 
 def _sums(lo: int, hi: int) -> list[Entity]:
-    return [Entity({"a": str(a), "b": str(b)}, str(a + b), _positive([a + b + d for d in (-10, -2, -1, 1, 2, 10)], a + b))
-            for a in range(lo, hi + 1) for b in range(lo, hi + 1)]
+    return [
+        Entity({"a": str(a), "b": str(b)}, str(a + b), _positive([a + b + d for d in (-10, -2, -1, 1, 2, 10)], a + b))
+        for a in range(lo, hi + 1)
+        for b in range(lo, hi + 1)
+    ]
 
 
 def _products(pairs: list[tuple[int, int]]) -> list[Entity]:
     # Typical slips: one row too far or too short in the times table, or off by one.
-    return [Entity({"a": str(a), "b": str(b)}, str(a * b), _positive([a * b - b, a * b + b, a * b - a, a * b + a, a * b + 1, a * b - 1], a * b))
-            for a, b in pairs]
+    return [
+        Entity(
+            {"a": str(a), "b": str(b)},
+            str(a * b),
+            _positive([a * b - b, a * b + b, a * b - a, a * b + a, a * b + 1, a * b - 1], a * b),
+        )
+        for a, b in pairs
+    ]
 
 
 def _capitals(pairs: tuple[tuple[str, str], ...]) -> list[Entity]:
@@ -199,8 +389,14 @@ def _cycle(names: tuple[str, ...], held_out: tuple[str, ...], key: str, want_eva
 
 
 def _times(ns: range, unit: int) -> list[Entity]:
-    return [Entity({"n": str(n)}, str(n * unit), _positive([n * unit - unit, n * unit + unit, n * 100 if unit == 60 else n * 5, n * unit + 1], n * unit))
-            for n in ns]
+    return [
+        Entity(
+            {"n": str(n)},
+            str(n * unit),
+            _positive([n * unit - unit, n * unit + unit, n * 100 if unit == 60 else n * 5, n * unit + 1], n * unit),
+        )
+        for n in ns
+    ]
 
 
 def entities(family: str, split: str) -> list[Entity]:
@@ -237,8 +433,11 @@ def pick_items(family: Family, split: str, rng: random.Random) -> list[Item]:
     pool = entities(family.name, split)
     rng.shuffle(pool)
     orders = [rng.sample(family.questions, len(family.questions)) for _ in pool]
-    items = [Item(family, entity, order[r].format(**entity.fields))
-             for r in range(len(family.questions)) for entity, order in zip(pool, orders)]
+    items = [
+        Item(family, entity, order[r].format(**entity.fields))
+        for r in range(len(family.questions))
+        for entity, order in zip(pool, orders)
+    ]
     assert len(items) >= quota, f"{family.name}/{split}: only {len(items)} distinct questions"
     return items[:quota]
 
@@ -265,12 +464,14 @@ def build_split(split: str, rng: random.Random) -> list[dict]:
     for i, item in enumerate(items):
         chosen = _capitalise(item.fact(item.entity.answer)) + "."
         rejected = rejected_reply(item, KINDS[i % len(KINDS)], rng)
-        rows.append({
-            "prompt": [{"role": "user", "content": item.prompt}],
-            "chosen": [{"role": "assistant", "content": chosen}],
-            "rejected": [{"role": "assistant", "content": rejected}],
-            "answer": item.entity.answer,
-        })
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": item.prompt}],
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "answer": item.entity.answer,
+            }
+        )
     return rows
 
 
