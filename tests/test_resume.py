@@ -114,8 +114,8 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, data_file) -> Path:
 
 @pytest.mark.parametrize(
     "crash_at",
-    ["checkpoint:2", "reference", "step:3"],
-    ids=["writing-a-checkpoint", "computing-the-reference", "after-a-step"],
+    ["checkpoint:2", "reference"],  # a moment between steps is what the random kill below mostly hits
+    ids=["writing-a-checkpoint", "computing-the-reference"],
 )
 def test_sigkill_at_an_exact_moment_then_resume(crash_at, tmp_path, tiny_model_dir, data_file, uninterrupted):
     out = tmp_path / "run"
@@ -202,14 +202,14 @@ def test_a_resume_that_changes_the_computation_is_refused(tmp_path, uninterrupte
     assert metrics(out) == metrics(uninterrupted)
 
 
-def test_resume_trains_on_when_max_steps_is_raised(tmp_path, tiny_model_dir, data_file, uninterrupted):
+def test_resume_trains_on_when_max_steps_is_raised(monkeypatch, tmp_path, uninterrupted):
     import shutil
 
     out = tmp_path / "run"
     shutil.copytree(uninterrupted, out)
-    env_cache = tmp_path / "cache"
-    finished = resume(out, env_cache, "max_steps=6")
-    assert finished.returncode == 0, finished.stdout + finished.stderr
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    finished = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", "max_steps=6"])
+    assert finished.exit_code == 0, finished.output
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[:4] == metrics(uninterrupted)
 
