@@ -65,7 +65,8 @@ def main() -> None:
 
     print(
         f"# {args.preset} {' '.join(args.set)} | {len(batches) - 1} micro-batches of {b} pairs"
-        f"{' (ungrouped)' if args.ungrouped else ' (length-grouped)'} | {device.type} {platform.processor() or platform.machine()}"
+        f"{' (ungrouped)' if args.ungrouped else ' (length-grouped)'} | {device.type} "
+        f"{platform.processor() or platform.machine()}"
         f" x{torch.get_num_threads()} threads | torch {torch.__version__}"
     )
     print(f"{'layout':<8} {'padding':>8} {'positions/mb':>13} {'s/mb':>7} {'(min..max)':>14} {'vs plain':>9}")

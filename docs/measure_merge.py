@@ -61,7 +61,8 @@ def main(work: Path) -> None:
     print("|---|---|---|---|---|")
     for command, against, d in rows:
         print(
-            f"| {command} | {against} | {d.max_abs:.3g} | {d.max_logit:.3g} | {d.top1_agreement:.1%} of {d.positions} |"
+            f"| {command} | {against} | {d.max_abs:.3g} | {d.max_logit:.3g} | {d.top1_agreement:.1%} "
+            f"of {d.positions} |"
         )
 
 

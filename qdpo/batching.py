@@ -155,7 +155,7 @@ def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int, packed: bool 
 
 
 def shared_prompt_mask(segments: torch.Tensor, pair_ids: torch.Tensor) -> torch.Tensor:
-    """[R, 1, T, T] boolean mask (True = may attend): causal, within one pair, responses see only the prompt and themselves."""
+    """[R, 1, T, T] boolean mask (True = may attend): causal, within one pair, a response sees its prompt, itself."""
     t = segments.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool, device=segments.device).tril()
     q, k = segments[:, :, None], segments[:, None, :]
@@ -195,7 +195,7 @@ def padding_share(pairs: list[TokenizedPair], batches: list[list[int]], layout: 
 
 
 class BatchStream:
-    """Pair indices of each micro-batch, epoch after epoch (each regrouped with its own seed); its position can be saved."""
+    """Pair indices of each micro-batch, epoch after epoch (regrouped with its seed); its position can be saved."""
 
     def __init__(
         self, pairs: list[TokenizedPair], micro_batch_size: int, seed: int, first_epoch: list[list[int]]

@@ -153,7 +153,8 @@ def _auto_micro_batch(config, budget_gb: float | None):
         raise UserError("--micro-batch auto needs a GPU budget: use a GPU preset (gpu_memory_gb) or run on a GPU.")
     size = auto_micro_batch(config, budget_gb)
     click.echo(
-        f"micro_batch_size {size}: the largest that fits {budget_gb:g} GB at max_length {config.max_length} (qdpo plan)"
+        f"micro_batch_size {size}: the largest that fits {budget_gb:g} GB at max_length "
+        f"{config.max_length} (qdpo plan)"
     )
     return dataclasses.replace(config, micro_batch_size=size)
 

@@ -35,7 +35,7 @@ def _what(about: dict | None) -> str:
 
 @click.group("cache")
 def cache() -> None:
-    """What qdpo keeps on disk under $QDPO_CACHE (default ~/.cache/qdpo): reference tables and converted GGUF models."""
+    """What qdpo keeps under $QDPO_CACHE (default ~/.cache/qdpo): reference tables and converted GGUF models."""
 
 
 @cache.command("list")
@@ -61,7 +61,8 @@ def list_cache() -> None:
     models = converted_models()
     if models:
         click.echo(
-            f"{len(models)} converted GGUF models, {_size(sum(size for _, size in models))} (removed by `qdpo cache clear --all`):"
+            f"{len(models)} converted GGUF models, {_size(sum(size for _, size in models))} "
+            "(removed by `qdpo cache clear --all`):"
         )
         for path, size in models:
             click.echo(f"  {path.name}  {_size(size)}")

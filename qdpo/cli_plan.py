@@ -35,7 +35,8 @@ def format_plan(plan, budget_gb: float | None) -> list[str]:
 @click.option(
     "--model",
     default=None,
-    help="A model directory or config.json (default: the preset's model; built-in shapes for the shipped presets' hub ids).",
+    help="A model directory or config.json (default: the preset's model; built-in "
+    "shapes for the shipped presets' hub ids).",
 )
 @click.option(
     "--budget-gb", type=float, default=None, help="GPU memory to plan for (default: the preset's gpu_memory_gb)."

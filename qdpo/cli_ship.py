@@ -1,4 +1,4 @@
-"""`qdpo merge` and `qdpo export`: thin wrappers over qdpo.merge and qdpo.export (added to `qdpo` with main.add_command)."""
+"""`qdpo merge` and `qdpo export`: thin wrappers over qdpo.merge and qdpo.export (added to `qdpo` in cli.py)."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def merge(
 def export(
     source: str, fmt: str, out: Path, qtype: str, onto: str, base: str | None, overwrite: bool, check: bool
 ) -> None:
-    """Export a run: the merged model as a GGUF file for llama.cpp, or the adapter alone with a README.md model card."""
+    """Export a run: the merged model as a GGUF file for llama.cpp, or the adapter alone with a model card."""
     from qdpo.export import export_gguf, export_peft
 
     if fmt == "peft":

@@ -84,7 +84,8 @@ class Config:
     # --- model and adapters
     compute_dtype: str = _f(
         "auto",
-        "Matmul dtype for 4-bit layers: auto = bfloat16 on GPUs that have it, float16 otherwise, float32 on CPU (bf16 is ~10x slower there).",
+        "Matmul dtype for 4-bit layers: auto = bfloat16 on GPUs of compute capability 8.0 "
+        "or newer, float16 on older ones (T4, V100), float32 on CPU (bf16 is ~10x slower there).",
         choices=COMPUTE_DTYPES,
     )
     lora_r: int = _f(
@@ -101,42 +102,57 @@ class Config:
     )
     tokenizer: str | None = _f(
         None,
-        "Load the tokenizer (and chat template) from this directory or hub id instead of the model's; its ids must fit the model's vocabulary.",
+        "Load the tokenizer (and chat template) from this directory or hub id instead "
+        "of the model's; its ids must fit the model's vocabulary.",
     )
     init_adapter: str | None = _f(
         None, "Start from this PEFT adapter (e.g. an SFT adapter); it is also the reference model."
     )
     logits_chunk_size: int = _f(
         1024,
-        "Apply lm_head only at response positions, this many at a time, recomputing in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x vocab x 4 B instead of 2B x T x vocab x 4 B.",
+        "Apply lm_head only at response positions, this many at a time, recomputing "
+        "in backward (0 = build the full [2B, T, vocab] logits). Memory: chunk x "
+        "vocab x 4 B instead of 2B x T x vocab x 4 B.",
         min=0,
     )
     offload_activations: bool = _f(
         False,
-        "Keep the tensors saved for backward (with checkpointing: the layer-boundary activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.",
+        "Keep the tensors saved for backward (with checkpointing: the layer-boundary "
+        "activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers "
+        "of GPU memory for PCIe traffic.",
     )
     share_prompt: bool | None = _f(
         None,
-        "Pack each pair as one row prompt+chosen+rejected (rejected masked off the chosen part): the prompt is computed once, not twice. Unset (auto): on for every model family where it is exact (qdpo.families), off otherwise; true forces it and is refused where it cannot be exact.",
+        "Pack each pair as one row prompt+chosen+rejected (rejected masked off the "
+        "chosen part): the prompt is computed once, not twice. Unset (auto): on for "
+        "every model family where it is exact (qdpo.families), off otherwise; true "
+        "forces it and is refused where it cannot be exact.",
     )
     pack_pairs: bool = _f(
         False,
-        "With share_prompt: put all pairs of a micro-batch back to back in one row, no padding (attention masked per pair). With SDPA the masked attention spans the whole row, so today it costs more than the padding it saves (1.3x slower on the CPU); it needs a block-sparse attention kernel to pay off.",
+        "With share_prompt: put all pairs of a micro-batch back to back in one row, "
+        "no padding (attention masked per pair). With SDPA the masked attention spans "
+        "the whole row, so today it costs more than the padding it saves (1.3x slower "
+        "on the CPU); it needs a block-sparse attention kernel to pay off.",
     )
     precompute_ref_log_probs: bool = _f(
         True,
-        "Score every pair with the reference once before training (cached on disk) instead of a reference forward in every step.",
+        "Score every pair with the reference once before training (cached on disk) "
+        "instead of a reference forward in every step.",
     )
     gradient_checkpointing: bool = _f(
         True,
-        "Recompute each block's activations in backward (non-reentrant). True cuts activation memory ~L-fold for ~30% more compute.",
+        "Recompute each block's activations in backward (non-reentrant). True cuts "
+        "activation memory ~L-fold for ~30% more compute.",
     )
 
     # --- data shaping
     max_length: int = _f(1024, "Longest prompt+response in tokens; longer responses are cut from the right.", min=2)
     max_prompt_length: int = _f(
         512,
-        "Longest prompt in tokens; longer prompts are cut from the left (the end is kept). When only max_length is set below it, it becomes max_length // 2.",
+        "Longest prompt in tokens; longer prompts are cut from the left (the end "
+        "is kept). When only max_length is set below it, it becomes max_length // "
+        "2.",
         min=1,
     )
     micro_batch_size: int = _f(
@@ -174,7 +190,9 @@ class Config:
     eval_steps: int = _f(0, "Score the eval split every this many steps (0 = only at the end).", min=0)
     save_steps: int = _f(
         0,
-        "Write a checkpoint (adapter, optimizer, RNG, data position, metrics) every this many optimizer steps and at the last one; `qdpo run --resume DIR` continues from the newest. 0: none, except on Ctrl-C/SIGTERM.",
+        "Write a checkpoint (adapter, optimizer, RNG, data position, metrics) every "
+        "this many optimizer steps and at the last one; `qdpo run --resume DIR` continues "
+        "from the newest. 0: none, except on Ctrl-C/SIGTERM.",
         min=0,
     )
     save_total_limit: int = _f(
@@ -201,7 +219,8 @@ class Config:
             raise UserError("set max_steps or a positive num_train_epochs; both say zero steps.")
         if self.max_prompt_length >= self.max_length:
             raise UserError(
-                f"max_prompt_length ({self.max_prompt_length}) must be less than max_length ({self.max_length}) to leave room for the response."
+                f"max_prompt_length ({self.max_prompt_length}) must be less than max_length "
+                f"({self.max_length}) to leave room for the response."
             )
         if self.loss_type != "sigmoid" and self.loss_type != "robust" and self.label_smoothing:
             raise UserError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}.")

@@ -61,7 +61,8 @@ def load_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], 
         readers = {".jsonl": _read_jsonl, ".json": _read_json, ".parquet": _read_parquet, ".csv": _read_csv}
         if suffix not in readers:
             raise UserError(
-                f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .parquet, .csv or a save_to_disk directory."
+                f"{path}: unsupported data file type {suffix!r}; use .jsonl, .json, .parquet, "
+                ".csv or a save_to_disk directory."
             )
         rows = readers[suffix](path)
         if not rows:
@@ -70,7 +71,8 @@ def load_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], 
     if looks_like_hub_id(source):
         return _read_hub(source, split), source
     raise UserError(
-        f"data {source!r} does not exist; pass a .jsonl/.json/.parquet/.csv file, a save_to_disk directory or a hub dataset id."
+        f"data {source!r} does not exist; pass a .jsonl/.json/.parquet/.csv file, "
+        "a save_to_disk directory or a hub dataset id."
     )
 
 
@@ -226,7 +228,8 @@ def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
         loaded = datasets.load_dataset(name, split=split)
     except Exception as e:  # the hub client raises many types; all mean "could not get it"
         raise UserError(
-            f"could not load dataset {name!r} split {split!r} from the hub ({type(e).__name__}); check the name, the network, or pass a local file."
+            f"could not load dataset {name!r} split {split!r} from the hub ({type(e).__name__}); "
+            "check the name, the network, or pass a local file."
         ) from None
     return loaded.to_list()
 

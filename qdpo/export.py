@@ -93,8 +93,8 @@ def model_card(adapter: Adapter, title: str) -> str:
                 "model": base["name"],
                 "loaded from": base.get("path"),
                 "converted from GGUF": base.get("gguf_file"),
-                "quantization while training": f"{quant.get('quant_type', 'nf4')}, double quant {quant.get('double_quant', True)}, "
-                f"compute dtype {quant.get('compute_dtype', '?')}",
+                "quantization while training": f"{quant.get('quant_type', 'nf4')}, "
+                f"double quant {quant.get('double_quant', True)}, compute dtype {quant.get('compute_dtype', '?')}",
             }
         ),
         "",
@@ -185,7 +185,7 @@ def export_peft(
 
 
 def llama_permute(weight: torch.Tensor, n_head: int, n_head_kv: int) -> torch.Tensor:
-    """Reorder Q/K rows from the HF rotary layout (halves) to llama.cpp's (interleaved pairs), as its converter does."""
+    """Reorder Q/K rows from the HF rotary layout (halves) to llama.cpp's (interleaved), as its converter does."""
     heads = n_head_kv if n_head != n_head_kv else n_head
     return (
         weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
@@ -281,7 +281,7 @@ def pre_tokenizer_name(backend: dict[str, Any], source_gguf: Path | None) -> str
 
 
 def add_tokenizer(writer, tokenizer, vocab_size: int, source_gguf: Path | None) -> None:
-    """Vocabulary, merges, special tokens and chat template, for byte-level BPE ("gpt2") and SentencePiece-style ("llama")."""
+    """Vocabulary, merges, special tokens and chat template; byte-level BPE ("gpt2") or SentencePiece ("llama")."""
     from gguf import TokenType
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -367,7 +367,7 @@ def gguf_data(t: GgufTensor, config) -> np.ndarray:
 
 
 def write_gguf(model_dir: Path, out_file: Path, qtype: str, name: str) -> None:
-    """Write a plain transformers directory as one GGUF file, streaming: tensor infos first, then each tensor's data."""
+    """Write a plain transformers directory as one GGUF file, streaming: tensor infos, then each tensor's data."""
     from gguf import GGML_QUANT_VERSION, GGUFWriter, LlamaFileType
     from gguf.quants import quant_shape_to_byte_shape
     from transformers import AutoConfig, AutoTokenizer
@@ -451,7 +451,8 @@ def export_gguf(
                 else f"WARNING: tokenization differs on {len(result.mismatched_strings)} check strings"
             )
             echo(
-                f"read back with transformers: largest logit deviation from the merged model {result.deviation.describe()}; "
+                "read back with transformers: largest logit deviation from the merged model "
+                f"{result.deviation.describe()}; "
                 f"{tokens}; chat template {'kept' if result.chat_template_same else 'NOT kept'}"
             )
     echo(f"GGUF: {out}  (llama.cpp, or transformers with gguf_file=)")

@@ -86,7 +86,7 @@ class OutputHead(torch.nn.Module):
 
 
 def layer_windows(config: Any) -> dict[str, int | None]:
-    """Sliding window per layer type ({"full_attention": None, "sliding_attention": 4096}); one key when all layers match.
+    """Sliding window per layer type ({"full_attention": None, "sliding_attention": 4096}), or one "*" key.
 
     Families with mixed layer types take a dict of masks keyed by type; the others take one mask, so
     their single entry is keyed "*". Window semantics follow transformers: key k is visible to query q

@@ -80,7 +80,8 @@ def check_output(out: Path, overwrite: bool, marker: str | None) -> None:
             raise UserError(f"{out} is a directory; --out must name a file.")
     elif not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file()):
         raise UserError(
-            f"{out} is not an earlier output of this command (no {marker}); refusing to overwrite it, pick another --out."
+            f"{out} is not an earlier output of this command (no {marker}); refusing to "
+            "overwrite it, pick another --out."
         )
 
 

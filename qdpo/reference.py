@@ -452,7 +452,7 @@ def converted_models() -> list[tuple[Path, int]]:
 
 
 def clear_cache(models: bool = False) -> tuple[int, int, int]:
-    """Remove every reference table (and with models=True every converted GGUF model): tables, models, bytes removed."""
+    """Remove every reference table (models=True: every converted GGUF model too); returns tables, models, bytes."""
     tables = list_entries()
     directory = reference_dir()
     removed_bytes = _tree_bytes(directory) if directory.is_dir() else 0

@@ -21,7 +21,7 @@ def _base(model):
 
 
 def score_shared_prompt(model, batch: SharedPromptBatch, logits_chunk_size: int) -> SequenceScores:
-    """Scores of a shared-prompt (or packed) batch: the prompt runs once per pair, lm_head only where a response token is predicted."""
+    """Scores of a shared-prompt (or packed) batch: prompt once per pair, lm_head only where it predicts a response."""
     device = next(model.parameters()).device
     base = _base(model)
     problem = shared_layout_problem(base.config)

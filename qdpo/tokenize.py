@@ -43,7 +43,8 @@ class TokenizeStats:
         return (
             f"{self.kept} pairs kept; dropped {self.dropped_empty} with an empty prompt or response, "
             f"{self.dropped_identical} with chosen == rejected, {self.dropped_too_long} that do not fit max_length; "
-            f"cut {self.prompts_truncated} prompts (from the left) and {self.responses_truncated} responses (from the right)"
+            f"cut {self.prompts_truncated} prompts (from the left) and {self.responses_truncated} "
+            "responses (from the right)"
         )
 
 
@@ -124,7 +125,8 @@ def tokenize_pairs(
     stats = TokenizeStats()
     if any(p.conversational for p in pairs) and not getattr(tokenizer, "chat_template", None):
         raise UserError(
-            "the data has chat messages but the model's tokenizer has no chat template; use plain-text prompts or an instruct model."
+            "the data has chat messages but the model's tokenizer has no chat template; "
+            "use plain-text prompts or an instruct model."
         )
     out, fixed = [], []
     for number, pair in enumerate(pairs, start=1):

@@ -226,7 +226,8 @@ def test_a_prompt_column_wins_over_conversations():
         ),
         (
             {"prompt": "q", "chosen": [{"role": "assistant", "content": "a"}, {"role": "assistant"}], "rejected": "b"},
-            "row 1 column 'chosen' must be a string or a list of {role, content} messages, but message 2 has no 'content' "
+            "row 1 column 'chosen' must be a string or a list of {role, content} messages, "
+            "but message 2 has no 'content' "
             "(or ShareGPT 'value').",
         ),
         (
@@ -248,7 +249,8 @@ def test_a_prompt_column_wins_over_conversations():
         ),
         (
             {**SHAREGPT_ROW, "conversations": SHAREGPT_ROW["conversations"] + [SHAREGPT_ROW["chosen"]]},
-            "column 'conversations' ends with an assistant turn, but next to 'chosen'/'rejected' it must hold only the "
+            "column 'conversations' ends with an assistant turn, but next to 'chosen'/'rejected' "
+            "it must hold only the "
             "prompt turns",
         ),
         (

@@ -420,7 +420,8 @@ def test_jsonl_bytes_load_or_fail_naming_the_line(tokenizer, lines, newline, bom
         (b'[{"prompt": ' + b"1" * 5000 + b"}]", "is not valid JSON (a number with too many digits); fix the file."),
         (
             b'{"prompt": ["a", "b"], "chosen": ["c"], "rejected": ["d", "e"]}',  # was: zip() kept 1 row, lost one silently
-            "holds columns of different lengths ('prompt' 2, 'chosen' 1, 'rejected' 2); give every column one value per "
+            "holds columns of different lengths ('prompt' 2, 'chosen' 1, 'rejected' 2); "
+            "give every column one value per "
             "row.",
         ),
         (

@@ -612,7 +612,8 @@ def test_preset_memory_comments_agree_with_the_plan(preset):
     for category, parts in PLANNED_CATEGORIES.items():
         if category in hand:
             print(
-                f"{preset} {category:<11} hand {hand[category]:6.2f} GB  planned {planned.bytes_of(*parts) / 1e9:6.2f} GB"
+                f"{preset} {category:<11} hand {hand[category]:6.2f} GB  planned {planned.bytes_of(*parts) / 1e9:6.2f} "
+                "GB"
             )
     print(f"{preset} {'total':<11} hand {hand['total']:6.2f} GB  planned {planned.total / 1e9:6.2f} GB")
     for category in ("weights", "embeddings", "lora", "boundaries", "recompute", "overhead"):

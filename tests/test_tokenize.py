@@ -100,6 +100,8 @@ def test_doubled_bos_and_eos_are_cut_to_one_and_reported(tokenizer):
         for ids in (p.chosen_ids, p.rejected_ids):
             assert ids[-1] == eos and ids[-2] != eos and ids.count(eos) == 1
     assert stats.notes == [
-        "1 prompts started with two BOS tokens (the text or chat template writes one and the tokenizer adds one); qdpo kept one",
-        "1 responses ended with two EOS tokens (the text ends with '</s>' and the turn is closed again); qdpo kept one",
+        "1 prompts started with two BOS tokens (the text or chat template writes "
+        "one and the tokenizer adds one); qdpo kept one",
+        "1 responses ended with two EOS tokens (the text ends with '</s>' and the "
+        "turn is closed again); qdpo kept one",
     ]

@@ -202,12 +202,17 @@ EVAL_MONTHS = ("April", "August", "November")
 # Rambling replies: half bury the answer in filler, half circle the topic and never give it.
 # All run past MAX_WORDS and carry a hedge, so they fail the check twice over.
 RAMBLING: tuple[str, ...] = (
-    "That's a good question, and people ask it a lot. I think {fact}, but I'm honestly not completely certain, so it may be worth checking.",
-    "Well, let me think about {topic} for a moment. There are a few ways to look at it, and it probably depends on how you count.",
+    "That's a good question, and people ask it a lot. I think {fact}, but I'm "
+    "honestly not completely certain, so it may be worth checking.",
+    "Well, let me think about {topic} for a moment. There are a few ways to look "
+    "at it, and it probably depends on how you count.",
     "Hmm, {topic} is something I've seen discussed. As far as I know, {fact}, though I could be mixing it up.",
-    "Good question! {Topic} is one of those things that sounds simple. Different sources put it differently, so I would rather not commit to one answer.",
-    "To answer that, we first need to think about what is really being asked. Generally speaking, {fact}, if I remember correctly, but please double-check.",
-    "There is a lot one could say about {topic}. It really comes down to context and details, and I think it is best to keep an open mind.",
+    "Good question! {Topic} is one of those things that sounds simple. Different "
+    "sources put it differently, so I would rather not commit to one answer.",
+    "To answer that, we first need to think about what is really being asked. "
+    "Generally speaking, {fact}, if I remember correctly, but please double-check.",
+    "There is a lot one could say about {topic}. It really comes down to context "
+    "and details, and I think it is best to keep an open mind.",
 )
 
 EVASIVE: tuple[str, ...] = (
