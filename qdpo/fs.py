@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from qdpo.errors import UserError
 
@@ -46,19 +46,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Replace path's content with text atomically: a temp file beside it, fsync, rename."""
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Have write(tmp) fill a temp file beside path, flush it to disk, and rename it over path (OSError propagates)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace path's content with text atomically: a temp file beside it, fsync, rename."""
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -5,10 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
-import json
 import os
-import shutil
-import tempfile
 from dataclasses import MISSING, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +14,7 @@ import torch
 
 from qdpo.config import Config, read_json
 from qdpo.errors import UserError
+from qdpo.fs import staged, write_json
 from qdpo.hub import looks_like_hub_id
 
 BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
@@ -103,16 +101,10 @@ def convert_gguf(gguf: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     del loaded
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
+    with staged(target) as tmp:  # a half-converted model never sits under the final name
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "qdpo_source.json").write_text(json.dumps({"gguf_file": str(gguf)}) + "\n")
-        os.replace(tmp, target)  # atomic: a half-converted model never sits under the final name
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / "qdpo_source.json", {"gguf_file": str(gguf)})
     return target
 
 

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from qdpo.batching import make_batch
 from qdpo.errors import UserError
 from qdpo.faults import crash_point
+from qdpo.fs import write_atomically, write_json, write_text
 from qdpo.hub import looks_like_hub_id
 from qdpo.model import ModelSource, cache_root
 from qdpo.step import reference_scores
@@ -110,9 +111,7 @@ class _Memo:
         keep = sorted(self.entries.items(), key=lambda kv: kv[1].get("hashed", 0) if isinstance(kv[1], dict) else 0)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(dict(keep[-MEMO_LIMIT:])))
-            tmp.replace(self.path)
+            write_text(self.path, json.dumps(dict(keep[-MEMO_LIMIT:])))
         except OSError:
             pass  # not remembered: the next run hashes the files again, nothing worse
 
@@ -335,15 +334,13 @@ def load_or_compute(
     table = compute_reference(model, pairs, batches, pad_id, logits_chunk_size, layout)
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        save_file({"logps": table}, str(tmp), metadata={"sha256": _checksum(table)})
-        tmp.replace(path)  # atomic: a killed run never leaves a truncated cache entry
+        # atomic: a killed run never leaves a truncated cache entry under the key
+        checksum = _checksum(table)
+        write_atomically(path, lambda tmp: save_file({"logps": table}, str(tmp), metadata={"sha256": checksum}))
         about = getattr(key, "about", None)
         if about is not None:  # what the table is for, for `qdpo cache list`
             sidecar = path.with_suffix(".json")
-            tmp = sidecar.with_name(f"{sidecar.name}.tmp{os.getpid()}")
-            tmp.write_text(json.dumps({**about, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
-            tmp.replace(sidecar)
+            write_json(sidecar, {**about, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     except OSError as e:
         raise UserError(
             f"cannot write the reference cache in {directory} ({e.strerror or e}); set QDPO_CACHE to a "
