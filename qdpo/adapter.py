@@ -136,7 +136,7 @@ def _adapter_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(path / "adapter_model.safetensors")
     if (path / "adapter_model.bin").is_file():
         return torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
-    raise UserError(f"{path} has no adapter weights (adapter_model.safetensors).")
+    raise UserError(f"{path} has no adapter weights (adapter_model.safetensors or adapter_model.bin).")
 
 
 def read_lora(adapter: Adapter) -> dict[str, Lora]:

@@ -40,6 +40,11 @@ HARMLESS = (
     "overwrite",
     "output_dir",
     "max_nonfinite_steps",
+    # Memory switches, the ways out of running out of GPU memory: the same computation, kept or recomputed
+    # differently (a chunk size changes only the order of float sums).
+    "gradient_checkpointing",
+    "offload_activations",
+    "logits_chunk_size",
 )
 
 
@@ -143,10 +148,12 @@ def load_adapter_weights(model, checkpoint: Checkpoint) -> None:
 
     weights = load_file(str(checkpoint.path / "adapter" / "adapter_model.safetensors"))
     result = set_peft_model_state_dict(model, weights, adapter_name="default")
-    missing = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-    if missing:
+    # PEFT saves the trainable adapter's tensors without its name ("default"): every one must be in the file.
+    expected = {n.replace(".default.", ".") for n, p in model.named_parameters() if p.requires_grad}
+    wrong = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k] + sorted(expected - set(weights))
+    if wrong:
         raise UserError(
-            f"checkpoint {checkpoint.path} does not match this model's adapter ({missing[0]}); "
+            f"checkpoint {checkpoint.path} does not match this model's adapter ({wrong[0]}); "
             "resume with the settings the run was started with."
         )
 

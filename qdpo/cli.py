@@ -13,8 +13,8 @@ import click
 from qdpo.errors import UserError
 
 
-def _fail(message: str, exit_code: int = 2) -> None:
-    click.echo(f"error: {message}", err=True)
+def _fail(message: str, exit_code: int = 2, label: str = "error: ") -> None:
+    click.echo(f"{label}{message}", err=True)
     sys.exit(exit_code)
 
 
@@ -24,8 +24,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except UserError as e:
-            _fail(str(e), e.exit_code)
+        except UserError as e:  # a stop the user asked for is not an error: it says where it stopped instead
+            _fail(str(e), e.exit_code, "stopped: " if e.exit_code in (130, 143) else "error: ")
 
 
 @click.group(cls=_Group)
@@ -112,10 +112,8 @@ def run(
         from qdpo.config import build_config, load_yaml
 
         run_dir = Path(resume).expanduser()
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(
-                f"cannot resume {run_dir}: it is not a qdpo run directory (no config.yaml); check the path."
-            )
+        if not (run_dir / "config.yaml").is_file() or not (run_dir / "run.json").is_file():
+            raise UserError(f"cannot resume {run_dir}: it is not a qdpo run directory (no run.json); check the path.")
         flags["output_dir"] = str(run_dir)
         values = {k: v for k, v in flags.items() if v is not None}
         values.update(parse_override(text) for text in overrides)

@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from qdpo.config import Config
 from qdpo.errors import UserError
 from qdpo.families import exact_settings
+from qdpo.model import resolve_model
 from qdpo.nf4 import NF4_BLOCKSIZE
 from qdpo.shapes import ModelShape, model_config
 
@@ -465,7 +467,10 @@ def largest_fit(
 
 def auto_micro_batch(cfg: Config, budget_gb: float) -> int:
     """The largest micro_batch_size whose planned step fits budget_gb at cfg.max_length (for --micro-batch auto)."""
-    config, _ = model_config(cfg.model)
+    name = cfg.model  # a .gguf file or the built-in model: the planner reads the converted directory
+    if Path(name).suffix == ".gguf" or name.startswith("builtin:"):
+        name = resolve_model(name).path
+    config, _ = model_config(name)
     cfg, _ = exact_settings(cfg, SimpleNamespace(**config))  # the layout and head the run will use
     b, _ = largest_fit(config, cfg, budget_gb)
     if b < 1:

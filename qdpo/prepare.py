@@ -68,6 +68,8 @@ def prepare_data(config: Config, echo: Callable[[str], None] = print) -> Prepare
     if eval_pairs:
         eval_, eval_stats = tokenize_pairs(tokenizer, eval_pairs, config.max_length, config.max_prompt_length)
         echo(f"eval:  {eval_stats.describe()}")
+        for note in eval_stats.notes:
+            echo(f"eval:  {note}")
     if not train:
         raise UserError(f"no training pairs are left after filtering {config.data}; check the data and max_length.")
     return PreparedData(

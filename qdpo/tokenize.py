@@ -21,6 +21,7 @@ class TokenizedPair:
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int]
+    origin: str = field(default="", compare=False)  # where the pair came from ("prefs.jsonl row 3"), for messages
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
@@ -109,7 +110,10 @@ def encode_response(
 def _end_with_one_eos(tokenizer, ids: list[int]) -> list[int]:
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise UserError("the tokenizer has no EOS token; set one (tokenizer.eos_token) so responses can end.")
+        raise UserError(
+            "the tokenizer has no EOS token, so responses cannot end; add eos_token to its tokenizer_config.json "
+            "(or pass tokenizer=DIR with one that has it)."
+        )
     if eos in ids:
         last = len(ids) - 1 - ids[::-1].index(eos)
         # The template closed the turn with EOS and maybe a newline after it: end at that EOS.
@@ -126,7 +130,7 @@ def tokenize_pairs(
     if any(p.conversational for p in pairs) and not getattr(tokenizer, "chat_template", None):
         raise UserError(
             "the data has chat messages but the model's tokenizer has no chat template; "
-            "use plain-text prompts or an instruct model."
+            "use plain-text prompts, an instruct model, or tokenizer=DIR with a chat template."
         )
     out, fixed = [], []
     for number, pair in enumerate(pairs, start=1):
@@ -163,7 +167,7 @@ def tokenize_pairs(
             if chosen == rejected:  # the difference lay past max_length: nothing left to prefer
                 stats.dropped_too_long += 1
                 continue
-        out.append(TokenizedPair(prompt, chosen, rejected))
+        out.append(TokenizedPair(prompt, chosen, rejected, pair.origin))
     stats.kept = len(out)
     # A second BOS or EOS would be scored as text (DPO users' most reported tokenization bug): say it happened.
     if fixed.count("bos"):

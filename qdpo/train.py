@@ -344,25 +344,39 @@ def run(
         if checkpoint.step >= steps and (out / "summary.json").is_file():
             echo(f"{out} already finished its {steps} steps; raise max_steps (or num_train_epochs) to train on")
             return RunResult(out, read_json(out / "summary.json"))
+    elif resume and read_json(out / "run.json").get("status") == "finished":  # nothing to continue from
+        raise UserError(
+            f"{out} finished without a checkpoint (save_steps was 0), so it cannot be continued; start a "
+            f"new run, with init_adapter={out / 'adapter'} to start from its adapter."
+        )
     elif resume:
         echo(f"{out} has no complete checkpoint yet: starting it again from step 1")
     device = pick_device()
     dtype = compute_dtype(config.compute_dtype, device)
     claim_run_dir(out, resume=checkpoint is not None)
     describe = lambda status: describe_run(config, data, dtype, device, status)  # noqa: E731
-    try:
+
+    def announce() -> None:  # the run's own record: on a resume only once the checkpoint is back in place
         write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         write_json(out / "run.json", describe("running"))
+
+    try:
+        if checkpoint is None:
+            announce()
         regrouped = checkpoint is not None and saved_config(checkpoint)["micro_batch_size"] != config.micro_batch_size
         t = setup_training(config, data, device, dtype, echo, score_all=regrouped)
         first_step = restore(t, checkpoint, out, echo) + 1 if checkpoint else 1
+        if checkpoint is not None:
+            announce()
     except UserError:
         if checkpoint is None:
             shutil.rmtree(out, ignore_errors=True)  # a run that could not start leaves nothing behind
         release_lock(out)
         raise
     except BaseException as e:
-        mark_stopped(out, describe("running"), "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", e)
+        if checkpoint is None:  # a resumed run's record stays as it was until its checkpoint is restored
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            mark_stopped(out, describe("running"), status, e)
         release_lock(out)
         raise
     try:  # from the first step on, a failure keeps the directory: the metrics logged so far are the user's
@@ -484,7 +498,7 @@ def train_loop(
             bad = "pairs" in row and (not math.isfinite(row["loss"]) or not t.scaler.is_enabled())
             nonfinite = nonfinite + [row] if bad else []
             if len(nonfinite) >= config.max_nonfinite_steps:
-                raise not_finite(nonfinite, config, checkpoint(step))
+                raise not_finite(nonfinite, config, checkpoint(step), [p.origin for p in data.train])
             if stop.requested:
                 where = checkpoint(step) if not saved else out / "checkpoints" / f"step-{step:06d}"
                 raise Interrupted(

@@ -60,7 +60,8 @@ class Watch:
             return [
                 f"warning: logps/chosen fell from {chosen_then:.1f} to {chosen_now:.1f} while rewards/margins "
                 f"rose from {margin_then:.2f} to {margin_now:.2f}: the policy is pushing the chosen answers down "
-                "too; sft_weight=0.1 to 1 (an NLL term on the chosen response, RPO) usually stops that."
+                "too; sft_weight=0.1 to 1 (an NLL term on the chosen response, RPO) usually stops that (in a new "
+                "run: it changes what every step computes)."
             ]
         return []
 
@@ -79,37 +80,36 @@ def out_of_memory(config: Config, out: Path, step: int, saved: Path | None, duri
         fit_batch, fit_length = largest_fit(model_config(config.model)[0], config, budget)
     except Exception:  # no config.json offline, an unknown shape: advise without the planner
         fit_batch, fit_length = 0, 0
-    if 0 < fit_batch < config.micro_batch_size:
-        accumulation = max(1, pairs // fit_batch)
-        advice = (
-            f"the planner fits micro_batch_size={fit_batch} at max_length={config.max_length}: resume with "
-            f"qdpo run --resume {out} micro_batch_size={fit_batch} gradient_accumulation_steps={accumulation}"
-        )
-    elif fit_length and fit_length < config.max_length:
-        advice = (
-            f"even one pair of {config.max_length} tokens is too long by the planner, which fits max_length="
-            f"{fit_length}: start a new run with max_length={fit_length}"
-        )
+    resume = f"qdpo run --resume {out}"
+    if config.micro_batch_size > 1:  # fewer pairs per forward, as many per step: the resume allows that
+        most = fit_batch if 0 < fit_batch < config.micro_batch_size else config.micro_batch_size - 1
+        batch = max(b for b in range(1, most + 1) if pairs % b == 0)
+        why = f"the planner fits micro_batch_size={fit_batch}" if 0 < fit_batch < config.micro_batch_size else "try"
+        advice = f"{why}: {resume} micro_batch_size={batch} gradient_accumulation_steps={pairs // batch}"
+    elif not config.gradient_checkpointing or not config.offload_activations:
+        switch = "gradient_checkpointing=true" if not config.gradient_checkpointing else "offload_activations=true"
+        advice = f"one pair per forward already: {resume} {switch}"
     else:
-        advice = (
-            f"lower micro_batch_size (and raise gradient_accumulation_steps to keep {pairs} pairs per step): "
-            f"qdpo run --resume {out} micro_batch_size=1 gradient_accumulation_steps={pairs}"
-        )
+        advice = "one pair per forward already, checkpointed and offloaded: start a new run with a lower max_length"
+    if fit_length and fit_length < config.max_length:
+        advice += f" (the planner fits max_length={fit_length} at one pair per forward)"
     return UserError(
         f"out of GPU memory at step {step}{' during ' + during if during else ''} "
-        f"(micro_batch_size={config.micro_batch_size}, "
-        f"max_length={config.max_length}); {where}; {advice}."
+        f"(micro_batch_size={config.micro_batch_size}, max_length={config.max_length}); {where}; {advice}."
     )
 
 
-def not_finite(rows: list[dict[str, Any]], config: Config, saved: Path) -> UserError:
-    """The message that stops a run whose loss or gradients stay NaN/Inf: the likely causes and the pairs involved."""
+def not_finite(rows: list[dict[str, Any]], config: Config, saved: Path, origins: list[str]) -> UserError:
+    """The message that stops a run whose loss or gradients stay NaN/Inf: the likely causes and the pairs involved.
+
+    origins[i] says where training pair i came from ("prefs.jsonl row 12"), so the user can find it.
+    """
     steps = f"steps {rows[0]['step']}-{rows[-1]['step']}"
     pairs = sorted({i for row in rows for i in row["pairs"]})
-    shown = ", ".join(map(str, pairs[:12])) + (", ..." if len(pairs) > 12 else "")
+    shown = "; ".join(origins[i] or f"training pair {i}" for i in pairs[:8]) + ("; ..." if len(pairs) > 8 else "")
     return UserError(
         f"the loss or gradients were NaN/Inf for {len(rows)} steps in a row ({steps}; no update was "
         f"applied); likely causes: learning_rate {config.learning_rate:g} too high, fp16 overflow "
-        f"(compute_dtype=float16), or a broken pair among training pairs {shown}; the adapter before "
+        f"(compute_dtype=float16), or a broken pair among these: {shown}; the adapter before "
         f"them is in {saved / 'adapter'}."
     )

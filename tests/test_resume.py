@@ -155,7 +155,7 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, tiny_model_dir, dat
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
-    assert f"resume with: qdpo run --resume {out}" in output
+    assert f"resume with: qdpo run --resume {out}" in output and "stopped: SIGINT at step" in output
     info = json.loads((out / "run.json").read_text())
     stopped_at = int(info["adapter_dir"].split("step-")[1].split("/")[0])
     assert info["status"] == "interrupted" and 1 <= stopped_at < 4
@@ -197,7 +197,9 @@ def test_a_resume_that_changes_the_computation_is_refused(tmp_path, uninterrupte
     ):
         result = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", override])
         assert result.exit_code == 2 and field in result.output and "cannot resume" in result.output, result.output
-    done = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", "logging_steps=2"])
+    done = CliRunner().invoke(
+        main, ["run", "--resume", str(out), "--no-progress", "logging_steps=2", "offload_activations=true"]
+    )
     assert done.exit_code == 0 and "already finished its 4 steps" in done.output, done.output
     assert metrics(out) == metrics(uninterrupted)
 
@@ -245,7 +247,10 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
     )
     assert result.exit_code == 2, result.output
     last = result.output.strip().splitlines()[-1]
-    assert "NaN/Inf for 2 steps in a row (steps 2-3" in last and "learning_rate" in last and "training pairs" in last
+    assert "NaN/Inf for 2 steps in a row (steps 2-3" in last and "learning_rate" in last
+    named = [part.split(" row ")[1] for part in last.split("among these: ")[1].split("; the adapter")[0].split("; ")]
+    # the pairs of steps 2 and 3 (4 each; step 3 starts the second epoch, so some repeat), named by their file row
+    assert len(named) == len(set(named)) >= 4 and all(1 <= int(n) <= 12 for n in named)
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and [r.get("skipped") for r in rows] == [None, True, True]
     assert rows[1]["learning_rate"] == rows[2]["learning_rate"]  # the schedule waited
@@ -349,3 +354,15 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(monkeypatch
     assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step-000001"]  # no half checkpoint
     assert checkpoint.load_trainer_state(checkpoint.latest(out))["step"] == 1
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
+
+
+def test_a_finished_run_without_checkpoints_is_never_started_over(monkeypatch, tmp_path, tiny_model_dir, data_file):
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file), *SETTINGS]
+    assert CliRunner().invoke(main, [*args, "save_steps=0", "max_steps=2"]).exit_code == 0
+    adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    again = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress"])
+    assert again.exit_code == 2 and "finished without a checkpoint (save_steps was 0)" in again.output
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"

@@ -123,3 +123,39 @@ def test_no_trainable_parameter_is_refused(monkeypatch, tmp_path, tiny_model_dir
     )
     assert result.exit_code == 2 and "no parameter of the model requires a gradient" in result.output
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, advice",
+    [
+        # 8 pairs per step: the largest micro-batch below 4 that divides 8 is 2 (3 would make 6 a step)
+        (dict(micro_batch_size=4, gradient_accumulation_steps=2), "micro_batch_size=2 gradient_accumulation_steps=4"),
+        (dict(micro_batch_size=3, gradient_accumulation_steps=3), "micro_batch_size=1 gradient_accumulation_steps=9"),
+        (
+            dict(micro_batch_size=1, gradient_checkpointing=False),
+            "one pair per forward already: qdpo run --resume R gradient_checkpointing=true",
+        ),
+        (dict(micro_batch_size=1), "one pair per forward already: qdpo run --resume R offload_activations=true"),
+        (
+            dict(micro_batch_size=1, offload_activations=True),
+            "checkpointed and offloaded: start a new run with a lower max_length",
+        ),
+    ],
+)
+def test_out_of_memory_advice_is_a_resume_the_run_accepts(settings, advice):
+    """Without the planner (no GPU here): the advice keeps the pairs per step, or switches memory savers on."""
+    from pathlib import Path
+
+    from qdpo.checkpoint import resume_conflicts
+    from qdpo.config import Config
+    from qdpo.watch import out_of_memory
+
+    config = Config(model="/no/such/model", data="y", **settings)
+    message = str(out_of_memory(config, Path("R"), 3, Path("R/checkpoints/step-000002")))
+    assert advice in message and message.startswith("out of GPU memory at step 3")
+    if "qdpo run --resume R " in message:  # the suggested command must not be refused as a changed computation
+        overrides = dict(kv.split("=") for kv in message.split("qdpo run --resume R ")[1].rstrip(".").split())
+        resumed = Config(
+            **{**config.to_dict(), **{k: int(v) if v.isdigit() else v == "true" for k, v in overrides.items()}}
+        )
+        assert resume_conflicts(config.to_dict(), resumed) == []
