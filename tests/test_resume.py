@@ -366,3 +366,18 @@ def test_a_finished_run_without_checkpoints_is_never_started_over(monkeypatch, t
     assert again.exit_code == 2 and "finished without a checkpoint (save_steps was 0)" in again.output
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+
+
+def test_sigterm_stops_like_ctrl_c_with_its_own_exit_code(tmp_path, tiny_model_dir, data_file):
+    """A job scheduler's or Colab's SIGTERM: checkpoint, run.json interrupted, the resume command, exit 143."""
+    out = tmp_path / "run"
+    process = start(out, tiny_model_dir, data_file, tmp_path / "cache", "save_steps=0", "max_steps=40")
+    while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text():
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, output
+    assert "stopped: SIGTERM at step" in output and f"resume with: qdpo run --resume {out}" in output
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and (out / info["adapter_dir"] / "adapter_model.safetensors").is_file()
