@@ -178,7 +178,7 @@ class Config:
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables clipping).", min=0)
     optim: str = _f(
         "adamw",
-        "adamw (torch) or paged_adamw_8bit (bitsandbytes; 8-bit states: 4x smaller, needs CUDA).",
+        "adamw (torch) or paged_adamw_8bit (bitsandbytes; 8-bit states: 4x smaller; paged on a GPU).",
         choices=OPTIMIZERS,
     )
     num_train_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).", min=0)

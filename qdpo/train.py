@@ -110,11 +110,11 @@ def describe_run(
 def make_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     """AdamW from torch, or bitsandbytes' paged 8-bit AdamW (states 4x smaller, paged out under pressure)."""
     if config.optim == "paged_adamw_8bit":
-        if device.type != "cuda":
-            raise UserError("optim=paged_adamw_8bit needs a CUDA GPU; use optim=adamw on the CPU.")
         import bitsandbytes as bnb
 
-        return bnb.optim.PagedAdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        # The CPU has nothing to page to: the same 8-bit states without paging (what bitsandbytes falls back to).
+        kind = bnb.optim.PagedAdamW8bit if device.type == "cuda" else bnb.optim.AdamW8bit
+        return kind(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 

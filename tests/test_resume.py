@@ -381,3 +381,34 @@ def test_sigterm_stops_like_ctrl_c_with_its_own_exit_code(tmp_path, tiny_model_d
     assert "stopped: SIGTERM at step" in output and f"resume with: qdpo run --resume {out}" in output
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "interrupted" and (out / info["adapter_dir"] / "adapter_model.safetensors").is_file()
+
+
+def test_8bit_optimizer_states_resume_exactly(monkeypatch, tmp_path, tiny_model_dir, data_file):
+    """bitsandbytes' 8-bit AdamW (paged on a GPU): its quantized states go into the checkpoint and come back exact."""
+    import functools
+
+    import bitsandbytes as bnb
+
+    import qdpo.train as train
+
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    # bitsandbytes keeps tensors under 4096 values in fp32; the tiny model's LoRA matrices are that small
+    monkeypatch.setattr(bnb.optim, "AdamW8bit", functools.partial(bnb.optim.AdamW8bit, min_8bit_size=16))
+    args = ["--model", str(tiny_model_dir), "--data", str(data_file), *SETTINGS, "optim=paged_adamw_8bit"]
+    assert CliRunner().invoke(main, ["run", "--output", str(tmp_path / "whole"), *args]).exit_code == 0
+    real, calls = train.train_step, []
+
+    def stop_at_step_3(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # after the checkpoint of step 2
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_step", stop_at_step_3)
+    CliRunner().invoke(main, ["run", "--output", str(tmp_path / "cut"), *args])
+    monkeypatch.setattr(train, "train_step", real)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
+    quantized = [s["__bnb_optimizer_quant_state__"] for s in state["optimizer"]["state"].values()]
+    assert quantized and all(q["state1"].dtype == torch.uint8 and q["state2"].dtype == torch.uint8 for q in quantized)
+    assert CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "cut"), "--no-progress"]).exit_code == 0
+    assert_same_run(tmp_path / "cut", tmp_path / "whole")
