@@ -364,7 +364,14 @@ def run(
         if checkpoint is None:
             announce()
         regrouped = checkpoint is not None and saved_config(checkpoint)["micro_batch_size"] != config.micro_batch_size
-        t = setup_training(config, data, device, dtype, echo, score_all=regrouped)
+        try:
+            t = setup_training(config, data, device, dtype, echo, score_all=regrouped)
+        except torch.cuda.OutOfMemoryError:  # the model loaded, then a reference or eval micro-batch did not fit
+            raise UserError(
+                f"out of GPU memory before the first step, scoring the reference at micro_batch_size="
+                f"{config.micro_batch_size}, max_length={config.max_length}; lower one of them (`qdpo plan` shows "
+                "what fits) and run again."
+            ) from None
         first_step = restore(t, checkpoint, out, echo) + 1 if checkpoint else 1
         if checkpoint is not None:
             announce()

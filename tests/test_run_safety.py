@@ -354,3 +354,16 @@ def test_a_damaged_reference_cache_entry_is_reported_and_recomputed(
     notes.clear()
     again, cached = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1", notes=notes)
     assert not cached and torch.equal(again, good) and "damaged (unreadable" in notes[0]
+
+
+def test_out_of_memory_before_the_first_step_is_one_line_and_leaves_nothing(monkeypatch, tmp_path, run_args):
+    def no_room(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))  # no cached table: the reference pass must run
+    monkeypatch.setattr("qdpo.reference.compute_reference", no_room)
+    result = invoke(*run_args)
+    assert result.exit_code == 2 and result.output.strip().splitlines()[-1].startswith(
+        "error: out of GPU memory before the first step, scoring the reference"
+    )
+    assert not (tmp_path / "run").exists()
