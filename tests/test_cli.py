@@ -111,16 +111,29 @@ def run_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
         ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": \n', "line 2 is not valid JSON"),
     ],
 )
-def test_bad_data_through_the_real_cli(tmp_path, tiny_model_dir, content, message):
-    """A real process: exit code 2, one line on stderr, no traceback, no output directory left."""
+def test_bad_data_through_the_cli(monkeypatch, tmp_path, tiny_model_dir, content, message):
+    """Exit code 2, one line on stderr, no traceback, no output directory left."""
     (tmp_path / "bad.jsonl").write_text(content)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        main, ["run", "--model", str(tiny_model_dir), "--data", "bad.jsonl", "--output", "out"]
+    )
+    assert result.exit_code == 2 and not isinstance(result.exception, (KeyError, TypeError, ValueError))
+    errors = [line for line in result.output.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error:") and message in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_user_error_in_a_real_process_is_one_line_without_traceback(tmp_path, tiny_model_dir):
+    """The same through a real `qdpo` process (what a shell sees): stderr holds the one line, exit code 2."""
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
     proc = run_subprocess(
         "run", "--model", str(tiny_model_dir), "--data", "bad.jsonl", "--output", "out", cwd=tmp_path
     )
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr + proc.stdout
-    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [
-        line for line in proc.stderr.splitlines() if "error" in line.lower()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert [line for line in proc.stderr.splitlines() if "error" in line.lower()] == [
+        "error: bad.jsonl row 1 has no column 'rejected' (it has 'prompt', 'chosen'); map yours with "
+        "--chosen-column/--rejected-column."
     ]
     assert not (tmp_path / "out").exists()
 
