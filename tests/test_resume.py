@@ -75,6 +75,13 @@ def start(
     )
 
 
+def run_here(out: Path, model: Path, data: Path, *extra: str):
+    """`qdpo run` in this process (so monkeypatches apply), with the suite's settings."""
+    return CliRunner().invoke(
+        main, ["run", "--output", str(out), "--model", str(model), "--data", str(data), *SETTINGS, *extra]
+    )
+
+
 def resume(out: Path, cache: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "QDPO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     env.pop("QDPO_CRASH_AT", None)
@@ -231,20 +238,7 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
     monkeypatch.setattr(train, "preference_loss", poisoned)
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    result = CliRunner().invoke(
-        main,
-        [
-            "run",
-            "--output",
-            str(out),
-            "--model",
-            str(tiny_model_dir),
-            "--data",
-            str(data_file),
-            *SETTINGS,
-            "max_nonfinite_steps=2",
-        ],
-    )
+    result = run_here(out, tiny_model_dir, data_file, "max_nonfinite_steps=2")
     assert result.exit_code == 2, result.output
     last = result.output.strip().splitlines()[-1]
     assert "NaN/Inf for 2 steps in a row (steps 2-3" in last and "learning_rate" in last
@@ -276,20 +270,7 @@ def test_out_of_memory_checkpoints_the_last_good_state(
     monkeypatch.setattr(train, "preference_loss", runs_out)
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    result = CliRunner().invoke(
-        main,
-        [
-            "run",
-            "--output",
-            str(out),
-            "--model",
-            str(tiny_model_dir),
-            "--data",
-            str(data_file),
-            *SETTINGS,
-            "save_steps=0",
-        ],
-    )
+    result = run_here(out, tiny_model_dir, data_file, "save_steps=0")
     assert result.exit_code == 2, result.output
     last = result.output.strip().splitlines()[-1]
     assert (
@@ -303,20 +284,7 @@ def test_out_of_memory_checkpoints_the_last_good_state(
     regrouped = tmp_path / "regrouped"  # the advice itself: one pair per forward, twice the accumulation
     monkeypatch.setattr(train, "preference_loss", runs_out)
     calls.clear()
-    CliRunner().invoke(
-        main,
-        [
-            "run",
-            "--output",
-            str(regrouped),
-            "--model",
-            str(tiny_model_dir),
-            "--data",
-            str(data_file),
-            *SETTINGS,
-            "save_steps=0",
-        ],
-    )
+    run_here(regrouped, tiny_model_dir, data_file, "save_steps=0")
     monkeypatch.setattr(train, "preference_loss", real)
     again = CliRunner().invoke(
         main,
@@ -343,9 +311,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(monkeypatch
     monkeypatch.setattr(checkpoint.torch, "save", fills_up)
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    result = CliRunner().invoke(
-        main, ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file), *SETTINGS]
-    )
+    result = run_here(out, tiny_model_dir, data_file)
     assert result.exit_code == 2
     assert (
         result.output.strip().splitlines()[-1].startswith("error: could not write")
@@ -359,8 +325,7 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(monkeypatch
 def test_a_finished_run_without_checkpoints_is_never_started_over(monkeypatch, tmp_path, tiny_model_dir, data_file):
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
-    args = ["run", "--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file), *SETTINGS]
-    assert CliRunner().invoke(main, [*args, "save_steps=0", "max_steps=2"]).exit_code == 0
+    assert run_here(out, tiny_model_dir, data_file, "save_steps=0", "max_steps=2").exit_code == 0
     adapter = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     again = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress"])
     assert again.exit_code == 2 and "finished without a checkpoint (save_steps was 0)" in again.output
@@ -394,8 +359,7 @@ def test_8bit_optimizer_states_resume_exactly(monkeypatch, tmp_path, tiny_model_
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     # bitsandbytes keeps tensors under 4096 values in fp32; the tiny model's LoRA matrices are that small
     monkeypatch.setattr(bnb.optim, "AdamW8bit", functools.partial(bnb.optim.AdamW8bit, min_8bit_size=16))
-    args = ["--model", str(tiny_model_dir), "--data", str(data_file), *SETTINGS, "optim=paged_adamw_8bit"]
-    assert CliRunner().invoke(main, ["run", "--output", str(tmp_path / "whole"), *args]).exit_code == 0
+    assert run_here(tmp_path / "whole", tiny_model_dir, data_file, "optim=paged_adamw_8bit").exit_code == 0
     real, calls = train.train_step, []
 
     def stop_at_step_3(*a, **k):
@@ -405,7 +369,7 @@ def test_8bit_optimizer_states_resume_exactly(monkeypatch, tmp_path, tiny_model_
         return real(*a, **k)
 
     monkeypatch.setattr(train, "train_step", stop_at_step_3)
-    CliRunner().invoke(main, ["run", "--output", str(tmp_path / "cut"), *args])
+    run_here(tmp_path / "cut", tiny_model_dir, data_file, "optim=paged_adamw_8bit")
     monkeypatch.setattr(train, "train_step", real)
     state = torch.load(tmp_path / "cut" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
     quantized = [s["__bnb_optimizer_quant_state__"] for s in state["optimizer"]["state"].values()]
