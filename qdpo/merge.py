@@ -24,10 +24,22 @@ from qdpo.model import ModelSource
 from qdpo.model_files import write_config, write_tokenizer
 from qdpo.nf4 import as_trained, model_layout
 from qdpo.safetensors_io import SHARD_BYTES, checkpoint_tensors, write_sharded
-from qdpo.verify import Deviation, adapter_logits, check_prompts, compare, merged_logits
+from qdpo.verify import (
+    EVAL_PAIRS,
+    Deviation,
+    HeldOut,
+    Shipped,
+    check_prompts,
+    held_out_pairs,
+    load_merged,
+    measure_shipped,
+    measure_trained,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ONTO = ("original", "dequantized")
+# dequantized first: the default, measured on the embedded default to keep the trained model's logits and held-out
+# accuracy, where original moved the top token at half the positions (docs/merge_export.md).
+ONTO = ("dequantized", "original")
 
 
 @dataclass
@@ -72,7 +84,8 @@ class MergeResult:
     out: Path
     base: ModelSource
     onto: str
-    deviation: Deviation | None
+    deviation: Deviation | None  # logits against the trained model (the adapter on the 4-bit base)
+    shipped: Shipped | None  # the same, with held-out reward accuracy of both
 
 
 def plan_merge(
@@ -170,16 +183,30 @@ def write_merged(
     (target / "qdpo_merge.json").write_text(json.dumps(provenance, indent=2) + "\n")
 
 
-def check_merge(model_dir: Path, adapter: Adapter, source: ModelSource, plan: MergePlan) -> Deviation:
-    """Load the merged directory back with plain transformers and compare its logits with the adapter on 4-bit.
+def held_out_for_check(adapter: Adapter, eval_pairs: int, echo: Callable[[str], None]) -> HeldOut | None:
+    """The run's held-out pairs to compare accuracies on, or None (said in one line) when there are none to use."""
+    if eval_pairs <= 0:
+        return None
+    try:
+        return held_out_pairs(adapter, eval_pairs)
+    except UserError as e:
+        echo(f"held-out accuracy not measured: {e}")
+        return None
 
-    One model at a time: the 4-bit model's logits are kept, the model itself freed before the merged one loads.
+
+def check_merge(
+    model_dir: Path, adapter: Adapter, source: ModelSource, plan: MergePlan, held_out: HeldOut | None
+) -> Shipped:
+    """Load the merged directory back with plain transformers and measure it against the adapter on 4-bit.
+
+    One model at a time: the 4-bit model's logits and reference table are kept, the model itself freed before
+    the merged one loads.
     """
     from transformers import AutoTokenizer
 
     prompts = check_prompts(AutoTokenizer.from_pretrained(model_dir))
-    reference = adapter_logits(adapter, source, plan.compute_dtype, prompts)
-    return compare(reference, merged_logits(model_dir, prompts))
+    trained = measure_trained(adapter, source, plan.compute_dtype, prompts, held_out)
+    return measure_shipped(load_merged(model_dir), trained, prompts)
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
@@ -217,13 +244,18 @@ def merge(
     out: str | Path,
     base: str | None = None,
     dtype: str | None = None,
-    onto: str = "original",
+    onto: str = ONTO[0],
     overwrite: bool = False,
     check: bool = True,
     echo: Callable[[str], None] = print,
     max_shard_bytes: int = SHARD_BYTES,
+    eval_pairs: int = EVAL_PAIRS,
 ) -> MergeResult:
-    """Merge the adapter of a run (or an adapter directory) into its base and write a plain transformers directory."""
+    """Merge the adapter of a run (or an adapter directory) into its base and write a plain transformers directory.
+
+    check loads the result and compares it with the trained model (the adapter on the 4-bit base): logits on a few
+    prompts and, on the first eval_pairs held-out pairs of the run (0: none), the reward accuracy of both.
+    """
     out = Path(out).expanduser()
     check_output(out, overwrite, marker="config.json")
     adapter, source, plan = prepare(path, base, dtype, onto)
@@ -231,9 +263,14 @@ def merge(
     with staged(out) as tmp:
         write_merged(tmp, adapter, source, plan, max_shard_bytes, echo)
     echo(f"merged model: {out}  (loads with transformers.AutoModelForCausalLM.from_pretrained)")
-    deviation = None
+    shipped = None
     if check:
-        deviation = check_merge(out, adapter, source, plan)
+        shipped = check_merge(out, adapter, source, plan, held_out_for_check(adapter, eval_pairs, echo))
         expected = "float noise expected" if onto == "dequantized" else "the 4-bit quantization error shows here"
-        echo(f"largest logit deviation from the adapter on the 4-bit base: {deviation.describe()}; {expected}")
-    return MergeResult(out, source, onto, deviation)
+        echo(
+            "against the trained model (the adapter on the 4-bit base): largest logit deviation "
+            f"{shipped.deviation.describe()}; {expected}"
+        )
+        if shipped.accuracy is not None:
+            echo(shipped.describe())
+    return MergeResult(out, source, onto, shipped.deviation if shipped else None, shipped)

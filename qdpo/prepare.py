@@ -48,18 +48,22 @@ def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 
+def split_pairs(config: Config) -> tuple[list[Pair], list[Pair]]:
+    """The run's training and held-out pairs: eval_data, the built-in held-out set, or eval_fraction of data."""
+    pairs = read_pairs(config.data, config)
+    if config.eval_data:
+        return pairs, read_pairs(config.eval_data, config)
+    if config.data == BUILTIN_DATA:
+        return pairs, read_pairs(BUILTIN_DATA + ":eval", config)
+    return split_eval(pairs, config.eval_fraction, config.seed)
+
+
 def prepare_data(config: Config, echo: Callable[[str], None] = print) -> PreparedData:
     """Resolve the model, load its tokenizer and tokenize train/eval pairs: every input error surfaces here."""
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     tokenizer = load_tokenizer(source, config.tokenizer)
-    pairs = read_pairs(config.data, config)
-    if config.eval_data:
-        train_pairs, eval_pairs = pairs, read_pairs(config.eval_data, config)
-    elif config.data == BUILTIN_DATA:
-        train_pairs, eval_pairs = pairs, read_pairs(BUILTIN_DATA + ":eval", config)
-    else:
-        train_pairs, eval_pairs = split_eval(pairs, config.eval_fraction, config.seed)
+    train_pairs, eval_pairs = split_pairs(config)
     train, train_stats = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
     echo(f"train: {train_stats.describe()}")
     for note in train_stats.notes:
