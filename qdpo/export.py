@@ -20,6 +20,7 @@ from qdpo.errors import UserError
 from qdpo.fs import check_output, staged, write_json
 from qdpo.merge import ONTO, held_out_for_check, prepare, write_merged
 from qdpo.model import BUILTIN_MODEL
+from qdpo.quiet import quiet_libraries
 from qdpo.safetensors_io import SHARD_BYTES, checkpoint_tensors
 from qdpo.verify import (
     EVAL_PAIRS,
@@ -220,6 +221,7 @@ def export_peft(
     path: str | Path, out: str | Path, overwrite: bool = False, echo: Callable[[str], None] = print
 ) -> Path:
     """Copy a run's adapter (weights, config, tokenizer, chat template) into out with a README.md model card."""
+    quiet_libraries()
     out = Path(out).expanduser()
     check_output(out, overwrite, marker="adapter_config.json")
     adapter = find_adapter(path)
@@ -494,6 +496,7 @@ def export_gguf(
     check reads the file back and compares it with its merge and with the trained model (the adapter on the 4-bit
     base): logits on a few prompts and, on the first eval_pairs held-out pairs (0: none), both reward accuracies.
     """
+    quiet_libraries()
     out = Path(out).expanduser()
     if qtype not in GGUF_TYPES:
         raise UserError(f"--type must be one of {', '.join(GGUF_TYPES)}, not {qtype!r}.")

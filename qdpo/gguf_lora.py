@@ -21,6 +21,7 @@ from qdpo.errors import UserError
 from qdpo.export import GGUF_ARCHS, GGUF_TYPES, ROPE_PERMUTED, check_exportable, gguf_array, gguf_type, llama_permute
 from qdpo.fs import check_output, staged
 from qdpo.ollama import lora_modelfile, modelfile_path
+from qdpo.quiet import quiet_libraries
 
 
 @dataclass
@@ -111,6 +112,7 @@ def export_gguf_lora(
     echo: Callable[[str], None] = print,
 ) -> Path:
     """Write a run's adapter as a llama.cpp LoRA GGUF file, and an Ollama Modelfile (FROM the base, ADAPTER it)."""
+    quiet_libraries()
     out = Path(out).expanduser()
     if qtype not in GGUF_TYPES:
         raise UserError(f"--type must be one of {', '.join(GGUF_TYPES)}, not {qtype!r}.")

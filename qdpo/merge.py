@@ -23,6 +23,7 @@ from qdpo.fs import check_output, staged
 from qdpo.model import ModelSource
 from qdpo.model_files import write_config, write_tokenizer
 from qdpo.nf4 import as_trained, model_layout
+from qdpo.quiet import quiet_libraries
 from qdpo.safetensors_io import SHARD_BYTES, checkpoint_tensors, write_sharded
 from qdpo.verify import (
     EVAL_PAIRS,
@@ -256,6 +257,7 @@ def merge(
     check loads the result and compares it with the trained model (the adapter on the 4-bit base): logits on a few
     prompts and, on the first eval_pairs held-out pairs of the run (0: none), the reward accuracy of both.
     """
+    quiet_libraries()
     out = Path(out).expanduser()
     check_output(out, overwrite, marker="config.json")
     adapter, source, plan = prepare(path, base, dtype, onto)

@@ -41,6 +41,7 @@ from qdpo.model import (
     trainable_parameters,
 )
 from qdpo.prepare import PreparedData, check_vocabulary, prepare_data
+from qdpo.quiet import quiet_libraries, tqdm_class
 from qdpo.reference import cache_key, compute_reference, load_or_compute
 from qdpo.rundir import check_run_dir, claim_run_dir, mark_stopped, release_lock, run_dir_for, touch_lock
 from qdpo.step import Metrics, preference_loss
@@ -329,6 +330,7 @@ def run(
     resume=True continues the run in config.output_dir from its newest checkpoint (from step 1 if it has none).
     """
     started = time.time()
+    quiet_libraries()  # before any library loads: qdpo's lines and bars, not theirs
     out = run_dir_for(config, preset)
     check_run_dir(out, config, resume)  # before any data is read: a refusal costs nothing
     torch.manual_seed(config.seed)
@@ -445,7 +447,7 @@ def train_loop(
     progress: bool,
 ) -> dict[str, Any]:
     """Run steps first_step..t.steps with checkpoints, stop requests and fault handling; save; return the summary."""
-    from tqdm.auto import tqdm
+    tqdm = tqdm_class()
 
     def checkpoint(step: int, state: dict[str, Any] | None = None) -> Path:
         return save_checkpoint(

