@@ -40,6 +40,8 @@ HARMLESS = (
     "overwrite",
     "output_dir",
     "max_nonfinite_steps",
+    "eval_generate",  # greedy answers at eval time: no RNG drawn, the model's mode restored
+    "max_new_tokens",
     # Memory switches, the ways out of running out of GPU memory: the same computation, kept or recomputed
     # differently (a chunk size changes only the order of float sums).
     "gradient_checkpointing",

@@ -181,6 +181,7 @@ def settings() -> None:
 
 
 from qdpo.cli_cache import cache  # noqa: E402  (commands that live in their own modules)
+from qdpo.cli_generate import generate  # noqa: E402
 from qdpo.cli_plan import plan  # noqa: E402
 from qdpo.cli_ship import export, merge  # noqa: E402
 
@@ -188,6 +189,7 @@ main.add_command(plan)
 main.add_command(merge)
 main.add_command(export)
 main.add_command(cache)
+main.add_command(generate)
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
