@@ -170,14 +170,17 @@ def presets() -> None:
 
 @main.command()
 def settings() -> None:
-    """List every setting with its default and what it does."""
+    """List every setting with its default and what it does, then every preference method (loss_type)."""
     from dataclasses import MISSING, fields
 
-    from qdpo.config import Config
+    from qdpo.config import METHODS, Config
 
     for f in fields(Config):
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         click.echo(f"{f.name} = {default!r}\n    {f.metadata['help']}")
+    click.echo("\nloss_type methods (data format; reference model):")
+    for name, (what, data, reference) in METHODS.items():
+        click.echo(f"  {name:<13} {what} ({data}; {'needs a reference' if reference else 'no reference'})")
 
 
 from qdpo.cli_cache import cache  # noqa: E402  (commands that live in their own modules)

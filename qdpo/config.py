@@ -16,7 +16,22 @@ import yaml
 
 from qdpo.errors import UserError
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "simpo", "orpo", "sft")
+# Each preference method: what it is, the data it reads, and whether it compares against a reference model
+# (`qdpo settings` and the README print this table).
+METHODS = {
+    "sigmoid": ("DPO (Rafailov et al. 2023); label_smoothing gives cDPO", "pairs", True),
+    "ipo": ("IPO (Azar et al. 2023): squared loss on per-token-averaged log-ratios", "pairs", True),
+    "hinge": ("SLiC-HF (Zhao et al. 2023): hinge loss on the log-ratio margin", "pairs", True),
+    "robust": ("rDPO (Chowdhury et al. 2024): DPO unbiased under label_smoothing flipped labels", "pairs", True),
+    "sigmoid_norm": ("length-normalised DPO: DPO on per-token-averaged log-ratios", "pairs", True),
+    "apo_zero": ("APO-zero (D'Oosterlinck et al. 2024): push chosen up, rejected down", "pairs", True),
+    "apo_down": ("APO-down (D'Oosterlinck et al. 2024): push both down, rejected more", "pairs", True),
+    "simpo": ("SimPO (Meng et al. 2024): length-averaged log-prob margin with target simpo_gamma", "pairs", False),
+    "orpo": ("ORPO (Hong et al. 2024): chosen NLL + orpo_alpha x odds-ratio loss", "pairs", False),
+    "sft": ("an NLL term on the chosen response, added to another loss (RPO)", "pairs (chosen side)", False),
+}
+REFERENCE_FREE = ("simpo", "orpo")  # whole methods that never look at a reference model
 SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "paged_adamw_8bit")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -164,11 +179,43 @@ class Config:
 
     # --- the objective
     beta: float = _f(0.1, "How far the policy may drift from the reference (higher = stay closer).", gt=0)
-    loss_type: str = _f("sigmoid", "sigmoid (DPO), ipo (IPO), hinge (SLiC), robust (rDPO).", choices=LOSS_TYPES)
-    label_smoothing: float = _f(
-        0.0, "Assumed share of flipped labels (cDPO for sigmoid, rDPO for robust); in [0, 0.5).", min=0, lt=0.5
+    loss_type: str | list[str] = _f(
+        "sigmoid",
+        "One loss or a list summed with loss_weights (e.g. [sigmoid, sft]): "
+        + ", ".join(LOSS_TYPES)
+        + "; `qdpo settings` lists what each is. simpo and orpo need no reference model.",
     )
-    sft_weight: float = _f(0.0, "Weight of an NLL term on the chosen response (RPO); 0 disables it.", min=0)
+    loss_weights: list[float] | None = _f(
+        None, "Weight of each loss in a loss_type list, in the same order; unset = 1 for each (TRL's loss_weights)."
+    )
+    label_smoothing: float = _f(
+        0.0,
+        "Assumed share of flipped labels (cDPO for sigmoid, rDPO for robust, conservative SimPO); in [0, 0.5).",
+        min=0,
+        lt=0.5,
+    )
+    sft_weight: float = _f(
+        0.0,
+        "Deprecated: the same as adding sft to loss_type with this weight (loss_type=[sigmoid, sft] "
+        "loss_weights=[1, W]); 0 disables it.",
+        min=0,
+    )
+    simpo_gamma: float = _f(0.5, "SimPO's target reward margin gamma (loss_type=simpo).", min=0)
+    orpo_alpha: float = _f(
+        0.1, "ORPO's lambda: weight of the odds-ratio term against the chosen NLL (loss_type=orpo).", gt=0
+    )
+    ld_alpha: float | None = _f(
+        None,
+        "LD-DPO (Liu et al. 2024): response tokens past the shorter response of a pair count with this "
+        "weight in [0, 1], for policy and reference; unset = plain sums.",
+        min=0,
+        max=1,
+    )
+    use_weighting: bool = _f(
+        False,
+        "WPO (Zhou et al. 2024): weight each pair's loss by the policy's own length-normalised, "
+        "aligned probabilities of both responses (detached).",
+    )
 
     # --- optimisation
     learning_rate: float = _f(5e-5, "Peak learning rate of the LoRA parameters.", gt=0)
@@ -230,12 +277,64 @@ class Config:
                 f"max_prompt_length ({self.max_prompt_length}) must be less than max_length "
                 f"({self.max_length}) to leave room for the response."
             )
-        if self.loss_type != "sigmoid" and self.loss_type != "robust" and self.label_smoothing:
-            raise UserError(f"label_smoothing applies to loss_type sigmoid or robust, not {self.loss_type}.")
+        self._check_losses()
         if self.pack_pairs and self.share_prompt is False:
             raise UserError("pack_pairs packs prompt+chosen+rejected runs, so it needs share_prompt=true.")
         if not self.lora_target_modules:
             raise UserError("lora_target_modules must name at least one module (or all-linear).")
+
+    def _check_losses(self) -> None:
+        """The rules a loss_type (list), its weights and the method settings must follow."""
+        types = self.loss_types
+        for name in types:
+            if name not in LOSS_TYPES:
+                raise UserError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {_show(name)}.")
+        if len(set(types)) < len(types):
+            raise UserError(f"loss_type lists a loss twice ({', '.join(types)}); give each once.")
+        if self.loss_weights is not None and len(self.loss_weights) != len(types):
+            raise UserError(
+                f"loss_weights has {len(self.loss_weights)} weights for {len(types)} losses in loss_type; "
+                "give one weight per loss."
+            )
+        if any(not math.isfinite(w) or w < 0 for w in self.loss_weights or []):
+            raise UserError(f"loss_weights must be finite and not negative; got {self.loss_weights}.")
+        if types == ["sft"]:
+            raise UserError("loss_type sft is an extra term on another loss; use e.g. loss_type=[sigmoid, sft].")
+        free = [t for t in types if t in REFERENCE_FREE]
+        if free and len([t for t in types if t != "sft"]) > 1:
+            raise UserError(
+                f"loss_type {free[0]} combines only with sft (it needs no reference model); got {', '.join(types)}."
+            )
+        if "sft" in types and self.sft_weight:
+            raise UserError(
+                "sft_weight and sft in loss_type both add the chosen NLL; keep only sft with loss_weights."
+            )
+        if self.label_smoothing and not set(types) & {"sigmoid", "robust", "simpo"}:
+            raise UserError(f"label_smoothing applies to loss_type sigmoid, robust or simpo, not {', '.join(types)}.")
+        if free and (self.ld_alpha is not None or self.use_weighting):
+            which = "ld_alpha" if self.ld_alpha is not None else "use_weighting"
+            raise UserError(f"{which} weighs DPO-style losses; loss_type {free[0]} does not take it.")
+
+    @property
+    def loss_types(self) -> list[str]:
+        """loss_type as a list (one loss or several)."""
+        return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+
+    @property
+    def weighted_losses(self) -> list[tuple[str, float]]:
+        """(loss, weight) for every term the loss sums, the deprecated sft_weight included as an sft term."""
+        terms = list(zip(self.loss_types, self.loss_weights or [1.0] * len(self.loss_types)))
+        return terms + [("sft", self.sft_weight)] if self.sft_weight > 0 else terms
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether any loss term compares against the reference model (simpo and orpo, alone or with sft, do not)."""
+        return any(t not in REFERENCE_FREE and t != "sft" for t in self.loss_types)
+
+    @property
+    def chosen_nll_weight(self) -> float:
+        """How much NLL on the chosen response the loss carries (sft terms; orpo has one of weight 1)."""
+        return sum(w for t, w in self.weighted_losses if t == "sft") + (1.0 if "orpo" in self.loss_types else 0.0)
 
     @property
     def batch_layout(self) -> str:
@@ -302,6 +401,8 @@ def coerce(name: str, value: Any) -> Any:
     if not isinstance(name, str) or name not in hints:
         raise unknown_setting(name)
     typ = hints[name]
+    if name == "loss_type":  # one name or a list of them (TRL 1.x): neither an optional nor a plain list
+        return _coerce_loss_type(value)
     optional = False
     if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
         args = [a for a in typing.get_args(typ) if a is not type(None)]
@@ -343,6 +444,14 @@ def coerce(name: str, value: Any) -> Any:
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(typ) is list and typing.get_args(typ) == (float,):
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, list) else [value]
+        try:
+            numbers = [coerce_number(v) for v in items]
+        except (TypeError, ValueError, OverflowError):
+            numbers = None
+        if numbers and all(math.isfinite(n) for n in numbers):
+            return numbers
     elif typing.get_origin(typ) is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -351,7 +460,24 @@ def coerce(name: str, value: Any) -> Any:
     raise UserError(f"{name} must be {want}; got {_show(value)}.")
 
 
+def coerce_number(value: Any) -> float:
+    """A float from a number or a numeric string (not a bool); ValueError/TypeError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    return float(value)
+
+
+def _coerce_loss_type(value: Any) -> str | list[str]:
+    """loss_type from a name, "a,b" or a list of names; one name stays a plain string."""
+    items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
+        raise UserError(f"loss_type must be a loss name or a list of them (e.g. [sigmoid, sft]); got {_show(value)}.")
+    return items[0] if len(items) == 1 else list(items)
+
+
 def _describe(typ: Any) -> str:
+    if typing.get_origin(typ) is list and typing.get_args(typ) == (float,):
+        return "a list of numbers (comma-separated on the command line)"
     if typing.get_origin(typ) is list:
         return "a list of names (comma-separated on the command line)"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
@@ -390,6 +516,23 @@ def build_config(
     for source in (preset or {}, overrides or {}):
         for key, value in source.items():
             values[key] = coerce(key, value)
+    types = _coerce_loss_type(values.get("loss_type", Config.loss_type))
+    types = [types] if isinstance(types, str) else types
+    if values.get("sft_weight") and notes is not None:
+        weights = values.get("loss_weights") or [1.0] * len(types)
+        notes.append(
+            f"sft_weight is deprecated; it computes the same as loss_type=[{', '.join(types + ['sft'])}] "
+            f"loss_weights=[{', '.join(f'{w:g}' for w in weights + [values['sft_weight']])}], which is the way to "
+            "write it"
+        )
+    free = [t for t in types if t in REFERENCE_FREE]
+    if free:  # no reference model at all: nothing to precompute, and forcing it is a contradiction
+        if values.get("precompute_ref_log_probs"):
+            raise UserError(
+                f"loss_type {free[0]} needs no reference model, so precompute_ref_log_probs=true cannot apply; "
+                "leave it unset."
+            )
+        values["precompute_ref_log_probs"] = False
     max_length = values.get("max_length", Config.max_length)
     max_prompt = values.get("max_prompt_length", Config.max_prompt_length)
     if max_prompt >= max_length and "max_prompt_length" not in (overrides or {}) and max_length >= 2:

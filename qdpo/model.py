@@ -270,9 +270,19 @@ def disable_dropout(model) -> None:
 
 
 def add_lora(
-    model, r: int, alpha: int, dropout: float, target_modules: list[str], init_adapter: str | None, seed: int
+    model,
+    r: int,
+    alpha: int,
+    dropout: float,
+    target_modules: list[str],
+    init_adapter: str | None,
+    seed: int,
+    reference: bool = True,
 ):
-    """Wrap the 4-bit base in trainable LoRA adapters (fresh, or a copy of init_adapter)."""
+    """Wrap the 4-bit base in trainable LoRA adapters (fresh, or a copy of init_adapter).
+
+    reference=False (a reference-free method) skips the frozen second copy of init_adapter.
+    """
     from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 
     if init_adapter is None:
@@ -294,7 +304,8 @@ def add_lora(
     try:
         model = PeftModel.from_pretrained(model, str(path), config=config, is_trainable=True)
         # A second, frozen copy is the reference: DPO measures drift from the SFT policy, not the bare base.
-        model.load_adapter(str(path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
+        if reference:
+            model.load_adapter(str(path), adapter_name=REFERENCE_ADAPTER, is_trainable=False)
         # The reference is a fixed function: the SFT adapter's own lora_dropout must not apply to it.
         for module in model.modules():
             dropouts = getattr(module, "lora_dropout", None)

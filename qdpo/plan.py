@@ -216,7 +216,7 @@ def resident_lines(shape: ModelShape, cfg: Config, d: int) -> list[Line]:
         ),
         Line(LORA, lora, f"r={cfg.lora_r}: {lora // FP32 / 1e6:.1f}M params x 4 B"),
     ]
-    if cfg.init_adapter:
+    if cfg.init_adapter and getattr(cfg, "needs_reference", True):
         lines.append(Line(REF_ADAPTER, lora, "init_adapter is loaded twice: trainable policy + frozen reference"))
     return lines
 
@@ -436,7 +436,11 @@ def plan_memory(
         assumptions.append(
             f"model_type {model_type} planned as a Llama-style decoder (RMSNorm, rotary attention, gated MLP)"
         )
-    if not getattr(cfg, "precompute_ref_log_probs", True):
+    if not getattr(cfg, "needs_reference", True):
+        assumptions.append(
+            f"no reference model (loss_type {cfg.loss_types[0]}): no reference pass, table or frozen adapter copy"
+        )
+    elif not getattr(cfg, "precompute_ref_log_probs", True):
         assumptions.append("reference forward each step (no grad: its peak stays below the policy pass)")
     return Plan(lines, b, t, name, device, assumptions)
 

@@ -265,8 +265,12 @@ def compute_reference(
     pad_id: int,
     logits_chunk_size: int = 0,
     layout: str = "plain",
+    ld_alpha: float | None = None,
 ) -> torch.Tensor:
-    """[N, 2] reference log-probs (chosen, rejected) of the pairs in the given micro-batches; NaN for the others."""
+    """[N, 2] reference log-probs (chosen, rejected) of the pairs in the given micro-batches; NaN for the others.
+
+    ld_alpha set: LD-DPO's weighted log-probs (the tail past the pair's shorter response counts ld_alpha times).
+    """
     table = torch.full((len(pairs), 2), float("nan"), dtype=torch.float32)  # an unscored pair can never pass as 0
     was_training = model.training
     model.eval()
@@ -274,7 +278,8 @@ def compute_reference(
         crash_point("reference")
         scores = (
             reference_scores(model, make_batch([pairs[i] for i in idx], pad_id, layout), logits_chunk_size)
-            .logps.float()
+            .ld_logps(ld_alpha)
+            .float()
             .cpu()
         )
         b = len(idx)
@@ -313,6 +318,7 @@ def load_or_compute(
     logits_chunk_size: int = 0,
     layout: str = "plain",
     notes: list[str] | None = None,
+    ld_alpha: float | None = None,
 ) -> tuple[torch.Tensor, bool]:
     """The reference table from the cache if present and intact, else computed and stored; and whether it was cached.
 
@@ -331,7 +337,7 @@ def load_or_compute(
             except OSError:
                 pass
             return table, True
-    table = compute_reference(model, pairs, batches, pad_id, logits_chunk_size, layout)
+    table = compute_reference(model, pairs, batches, pad_id, logits_chunk_size, layout, ld_alpha)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # atomic: a killed run never leaves a truncated cache entry under the key

@@ -1,4 +1,5 @@
-"""One DPO micro-step: reference and policy log-probs of a batch, the loss, and its metrics."""
+"""One preference micro-step: reference (when the method has one) and policy log-probs of a batch, the loss, and
+its metrics."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from qdpo.config import Config
 from qdpo.errors import UserError
 from qdpo.families import OutputHead, decoder_masks, family_of, shared_layout_problem
 from qdpo.logprobs import SequenceScores, chunked_sequence_logps, gathered_logps, sequence_logps
-from qdpo.loss import dpo_loss
+from qdpo.loss import preference_losses, wpo_weights
 from qdpo.model import reference_model
 
 
@@ -20,7 +21,9 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def score_shared_prompt(model, batch: SharedPromptBatch, logits_chunk_size: int) -> SequenceScores:
+def score_shared_prompt(
+    model, batch: SharedPromptBatch, logits_chunk_size: int, aligned: bool = False
+) -> SequenceScores:
     """Scores of a shared-prompt (or packed) batch: prompt once per pair, lm_head only where it predicts a response."""
     device = next(model.parameters()).device
     base = _base(model)
@@ -47,18 +50,22 @@ def score_shared_prompt(model, batch: SharedPromptBatch, logits_chunk_size: int)
         2 * batch.num_pairs,
         OutputHead(base.get_output_embeddings(), base.config),
         logits_chunk_size,
+        aligned,
     )
 
 
-def score_batch(model, batch: Batch | SharedPromptBatch, logits_chunk_size: int = 0) -> SequenceScores:
+def score_batch(
+    model, batch: Batch | SharedPromptBatch, logits_chunk_size: int = 0, aligned: bool = False
+) -> SequenceScores:
     """Summed response log-probs of all 2B sequences, from one forward of chosen and rejected together.
 
     logits_chunk_size > 0 takes the decoder's hidden states and applies lm_head (and the family's
     logit transform) only at response positions, that many at a time (see chunked_sequence_logps);
     0 builds the logits tensor. A family qdpo has not verified always takes the model's own forward.
+    aligned also sums WPO's aligned log-probs (SequenceScores.aligned_logps).
     """
     if isinstance(batch, SharedPromptBatch):
-        return score_shared_prompt(model, batch, logits_chunk_size)
+        return score_shared_prompt(model, batch, logits_chunk_size, aligned)
     device = next(model.parameters()).device
     base = _base(model)
     if logits_chunk_size > 0 and family_of(base.config) is not None:
@@ -73,6 +80,7 @@ def score_batch(model, batch: Batch | SharedPromptBatch, logits_chunk_size: int 
             batch.input_ids.to(device),
             batch.response_mask.to(device),
             logits_chunk_size,
+            aligned,
         )
     # Only positions from the earliest response token on need logits: skipping the prompt's share of
     # lm_head (and of the [2B, T, vocab] tensor) saves memory and time (~15% of a step on SmolLM2).
@@ -84,7 +92,7 @@ def score_batch(model, batch: Batch | SharedPromptBatch, logits_chunk_size: int 
         logits_to_keep=batch.input_ids.shape[1] - start,
     )
     scores = sequence_logps(
-        out.logits, batch.input_ids[:, start:].to(device), batch.response_mask[:, start:].to(device)
+        out.logits, batch.input_ids[:, start:].to(device), batch.response_mask[:, start:].to(device), aligned
     )
     del out  # free the logits before backward needs the memory
     return scores
@@ -125,7 +133,7 @@ class Metrics:
             "logps/chosen": policy.logps[:b].detach(),
             "logps/rejected": policy.logps[b:].detach(),
         }
-        for name, v in values.items():
+        for name, v in {**values, **policy.extras}.items():
             self.sums[name] = self.sums.get(name, 0.0) + float(v.float().sum())
         self.pairs += b
         for side, rows in enumerate((slice(0, b), slice(b, 2 * b))):
@@ -145,11 +153,13 @@ def preference_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SequenceScores]:
     """Per-pair losses, rewards and the policy scores for one micro-batch.
 
-    reference_logps ([2B], chosen then rejected) comes from the precomputed table when there is
-    one; otherwise the reference forward runs here.
+    reference_logps ([2B], chosen then rejected; LD-DPO-weighted when ld_alpha is set) comes from the
+    precomputed table when there is one; otherwise the reference forward runs here. A reference-free
+    method (simpo, orpo) runs no reference forward at all. The method's own per-pair metrics (ORPO's
+    nll_loss, ...) come back in the policy scores' extras.
     """
-    if reference_logps is None:
-        reference_logps = reference_scores(model, batch, config.logits_chunk_size).logps
+    if config.needs_reference and reference_logps is None:
+        reference_logps = reference_scores(model, batch, config.logits_chunk_size).ld_logps(config.ld_alpha)
     # Pinned host memory lets the copies back overlap with backward compute on a GPU.
     offload = (
         torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
@@ -157,19 +167,27 @@ def preference_loss(
         else contextlib.nullcontext()
     )
     with offload:
-        policy = score_batch(model, batch, config.logits_chunk_size)
+        policy = score_batch(model, batch, config.logits_chunk_size, aligned=config.use_weighting)
     b = batch.num_pairs
-    ref = reference_logps.to(policy.logps.device)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy.logps[:b],
-        policy.logps[b:],
-        ref[:b],
-        ref[b:],
+    logps, lengths = policy.ld_logps(config.ld_alpha), policy.lengths
+    ref = reference_logps.to(logps.device) if reference_logps is not None else None
+    weights = None
+    if config.use_weighting:
+        average = policy.aligned_logps / lengths.clamp(min=1)
+        weights = wpo_weights(average[:b], average[b:])
+    out = preference_losses(
+        config.weighted_losses,
+        logps[:b],
+        logps[b:],
+        lengths[:b],
+        lengths[b:],
+        ref[:b] if ref is not None else None,
+        ref[b:] if ref is not None else None,
         beta=config.beta,
-        loss_type=config.loss_type,
         label_smoothing=config.label_smoothing,
-        chosen_lengths=policy.lengths[:b],
-        rejected_lengths=policy.lengths[b:],
-        sft_weight=config.sft_weight,
+        simpo_gamma=config.simpo_gamma,
+        orpo_alpha=config.orpo_alpha,
+        pair_weights=weights,
     )
-    return losses, chosen_rewards, rejected_rewards, policy
+    policy.extras = out.extras
+    return out.losses, out.chosen_rewards, out.rejected_rewards, policy

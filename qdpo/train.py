@@ -154,7 +154,8 @@ def evaluate(
     with torch.no_grad():
         for idx in batches:
             batch = make_batch([pairs[j] for j in idx], pad_id, config.batch_layout)
-            losses, cr, rr, policy = preference_loss(model, batch, config, table_rows(reference, idx))
+            ref = table_rows(reference, idx) if reference is not None else None  # None: a reference-free method
+            losses, cr, rr, policy = preference_loss(model, batch, config, ref)
             metrics.add(losses, cr, rr, policy, model.config.vocab_size)
     model.train(was_training)
     return metrics.means("eval_")
@@ -198,6 +199,7 @@ def setup_training(
         config.lora_target_modules,
         config.init_adapter,
         config.seed,
+        reference=config.needs_reference,
     )
     params = trainable_parameters(model)
     if not params:  # the loss would sit at ln 2 forever
@@ -227,9 +229,16 @@ def setup_training(
 
     pad_id, chunk, layout = data.tokenizer.pad_token_id, config.logits_chunk_size, config.batch_layout
     # The eval reference is always scored once; the train reference too unless switched off.
-    eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk, layout) if data.eval else None
+    ld = config.ld_alpha
+    scored_eval = bool(data.eval) and config.needs_reference
+    eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk, layout, ld) if scored_eval else None
     train_ref = None
-    if config.precompute_ref_log_probs:
+    if not config.needs_reference:
+        echo(
+            f"reference: none (loss_type {config.loss_types[0]} needs no reference model: "
+            "no reference pass, table or cache)"
+        )
+    elif config.precompute_ref_log_probs:
         # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
         used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps) :]
         used = epoch_batches if score_all else used
@@ -243,10 +252,10 @@ def setup_training(
             chunk,
             layout,
             device=device,
-            extra={"lora_dropout": config.lora_dropout},
+            extra={"lora_dropout": config.lora_dropout, **({"ld_alpha": ld} if ld is not None else {})},
         )
         damage: list[str] = []
-        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout, damage)
+        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout, damage, ld)
         for note in damage:
             echo(note)
         echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
@@ -464,7 +473,7 @@ def train_loop(
     t.model.train()
     last_eval: dict[str, float] = {}
     nonfinite: list[dict[str, Any]] = []
-    watch = Watch(config.sft_weight)
+    watch = Watch(config.chosen_nll_weight)
     start = [p.detach().flatten()[:64].clone() for p in t.params]  # enough to see whether the adapter moved
 
     def adapter_moved() -> bool:
