@@ -55,6 +55,8 @@ def generate(
     reference is the base with adapters off, or the run's init adapter. Prompts are encoded as training encoded
     them: chat template with the generation prompt, cut from the left to the run's max_prompt_length.
     """
+    from jinja2 import TemplateError  # chat templates are jinja (a transformers dependency)
+
     from qdpo.generate import find_tuned_adapter, load_tuned, run_settings, side_by_side
     from qdpo.tokenize import encode_prompt
 
@@ -81,7 +83,14 @@ def generate(
     ids = []
     for number, text in enumerate(texts):
         typed = number < len(prompts)  # --prompt texts are what a user types in a chat; file prompts are as trained
-        encoded = encode_prompt(tokenizer, [{"role": "user", "content": text}] if typed and chat else text)
+        try:
+            encoded = encode_prompt(tokenizer, [{"role": "user", "content": text}] if typed and chat else text)
+        except (ValueError, TemplateError) as e:  # messages without a chat template, roles the template refuses
+            reason = " ".join(str(e).split())[:160]
+            raise UserError(
+                f"prompt {number + 1} cannot be encoded by the run's tokenizer ({reason}); "
+                "use plain-text prompts or fix the messages."
+            ) from None
         if not encoded:
             raise UserError(f"prompt {shown(text)!r} encodes to no tokens; give it some text.")
         ids.append(encoded[-cut:] if cut else encoded)  # training kept the end: it holds the question

@@ -210,6 +210,20 @@ def test_cli_user_errors_are_one_line(run_dir, tmp_path):
         assert expected in result.output, result.output
 
 
+def test_cli_chat_prompts_without_a_chat_template_are_one_line(run_dir, tmp_path):
+    """A run whose tokenizer has no chat template cannot encode message prompts: one line, not a traceback."""
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    (copy / "adapter" / "chat_template.jinja").unlink()
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"prompt": [{"role": "user", "content": "Hello there"}]}))
+    result = CliRunner().invoke(main, ["generate", str(copy), "--data", str(data)])
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
+    assert result.stderr.startswith("error: prompt 1 cannot be encoded by the run's tokenizer ("), result.stderr
+
+
 def test_cli_help():
     result = CliRunner().invoke(main, ["generate", "--help"])
     assert result.exit_code == 0 and "side by side" in result.output and "--adapter" in result.output
