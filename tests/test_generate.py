@@ -144,6 +144,17 @@ def test_generations_jsonl_round_trips_and_a_repeated_step_replaces_its_lines(tm
     ]
 
 
+def test_generation_settings_may_change_on_resume():
+    """Greedy answers draw no random numbers and change no weights: a resume may turn them on or off."""
+    from qdpo.checkpoint import resume_conflicts
+    from qdpo.config import Config
+
+    before = Config().to_dict()
+    del before["eval_generate"], before["max_new_tokens"]  # a checkpoint written before these settings existed
+    assert resume_conflicts(before, Config(eval_generate=4, max_new_tokens=8)) == []
+    assert resume_conflicts(before, Config(eval_generate=4, beta=0.2)) == ["beta: 0.1 -> 0.2"]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
     return make_run(tmp_path_factory, tiny_model_dir)
