@@ -15,6 +15,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,6 +38,25 @@ def quantization_gap(run_dir: Path):
     return compare(nf4, full)
 
 
+def base_accuracy(run_dir: Path) -> float:
+    """Held-out accuracy of the fp32 base alone (no adapter) against the run's reference: the gap between the bases."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qdpo.adapter import find_adapter, resolve_base
+    from qdpo.model import load_base_4bit
+    from qdpo.reference import compute_reference
+    from qdpo.verify import held_out_pairs
+
+    adapter = find_adapter(run_dir)
+    source, held = resolve_base(adapter), held_out_pairs(adapter, 200)
+    nf4 = load_base_4bit(source, torch.float32, torch.device("cpu"), False).eval()
+    chunk, layout = held.config.logits_chunk_size, held.config.batch_layout
+    held.reference = compute_reference(nf4, held.pairs, held.batches, held.pad_id, chunk, layout)
+    del nf4
+    return held.accuracy(AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval())
+
+
 def main(work: Path, run_dir: Path | None = None) -> None:
     from qdpo.config import build_config
     from qdpo.export import export_gguf
@@ -49,7 +69,8 @@ def main(work: Path, run_dir: Path | None = None) -> None:
         config = build_config(load_preset("smoke").settings, {"output_dir": str(run_dir), "overwrite": True})
         run(config, preset="smoke", progress=False)
     trained = "trained (4-bit + adapter)"
-    rows = [("no merge: the base in fp32", "the base in NF4, no adapter", quantization_gap(run_dir), None)]
+    gap = SimpleNamespace(accuracy=base_accuracy(run_dir), trained_accuracy=0.0, pairs="all")  # the NF4 base's: 0
+    rows = [("no merge: the base in fp32", "the base in NF4, no adapter", quantization_gap(run_dir), gap)]
     for onto in ("original", "dequantized"):
         result = merge(run_dir, work / f"merged-{onto}", onto=onto, overwrite=True)
         rows.append((f"`qdpo merge --onto {onto}`", trained, result.deviation, result.shipped))
@@ -64,7 +85,7 @@ def main(work: Path, run_dir: Path | None = None) -> None:
     print("|---|---|---|---|---|---|")
     for command, against, d, shipped in rows:
         accuracy = (
-            f"{shipped.accuracy:.3f} (trained {shipped.trained_accuracy:.3f}, {shipped.pairs} pairs)"
+            f"{shipped.accuracy:.3f} (the model it is compared with: {shipped.trained_accuracy:.3f})"
             if shipped is not None and shipped.accuracy is not None
             else ""
         )
