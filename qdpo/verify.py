@@ -177,13 +177,6 @@ def measure_shipped(model, trained: Trained, prompts: list[list[int]]) -> Shippe
     return Shipped(deviation, held_out.accuracy(model), trained.accuracy, len(held_out.pairs))
 
 
-def adapter_logits(
-    adapter: Adapter, source: ModelSource, compute_dtype: torch.dtype, prompts: list[list[int]]
-) -> list[torch.Tensor]:
-    """Logits of the adapter on the 4-bit base, the model the adapter was trained as."""
-    return prompt_logits(trained_model(adapter, source, compute_dtype), prompts)
-
-
 def load_merged(model_dir: Path):
     """A plain transformers directory, loaded as any user would (its own dtype)."""
     from transformers import AutoModelForCausalLM
