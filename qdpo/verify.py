@@ -74,7 +74,7 @@ class HeldOut:
     pairs: list[TokenizedPair]
     batches: list[list[int]]
     pad_id: int
-    reference: torch.Tensor | None = None  # [N, 2], scored by the 4-bit base with adapters off
+    reference: torch.Tensor | None = None  # [N, 2], scored by the 4-bit base with adapters off; None: no reference
 
     def accuracy(self, model) -> float:
         """Held-out reward accuracy of model as the policy against the run's reference, as the run measured it."""
@@ -161,9 +161,11 @@ def measure_trained(
     accuracy = None
     if held_out is not None:
         config = held_out.config
-        held_out.reference = compute_reference(
-            model, held_out.pairs, held_out.batches, held_out.pad_id, config.logits_chunk_size, config.batch_layout
-        )
+        if config.needs_reference:  # as the run scored it (simpo and orpo compare with no reference)
+            chunk, layout = config.logits_chunk_size, config.batch_layout
+            held_out.reference = compute_reference(
+                model, held_out.pairs, held_out.batches, held_out.pad_id, chunk, layout, config.ld_alpha
+            )
         accuracy = held_out.accuracy(model)
     return Trained(logits, held_out, accuracy)
 

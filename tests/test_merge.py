@@ -22,9 +22,9 @@ from qdpo.verify import CHECK_PROMPTS, check_prompts, compare, prompt_logits
 CPU = torch.device("cpu")
 
 
-def make_run(tmp_path_factory, model_dir: Path) -> Path:
+def make_run(tmp_path_factory, model_dir: Path, name: str = "ship-run", *overrides: str) -> Path:
     """A real run directory from `qdpo run` (2 steps at lr 1e-2, so LoRA B is far from zero), made once per session."""
-    out = tmp_path_factory.getbasetemp() / "ship-run"
+    out = tmp_path_factory.getbasetemp() / name
     if (out / "run.json").is_file():
         return out
     from qdpo.cli import main
@@ -58,6 +58,7 @@ def make_run(tmp_path_factory, model_dir: Path) -> Path:
             "eval_fraction=0.25",
             "eval_steps=2",
             "learning_rate=1e-2",
+            *overrides,
         ],
     )
     assert result.exit_code == 0, result.output
@@ -190,6 +191,16 @@ def test_dequantized_merge_is_the_trained_function_and_original_shows_quantizati
         assert result.shipped.trained_accuracy == pytest.approx(summary["eval_rewards/accuracies"])
         assert result.shipped.describe() in lines
     assert exact.shipped.accuracy == exact.shipped.trained_accuracy  # the same function scores the same
+
+
+def test_accuracy_of_a_reference_free_run_is_measured_as_the_run_measured_it(tmp_path_factory, tiny_model_dir):
+    """SimPO compares no reference: the check scores the held-out pairs without one, as the run's evaluation did."""
+    run_dir = make_run(tmp_path_factory, tiny_model_dir, "simpo-run", "loss_type=simpo", "beta=2.0")
+    lines: list[str] = []
+    result = merge(run_dir, tmp_path_factory.mktemp("simpo") / "merged", echo=lines.append)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert result.shipped.trained_accuracy == pytest.approx(summary["eval_rewards/accuracies"])
+    assert result.shipped.accuracy == result.shipped.trained_accuracy and result.shipped.pairs == 3
 
 
 def test_an_adapter_outside_a_run_is_checked_without_accuracies(tiny_model_dir, tmp_path):
