@@ -88,9 +88,9 @@ def run(
     only when things are logged, evaluated and saved, how many steps it runs, and micro_batch_size with
     gradient_accumulation_steps at the same pairs per step.
     """
+    from qdpo.api import tune
     from qdpo.config import parse_override
     from qdpo.presets import load_preset, resolve_settings
-    from qdpo.train import run as run_training
 
     loaded = load_preset(preset)
     flags = {
@@ -134,7 +134,7 @@ def run(
 
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
         return
-    run_training(config, preset=loaded.name, echo=click.echo, progress=not no_progress, resume=resume is not None)
+    tune(loaded.name, config=config, echo=click.echo, progress=not no_progress, resume=resume is not None)
 
 
 def _auto_micro_batch(config, budget_gb: float | None):
@@ -186,6 +186,7 @@ def settings() -> None:
 from qdpo.cli_cache import cache  # noqa: E402  (commands that live in their own modules)
 from qdpo.cli_generate import generate  # noqa: E402
 from qdpo.cli_plan import plan  # noqa: E402
+from qdpo.cli_report import report  # noqa: E402
 from qdpo.cli_ship import export, merge  # noqa: E402
 
 main.add_command(plan)
@@ -193,6 +194,7 @@ main.add_command(merge)
 main.add_command(export)
 main.add_command(cache)
 main.add_command(generate)
+main.add_command(report)
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -237,9 +237,9 @@ class Config:
     eval_steps: int = _f(0, "Score the eval split every this many steps (0 = only at the end).", min=0)
     eval_generate: int = _f(
         0,
-        "At each eval, greedy-generate answers to the first this many held-out prompts (policy; the reference "
-        "once) and log them with their length to generations.jsonl (0 = off). Costs max_new_tokens forwards "
-        "per prompt.",
+        "At each eval, greedy-generate answers to the first this many held-out prompts and log them with their "
+        "length to generations.jsonl (0 = off); step 0's are the model before tuning. Costs max_new_tokens "
+        "forwards per prompt.",
         min=0,
     )
     max_new_tokens: int = _f(64, "Longest greedy answer, in new tokens, for eval_generate and `qdpo generate`.", min=1)

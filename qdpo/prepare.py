@@ -92,3 +92,19 @@ def check_vocabulary(data: PreparedData, embedding_rows: int) -> None:
             f"the tokenizer produces token id {largest} but {data.source.name} has only {embedding_rows} "
             "embeddings; use the model's own tokenizer (leave `tokenizer` unset) or one made for it."
         )
+
+
+def preview(data: PreparedData, count: int = 3) -> list[dict[str, str]]:
+    """The first training pairs as the model will see them (decoded tokens), with what truncation cut marked."""
+    decode = data.tokenizer.decode
+    shown = []
+    for pair in data.train[:count]:
+        prompt_cut, chosen_cut, rejected_cut = pair.cut
+        shown.append(
+            {
+                "prompt": (f"[... {prompt_cut} tokens cut] " if prompt_cut else "") + decode(pair.prompt_ids),
+                "chosen": decode(pair.chosen_ids) + (f" [... {chosen_cut} tokens cut]" if chosen_cut else ""),
+                "rejected": decode(pair.rejected_ids) + (f" [... {rejected_cut} tokens cut]" if rejected_cut else ""),
+            }
+        )
+    return shown

@@ -29,6 +29,7 @@ from qdpo.faults import crash_point
 from qdpo.fs import write_atomically, write_json, write_text
 from qdpo.hub import looks_like_hub_id
 from qdpo.model import ModelSource, cache_root
+from qdpo.quiet import progress_bar
 from qdpo.step import reference_scores
 from qdpo.tokenize import TokenizedPair
 
@@ -274,7 +275,7 @@ def compute_reference(
     table = torch.full((len(pairs), 2), float("nan"), dtype=torch.float32)  # an unscored pair can never pass as 0
     was_training = model.training
     model.eval()
-    for idx in batches:
+    for idx in progress_bar(batches, desc="reference", unit="batch", leave=False):
         crash_point("reference")
         scores = (
             reference_scores(model, make_batch([pairs[i] for i in idx], pad_id, layout), logits_chunk_size)

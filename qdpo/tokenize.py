@@ -22,6 +22,8 @@ class TokenizedPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     origin: str = field(default="", compare=False)  # where the pair came from ("prefs.jsonl row 3"), for messages
+    # Tokens cut by truncation (prompt from the left, responses from the right), for previews and reports.
+    cut: tuple[int, int, int] = field(default=(0, 0, 0), compare=False)
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
@@ -157,6 +159,7 @@ def tokenize_pairs(
         if chosen == rejected:  # different texts, same tokens (e.g. roles the template ignores, normalization)
             stats.dropped_identical += 1
             continue
+        full = len(prompt), len(chosen), len(rejected)
         if len(prompt) > max_prompt_length:
             prompt = prompt[-max_prompt_length:]  # keep the end: it holds the question and the turn marker
             stats.prompts_truncated += 1
@@ -167,7 +170,8 @@ def tokenize_pairs(
             if chosen == rejected:  # the difference lay past max_length: nothing left to prefer
                 stats.dropped_too_long += 1
                 continue
-        out.append(TokenizedPair(prompt, chosen, rejected, pair.origin))
+        cut = (full[0] - len(prompt), full[1] - len(chosen), full[2] - len(rejected))
+        out.append(TokenizedPair(prompt, chosen, rejected, pair.origin, cut))
     stats.kept = len(out)
     # A second BOS or EOS would be scored as text (DPO users' most reported tokenization bug): say it happened.
     if fixed.count("bos"):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import resource
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ import torch
 import yaml
 
 from qdpo import __version__
+from qdpo.assess import eval_accuracy, eval_line, small_eval_warning, verdict
 from qdpo.batching import BatchStream, length_grouped_batches, make_batch, padding_share
 from qdpo.checkpoint import (
     Checkpoint,
@@ -32,6 +35,7 @@ from qdpo.errors import UserError
 from qdpo.families import exact_settings
 from qdpo.faults import crash_point
 from qdpo.fs import staged, write_json, write_text
+from qdpo.generate import GENERATIONS, eval_generations
 from qdpo.model import (
     adapter_lora_settings,
     add_lora,
@@ -41,12 +45,13 @@ from qdpo.model import (
     trainable_parameters,
 )
 from qdpo.prepare import PreparedData, check_vocabulary, prepare_data
-from qdpo.quiet import quiet_libraries, tqdm_class
+from qdpo.quiet import progress_bar, quiet_libraries, showing_progress, tqdm_class
 from qdpo.reference import cache_key, compute_reference, load_or_compute
 from qdpo.rundir import check_run_dir, claim_run_dir, mark_stopped, release_lock, run_dir_for, touch_lock
 from qdpo.step import Metrics, preference_loss
 from qdpo.stopping import Interrupted, stop_requests
-from qdpo.tokenize import TokenizedPair
+from qdpo.timing import PhaseClock
+from qdpo.tokenize import TokenizedPair, TokenizeStats
 from qdpo.watch import Watch, not_finite, out_of_memory
 
 
@@ -56,6 +61,12 @@ class RunResult:
 
     output_dir: Path
     summary: dict[str, Any]
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl: one per logged step, eval rows included (step 0 is the baseline)."""
+        path = self.output_dir / "metrics.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def total_steps(config: Config, num_micro_batches: int) -> int:
@@ -102,10 +113,29 @@ def describe_run(
                 "identical": data.train_stats.dropped_identical,
                 "too_long": data.train_stats.dropped_too_long,
             },
+            "train_stats": split_stats(data.train_stats),
+            "eval_stats": split_stats(data.eval_stats) if data.eval_stats else None,
         },
         "device": device.type,
         "adapter_dir": "adapter",
     }
+
+
+def step_size(config: Config, train_pairs: int) -> str:
+    """What one optimizer step takes, as it really is when the data has fewer pairs than a step asks for."""
+    mb, ga = config.micro_batch_size, config.gradient_accumulation_steps
+    if train_pairs < mb:  # every micro-batch is the whole (small) training set
+        return f"{ga} x {train_pairs} pairs (all of them)" if ga > 1 else f"{train_pairs} pairs (all of them)"
+    per_step = f"{mb * ga} pairs" if ga == 1 else f"{ga} micro-batches of {mb} pairs"
+    uneven = train_pairs % mb  # length grouping leaves one smaller micro-batch per epoch
+    return per_step + (f" (one micro-batch per epoch has {uneven})" if uneven else "")
+
+
+def split_stats(stats: TokenizeStats) -> dict[str, int]:
+    """What tokenization did to one split: rows read, kept, dropped by reason, and cut."""
+    counts = {k: v for k, v in dataclasses.asdict(stats).items() if isinstance(v, int)}
+    dropped = stats.dropped_empty + stats.dropped_identical + stats.dropped_too_long
+    return {"rows": stats.kept + dropped, **counts}
 
 
 def make_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
@@ -175,6 +205,7 @@ class Training:
     eval_batches: list[list[int]]
     train_ref: torch.Tensor | None
     eval_ref: torch.Tensor | None
+    padding_share: float = 0.0  # of the training tokens, over one epoch
 
 
 def setup_training(
@@ -184,11 +215,14 @@ def setup_training(
     dtype: torch.dtype,
     echo: Callable[[str], None],
     score_all: bool = False,
+    clock: PhaseClock | None = None,
 ) -> Training:
     """Load the 4-bit base, add LoRA, build optimizer and schedule, and score the reference once.
 
     score_all scores every training pair (a resume that regroups micro-batches may use any of them).
     """
+    clock = clock or PhaseClock()
+    clock.enter("load")
     model = load_base_4bit(data.source, dtype, device, config.gradient_checkpointing)
     check_vocabulary(data, model.get_input_embeddings().num_embeddings)
     model = add_lora(
@@ -217,9 +251,10 @@ def setup_training(
     epoch_batches = length_grouped_batches(data.train, config.micro_batch_size, config.seed)
     steps = total_steps(config, len(epoch_batches))
     eval_batches = length_grouped_batches(data.eval, config.micro_batch_size, config.seed)
+    padding = padding_share(data.train, epoch_batches, config.batch_layout)
     echo(
-        f"{steps} steps of {config.micro_batch_size * config.gradient_accumulation_steps} pairs; "
-        f"padding share {padding_share(data.train, epoch_batches, config.batch_layout):.1%}"
+        f"{steps} steps of {step_size(config, len(data.train))}; {len(data.train)} training pairs, "
+        f"{steps * config.gradient_accumulation_steps / len(epoch_batches):.2f} epochs; padding share {padding:.1%}"
         + {
             "plain": "",
             "shared": " (prompt computed once per pair)",
@@ -228,6 +263,7 @@ def setup_training(
     )
 
     pad_id, chunk, layout = data.tokenizer.pad_token_id, config.logits_chunk_size, config.batch_layout
+    clock.enter("reference")
     # The eval reference is always scored once; the train reference too unless switched off.
     ld = config.ld_alpha
     scored_eval = bool(data.eval) and config.needs_reference
@@ -271,6 +307,7 @@ def setup_training(
         eval_batches,
         train_ref,
         eval_ref,
+        padding,
     )
 
 
@@ -316,6 +353,7 @@ def train_step(
     row.update(
         {
             "learning_rate": learning_rate,
+            "tokens": tokens,
             "tokens_per_second": tokens / (time.time() - start),
             "peak_memory_gb": peak_memory_gb(device),
         }
@@ -333,16 +371,31 @@ def run(
     echo: Callable[[str], None] = print,
     progress: bool = True,
     resume: bool = False,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Tune LoRA adapters on a 4-bit base with DPO and write a self-describing run directory.
 
     resume=True continues the run in config.output_dir from its newest checkpoint (from step 1 if it has none).
+    callback receives each metrics row as it is logged (the same dicts as metrics.jsonl), for live plots.
     """
-    started = time.time()
     quiet_libraries()  # before any library loads: qdpo's lines and bars, not theirs
+    with showing_progress(progress):
+        return _run(config, preset, echo, resume, callback)
+
+
+def _run(
+    config: Config,
+    preset: str,
+    echo: Callable[[str], None],
+    resume: bool,
+    callback: Callable[[dict[str, Any]], None] | None,
+) -> RunResult:
+    started = time.time()
     out = run_dir_for(config, preset)
     check_run_dir(out, config, resume)  # before any data is read: a refusal costs nothing
     torch.manual_seed(config.seed)
+    clock = PhaseClock()
+    clock.enter("data")
     data = prepare_data(config, echo)  # every input error surfaces here, before anything is written
     config, notes = exact_settings(config, data.model_config)
     config, lora_notes = adapter_lora_settings(config)
@@ -365,7 +418,10 @@ def run(
     device = pick_device()
     dtype = compute_dtype(config.compute_dtype, device)
     claim_run_dir(out, resume=checkpoint is not None)
-    describe = lambda status: describe_run(config, data, dtype, device, status)  # noqa: E731
+    # Timings are this process's: a resumed run counts from the resume.
+
+    def describe(status: str) -> dict[str, Any]:
+        return {**describe_run(config, data, dtype, device, status), "timings": clock.as_dict()}
 
     def announce() -> None:  # the run's own record: on a resume only once the checkpoint is back in place
         write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -376,7 +432,7 @@ def run(
             announce()
         regrouped = checkpoint is not None and saved_config(checkpoint)["micro_batch_size"] != config.micro_batch_size
         try:
-            t = setup_training(config, data, device, dtype, echo, score_all=regrouped)
+            t = setup_training(config, data, device, dtype, echo, score_all=regrouped, clock=clock)
         except torch.cuda.OutOfMemoryError:  # the model loaded, then a reference or eval micro-batch did not fit
             raise UserError(
                 f"out of GPU memory before the first step, scoring the reference at micro_batch_size="
@@ -398,7 +454,7 @@ def run(
         release_lock(out)
         raise
     try:  # from the first step on, a failure keeps the directory: the metrics logged so far are the user's
-        summary = train_loop(t, config, data, device, out, first_step, started, describe, echo, progress)
+        summary = train_loop(t, config, data, device, out, first_step, started, describe, echo, clock, callback)
     except BaseException as e:
         stopped_by_signal = isinstance(e, (Interrupted, KeyboardInterrupt))
         found = latest(out)
@@ -411,6 +467,10 @@ def run(
         raise
     finally:
         release_lock(out)
+        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a second Ctrl-C means: stop now
+            from qdpo.report import report_after_run  # matplotlib loads only here
+
+            report_after_run(out, echo)  # after every run that reached its first step, finished or not
     echo(format_summary(summary, out))
     return RunResult(out, summary)
 
@@ -453,12 +513,46 @@ def train_loop(
     started: float,
     describe: Callable[[str], dict[str, Any]],
     echo: Callable[[str], None],
-    progress: bool,
+    clock: PhaseClock | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run steps first_step..t.steps with checkpoints, stop requests and fault handling; save; return the summary."""
     tqdm = tqdm_class()
 
+    clock = clock or PhaseClock()
+    pad_id = data.tokenizer.pad_token_id
+
+    def say(line: str) -> None:  # a line between progress-bar redraws, not through the middle of one
+        with tqdm.external_write_mode():
+            echo(line)
+
+    def log_row(log, row: dict[str, Any]) -> None:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        if callback is not None:
+            callback(row)
+
+    def run_eval(step: int) -> dict[str, float]:
+        clock.enter("eval")
+        result = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, pad_id)
+        say(eval_line(step, result, len(data.eval)))
+        if config.eval_generate:  # at step 0 the policy is the reference: those answers are the "before"
+            clock.enter("generate")
+            prompts = [p.prompt_ids for p in data.eval[: config.eval_generate]]
+            eval_generations(
+                t.model, data.tokenizer, prompts, config.max_new_tokens, out / GENERATIONS, step, reference=False
+            )
+        clock.enter("steps")
+        return result
+
     def checkpoint(step: int, state: dict[str, Any] | None = None) -> Path:
+        clock.enter("checkpoint")
+        try:
+            return write_checkpoint(step, state)
+        finally:
+            clock.enter("steps")
+
+    def write_checkpoint(step: int, state: dict[str, Any] | None) -> Path:
         return save_checkpoint(
             out,
             step,
@@ -479,10 +573,26 @@ def train_loop(
     def adapter_moved() -> bool:
         return any(not torch.equal(p.detach().flatten()[:64], s) for p, s in zip(t.params, start))
 
-    bar = tqdm(
-        total=t.steps, initial=first_step - 1, desc="dpo", unit="step", disable=not progress, dynamic_ncols=True
-    )
+    baseline: dict[str, float] | None = None
+    if first_step == 1 and data.eval:  # the baseline every later eval is read against
+        warning = small_eval_warning(len(data.eval))
+        if warning:
+            echo(warning)
+        if t.eval_ref is not None:
+            echo(reference_preference_line(t.eval_ref))
+        try:
+            baseline = run_eval(0)
+        except torch.cuda.OutOfMemoryError:  # nothing trained yet: the same advice as for the reference pass
+            raise UserError(
+                f"out of GPU memory before the first step, evaluating the held-out pairs at micro_batch_size="
+                f"{config.micro_batch_size}, max_length={config.max_length}; lower one of them (`qdpo plan` shows "
+                "what fits) and run again."
+            ) from None
+    clock.enter("steps")
+    bar = progress_bar(total=t.steps, initial=first_step - 1, desc="dpo", unit="step")
     with stop_requests(echo) as stop, (out / "metrics.jsonl").open("a") as log:
+        if baseline is not None:
+            log_row(log, {"step": 0, **baseline})
         for step in range(first_step, t.steps + 1):
             before = trainer_state(t)  # the last good state, should memory run out mid-step (references, no copies)
             try:
@@ -494,19 +604,15 @@ def train_loop(
             evaluating = bool(data.eval) and ((config.eval_steps and step % config.eval_steps == 0) or step == t.steps)
             if evaluating:
                 try:
-                    last_eval = evaluate(
-                        t.model, data.eval, t.eval_batches, t.eval_ref, config, data.tokenizer.pad_token_id
-                    )
+                    last_eval = run_eval(step)
                 except torch.cuda.OutOfMemoryError:  # the step itself is done: keep it, then stop
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                    log_row(log, row)
                     raise out_of_memory(config, out, step, checkpoint(step), during="evaluation") from None
                 row.update(last_eval)
             if evaluating or step % config.logging_steps == 0 or step == t.steps or row.get("skipped"):
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                log_row(log, row)
             for warning in watch.see(row, adapter_moved):
-                echo(warning)
+                say(warning)
             saved = bool(config.save_steps) and (step % config.save_steps == 0 or step == t.steps)
             if saved:
                 checkpoint(step)
@@ -533,20 +639,33 @@ def train_loop(
             bar.update(1)
     bar.close()
 
+    clock.enter("save")
     save_adapter(t.model, data.tokenizer, out / "adapter", describe("finished"))
+    rows = RunResult(out, {}).metrics  # this run's rows, those before a resume included
+    first_eval = next((r for r in rows if r["step"] == 0), None)
+    train_rows = [r for r in rows if r["step"] > 0 and "loss" in r]
+    step_seconds = sum(r["tokens"] / r["tokens_per_second"] for r in train_rows if r.get("tokens_per_second"))
     summary = {
         "steps": t.steps,
         "seconds": round(time.time() - started, 1),
         "train_pairs": len(data.train),
         "eval_pairs": len(data.eval),
-        "final_train_loss": row["loss"] if first_step <= t.steps else None,
+        "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
         "eval_rewards/accuracies": last_eval.get("eval_rewards/accuracies"),
         "eval_rewards/margins": last_eval.get("eval_rewards/margins"),
+        "eval_correct": eval_accuracy(last_eval, len(data.eval)).correct if last_eval else None,
+        "eval_accuracy_ci95": list(eval_accuracy(last_eval, len(data.eval)).interval) if last_eval else None,
+        "step0_eval_rewards/accuracies": first_eval.get("eval_rewards/accuracies") if first_eval else None,
+        "verdict": verdict(first_eval, last_eval or None, len(data.eval)),
+        "tokens_per_second": round(sum(r["tokens"] for r in train_rows) / step_seconds, 1) if step_seconds else None,
+        "padding_share": round(t.padding_share, 4),
         "peak_memory_gb": round(peak_memory_gb(device), 3),
         "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "process peak RSS",
     }
+    summary["timings"] = clock.as_dict()
     write_json(out / "summary.json", summary)
     write_json(out / "run.json", describe("finished"))
+    clock.enter(None)
     return summary
 
 
@@ -558,12 +677,22 @@ def save_adapter(model, tokenizer, target: Path, description: dict[str, Any]) ->
         write_json(tmp / "qdpo.json", description)
 
 
+def reference_preference_line(table: torch.Tensor) -> str:
+    """How often the reference alone already gives the chosen response the higher log-prob, before any tuning."""
+    prefers = int((table[:, 0] > table[:, 1]).sum())
+    return (
+        f"before tuning, the reference gives the chosen response the higher log-prob on {prefers} of "
+        f"{table.shape[0]} held-out pairs; reward accuracy starts at 0 (policy = reference: every margin is 0)"
+    )
+
+
 def format_summary(summary: dict[str, Any], out: Path) -> str:
     """The closing lines printed after a run."""
-    acc, margin = summary["eval_rewards/accuracies"], summary["eval_rewards/margins"]
-    evals = f"eval reward accuracy {acc:.3f}, margin {margin:.3f}" if acc is not None else "no eval split"
+    margin = summary["eval_rewards/margins"]
+    margins = f"; held-out margin {margin:.3f}" if margin is not None else ""
     return (
-        f"done: {summary['steps']} steps in {summary['seconds']:.0f}s; {evals}; "
+        f"done: {summary['steps']} steps in {summary['seconds']:.0f}s{margins}; "
         f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['peak_memory_kind']})\n"
-        f"adapter: {out / 'adapter'}  (loads with peft.PeftModel.from_pretrained)"
+        f"{summary['verdict']}\n"
+        f"adapter: {out / 'adapter'}  (loads with peft.PeftModel.from_pretrained); report: {out / 'report.html'}"
     )

@@ -183,7 +183,12 @@ def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, chat_rows):
     )
     assert result.exit_code == 0, result.output
     assert "9 pairs kept" in result.output and "3 pairs kept" in result.output
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    baseline, *lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # Step 0 is the held-out baseline before any update: policy = reference, so every margin is 0 and loss is ln 2.
+    assert baseline["step"] == 0 and "loss" not in baseline
+    assert baseline["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and baseline["eval_rewards/margins"] == 0
+    assert baseline["eval_rewards/accuracies"] == 0
+    assert "eval at step 0: reward accuracy 0.000 (0/3, 95% CI 0.00-0.56)" in result.output
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     for line in lines:
         for name in TRL_METRICS + ["grad_norm", "learning_rate", "tokens_per_second", "peak_memory_gb"]:

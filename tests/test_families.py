@@ -298,7 +298,7 @@ def test_qdpo_run_end_to_end_with_defaults(model_type, family_dirs, tmp_path, ch
     )
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert f"model family: {FAMILIES[model_type].label}" in result.output
-    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])  # [0] is step 0's held-out baseline
     assert first["loss"] == pytest.approx(LN2, abs=1e-6) and first["rewards/margins"] == pytest.approx(0, abs=1e-6)
     base = AutoModelForCausalLM.from_pretrained(family_dirs[model_type])
     tuned = PeftModel.from_pretrained(base, out / "adapter")

@@ -105,3 +105,22 @@ def test_doubled_bos_and_eos_are_cut_to_one_and_reported(tokenizer):
         "1 responses ended with two EOS tokens (the text ends with '</s>' and the "
         "turn is closed again); qdpo kept one",
     ]
+
+
+def test_each_pair_records_what_truncation_cut_and_the_preview_marks_it(tokenizer):
+    from types import SimpleNamespace
+
+    from qdpo.prepare import preview
+
+    long_prompt = "Hello there, how are you today? " * 10
+    long_chosen, short_rejected = "I am fine, thank you. " * 10, "I am not sure."
+    kept, _ = tokenize_pairs(tokenizer, [Pair(long_prompt, long_chosen, short_rejected)], 24, 8)
+    full = encode_prompt(tokenizer, long_prompt), encode_response(tokenizer, long_prompt, long_chosen)
+    (pair,) = kept
+    budget = 24 - 8
+    assert pair.cut == (len(full[0]) - 8, len(full[1]) - budget, 0)
+    shown = preview(SimpleNamespace(tokenizer=tokenizer, train=kept), 3)
+    assert len(shown) == 1
+    assert shown[0]["prompt"].startswith(f"[... {len(full[0]) - 8} tokens cut] ")
+    assert shown[0]["chosen"].endswith(f" [... {len(full[1]) - budget} tokens cut]")
+    assert "cut" not in shown[0]["rejected"] and shown[0]["rejected"].startswith("I am not sure.")

@@ -38,6 +38,10 @@ PARTS = {
     ("watch.py", "out_of_memory"): {"where", "advice"},  # fill the out-of-memory error
     ("merge.py", "merge"): {"expected"},
     ("verify.py", "describe"): {"return"},  # the logit deviation in the merge and export checks
+    ("assess.py", "small_eval_warning"): {"return"},  # printed before the step-0 eval
+    ("assess.py", "eval_line"): {"return"},  # printed at each eval
+    ("assess.py", "verdict"): {"return"},  # the closing lines' judgement
+    ("train.py", "reference_preference_line"): {"return"},
     ("export.py", "export_gguf"): {"tokens"},
 }
 
