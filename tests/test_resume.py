@@ -115,7 +115,7 @@ def uninterrupted(tmp_path_factory, tiny_model_dir, data_file) -> Path:
     process = start(root / "run", tiny_model_dir, data_file, root / "cache")
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output
-    assert len(metrics(root / "run")) == 4 and any("eval_loss" in row for row in metrics(root / "run"))
+    assert [row["step"] for row in metrics(root / "run")] == [0, 1, 2, 3, 4]  # step 0: the held-out baseline
     return root / "run"
 
 
@@ -220,7 +220,7 @@ def test_resume_trains_on_when_max_steps_is_raised(monkeypatch, tmp_path, uninte
     finished = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", "max_steps=6"])
     assert finished.exit_code == 0, finished.output
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[:4] == metrics(uninterrupted)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6] and rows[:5] == metrics(uninterrupted)
 
 
 def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
@@ -230,8 +230,9 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
 
     real, calls = train.preference_loss, []
 
-    def poisoned(*args, **kwargs):  # from the second step on, every loss is NaN
-        calls.append(1)
+    def poisoned(*args, **kwargs):  # from the second step on, every loss is NaN (evaluations run without grad)
+        if torch.is_grad_enabled():
+            calls.append(1)
         losses, *rest = real(*args, **kwargs)
         return (losses * float("nan") if len(calls) > 2 else losses, *rest)
 
@@ -246,8 +247,8 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
     # the pairs of steps 2 and 3 (4 each; step 3 starts the second epoch, so some repeat), named by their file row
     assert len(named) == len(set(named)) >= 4 and all(1 <= int(n) <= 12 for n in named)
     rows = metrics(out)
-    assert [r["step"] for r in rows] == [1, 2, 3] and [r.get("skipped") for r in rows] == [None, True, True]
-    assert rows[1]["learning_rate"] == rows[2]["learning_rate"]  # the schedule waited
+    assert [r["step"] for r in rows] == [0, 1, 2, 3] and [r.get("skipped") for r in rows] == [None, None, True, True]
+    assert rows[2]["learning_rate"] == rows[3]["learning_rate"]  # the schedule waited
     first = load_file(out / "checkpoints" / "step-000001" / "adapter" / "adapter_model.safetensors")
     third = load_file(out / "checkpoints" / "step-000003" / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(first[k], third[k]) for k in first)  # no update was applied by the bad steps
@@ -263,7 +264,8 @@ def test_out_of_memory_checkpoints_the_last_good_state(
 
     def runs_out(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 8:  # step 3's second micro-batch (after 2 x 2 training calls and 2 eval calls at step 2)
+        if len(calls) == 10:  # step 3's second micro-batch (after the 2 eval calls of step 0's baseline, 2 x 2
+            # training calls and 2 eval calls at step 2)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real(*args, **kwargs)
 
@@ -291,7 +293,7 @@ def test_out_of_memory_checkpoints_the_last_good_state(
         ["run", "--resume", str(regrouped), "--no-progress", "micro_batch_size=1", "gradient_accumulation_steps=4"],
     )
     assert again.exit_code == 0, again.output
-    assert [r["step"] for r in metrics(regrouped)] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics(regrouped)] == [0, 1, 2, 3, 4]
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(monkeypatch, tmp_path, tiny_model_dir, data_file):
