@@ -595,6 +595,9 @@ def train_loop(
             log_row(log, {"step": 0, **baseline})
         for step in range(first_step, t.steps + 1):
             before = trainer_state(t)  # the last good state, should memory run out mid-step (references, no copies)
+            # The row's rewards come from this step's forward, before its update: judge them against the adapter as
+            # it was then (a first step at learning rate 0, as warmup starts, leaves the adapter where it began).
+            moved_before = adapter_moved()
             try:
                 row = {"step": step, **train_step(t, data, config, t.stream, device)}
             except torch.cuda.OutOfMemoryError:
@@ -611,7 +614,7 @@ def train_loop(
                 row.update(last_eval)
             if evaluating or step % config.logging_steps == 0 or step == t.steps or row.get("skipped"):
                 log_row(log, row)
-            for warning in watch.see(row, adapter_moved):
+            for warning in watch.see(row, lambda: moved_before):
                 say(warning)
             saved = bool(config.save_steps) and (step % config.save_steps == 0 or step == t.steps)
             if saved:

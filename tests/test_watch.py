@@ -89,6 +89,19 @@ def test_a_broken_reference_switch_is_caught_in_a_real_run(monkeypatch, tmp_path
     assert result.exit_code == 2 and "at step 2 the reference still equals the policy" in result.output
 
 
+def test_a_first_step_at_learning_rate_zero_is_not_a_broken_reference(tmp_path, tiny_model_dir, chat_rows):
+    """Warmup starts at rate 0: step 2's forward still sees the untouched adapter, so its rewards are 0 by right."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows))
+    args = ["run", "--model", str(tiny_model_dir), "--data", str(data), "--output", str(tmp_path / "run")]
+    args += ["--no-progress", "max_steps=3", "micro_batch_size=4", "eval_fraction=0", "warmup_ratio=0.5"]
+    result = CliRunner().invoke(main, args + ["learning_rate=1e-2", "eval_generate=0"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["learning_rate"] == 0 and rows[1]["rewards/margins"] == 0  # the case the check got wrong
+    assert rows[2]["rewards/margins"] != 0
+
+
 @pytest.mark.parametrize("layout", ["plain", "shared", "packed"])
 def test_a_pad_token_equal_to_eos_never_masks_the_real_eos(tokenizer, chat_rows, layout):
     """Masks come from lengths, not from comparing ids with pad: every response's EOS is scored."""
