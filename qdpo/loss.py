@@ -1,6 +1,7 @@
-"""The preference losses: a pure function of sequence log-probabilities.
+"""The preference losses: pure functions of sequence log-probabilities.
 
-Formulas match TRL's DPOTrainer so numbers compare; each cites its paper.
+Formulas match TRL's (DPOTrainer; CPOTrainer for SimPO, ORPOTrainer for ORPO) so numbers compare
+(benchmarks/compare_methods.py); each cites its paper.
 """
 
 from __future__ import annotations
