@@ -83,6 +83,13 @@ def verdict(first: dict[str, Any] | None, last: dict[str, Any] | None, pairs: in
     low, high = acc.interval
     start = f", from {eval_accuracy(first, pairs).value:.3f} at step 0" if first is not None else ""
     seen = f"held-out reward accuracy {acc.describe()}{start}"
+    if first is not None and first["eval_rewards/accuracies"] > 0:
+        # A reference-free method's reward is the policy's own average log-prob: the base model already ranks
+        # pairs with it, so the count at step 0 is the baseline, not 0, and the margin shows what tuning added.
+        return (
+            f"{seen}: without a reference the base model's own ranking is the baseline; the held-out margin moved "
+            f"from {first['eval_rewards/margins']:.3f} to {last['eval_rewards/margins']:.3f}."
+        )
     if low > CHANCE:
         return f"{seen}: the policy learned the preference: even the interval's low end is above chance (0.5)."
     if high < CHANCE:

@@ -60,8 +60,8 @@ class Watch:
             return [
                 f"warning: logps/chosen fell from {chosen_then:.1f} to {chosen_now:.1f} while rewards/margins "
                 f"rose from {margin_then:.2f} to {margin_now:.2f}: the policy is pushing the chosen answers down "
-                "too; sft_weight=0.1 to 1 (an NLL term on the chosen response, RPO) usually stops that (in a new "
-                "run: it changes what every step computes)."
+                "too; an NLL term on the chosen response (RPO: loss_type=[sigmoid,sft] loss_weights=[1,0.5]) "
+                "usually stops that (in a new run: it changes what every step computes)."
             ]
         return []
 

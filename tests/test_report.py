@@ -51,6 +51,15 @@ def test_verdict_reads_the_interval_against_chance(correct, expected):
     assert "give eval_data" in verdict(None, None, 0)
 
 
+def test_a_reference_free_baseline_is_judged_by_the_margin():
+    """SimPO/ORPO rank pairs by the policy's own log-probs: 46/48 at step 0 is the base model, not learning."""
+    first = {"eval_rewards/accuracies": 46 / 48, "eval_rewards/margins": 3.14}
+    last = {"eval_rewards/accuracies": 47 / 48, "eval_rewards/margins": 4.71}
+    said = verdict(first, last, 48)
+    assert "learned" not in said and "base model's own ranking is the baseline" in said
+    assert "margin moved from 3.140 to 4.710" in said
+
+
 def test_smoothing_is_a_debiased_moving_average():
     # weight 0.6: avg1 = 0.4*1 = 0.4, /(1-0.6) = 1; avg2 = 0.6*0.4 + 0.4*3 = 1.44, /(1-0.36) = 2.25
     assert smooth([1.0, 3.0]) == pytest.approx([1.0, 2.25])

@@ -35,7 +35,7 @@ def test_falling_chosen_logps_with_rising_margins_warns_once_with_the_numbers():
     # past max(2, 5% of 106); margins up 0.75 > 0.5). Then never again.
     assert len(warnings) == 1
     assert "logps/chosen fell from -106.0 to -116.0 while rewards/margins rose from 0.45 to 1.20" in warnings[0]
-    assert "sft_weight" in warnings[0]
+    assert "loss_type=[sigmoid,sft] loss_weights=[1,0.5]" in warnings[0]
 
 
 @pytest.mark.parametrize(
