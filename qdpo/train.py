@@ -182,7 +182,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for idx in batches:
+        for idx in progress_bar(batches, desc="eval", unit="batch", leave=False):
             batch = make_batch([pairs[j] for j in idx], pad_id, config.batch_layout)
             ref = table_rows(reference, idx) if reference is not None else None  # None: a reference-free method
             losses, cr, rr, policy = preference_loss(model, batch, config, ref)
