@@ -119,3 +119,13 @@ def smollm2_dir() -> Path:
     from qdpo.model import builtin_gguf, convert_gguf
 
     return convert_gguf(builtin_gguf())
+
+
+# The longest test first: under `pytest -n 2` the notebook's run then overlaps the rest of the suite instead of
+# running alone at the end.
+LONGEST_FIRST = ("tests/test_notebook.py::test_the_notebook_runs_top_to_bottom_on_the_cpu",)
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """Put LONGEST_FIRST at the front; the rest keep their order."""
+    items.sort(key=lambda item: item.nodeid not in LONGEST_FIRST)
