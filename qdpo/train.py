@@ -648,6 +648,7 @@ def train_loop(
     first_eval = next((r for r in rows if r["step"] == 0), None)
     train_rows = [r for r in rows if r["step"] > 0 and "loss" in r]
     step_seconds = sum(r["tokens"] / r["tokens_per_second"] for r in train_rows if r.get("tokens_per_second"))
+    accuracy = eval_accuracy(last_eval, len(data.eval)) if last_eval else None
     summary = {
         "steps": t.steps,
         "seconds": round(time.time() - started, 1),
@@ -656,8 +657,8 @@ def train_loop(
         "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
         "eval_rewards/accuracies": last_eval.get("eval_rewards/accuracies"),
         "eval_rewards/margins": last_eval.get("eval_rewards/margins"),
-        "eval_correct": eval_accuracy(last_eval, len(data.eval)).correct if last_eval else None,
-        "eval_accuracy_ci95": list(eval_accuracy(last_eval, len(data.eval)).interval) if last_eval else None,
+        "eval_correct": accuracy.correct if accuracy else None,
+        "eval_accuracy_ci95": list(accuracy.interval) if accuracy else None,
         "step0_eval_rewards/accuracies": first_eval.get("eval_rewards/accuracies") if first_eval else None,
         "verdict": verdict(first_eval, last_eval or None, len(data.eval)),
         "tokens_per_second": round(sum(r["tokens"] for r in train_rows) / step_seconds, 1) if step_seconds else None,
