@@ -11,17 +11,19 @@ pairs (prompt, chosen, rejected token ids of different lengths) go through:
   the reference log-probs from `qdpo.step.score_batch` on the reference model;
 * TRL: `DPOTrainer._compute_loss` (every DPOTrainer loss type qdpo has, loss lists, `ld_alpha`,
   `use_weighting`) with TRL's fused LM head on both models; `CPOTrainer.get_batch_loss_metrics` for SimPO;
-  `ORPOTrainer.get_batch_loss_metrics` for ORPO. The trainers' methods run on a stand-in for the trainer
-  object that holds only the attributes those methods read, so no Trainer (optimizer, dataloader) is built.
+  `ORPOTrainer.get_batch_loss_metrics` for ORPO; `KTOTrainer._compute_loss` for KTO, given the same
+  mismatched (KL) completions qdpo pairs each example with. The trainers' methods run on a stand-in for the
+  trainer object that holds only the attributes those methods read, so no Trainer (optimizer, dataloader) is
+  built.
 
 TRL averages a batch's per-pair losses; qdpo's per-pair losses are averaged the same way here. Differences
 that are not float rounding are explained in the README ("differences from TRL"): ORPO's NLL (TRL counts
-the prompt tokens too) is printed separately, next to the odds-ratio part that must agree. KTO is not in
-qdpo yet, so there is no KTOTrainer row.
+the prompt tokens too) is printed separately, next to the odds-ratio part that must agree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import types
 from collections import defaultdict
@@ -74,7 +76,11 @@ def random_pairs(n: int, seed: int) -> list[TokenizedPair]:
 
 def trl_dpo_inputs(pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
     """TRL DPOTrainer's batch: prompt+completion rows, chosen rows then rejected rows, right-padded."""
-    rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+    return trl_rows([(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs])
+
+
+def trl_rows(rows: list[tuple[list[int], list[int]]], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Right-padded prompt+completion rows: input ids, attention mask and completion mask (names with a prefix)."""
     width = max(len(a) + len(b) for a, b in rows)
     input_ids = torch.full((len(rows), width), PAD)
     attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -84,7 +90,11 @@ def trl_dpo_inputs(pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
         input_ids[r, :n] = torch.tensor(prompt + response)
         attention[r, :n] = 1
         completion[r, len(prompt) : n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+    return {
+        f"{prefix}input_ids": input_ids,
+        f"{prefix}attention_mask": attention,
+        f"{prefix}completion_mask": completion,
+    }
 
 
 def trl_paired_batch(pairs: list[TokenizedPair]) -> dict[str, torch.Tensor]:
@@ -167,6 +177,48 @@ def trl_paired(kind: str, policy, pairs, **settings):
     return float(loss), metrics
 
 
+def trl_kto(policy, reference, examples: list[TokenizedPair], **settings):
+    """TRL KTOTrainer._compute_loss on examples (completion in chosen_ids, KL completion in rejected_ids)."""
+    from trl import KTOTrainer
+
+    batch = trl_rows([(e.prompt_ids, e.chosen_ids) for e in examples])
+    batch.update(trl_rows([(e.prompt_ids, e.rejected_ids) for e in examples], prefix="KL_"))
+    batch["label"] = torch.tensor([e.desirable for e in examples])
+    trainer = types.SimpleNamespace(
+        model=policy,
+        ref_model=reference,
+        accelerator=accelerator(),
+        args=types.SimpleNamespace(gradient_checkpointing_kwargs=None),
+        aux_loss_enabled=False,
+        precompute_ref_logps=False,
+        calculate_KL=True,
+        loss_type="kto",
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
+        **settings,
+    )
+    trainer._compute_kl_logps = types.MethodType(KTOTrainer._compute_kl_logps, trainer)
+    with torch.no_grad():
+        loss = KTOTrainer._compute_loss(trainer, policy, batch, return_outputs=False)
+    return float(loss), {k: v[-1] for k, v in trainer._metrics["eval"].items()}
+
+
+def qdpo_kto(policy, reference, examples: list[TokenizedPair], overrides):
+    """qdpo's KTO step on the same examples: mean loss and TRL-named metrics (Metrics, as a run logs them)."""
+    from qdpo.step import Metrics
+
+    config = build_config(None, {"logits_chunk_size": 0, "share_prompt": False, "loss_type": "kto", **overrides})
+    batch = make_batch(examples, PAD, "plain")
+    desirable = torch.tensor([e.desirable for e in examples])
+    metrics = Metrics()
+    with torch.no_grad():
+        ref = score_batch(reference, batch, 0).logps
+        losses, rewards, _, scores = preference_loss(policy, batch, config, ref, desirable)
+        metrics.add(losses, rewards, None, scores, VOCAB, desirable)
+    return float(losses.mean()), metrics.means()
+
+
 def qdpo_loss(policy, reference, pairs, overrides):
     """qdpo's step on the same batch (plain layout, full logits): mean loss and per-pair-mean metrics."""
     config = build_config(None, {"logits_chunk_size": 0, "share_prompt": False, **overrides})
@@ -185,8 +237,9 @@ def main() -> None:
     from trl.trainer.utils import add_fused_lm_head
 
     policy, reference = tiny_llama(0), tiny_llama(1)
-    add_fused_lm_head(policy, outputs=("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs"))
-    add_fused_lm_head(reference)
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1", "log_sum_sq_probs")
+    add_fused_lm_head(policy, outputs=outputs)
+    add_fused_lm_head(reference, outputs=outputs)  # KTO swaps the two models' roles
     pairs = random_pairs(6, seed=2)
     rows = []
     dpo_cases = [
@@ -231,12 +284,23 @@ def main() -> None:
     rows.append(("orpo log_odds_chosen", qm["log_odds_chosen"], tm["log_odds_chosen"], ""))
     rows.append(("orpo rewards/chosen", qm["rewards/chosen"], tm["rewards/chosen"], ""))
 
+    # KTO: the pairs' chosen answers are the completions, their rejected answers the KL completions (answers to
+    # other prompts in qdpo's runs; any completion serves to compare the arithmetic), labels alternating.
+    examples = [dataclasses.replace(p, desirable=i % 3 != 1) for i, p in enumerate(pairs)]
+    # The two random models swap roles here: this way round the KL samples' mean log-ratio is positive, so z0 is
+    # not clamped to 0 and really enters both losses.
+    settings = {"beta": 0.5, "desirable_weight": 1.2, "undesirable_weight": 0.8}
+    q, qm = qdpo_kto(reference, policy, examples, settings)
+    t, tm = trl_kto(reference, policy, examples, **settings)
+    rows.append(("kto (KTOTrainer)", q, t, ""))
+    for name in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        rows.append((f"kto {name}", qm[name], tm[name], ""))
+
     print(f"{'method':<38} {'qdpo':>12} {'TRL':>12} {'rel. diff':>10}  verdict")
     for name, q, t, why in rows:
         diff = abs(q - t) / max(abs(t), 1e-30)
         verdict = "same (float rounding)" if diff <= TOLERANCE else f"differs: {why or 'UNEXPLAINED'}"
         print(f"{name:<38} {q:>12.6g} {t:>12.6g} {diff:>10.2e}  {verdict}")
-    print("kto: not compared (qdpo has no KTO yet)")
 
 
 if __name__ == "__main__":

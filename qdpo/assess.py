@@ -54,9 +54,20 @@ def eval_accuracy(row: dict[str, Any], pairs: int) -> EvalAccuracy:
     return EvalAccuracy(round(row["eval_rewards/accuracies"] * pairs), pairs)
 
 
+# KTO has no pairs to rank: an example counts as right when its reward lies on its label's side of the KL baseline
+# (above it when desirable, below when not), the line KTO's loss itself draws.
+KTO_MEASURE = "examples on their label's side of the KL baseline"
+
+
 def eval_line(step: int, row: dict[str, Any], pairs: int) -> str:
     """The line printed at each evaluation."""
     acc = eval_accuracy(row, pairs)
+    if "eval_kl" in row:  # KTO
+        return (
+            f"eval at step {step}: {KTO_MEASURE} {acc.describe()}, desirable minus undesirable reward "
+            f"{row.get('eval_rewards/margins', float('nan')):.3f}, kl {row['eval_kl']:.3f}, "
+            f"loss {row['eval_loss']:.4f}"
+        )
     return (
         f"eval at step {step}: reward accuracy {acc.describe()}, margin {row['eval_rewards/margins']:.3f}, "
         f"loss {row['eval_loss']:.4f}"
@@ -75,13 +86,36 @@ def small_eval_warning(pairs: int) -> str | None:
     )
 
 
-def verdict(first: dict[str, Any] | None, last: dict[str, Any] | None, pairs: int) -> str:
-    """What the held-out numbers say about the run, and what a good result looks like for this data."""
+def verdict(
+    first: dict[str, Any] | None, last: dict[str, Any] | None, pairs: int, desirable_share: float | None = None
+) -> str:
+    """What the held-out numbers say about the run, and what a good result looks like for this data.
+
+    desirable_share (KTO) is the share of held-out examples labelled desirable: raising (or lowering) every
+    reward past the baseline scores the larger share, so that share, not 0.5, is the bar to clear.
+    """
     if last is None or not pairs:
         return "no held-out pairs, so nothing says whether the run generalises; give eval_data to judge it."
     acc = eval_accuracy(last, pairs)
     low, high = acc.interval
     start = f", from {eval_accuracy(first, pairs).value:.3f} at step 0" if first is not None else ""
+    if desirable_share is not None:
+        bar = max(desirable_share, 1 - desirable_share)
+        seen = f"held-out {KTO_MEASURE}: {acc.describe()}{start}"
+        if low > bar:
+            return (
+                f"{seen}: the policy learned to tell desirable from undesirable answers: even the interval's low end "
+                f"is above {bar:.2f}, what one-sided rewards would score."
+            )
+        if high < 1 - bar:
+            return (
+                f"{seen}: more examples sit on the wrong side of the baseline than one-sided rewards would put there; "
+                "check that the labels are not inverted (true must mean desirable)."
+            )
+        return (
+            f"{seen}: not distinguishable from one-sided rewards ({bar:.2f}) yet; a good run's interval lies wholly "
+            f"above it (more steps, a higher learning_rate, or more held-out examples)."
+        )
     seen = f"held-out reward accuracy {acc.describe()}{start}"
     if first is not None and first["eval_rewards/accuracies"] > 0:
         # A reference-free method's reward is the policy's own average log-prob: the base model already ranks

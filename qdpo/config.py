@@ -16,7 +16,9 @@ import yaml
 
 from qdpo.errors import UserError
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "simpo", "orpo", "sft")
+LOSS_TYPES = (
+    "sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero", "apo_down", "simpo", "orpo", "kto", "sft"
+)  # fmt: skip
 # Each preference method: what it is, the data it reads, and whether it compares against a reference model
 # (`qdpo settings` and the README print this table).
 METHODS = {
@@ -29,6 +31,11 @@ METHODS = {
     "apo_down": ("APO-down (D'Oosterlinck et al. 2024): push both down, rejected more", "pairs", True),
     "simpo": ("SimPO (Meng et al. 2024): length-averaged log-prob margin with target simpo_gamma", "pairs", False),
     "orpo": ("ORPO (Hong et al. 2024): chosen NLL + orpo_alpha x odds-ratio loss", "pairs", False),
+    "kto": (
+        "KTO (Ethayarajh et al. 2024): each answer alone, desirable or not, against a KL baseline",
+        "prompt/completion/label rows (pairs are split in two)",
+        True,
+    ),
     "sft": ("an NLL term on the chosen response, added to another loss (RPO)", "pairs (chosen side)", False),
 }
 REFERENCE_FREE = ("simpo", "orpo")  # whole methods that never look at a reference model
@@ -88,6 +95,10 @@ class Config:
     prompt_column: str = _f("prompt", "Column with the prompt (string or chat messages).")
     chosen_column: str = _f("chosen", "Column with the preferred response.")
     rejected_column: str = _f("rejected", "Column with the dispreferred response.")
+    completion_column: str = _f("completion", "KTO's unpaired rows: column with the response (loss_type=kto).")
+    label_column: str = _f(
+        "label", "KTO's unpaired rows: column saying whether the response is desirable (true/false; loss_type=kto)."
+    )
     assistant_marker: str = _f(
         "\n\nAssistant:", "For rows without a prompt column (Anthropic-HH style): text that opens an assistant turn."
     )
@@ -204,6 +215,13 @@ class Config:
     orpo_alpha: float = _f(
         0.1, "ORPO's lambda: weight of the odds-ratio term against the chosen NLL (loss_type=orpo).", gt=0
     )
+    desirable_weight: float = _f(
+        1.0,
+        "KTO's lambda_D: weight of the loss on desirable examples. With unbalanced data, desirable_weight x "
+        "#desirable / (undesirable_weight x #undesirable) should lie in [1, 4/3] (the KTO paper's advice).",
+        gt=0,
+    )
+    undesirable_weight: float = _f(1.0, "KTO's lambda_U: weight of the loss on undesirable examples.", gt=0)
     ld_alpha: float | None = _f(
         None,
         "LD-DPO (Liu et al. 2024): response tokens past the shorter response of a pair count with this "
@@ -311,9 +329,38 @@ class Config:
             )
         if self.label_smoothing and not set(types) & {"sigmoid", "robust", "simpo"}:
             raise UserError(f"label_smoothing applies to loss_type sigmoid, robust or simpo, not {', '.join(types)}.")
+        if "kto" in types:
+            self._check_kto(types)
         if free and (self.ld_alpha is not None or self.use_weighting):
             which = "ld_alpha" if self.ld_alpha is not None else "use_weighting"
             raise UserError(f"{which} weighs DPO-style losses; loss_type {free[0]} does not take it.")
+
+    def _check_kto(self, types: list[str]) -> None:
+        """KTO scores answers one at a time: the options that compare a pair's two responses cannot apply."""
+        if types != ["kto"] or self.sft_weight:
+            raise UserError(
+                f"loss_type kto scores answers one at a time and combines with no other loss; got "
+                f"{', '.join(types + (['sft_weight'] if self.sft_weight else []))}. Use loss_type=kto alone."
+            )
+        paired = [
+            name
+            for name, on in (
+                ("ld_alpha", self.ld_alpha is not None),
+                ("use_weighting", self.use_weighting),
+                ("label_smoothing", self.label_smoothing > 0),
+            )
+            if on
+        ]
+        if paired:
+            raise UserError(
+                f"{paired[0]} weighs the two responses of a pair, but loss_type kto scores answers one at a time; "
+                f"unset {paired[0]}."
+            )
+
+    @property
+    def unpaired(self) -> bool:
+        """Whether the method reads single answers with a desirable/undesirable label (KTO) instead of pairs."""
+        return self.loss_types == ["kto"]
 
     @property
     def loss_types(self) -> list[str]:

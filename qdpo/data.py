@@ -23,6 +23,9 @@ class Pair:
     chosen: Text
     rejected: Text
     origin: str = field(default="", compare=False)  # where it came from ("data.jsonl row 3"), for error messages
+    # KTO (qdpo.unpaired): chosen holds the one answer, rejected another prompt's answer for the KL baseline, and
+    # this says whether the answer is desirable. None for a preference pair.
+    desirable: bool | None = None
 
     @property
     def conversational(self) -> bool:
@@ -284,11 +287,77 @@ def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> li
                 )
         else:
             prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, columns.assistant_marker, at)
-        pair = _unify(prompt, chosen, rejected, at)
+        pair = unify(prompt, chosen, rejected, at)
         for name, response in ((columns.chosen, pair.chosen), (columns.rejected, pair.rejected)):
             _check_response(response, at, name, columns.prompt)
         pairs.append(pair)
     return pairs
+
+
+@dataclass(frozen=True)
+class Example:
+    """One answer to a prompt, labelled desirable or not (KTO's unpaired data)."""
+
+    prompt: Text
+    completion: Text
+    desirable: bool
+    origin: str = field(default="", compare=False)
+
+
+LABEL_WORDS = {"true": True, "false": False, "1": True, "0": False}  # labels as CSV and spreadsheets write them
+
+
+def to_examples(
+    rows: Iterable[dict[str, Any]], columns: Columns, completion_column: str, label_column: str, where: str
+) -> list[Example]:
+    """Validate rows into KTO examples: prompt/completion/label rows, or preference pairs split in two.
+
+    The first row decides the format: with a completion column, every row must be prompt/completion/label
+    (TRL's unpaired format); otherwise rows are preference pairs (to_pairs), and each gives a desirable example
+    (chosen) and an undesirable one (rejected).
+    """
+    lines = getattr(rows, "lines", None)
+    original, rows = rows, list(rows)
+    first = rows[0] if rows and isinstance(rows[0], dict) else {}
+    if completion_column not in first:
+        pairs = to_pairs(original if lines else rows, columns, where)
+        return [
+            example
+            for p in pairs
+            for example in (
+                Example(p.prompt, p.chosen, True, p.origin),
+                Example(p.prompt, p.rejected, False, p.origin),
+            )
+        ]
+    examples = []
+    for number, row in enumerate(rows, start=1):
+        line = lines[number - 1] if lines else number
+        at = f"{where} row {number}" + (f" (line {line})" if line != number else "")
+        if not isinstance(row, dict):
+            raise UserError(f"{at} is {_kind(row)}, not an object with prompt/completion/label columns.")
+        for name in (columns.prompt, completion_column, label_column):
+            if name not in row:
+                has = f"it has {', '.join(_show(key) for key in list(row)[:8])}" if row else "it has no columns"
+                raise UserError(
+                    f"{at} has no column {_show(name)} ({has}); KTO reads prompt/completion/label rows (the first "
+                    "row has a completion column); map yours with prompt_column=, completion_column=, label_column=."
+                )
+        prompt = _check_text(row[columns.prompt], at, columns.prompt)
+        completion = _check_text(row[completion_column], at, completion_column)
+        unified = unify(prompt, completion, completion, at)
+        _check_response(unified.chosen, at, completion_column, columns.prompt)
+        label = row[label_column]
+        if isinstance(label, str):
+            label = LABEL_WORDS.get(label.strip().lower(), label)
+        if isinstance(label, int) and not isinstance(label, bool) and label in (0, 1):
+            label = bool(label)
+        if not isinstance(label, bool):
+            raise UserError(
+                f"{at} column {label_column!r} is {_kind(label)} {_show(label)}, not true or false; label each "
+                "completion true (desirable) or false (undesirable)."
+            )
+        examples.append(Example(unified.prompt, unified.chosen, label, at))
+    return examples
 
 
 def _kind(value: Any) -> str:
@@ -410,7 +479,7 @@ def _split_shared_prompt(chosen: Text, rejected: Text, marker: str, at: str) -> 
     raise UserError(f"{at}: chosen and rejected must both be strings or both be message lists.")
 
 
-def _unify(prompt: Text, chosen: Text, rejected: Text, origin: str = "") -> Pair:
+def unify(prompt: Text, chosen: Text, rejected: Text, origin: str = "") -> Pair:
     """Make a pair all-text or all-messages: one message list makes the whole row a chat."""
     if not any(isinstance(t, list) for t in (prompt, chosen, rejected)):
         return Pair(prompt, chosen, rejected, origin)
@@ -434,6 +503,7 @@ def fingerprint(pairs: list[Pair]) -> str:
     """A content hash of the pairs, independent of the file format they came from."""
     digest = hashlib.sha256()
     for p in pairs:
-        digest.update(json.dumps([p.prompt, p.chosen, p.rejected], ensure_ascii=False).encode())
+        fields = [p.prompt, p.chosen, p.rejected] + ([p.desirable] if p.desirable is not None else [])
+        digest.update(json.dumps(fields, ensure_ascii=False).encode())
         digest.update(b"\n")
     return digest.hexdigest()[:16]

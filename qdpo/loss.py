@@ -1,6 +1,6 @@
 """The preference losses: pure functions of sequence log-probabilities.
 
-Formulas match TRL's (DPOTrainer; CPOTrainer for SimPO, ORPOTrainer for ORPO) so numbers compare
+Formulas match TRL's (DPOTrainer; CPOTrainer for SimPO, ORPOTrainer for ORPO, KTOTrainer for KTO) so numbers compare
 (benchmarks/compare_methods.py); each cites its paper.
 """
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from qdpo.config import LOSS_TYPES, REFERENCE_FREE
 
-REFERENCE_LOSSES = tuple(t for t in LOSS_TYPES if t not in REFERENCE_FREE and t != "sft")  # what dpo_loss computes
+REFERENCE_LOSSES = tuple(t for t in LOSS_TYPES if t not in REFERENCE_FREE + ("sft", "kto"))  # what dpo_loss computes
 
 
 def dpo_loss(
@@ -128,6 +128,36 @@ def wpo_weights(chosen_aligned_avg: torch.Tensor, rejected_aligned_avg: torch.Te
     """WPO's per-pair weight (Zhou et al. 2024, arXiv:2406.11827, eq. 2): the product of both responses' exp of
     their per-token-averaged aligned log-probs (log p - log sum_v p_v^2), detached."""
     return torch.exp(chosen_aligned_avg.detach()) * torch.exp(rejected_aligned_avg.detach())
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    policy_kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """KTO per-example losses, rewards (detached), the KL baseline z0, and which rewards lie on their label's side.
+
+    Ethayarajh et al. 2024 (arXiv:2402.01306), the KTO loss of section 4 (eq. 7 as TRL cites it): with the log-ratio
+    r = log pi(y|x) - log ref(y|x) and z0 = KL(pi || ref) estimated as the mean log-ratio of mismatched (x, y')
+    pairs (clamped at 0 and detached, as the paper and TRL's KTOTrainer do), a desirable y costs
+    lambda_D (1 - sigmoid(beta (r - z0))) and an undesirable one lambda_U (1 - sigmoid(beta (z0 - r))).
+    That is the paper's lambda_y - v(x, y). Inputs are summed response log-probs of shape [B] (the KL ones may
+    have another length); desirable is a bool [B]. Rewards are beta x r, as TRL logs them.
+    """
+    logratios = policy_logps - ref_logps
+    kl = (policy_kl_logps - ref_kl_logps).mean().detach().clamp(min=0)
+    losses = torch.where(
+        desirable,
+        desirable_weight * (1 - torch.sigmoid(beta * (logratios - kl))),
+        undesirable_weight * (1 - torch.sigmoid(beta * (kl - logratios))),
+    )
+    on_side = torch.where(desirable, logratios.detach() > kl, logratios.detach() < kl)
+    return losses, beta * logratios.detach(), kl, on_side
 
 
 @dataclass

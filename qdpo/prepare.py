@@ -49,7 +49,14 @@ def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair
 
 
 def split_pairs(config: Config) -> tuple[list[Pair], list[Pair]]:
-    """The run's training and held-out pairs: eval_data, the built-in held-out set, or eval_fraction of data."""
+    """The run's training and held-out pairs: eval_data, the built-in held-out set, or eval_fraction of data.
+
+    For KTO (config.unpaired) they are its examples laid out as pairs (qdpo.unpaired).
+    """
+    if config.unpaired:
+        from qdpo.unpaired import kto_splits
+
+        return kto_splits(config)
     pairs = read_pairs(config.data, config)
     if config.eval_data:
         return pairs, read_pairs(config.eval_data, config)
@@ -66,6 +73,12 @@ def prepare_data(config: Config, echo: Callable[[str], None] = print) -> Prepare
     train_pairs, eval_pairs = split_pairs(config)
     train, train_stats = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
     echo(f"train: {train_stats.describe()}")
+    if config.unpaired:
+        from qdpo.unpaired import balance_note
+
+        note = balance_note(train, config)
+        if note:
+            echo(note)
     for note in train_stats.notes:
         echo(f"train: {note}")
     eval_, eval_stats = [], None
@@ -75,7 +88,9 @@ def prepare_data(config: Config, echo: Callable[[str], None] = print) -> Prepare
         for note in eval_stats.notes:
             echo(f"eval:  {note}")
     if not train:
-        raise UserError(f"no training pairs are left after filtering {config.data}; check the data and max_length.")
+        raise UserError(
+            f"no training {train_stats.unit} are left after filtering {config.data}; check the data and max_length."
+        )
     return PreparedData(
         source, model_config, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs)
     )

@@ -26,7 +26,7 @@ CURVES = [
     (
         "accuracy",
         "Reward accuracy",
-        "share of pairs with chosen reward > rejected",
+        "share of pairs with chosen reward > rejected\n(KTO: of examples on their label's side of the KL baseline)",
         [("rewards/accuracies", "train"), ("eval_rewards/accuracies", "held-out")],
     ),
     (
@@ -45,6 +45,12 @@ CURVES = [
             ("eval_logps/chosen", "held-out chosen"),
             ("eval_logps/rejected", "held-out rejected"),
         ],
+    ),
+    (
+        "kl",
+        "KTO's KL baseline z0",
+        "policy - reference log-ratio of mismatched answers",
+        [("kl", "train"), ("eval_kl", "held-out")],
     ),
     ("learning_rate", "Learning rate", "learning rate", [("learning_rate", "learning rate")]),
 ]

@@ -12,7 +12,7 @@ from qdpo.config import Config
 from qdpo.errors import UserError
 from qdpo.families import OutputHead, decoder_masks, family_of, shared_layout_problem
 from qdpo.logprobs import SequenceScores, chunked_sequence_logps, gathered_logps, sequence_logps
-from qdpo.loss import preference_losses, wpo_weights
+from qdpo.loss import kto_loss, preference_losses, wpo_weights
 from qdpo.model import reference_model
 
 
@@ -106,52 +106,81 @@ def reference_scores(model, batch: Batch | SharedPromptBatch, logits_chunk_size:
 
 
 class Metrics:
-    """Sums of per-pair metrics over micro-batches, averaged when read (TRL's names)."""
+    """Sums of per-pair (KTO: per-example) metrics over micro-batches, averaged when read (TRL's names)."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}  # how many pairs or examples each sum holds
         self.pairs = 0
         self.logit_sums = [0.0, 0.0]  # chosen, rejected: sum of all vocab logits at scored positions
         self.logit_counts = [0, 0]
+
+    def _add(self, name: str, values: torch.Tensor) -> None:
+        if values.numel():
+            self.sums[name] = self.sums.get(name, 0.0) + float(values.float().sum())
+            self.counts[name] = self.counts.get(name, 0) + values.numel()
 
     def add(
         self,
         losses: torch.Tensor,
         chosen_rewards: torch.Tensor,
-        rejected_rewards: torch.Tensor,
+        rejected_rewards: torch.Tensor | None,
         policy: SequenceScores,
         vocab_size: int,
+        desirable: torch.Tensor | None = None,
     ) -> None:
-        """Accumulate one micro-batch."""
+        """Accumulate one micro-batch (with desirable: a KTO batch, whose chosen_rewards are all its examples')."""
         b = losses.shape[0]
-        values = {
-            "loss": losses.detach(),
-            "rewards/chosen": chosen_rewards,
-            "rewards/rejected": rejected_rewards,
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
-            "rewards/margins": chosen_rewards - rejected_rewards,
-            "logps/chosen": policy.logps[:b].detach(),
-            "logps/rejected": policy.logps[b:].detach(),
-        }
-        for name, v in {**values, **policy.extras}.items():
-            self.sums[name] = self.sums.get(name, 0.0) + float(v.float().sum())
+        logps = policy.logps[:b].detach()
+        if desirable is None:
+            rows = (torch.arange(b), torch.arange(b, 2 * b))
+            correct = chosen_rewards > rejected_rewards
+            sides = (chosen_rewards, rejected_rewards, logps, policy.logps[b:].detach())
+        else:  # KTO: "chosen" means desirable, "rejected" undesirable, as TRL's KTOTrainer logs them
+            desirable = desirable.to(losses.device)
+            rows = (desirable.nonzero().flatten().cpu(), (~desirable).nonzero().flatten().cpu())
+            correct = policy.extras.pop("on_side")
+            rewards = chosen_rewards
+            sides = (rewards[desirable], rewards[~desirable], logps[desirable], logps[~desirable])
+        self._add("loss", losses.detach())
+        self._add("rewards/accuracies", correct.float())
+        for name, values in zip(("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"), sides):
+            self._add(name, values)
+        for name, values in policy.extras.items():
+            self._add(name, values.detach())
         self.pairs += b
-        for side, rows in enumerate((slice(0, b), slice(b, 2 * b))):
-            self.logit_sums[side] += float(policy.logits_sum[rows].sum())
-            self.logit_counts[side] += int(policy.lengths[rows].sum()) * vocab_size
+        for side, picked in enumerate(rows):
+            self.logit_sums[side] += float(policy.logits_sum[picked].sum())
+            self.logit_counts[side] += int(policy.lengths[picked].sum()) * vocab_size
 
     def means(self, prefix: str = "") -> dict[str, float]:
-        """Per-pair means (and per-logit means for logits/*), with an optional name prefix."""
-        out = {prefix + k: v / max(self.pairs, 1) for k, v in self.sums.items()}
-        out[prefix + "logits/chosen"] = self.logit_sums[0] / max(self.logit_counts[0], 1)
-        out[prefix + "logits/rejected"] = self.logit_sums[1] / max(self.logit_counts[1], 1)
+        """Per-pair means (and per-logit means for logits/*), with an optional name prefix.
+
+        rewards/margins is mean chosen reward minus mean rejected reward: for pairs the mean margin, for KTO
+        the gap between desirable and undesirable examples. A KTO side with no example in the batch is left out.
+        """
+        out = {prefix + k: v / self.counts[k] for k, v in self.sums.items()}
+        if "rewards/chosen" in self.sums and "rewards/rejected" in self.sums:
+            out[prefix + "rewards/margins"] = out[prefix + "rewards/chosen"] - out[prefix + "rewards/rejected"]
+        for side, name in enumerate(("logits/chosen", "logits/rejected")):
+            if self.logit_counts[side]:
+                out[prefix + name] = self.logit_sums[side] / self.logit_counts[side]
         return out
 
 
 def preference_loss(
-    model, batch: Batch | SharedPromptBatch, config: Config, reference_logps: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SequenceScores]:
+    model,
+    batch: Batch | SharedPromptBatch,
+    config: Config,
+    reference_logps: torch.Tensor | None = None,
+    desirable: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, SequenceScores]:
     """Per-pair losses, rewards and the policy scores for one micro-batch.
+
+    With loss_type kto each "pair" is one example: its completion in the chosen slot and another prompt's
+    completion (the KL baseline's mismatched sample) in the rejected slot; desirable ([B] bool) gives the labels.
+    The rewards are then the examples' own (one per example) and the rejected rewards None; the KL baseline
+    (`kl`) and which rewards lie on their label's side of it (`on_side`) come back in the extras.
 
     reference_logps ([2B], chosen then rejected; LD-DPO-weighted when ld_alpha is set) comes from the
     precomputed table when there is one; otherwise the reference forward runs here. A reference-free
@@ -171,6 +200,21 @@ def preference_loss(
     b = batch.num_pairs
     logps, lengths = policy.ld_logps(config.ld_alpha), policy.lengths
     ref = reference_logps.to(logps.device) if reference_logps is not None else None
+    if config.unpaired:
+        if desirable is None:
+            raise ValueError("loss_type kto needs the examples' desirable labels")
+        losses, rewards, kl, on_side = kto_loss(
+            logps[:b],
+            ref[:b],
+            logps[b:].detach(),  # the baseline is a constant of the loss: no gradient through the mismatched answers
+            ref[b:],
+            desirable.to(logps.device),
+            config.beta,
+            config.desirable_weight,
+            config.undesirable_weight,
+        )
+        policy.extras = {"kl": kl.expand(b), "on_side": on_side}
+        return losses, rewards, None, policy
     weights = None
     if config.use_weighting:
         average = policy.aligned_logps / lengths.clamp(min=1)

@@ -24,6 +24,7 @@ class TokenizedPair:
     origin: str = field(default="", compare=False)  # where the pair came from ("prefs.jsonl row 3"), for messages
     # Tokens cut by truncation (prompt from the left, responses from the right), for previews and reports.
     cut: tuple[int, int, int] = field(default=(0, 0, 0), compare=False)
+    desirable: bool | None = None  # KTO: whether the answer (in chosen) is desirable; rejected is the KL sample
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
@@ -40,12 +41,14 @@ class TokenizeStats:
     prompts_truncated: int = 0
     responses_truncated: int = 0
     notes: list[str] = field(default_factory=list)
+    unit: str = "pairs"  # "examples" for KTO's single answers
 
     def describe(self) -> str:
         """One line for the console."""
+        same = f"{self.dropped_identical} with chosen == rejected, " if self.unit == "pairs" else ""
         return (
-            f"{self.kept} pairs kept; dropped {self.dropped_empty} with an empty prompt or response, "
-            f"{self.dropped_identical} with chosen == rejected, {self.dropped_too_long} that do not fit max_length; "
+            f"{self.kept} {self.unit} kept; dropped {self.dropped_empty} with an empty prompt or response, "
+            f"{same}{self.dropped_too_long} that do not fit max_length; "
             f"cut {self.prompts_truncated} prompts (from the left) and {self.responses_truncated} "
             "responses (from the right)"
         )
@@ -135,11 +138,14 @@ def tokenize_pairs(
             "use plain-text prompts, an instruct model, or tokenizer=DIR with a chat template."
         )
     out, fixed = [], []
+    if any(p.desirable is not None for p in pairs):
+        stats.unit = "examples"
     for number, pair in enumerate(pairs, start=1):
         if _text_is_empty(pair.chosen) or _text_is_empty(pair.rejected):
             stats.dropped_empty += 1
             continue
-        if pair.chosen == pair.rejected:
+        kto = pair.desirable is not None  # the KL sample may equal the answer: it is a sample, not a rival
+        if pair.chosen == pair.rejected and not kto:
             stats.dropped_identical += 1
             continue
         try:
@@ -156,7 +162,7 @@ def tokenize_pairs(
         if not prompt:  # an empty prompt and no BOS: no position predicts the first response token
             stats.dropped_empty += 1
             continue
-        if chosen == rejected:  # different texts, same tokens (e.g. roles the template ignores, normalization)
+        if chosen == rejected and not kto:  # different texts, same tokens (e.g. roles the template ignores)
             stats.dropped_identical += 1
             continue
         full = len(prompt), len(chosen), len(rejected)
@@ -167,11 +173,11 @@ def tokenize_pairs(
         if len(chosen) > budget or len(rejected) > budget:
             chosen, rejected = chosen[:budget], rejected[:budget]
             stats.responses_truncated += 1
-            if chosen == rejected:  # the difference lay past max_length: nothing left to prefer
+            if chosen == rejected and not kto:  # the difference lay past max_length: nothing left to prefer
                 stats.dropped_too_long += 1
                 continue
         cut = (full[0] - len(prompt), full[1] - len(chosen), full[2] - len(rejected))
-        out.append(TokenizedPair(prompt, chosen, rejected, pair.origin, cut))
+        out.append(TokenizedPair(prompt, chosen, rejected, pair.origin, cut, pair.desirable))
     stats.kept = len(out)
     # A second BOS or EOS would be scored as text (DPO users' most reported tokenization bug): say it happened.
     if fixed.count("bos"):

@@ -124,9 +124,10 @@ def describe_run(
 def step_size(config: Config, train_pairs: int) -> str:
     """What one optimizer step takes, as it really is when the data has fewer pairs than a step asks for."""
     mb, ga = config.micro_batch_size, config.gradient_accumulation_steps
+    unit = "examples" if config.unpaired else "pairs"
     if train_pairs < mb:  # every micro-batch is the whole (small) training set
-        return f"{ga} x {train_pairs} pairs (all of them)" if ga > 1 else f"{train_pairs} pairs (all of them)"
-    per_step = f"{mb * ga} pairs" if ga == 1 else f"{ga} micro-batches of {mb} pairs"
+        return f"{ga} x {train_pairs} {unit} (all of them)" if ga > 1 else f"{train_pairs} {unit} (all of them)"
+    per_step = f"{mb * ga} {unit}" if ga == 1 else f"{ga} micro-batches of {mb} {unit}"
     uneven = train_pairs % mb  # length grouping leaves one smaller micro-batch per epoch
     return per_step + (f" (one micro-batch per epoch has {uneven})" if uneven else "")
 
@@ -174,6 +175,20 @@ def table_rows(table: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return rows
 
 
+def desirable_labels(pairs: list[TokenizedPair], idx: list[int]) -> torch.Tensor | None:
+    """KTO's desirable/undesirable labels of a micro-batch's examples; None for preference pairs."""
+    if pairs[idx[0]].desirable is None:
+        return None
+    return torch.tensor([pairs[j].desirable for j in idx])
+
+
+def desirable_share(pairs: list[TokenizedPair]) -> float | None:
+    """KTO: the share of examples labelled desirable; None for preference pairs."""
+    if not pairs or pairs[0].desirable is None:
+        return None
+    return sum(1 for p in pairs if p.desirable) / len(pairs)
+
+
 def evaluate(
     model, pairs: list[TokenizedPair], batches: list[list[int]], reference: torch.Tensor, config: Config, pad_id: int
 ) -> dict[str, float]:
@@ -185,8 +200,9 @@ def evaluate(
         for idx in progress_bar(batches, desc="eval", unit="batch", leave=False):
             batch = make_batch([pairs[j] for j in idx], pad_id, config.batch_layout)
             ref = table_rows(reference, idx) if reference is not None else None  # None: a reference-free method
-            losses, cr, rr, policy = preference_loss(model, batch, config, ref)
-            metrics.add(losses, cr, rr, policy, model.config.vocab_size)
+            desirable = desirable_labels(pairs, idx)
+            losses, cr, rr, policy = preference_loss(model, batch, config, ref, desirable)
+            metrics.add(losses, cr, rr, policy, model.config.vocab_size, desirable)
     model.train(was_training)
     return metrics.means("eval_")
 
@@ -253,7 +269,8 @@ def setup_training(
     eval_batches = length_grouped_batches(data.eval, config.micro_batch_size, config.seed)
     padding = padding_share(data.train, epoch_batches, config.batch_layout)
     echo(
-        f"{steps} steps of {step_size(config, len(data.train))}; {len(data.train)} training pairs, "
+        f"{steps} steps of {step_size(config, len(data.train))}; {len(data.train)} training "
+        f"{'examples' if config.unpaired else 'pairs'}, "
         f"{steps * config.gradient_accumulation_steps / len(epoch_batches):.2f} epochs; padding share {padding:.1%}"
         + {
             "plain": "",
@@ -327,10 +344,11 @@ def train_step(
         pairs += idx
         batch = make_batch([data.train[j] for j in idx], data.tokenizer.pad_token_id, config.batch_layout)
         reference = table_rows(t.train_ref, idx) if t.train_ref is not None else None
-        losses, cr, rr, policy = preference_loss(t.model, batch, config, reference)
+        desirable = desirable_labels(data.train, idx)
+        losses, cr, rr, policy = preference_loss(t.model, batch, config, reference, desirable)
         # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
         t.scaler.scale(losses.sum() / pairs_per_step).backward()
-        metrics.add(losses, cr, rr, policy, t.model.config.vocab_size)
+        metrics.add(losses, cr, rr, policy, t.model.config.vocab_size, desirable)
         tokens += batch.num_tokens
     t.scaler.unscale_(t.optimizer)
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
@@ -567,7 +585,7 @@ def train_loop(
     t.model.train()
     last_eval: dict[str, float] = {}
     nonfinite: list[dict[str, Any]] = []
-    watch = Watch(config.chosen_nll_weight)
+    watch = Watch(config.chosen_nll_weight, paired=not config.unpaired)
     start = [p.detach().flatten()[:64].clone() for p in t.params]  # enough to see whether the adapter moved
 
     def adapter_moved() -> bool:
@@ -578,7 +596,7 @@ def train_loop(
         warning = small_eval_warning(len(data.eval))
         if warning:
             echo(warning)
-        if t.eval_ref is not None:
+        if t.eval_ref is not None and not config.unpaired:  # KTO's second column is the KL sample, no rival
             echo(reference_preference_line(t.eval_ref))
         try:
             baseline = run_eval(0)
@@ -636,7 +654,7 @@ def train_loop(
             bar.set_postfix(
                 loss=f"{row['loss']:.3f}",
                 acc=f"{row['rewards/accuracies']:.2f}",
-                margin=f"{row['rewards/margins']:.3f}",
+                margin=f"{row.get('rewards/margins', math.nan):.3f}",  # KTO: no margin without both kinds
                 tok_s=f"{row['tokens_per_second']:.0f}",
             )
             bar.update(1)
@@ -660,7 +678,7 @@ def train_loop(
         "eval_correct": accuracy.correct if accuracy else None,
         "eval_accuracy_ci95": list(accuracy.interval) if accuracy else None,
         "step0_eval_rewards/accuracies": first_eval.get("eval_rewards/accuracies") if first_eval else None,
-        "verdict": verdict(first_eval, last_eval or None, len(data.eval)),
+        "verdict": verdict(first_eval, last_eval or None, len(data.eval), desirable_share(data.eval)),
         "tokens_per_second": round(sum(r["tokens"] for r in train_rows) / step_seconds, 1) if step_seconds else None,
         "padding_share": round(t.padding_share, 4),
         "peak_memory_gb": round(peak_memory_gb(device), 3),

@@ -28,8 +28,9 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
 class Watch:
     """Reads each metrics row; raises for a broken reference, returns warnings to print (each at most once)."""
 
-    def __init__(self, sft_weight: float) -> None:
+    def __init__(self, sft_weight: float, paired: bool = True) -> None:
         self.sft_weight = sft_weight
+        self.paired = paired  # KTO's chosen/rejected are two groups of examples, and it takes no sft term
         self.rows: list[dict[str, Any]] = []
         self.updated = False  # an optimizer update has been applied since the start
         self.warned = False
@@ -50,7 +51,7 @@ class Watch:
         return self._falling_chosen()
 
     def _falling_chosen(self) -> list[str]:
-        if self.warned or self.sft_weight > 0 or len(self.rows) < 2 * WINDOW:
+        if self.warned or self.sft_weight > 0 or not self.paired or len(self.rows) < 2 * WINDOW:
             return []
         early, recent = self.rows[:WINDOW], self.rows[-WINDOW:]
         chosen_then, chosen_now = _mean(early, "logps/chosen"), _mean(recent, "logps/chosen")

@@ -42,6 +42,7 @@ PARTS = {
     ("assess.py", "eval_line"): {"return"},  # printed at each eval
     ("assess.py", "verdict"): {"return"},  # the closing lines' judgement
     ("train.py", "reference_preference_line"): {"return"},
+    ("unpaired.py", "balance_note"): {"return"},  # KTO's note on unbalanced desirable/undesirable weights
     ("export.py", "export_gguf"): {"tokens"},
 }
 
