@@ -47,6 +47,7 @@ HARMLESS = (
     "gradient_checkpointing",
     "offload_activations",
     "logits_chunk_size",
+    "tiled_mlp",
 )
 
 
@@ -177,10 +178,14 @@ def resume_conflicts(saved: dict[str, Any], config: Config) -> list[str]:
         saved.get(regroup[0], 0) * saved.get(regroup[1], 0)
         == config.micro_batch_size * config.gradient_accumulation_steps
     )
+    # A setting missing from the checkpoint came after the qdpo that wrote it, which computed what its default does.
+    defaults = Config().to_dict()
     return [
-        f"{f.name}: {saved.get(f.name)!r} -> {now[f.name]!r}"
+        f"{f.name}: {saved.get(f.name, defaults[f.name])!r} -> {now[f.name]!r}"
         for f in fields(Config)
-        if f.name not in HARMLESS and not (f.name in regroup and same_step) and saved.get(f.name) != now[f.name]
+        if f.name not in HARMLESS
+        and not (f.name in regroup and same_step)
+        and saved.get(f.name, defaults[f.name]) != now[f.name]
     ]
 
 

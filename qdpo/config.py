@@ -33,7 +33,7 @@ METHODS = {
     "orpo": ("ORPO (Hong et al. 2024): chosen NLL + orpo_alpha x odds-ratio loss", "pairs", False),
     "kto": (
         "KTO (Ethayarajh et al. 2024): each answer alone, desirable or not, against a KL baseline",
-        "prompt/completion/label rows (pairs are split in two)",
+        "prompt/completion/label rows, or pairs split in two",
         True,
     ),
     "sft": ("an NLL term on the chosen response, added to another loss (RPO)", "pairs (chosen side)", False),
@@ -146,6 +146,13 @@ class Config:
         "Keep the tensors saved for backward (with checkpointing: the layer-boundary "
         "activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers "
         "of GPU memory for PCIe traffic.",
+    )
+    tiled_mlp: int = _f(
+        0,
+        "Run each layer's MLP over tiles of this many sequence positions (0 = off): its [tokens, intermediate] "
+        "activations then exist one tile at a time, in forward, recomputation and backward, for about one more "
+        "MLP forward per layer. Pays off for long sequences (e.g. 4096 at 16k+ tokens).",
+        min=0,
     )
     share_prompt: bool | None = _f(
         None,

@@ -259,12 +259,18 @@ def attention_saved_per_token(
     return saved, needs_grad or "o_proj" in targets
 
 
-def mlp_saved_per_token(shape: ModelShape, targets: list[str], d: int, grad_in: bool) -> int:
-    """Bytes per token the MLP half of a layer saves (grad_in: whether its input needs grad)."""
+def mlp_saved_per_token(shape: ModelShape, targets: list[str], d: int, grad_in: bool, tiled: bool = False) -> int:
+    """Bytes per token the MLP half of a layer saves (grad_in: whether its input needs grad).
+
+    tiled (tiled_mlp): the MLP keeps only its input; what it would save inside exists one tile at a time in
+    backward (layer_work).
+    """
     h, i = shape.hidden, shape.intermediate
     cast = d != FP32
     gate_up = [t for t in ("gate_proj", "up_proj") if t in targets]
     saved = h * FP32 + FP32 if grad_in else 0  # RMSNorm
+    if tiled:
+        return saved + h * d
     saved += (len(gate_up) if cast else min(len(gate_up), 1)) * h * FP32
     if grad_in or gate_up:
         saved += 3 * i * d  # gate output (silu input), silu output, up output
@@ -273,24 +279,34 @@ def mlp_saved_per_token(shape: ModelShape, targets: list[str], d: int, grad_in: 
     return saved
 
 
+MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
 def layer_saved_per_token(
-    shape: ModelShape, targets: list[str], r: int, d: int, seq_len: int, first: bool = False
+    shape: ModelShape, targets: list[str], r: int, d: int, seq_len: int, first: bool = False, tiled: bool = False
 ) -> int:
     """Bytes one decoder layer saves for backward per token (first=True: layer 0, whose input needs no grad)."""
     attention, grad_out = attention_saved_per_token(shape, targets, d, seq_len, grad_in=not first)
-    lora_mid = sum(t in targets for t in BLOCK_LINEARS) * r * FP32  # lora_A outputs
-    return attention + mlp_saved_per_token(shape, targets, d, grad_in=grad_out) + lora_mid
+    lora_linears = [t for t in BLOCK_LINEARS if t in targets and not (tiled and t in MLP_LINEARS)]
+    lora_mid = len(lora_linears) * r * FP32  # lora_A outputs (the MLP's stay inside a tiled MLP's tile)
+    return attention + mlp_saved_per_token(shape, targets, d, grad_in=grad_out, tiled=tiled) + lora_mid
 
 
-def layer_work(shape: ModelShape, d: int, tokens: int, recomputed: int) -> int:
+def layer_work(shape: ModelShape, d: int, tokens: int, recomputed: int, tile: tuple[int, int] | None = None) -> int:
     """Bytes of gradients and temporaries alive at once in the decoder's backward (fitted to CPU measurements).
 
     Two moments compete: a layer's MLP backward (~I x (d + 2) B per token, plus one weight that bitsandbytes
     dequantizes to the compute dtype for the input gradient) while that layer's saved tensors are still alive,
     and the final RMSNorm's backward (~5 fp32 [tokens, hidden] temporaries) before any layer is recomputed.
+    tile = (tokens per tile, bytes the untiled MLP saves per token): a tiled MLP's backward recomputes one tile,
+    whose saved tensors and gradients are the MLP's only [tokens, intermediate] memory, beside the MLP input's
+    gradient ([tokens, hidden]).
     """
     largest_weight = max(i * o for i, o in shape.linears().values()) * d
     mlp = shape.intermediate * (d + 2) * tokens + largest_weight
+    if tile is not None:
+        tile_tokens, per_token = tile
+        mlp = (shape.intermediate * (d + 2) + per_token) * tile_tokens + shape.hidden * d * tokens + largest_weight
     norm = 5 * shape.hidden * FP32 * tokens
     return max(mlp, norm - recomputed)
 
@@ -298,8 +314,9 @@ def layer_work(shape: ModelShape, d: int, tokens: int, recomputed: int) -> int:
 def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry) -> list[Line]:
     """What autograd keeps between forward and backward in the decoder, with or without checkpointing/offload."""
     targets = lora_targets(cfg)
-    per_layer = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width) * g.tokens
-    first = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, first=True) * g.tokens
+    tiled = 0 < getattr(cfg, "tiled_mlp", 0) < g.width  # one tile spanning the row is the plain MLP
+    per_layer = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, tiled=tiled) * g.tokens
+    first = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, first=True, tiled=tiled) * g.tokens
     # cos and sin: one copy shared by every layer (per row when shared rows carry their own position ids)
     rotary = 2 * (g.rows if g.shared else 1) * g.width * shape.head_dim * d
     offload = getattr(cfg, "offload_activations", False)
@@ -317,7 +334,9 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry) -> lis
             Line(
                 RECOMPUTE,
                 per_layer + rotary + (boundary if offload else 0),
-                "norms, q/k/v/out, mask, MLP gate/up/act, LoRA inputs and r-dim outputs"
+                "norms, q/k/v/out, mask, "
+                + (f"MLP input (MLP in tiles of {cfg.tiled_mlp})" if tiled else "MLP gate/up/act")
+                + ", LoRA inputs and r-dim outputs"
                 + (", + its boundary copied back" if offload else ""),
             ),
         ]
@@ -333,8 +352,16 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry) -> lis
         ]
         if offload:
             lines.append(Line(RECOMPUTE, per_layer + rotary, "one layer's saved tensors copied back for its backward"))
-    work = layer_work(shape, d, g.tokens, per_layer if cfg.gradient_checkpointing or offload else 0)
-    lines.append(Line(LAYER_WORK, work, "MLP gradients + one dequantized weight, or the final norm's fp32 backward"))
+    tile = None
+    if tiled:
+        untiled = (
+            mlp_saved_per_token(shape, targets, d, grad_in=True)
+            + sum(t in targets for t in MLP_LINEARS) * cfg.lora_r * FP32
+        )
+        tile = (g.rows * cfg.tiled_mlp, untiled)
+    work = layer_work(shape, d, g.tokens, per_layer if cfg.gradient_checkpointing or offload else 0, tile)
+    mlp_work = f"one MLP tile's tensors and gradients ({tile[0]} tokens)" if tile else "MLP gradients"
+    lines.append(Line(LAYER_WORK, work, f"{mlp_work} + one dequantized weight, or the final norm's fp32 backward"))
     lines.append(Line(OTHER_SAVED, g.tokens * (shape.hidden * FP32 + FP32), "final RMSNorm: fp32 input and rsqrt"))
     return lines
 

@@ -50,6 +50,7 @@ from qdpo.reference import cache_key, compute_reference, load_or_compute
 from qdpo.rundir import check_run_dir, claim_run_dir, mark_stopped, release_lock, run_dir_for, touch_lock
 from qdpo.step import Metrics, preference_loss
 from qdpo.stopping import Interrupted, stop_requests
+from qdpo.tiled_mlp import tile_mlps
 from qdpo.timing import PhaseClock
 from qdpo.tokenize import TokenizedPair, TokenizeStats
 from qdpo.watch import Watch, not_finite, out_of_memory
@@ -251,6 +252,9 @@ def setup_training(
         config.seed,
         reference=config.needs_reference,
     )
+    if config.tiled_mlp:
+        tiled = tile_mlps(model, config.tiled_mlp)
+        echo(f"tiled MLP: {tiled} layers run their MLP {config.tiled_mlp} positions at a time")
     params = trainable_parameters(model)
     if not params:  # the loss would sit at ln 2 forever
         raise UserError(

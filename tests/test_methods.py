@@ -192,9 +192,35 @@ def test_new_loss_settings_change_what_a_resume_computes():
         ("orpo_alpha", 0.2),
         ("ld_alpha", 0.5),
         ("use_weighting", True),
+        ("loss_type", "kto"),
+        ("desirable_weight", 1.5),
+        ("undesirable_weight", 0.5),
+        ("label_column", "good"),
     ]:
         conflicts = resume_conflicts(saved, Config(**{name: value}))
         assert conflicts and conflicts[0].startswith(f"{name}:"), name
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_default():
+    """A qdpo that had no desirable_weight computed what desirable_weight=1 computes: no conflict then."""
+    saved = Config().to_dict()
+    del saved["desirable_weight"], saved["completion_column"]
+    assert resume_conflicts(saved, Config()) == []
+    assert resume_conflicts(saved, Config(desirable_weight=2.0)) == ["desirable_weight: 1.0 -> 2.0"]
+
+
+def test_readme_and_settings_list_every_method():
+    """Each loss_type has a README table row and a line in `qdpo settings` with its data and reference."""
+    from pathlib import Path
+
+    from qdpo.config import METHODS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    listing = CliRunner().invoke(main, ["settings"]).output
+    for name, (_, data, reference) in METHODS.items():
+        assert f"| `{name}` |" in readme, name
+        line = next(line for line in listing.splitlines() if line.strip().startswith(name + " "))
+        assert data in line and ("needs a reference" if reference else "no reference") in line, line
 
 
 def test_orpo_run_has_no_reference_and_logs_trls_names(tmp_path, tiny_model_dir, chat_rows, monkeypatch):

@@ -37,6 +37,7 @@ from qdpo.model import ModelSource, add_lora, load_base_4bit
 from qdpo.presets import available, load_preset
 from qdpo.shapes import BUILTIN_SHAPES
 from qdpo.step import preference_loss
+from qdpo.tiled_mlp import tile_mlps
 from qdpo.tokenize import TokenizedPair
 
 CPU = torch.device("cpu")
@@ -140,6 +141,8 @@ def load(path: Path, config: Config):
     dtype = getattr(torch, config.compute_dtype)
     base = load_base_4bit(ModelSource(str(path), str(path)), dtype, CPU, config.gradient_checkpointing)
     model = add_lora(base, config.lora_r, config.lora_alpha, 0.0, config.lora_target_modules, None, seed=0)
+    if config.tiled_mlp:
+        tile_mlps(model, config.tiled_mlp)
     model.train()
     return model
 
@@ -383,6 +386,17 @@ def test_saved_tensors_match_plan_for_other_lora_targets(gqa_dir, targets, check
     check_saved(f"{name} {'+'.join(targets)} ckpt={int(checkpointing)}", path, model_config, config)
 
 
+@pytest.mark.parametrize("layout", ["plain", "shared"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_saved_tensors_match_plan_with_tiled_mlp(gqa_dir, checkpointing, layout):
+    """tiled_mlp: each layer's MLP keeps only its input; the plan drops gate/up/act and the MLP's LoRA inputs."""
+    name, path, model_config = gqa_dir
+    config = settings(checkpointing, layout=layout, tiled_mlp=16)
+    check_saved(f"{name} tiled_mlp=16 {layout} ckpt={int(checkpointing)}", path, model_config, config)
+    untiled = plan_for(model_config, settings(checkpointing, layout=layout))
+    assert plan_for(model_config, config).bytes_of(P.RECOMPUTE, P.LAYERS) < untiled.bytes_of(P.RECOMPUTE, P.LAYERS)
+
+
 # ---------------------------------------------------------------- 3. the step's high-water mark
 
 PEAK_TOLERANCE = 0.15  # working memory is fitted, not derived: the plan landed 4% under to 7% over on these shapes
@@ -621,3 +635,11 @@ def test_preset_memory_comments_agree_with_the_plan(preset):
             category
         )
     assert planned.total / 1e9 == pytest.approx(hand["total"], rel=0.05)
+
+
+@pytest.mark.parametrize("layout", ["plain", "shared"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_step_peak_matches_plan_with_tiled_mlp(gqa_dir, checkpointing, layout):
+    name, path, model_config = gqa_dir
+    config = settings(checkpointing, layout=layout, tiled_mlp=16)
+    check_peak(f"{name} tiled_mlp=16 {layout} ckpt={int(checkpointing)}", path, model_config, config)
