@@ -94,6 +94,7 @@ class SharedPromptBatch:
     rows: torch.Tensor  # [M]: b for chosen tokens, B + b for rejected ones (Batch's row order)
     num_pairs: int
     logical_tokens: int  # tokens of the equivalent plain batch (prompt counted twice), for comparable tokens/s
+    spans: tuple[tuple[int, int, int, int, int], ...] = ()  # per pair: row, start, prompt/chosen/rejected tokens
 
     @property
     def num_tokens(self) -> int:
@@ -116,7 +117,7 @@ def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int, packed: bool 
     positions = torch.zeros((n_rows, width), dtype=torch.long)
     segments = torch.full((n_rows, width), PAD, dtype=torch.long)
     pair_ids = torch.full((n_rows, width), -1, dtype=torch.long)
-    predictors, labels, rows = [], [], []
+    predictors, labels, rows, spans = [], [], [], []
     logical, cursor = 0, [0] * n_rows
     b_total = len(pairs)
     for b, p in enumerate(pairs):
@@ -141,6 +142,7 @@ def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int, packed: bool 
         rows += [b] * n_c + [b_total + b] * n_r
         logical += 2 * n_p + n_c + n_r
         cursor[r] = end
+        spans.append((r, s, n_p, n_c, n_r))
     return SharedPromptBatch(
         input_ids,
         positions,
@@ -151,6 +153,7 @@ def collate_shared_prompt(pairs: list[TokenizedPair], pad_id: int, packed: bool 
         torch.tensor(rows),
         b_total,
         logical,
+        tuple(spans),
     )
 
 

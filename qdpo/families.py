@@ -20,7 +20,7 @@ import torch
 from qdpo.config import Config
 from qdpo.errors import UserError
 
-EXACT_ATTENTION = ("sdpa", "eager")  # the implementations whose mask semantics qdpo builds for
+EXACT_ATTENTION = ("sdpa", "eager", "qdpo_sdpa")  # the implementations whose mask semantics qdpo builds for
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def decoder_masks(config: Any, allowed: torch.Tensor, positions: torch.Tensor, d
     prompt and rejected tokens as in its own plain sequence. SDPA takes booleans; eager adds the mask
     to the scores. A family with mixed layer types gets {layer type: mask}, as its decoder expects.
     """
-    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"  # qdpo_sdpa takes SDPA's boolean masks
     masks = {}
     for layer_type, window in layer_windows(config).items():
         mask = allowed

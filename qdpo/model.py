@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from qdpo.attention import use_span_attention
 from qdpo.config import Config, read_json
 from qdpo.errors import UserError
 from qdpo.fs import staged, write_json
@@ -209,6 +210,7 @@ def load_base_4bit(source: ModelSource, dtype: torch.dtype, device: torch.device
     model.config.use_cache = False
     disable_cpu_repack(model)
     disable_dropout(model)
+    use_span_attention(model)  # SDPA as before, plus the shared-prompt layout without a dense mask (qdpo.attention)
     if gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and no_grad reference passes.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

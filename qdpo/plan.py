@@ -23,11 +23,12 @@ against measured tensors):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from qdpo.attention import DROPS_ATTENTION_KWARGS
 from qdpo.config import Config
 from qdpo.errors import UserError
 from qdpo.families import exact_settings
@@ -127,6 +128,7 @@ class Geometry:
     window: int  # positions per row whose logits the plain full-logits path keeps (logits_to_keep)
     responses: int  # response tokens scored in the micro-batch (M)
     shared: bool
+    span: tuple[int, int, int] | None = None  # prompt, chosen, rejected tokens per pair, on qdpo.attention's path
 
     @property
     def tokens(self) -> int:
@@ -236,13 +238,36 @@ def optimizer_lines(shape: ModelShape, cfg: Config) -> list[Line]:
     return [Line(LORA_GRADS, grads, "one fp32 grad per LoRA param"), Line(OPTIMIZER, states, note)]
 
 
+def span_attention_bytes(shape: ModelShape, d: int, span: tuple[int, int, int], cuda: bool) -> float:
+    """Bytes per row token that qdpo.attention's two causal calls per pair save (span = prompt, chosen, rejected).
+
+    q, k and v once (slices are views; k/v at their own head count: enable_gqa), each call's output and
+    logsumexp, the prompt+rejected keys/values (concatenated copies); on the CPU the second call is square
+    over prompt+rejected, so its queries are a copy too and its output covers the prompt again.
+    """
+    p, c, r = span
+    a, kv, heads = shape.attn, shape.kv_heads * shape.head_dim, shape.heads
+    second = r if cuda else p + r  # query positions of the rejected call
+    total = (a + 2 * kv) * d * (p + c + r)  # q, k, v
+    total += (a * d + heads * FP32) * (p + c + second)  # outputs and logsumexps of both calls
+    total += 2 * kv * d * (p + r) + (0 if cuda else a * d * (p + r))  # concatenated keys/values (and queries)
+    return total / (p + c + r)
+
+
 def attention_saved_per_token(
-    shape: ModelShape, targets: list[str], d: int, seq_len: int, grad_in: bool
+    shape: ModelShape,
+    targets: list[str],
+    d: int,
+    seq_len: int,
+    grad_in: bool,
+    span: tuple[int, int, int] | None = None,
+    cuda: bool = True,
 ) -> tuple[int, bool]:
     """Bytes per token the attention half of a layer saves, and whether its output needs grad.
 
     grad_in is False only in layer 0, whose input (the embeddings) needs no grad: there autograd saves
-    nothing until the first adapted module.
+    nothing until the first adapted module. span (prompt, chosen, rejected tokens of a pair): the shared-prompt
+    layout on qdpo.attention's causal calls instead of the dense mask.
     """
     h, a = shape.hidden, shape.attn
     cast = d != FP32  # peft casts each adapter's input to the fp32 LoRA dtype: one copy per adapted module
@@ -250,12 +275,16 @@ def attention_saved_per_token(
     saved = h * FP32 + FP32 if grad_in else 0  # RMSNorm keeps its fp32 input and rsqrt
     saved += (len(qkv) if cast else min(len(qkv), 1)) * h * FP32  # fp32: q, k, v share the normed input
     needs_grad = grad_in or bool(qkv)
-    if needs_grad:
+    if needs_grad and span is not None:
+        saved += round(span_attention_bytes(shape, d, span, cuda))
+    elif needs_grad:
         # repeat_kv copies k and v to all heads, except with one kv head, where the expand stays a view
         kv = shape.head_dim if shape.kv_heads == 1 else a
         saved += (2 * a + 2 * kv) * d + shape.heads * FP32 + seq_len * d  # q, k, v, output; logsumexp; float mask row
-    if "o_proj" in targets and (cast or not needs_grad):
-        saved += a * FP32  # o_proj's input; in fp32 with grad it is SDPA's saved output itself
+    if "o_proj" in targets and (cast or not needs_grad or span is not None):
+        # o_proj's input; in fp32 with grad on the dense path it is SDPA's saved output itself (on the span path the
+        # calls' outputs are written into one new tensor)
+        saved += a * FP32
     return saved, needs_grad or "o_proj" in targets
 
 
@@ -283,10 +312,18 @@ MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
 def layer_saved_per_token(
-    shape: ModelShape, targets: list[str], r: int, d: int, seq_len: int, first: bool = False, tiled: bool = False
+    shape: ModelShape,
+    targets: list[str],
+    r: int,
+    d: int,
+    seq_len: int,
+    first: bool = False,
+    tiled: bool = False,
+    span: tuple[int, int, int] | None = None,
+    cuda: bool = True,
 ) -> int:
     """Bytes one decoder layer saves for backward per token (first=True: layer 0, whose input needs no grad)."""
-    attention, grad_out = attention_saved_per_token(shape, targets, d, seq_len, grad_in=not first)
+    attention, grad_out = attention_saved_per_token(shape, targets, d, seq_len, not first, span, cuda)
     lora_linears = [t for t in BLOCK_LINEARS if t in targets and not (tiled and t in MLP_LINEARS)]
     lora_mid = len(lora_linears) * r * FP32  # lora_A outputs (the MLP's stay inside a tiled MLP's tile)
     return attention + mlp_saved_per_token(shape, targets, d, grad_in=grad_out, tiled=tiled) + lora_mid
@@ -311,12 +348,12 @@ def layer_work(shape: ModelShape, d: int, tokens: int, recomputed: int, tile: tu
     return max(mlp, norm - recomputed)
 
 
-def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry) -> list[Line]:
+def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: bool = True) -> list[Line]:
     """What autograd keeps between forward and backward in the decoder, with or without checkpointing/offload."""
     targets = lora_targets(cfg)
     tiled = 0 < getattr(cfg, "tiled_mlp", 0) < g.width  # one tile spanning the row is the plain MLP
-    per_layer = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, tiled=tiled) * g.tokens
-    first = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, first=True, tiled=tiled) * g.tokens
+    per_layer = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, False, tiled, g.span, cuda) * g.tokens
+    first = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, True, tiled, g.span, cuda) * g.tokens
     # cos and sin: one copy shared by every layer (per row when shared rows carry their own position ids)
     rotary = 2 * (g.rows if g.shared else 1) * g.width * shape.head_dim * d
     offload = getattr(cfg, "offload_activations", False)
@@ -334,7 +371,8 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry) -> lis
             Line(
                 RECOMPUTE,
                 per_layer + rotary + (boundary if offload else 0),
-                "norms, q/k/v/out, mask, "
+                "norms, q/k/v/out, "
+                + ("causal calls' copies, " if g.span else "mask, ")
                 + (f"MLP input (MLP in tiles of {cfg.tiled_mlp})" if tiled else "MLP gate/up/act")
                 + ", LoRA inputs and r-dim outputs"
                 + (", + its boundary copied back" if offload else ""),
@@ -443,9 +481,12 @@ def plan_memory(
     d = DTYPE_BYTES[name]
     g = geometry(b, t, prompt_len, cfg.batch_layout)
     decoder = model_config.get("text_config", model_config)
+    if g.shared and span_attention_applies(decoder, t):
+        p = min(max(prompt_len, 1), t - 1)
+        g = replace(g, span=(p, t - p, t - p))
     softcap = bool(decoder.get("final_logit_softcapping"))
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
-    lines += peak_lines(activation_lines(shape, cfg, d, g), logits_lines(shape, cfg, d, g, softcap))
+    lines += peak_lines(activation_lines(shape, cfg, d, g, device == "cuda"), logits_lines(shape, cfg, d, g, softcap))
     lines.append(overhead_line(sum(line.bytes for line in lines if line.counted), device))
     layout = {
         "shared": f"shared prompt: one row of up to {g.width} tokens per pair (prompt once, "
@@ -453,11 +494,12 @@ def plan_memory(
         "packed": f"packed: all {b} pairs in one row of up to {g.width} tokens (prompt once per pair, no padding)",
         "plain": f"{g.rows} sequences (chosen and rejected) of {g.width} tokens",
     }[cfg.batch_layout]
-    assumptions = [
-        f"compute dtype {name}",
-        layout,
-        "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)",
-    ]
+    attention = (
+        "two causal SDPA calls per pair, no mask, k/v at their own head count (qdpo.attention)"
+        if g.span
+        else "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)"
+    )
+    assumptions = [f"compute dtype {name}", layout, attention]
     model_type = decoder.get("model_type")
     if model_type not in LLAMA_STYLE:
         assumptions.append(
@@ -470,6 +512,15 @@ def plan_memory(
     elif not getattr(cfg, "precompute_ref_log_probs", True):
         assumptions.append("reference forward each step (no grad: its peak stays below the policy pass)")
     return Plan(lines, b, t, name, device, assumptions)
+
+
+def span_attention_applies(decoder: dict[str, Any], max_length: int) -> bool:
+    """Whether a shared-prompt step on this config.json runs qdpo.attention's causal calls (qdpo.attention.span_problem
+    at the worst case, a pair max_length tokens long per response)."""
+    if decoder.get("model_type") in DROPS_ATTENTION_KWARGS or decoder.get("attn_logit_softcapping"):
+        return False
+    window = decoder.get("sliding_window") if decoder.get("use_sliding_window", True) is not False else None
+    return not (window and window < max_length)
 
 
 def fits(model_config: dict[str, Any], cfg: Config, budget: float, b: int, t: int, device: str) -> bool:

@@ -4,9 +4,12 @@ its metrics."""
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 
+from qdpo import attention
+from qdpo.attention import span_problem
 from qdpo.batching import Batch, SharedPromptBatch, shared_prompt_mask
 from qdpo.config import Config
 from qdpo.errors import UserError
@@ -14,6 +17,9 @@ from qdpo.families import OutputHead, decoder_masks, family_of, shared_layout_pr
 from qdpo.logprobs import SequenceScores, chunked_sequence_logps, gathered_logps, sequence_logps
 from qdpo.loss import kto_loss, preference_losses, wpo_weights
 from qdpo.model import reference_model
+
+# Models whose decoder layers do not pass the attention kwargs through, found at their first shared-prompt forward.
+DENSE_ONLY: weakref.WeakSet = weakref.WeakSet()
 
 
 def _base(model):
@@ -32,16 +38,31 @@ def score_shared_prompt(
         raise UserError(
             f"share_prompt cannot be exact here: {problem}; set share_prompt=false (and pack_pairs=false)."
         )
-    # Built after the checks: a packed row's [1, 1, W, W] mask can be hundreds of MB.
-    allowed = shared_prompt_mask(batch.segments.to(device), batch.pair_ids.to(device))
     positions = batch.position_ids.to(device)
-    mask = decoder_masks(base.config, allowed, positions, base.get_input_embeddings().weight.dtype)
-    hidden = base.get_decoder()(
-        input_ids=batch.input_ids.to(device),
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=False,
-    ).last_hidden_state
+    hidden = None
+    if batch.spans and base not in DENSE_ONLY and span_problem(base.config, batch.spans) is None:
+        # Two causal calls per pair in every layer (qdpo.attention): no [T, T] mask, K/V not repeated. The
+        # all-ones 2-D mask keeps transformers from reading the restarted position ids as packed sequences.
+        before = attention.calls
+        hidden = base.get_decoder()(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=torch.ones(batch.input_ids.shape, dtype=torch.long, device=device),
+            position_ids=positions,
+            use_cache=False,
+            qdpo_spans=batch.spans,
+        ).last_hidden_state
+        if attention.calls - before != len(base.get_decoder().layers):
+            # Some layer never saw the spans (StableLM's decoder layer drops the attention kwargs): its attention
+            # was plain causal over the whole row. Throw that away; this model takes the dense mask from now on.
+            DENSE_ONLY.add(base)
+            hidden = None
+    if hidden is None:
+        # Built after the checks: a packed row's [1, 1, W, W] mask can be hundreds of MB.
+        allowed = shared_prompt_mask(batch.segments.to(device), batch.pair_ids.to(device))
+        mask = decoder_masks(base.config, allowed, positions, base.get_input_embeddings().weight.dtype)
+        hidden = base.get_decoder()(
+            input_ids=batch.input_ids.to(device), attention_mask=mask, position_ids=positions, use_cache=False
+        ).last_hidden_state
     states = hidden.reshape(-1, hidden.shape[-1])[batch.predictors.to(device)]
     return gathered_logps(
         states,

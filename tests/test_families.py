@@ -94,11 +94,11 @@ def test_every_verified_family_has_a_tiny_model_here():
     assert set(FAMILY_SETTINGS) == set(FAMILIES)
 
 
-def make_family_model(path: Path, model_type: str) -> None:
+def make_family_model(path: Path, model_type: str, **changes) -> None:
     """A tiny random model of the family, fp32, with the test tokenizer, saved to path."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(model_type, **COMMON, **FAMILY_SETTINGS[model_type])
+    config = AutoConfig.for_model(model_type, **COMMON, **{**FAMILY_SETTINGS[model_type], **changes})
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # weights large enough that 4-bit rounding, windows and LoRA all move the numbers
@@ -349,3 +349,42 @@ def test_readme_family_table_is_the_suites():
     block = re.search(r"<!-- families:start -->\n(.*?)<!-- families:end -->", readme, re.S)
     assert block, "README.md lacks the generated family table (python -m qdpo.families)"
     assert block.group(1) == family_table()
+
+
+# The shared-prompt layout without a dense mask (qdpo.attention) where it is exact on these pairs; the rest keep the
+# mask: a window that cuts these pairs, soft-capped attention scores (Gemma-2), or decoder layers that drop the
+# attention kwargs (StableLM, found at its first forward).
+SPAN_ATTENTION = {"llama", "qwen3", "gemma", "phi", "granite", "cohere", "olmo2"}
+WINDOWED = ("mistral", "mixtral", "qwen2", "qwen2_moe", "gemma3_text", "phi3")
+
+
+def takes_span_attention(model, pairs, pad_id: int) -> bool:
+    from qdpo import attention
+    from qdpo.step import DENSE_ONLY
+
+    before = attention.calls
+    with torch.no_grad():
+        score_batch(model, make_batch(pairs, pad_id, "shared"), 5)
+    return attention.calls > before and model.get_base_model() not in DENSE_ONLY
+
+
+def test_which_families_take_the_span_attention(family_dirs, pairs, tokenizer):
+    took = {
+        t for t, path in family_dirs.items() if takes_span_attention(load(path), pairs[:2], tokenizer.pad_token_id)
+    }
+    assert took == SPAN_ATTENTION
+
+
+@pytest.mark.parametrize("model_type", WINDOWED)
+def test_span_attention_where_the_window_does_not_cut(model_type, tmp_path, pairs, tokenizer):
+    """A window longer than every pair leaves the span path exact for the windowed families too (MoE included)."""
+    make_family_model(tmp_path, model_type, sliding_window=10_000)
+    model = load(tmp_path)
+    perturb_policy(model)
+    assert takes_span_attention(model, pairs[:2], tokenizer.pad_token_id)
+    want = oracle(model, pairs[:3], reference=False)
+    for layout in ("shared", "packed"):
+        model.train()
+        got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, layout), 5).logps.detach().double()
+        error = (got - want).abs().max().item()
+        assert error < 2e-3, f"{model_type} {layout}: off the oracle by {error:.4g} nats"

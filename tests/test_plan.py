@@ -109,15 +109,20 @@ def settings(checkpointing: bool, dtype: str = "float32", chunk: int = 0, layout
     )
 
 
-def save_tiny(name: str, tmp_path_factory) -> tuple[str, Path, dict]:
+def save_tiny(name: str, tmp_path_factory, shapes: dict = SHAPES) -> tuple[str, Path, dict]:
     """A tiny random model of shape `name` saved as a transformers directory, with its config.json."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-    arch, sizes = SHAPES[name]
+    arch, sizes = shapes[name]
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
     path = tmp_path_factory.mktemp(name)
     config = cls(
-        max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False, **sizes
+        max_position_embeddings=sizes.pop("max_position_embeddings", 256),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+        **sizes,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(path)
@@ -235,6 +240,11 @@ def step_with_hooks(model, batch: Batch, config: Config, pack) -> None:
 
 def peak_bytes(model, batch: Batch, config: Config) -> int:
     """High-water mark of CPU tensor memory allocated during one step, above what existed before it."""
+    return step_allocations(model, batch, config)[0]
+
+
+def step_allocations(model, batch: Batch, config: Config) -> tuple[int, int]:
+    """One step's high-water mark of CPU tensor memory above what existed before it, and its largest allocation."""
     profiler = pytest.importorskip("torch.profiler")
     _EventType = getattr(pytest.importorskip("torch._C._profiler"), "_EventType", None)
     assert _EventType is not None, "this torch has no profiler event tree: the peak measurement needs a new way in"
@@ -256,16 +266,17 @@ def peak_bytes(model, batch: Batch, config: Config) -> int:
 
     walk(prof.profiler.kineto_results.experimental_event_tree())
     blocks: dict[int, int] = {}  # only blocks allocated during the step count, and so only their frees
-    live = peak = 0
+    live = peak = largest = 0
     for _, size, ptr in sorted(events, key=lambda e: e[0]):
         if size > 0:
             blocks[ptr] = size
             live += size
+            largest = max(largest, size)
         elif ptr in blocks:
             live -= blocks.pop(ptr)
         peak = max(peak, live)
     model.zero_grad(set_to_none=True)
-    return peak
+    return peak, largest
 
 
 def plan_for(model_config: dict, config: Config, batch: dict = BATCH) -> P.Plan:
@@ -643,3 +654,47 @@ def test_step_peak_matches_plan_with_tiled_mlp(gqa_dir, checkpointing, layout):
     name, path, model_config = gqa_dir
     config = settings(checkpointing, layout=layout, tiled_mlp=16)
     check_peak(f"{name} tiled_mlp=16 {layout} ckpt={int(checkpointing)}", path, model_config, config)
+
+
+# A narrow GQA model for long pairs: at these lengths the attention (and, before qdpo.attention, its [T, T] mask)
+# and the MLP's [T, intermediate] tensors are what grows.
+LONG_SHAPE = {
+    "llama-narrow": (
+        "llama",
+        dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=256,
+            max_position_embeddings=16384,
+        ),
+    )
+}
+LONG_LENGTHS = (2048, 4096, 8192)  # max_length: a shared-prompt row of 2 x max_length - 16 tokens, 4k to 16k
+
+
+def test_long_pairs_grow_linearly_and_match_the_plan(tmp_path_factory):
+    """One pair per step from 2k to 8k tokens per response (rows of 4k-16k tokens), shared prompt, checkpointed,
+    chunked head, tiled MLP: the measured peak grows linearly with the length, the plan is within 10% at each
+    length, and no allocation is as large as a [T, T] boolean mask or a [T, vocab] fp32 logits tensor."""
+    name, path, model_config = save_tiny(
+        "llama-narrow", tmp_path_factory, {k: (a, dict(v)) for k, (a, v) in LONG_SHAPE.items()}
+    )
+    config = settings(True, chunk=256, layout="shared", tiled_mlp=1024)
+    model = load(path, config)
+    peaks = []
+    for length in LONG_LENGTHS:
+        geometry = dict(pairs=1, length=length, prompt=16)
+        batch = batch_for(model_config, config, geometry)
+        measured, largest = step_allocations(model, batch, config)
+        planned = step_peak(plan_for(model_config, config, geometry))
+        row = 2 * length - 16
+        report(f"{name} max_length={length}", [("step peak above resident", measured, planned)])
+        assert close(planned, measured, 0.10), f"max_length {length}: planned {planned} vs measured {measured}"
+        assert largest < min(row * row, row * model_config["vocab_size"] * 4), f"an allocation of {largest} B"
+        peaks.append(measured)
+    # Linear: each doubling of the length adds twice what the one before added (quadratic growth would add 4x).
+    first, second = peaks[1] - peaks[0], peaks[2] - peaks[1]
+    assert 1.8 < second / first < 2.2, peaks
