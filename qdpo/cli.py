@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -129,6 +130,7 @@ def run(
         click.echo(note, err=dry_run)  # a dry run's stdout is the YAML alone
     if micro_batch == "auto":
         config = _auto_micro_batch(config, loaded.gpu_memory_gb)
+    config = _memory_switches(config, loaded.gpu_memory_gb, dry_run)
     if dry_run:
         import yaml
 
@@ -157,15 +159,50 @@ def _auto_micro_batch(config, budget_gb: float | None):
     return dataclasses.replace(config, micro_batch_size=size)
 
 
+def _memory_switches(config, budget_gb: float | None, dry_run: bool):
+    """On a GPU, switch on tiled_mlp / offload_activations when the plan says the step fits only with them."""
+    import torch
+
+    from qdpo.plan import describe_switches, memory_switches, plan_memory, planner_view
+
+    if not torch.cuda.is_available():  # the planner plans GPU memory; a CPU run has no budget to fit
+        return config
+    if budget_gb is None:
+        budget_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
+    view = planner_view(config)
+    if view is None:  # a model the planner cannot read (no config.json): run as set
+        return config
+    model_cfg, exact = view
+    switch = memory_switches(model_cfg, exact, budget_gb)
+    if switch is None:
+        return config
+    planned = plan_memory(model_cfg, dataclasses.replace(exact, **switch)).total / 1e9
+    click.echo(
+        f"memory: a step of {config.micro_batch_size} x {config.max_length} tokens would not fit {budget_gb:g} GB as "
+        f"set; with {describe_switches(switch)} the plan is {planned:.1f} GB, so qdpo switched "
+        f"{'them' if len(switch) > 1 else 'it'} on (`qdpo plan` shows the parts)",
+        err=dry_run,
+    )
+    return dataclasses.replace(config, **switch)
+
+
 @main.command()
 def presets() -> None:
-    """List the shipped presets with what each is for and the GPU memory it targets."""
-    from qdpo.presets import available, load_preset
+    """List the shipped presets with what each is for, the GPU memory it targets and the longest pair it fits."""
+    from qdpo.plan import longest_pair, planner_view
+    from qdpo.presets import available, load_preset, resolve_settings
 
     for name in available():
         p = load_preset(name)
         memory = f"{p.gpu_memory_gb:g} GB GPU" if p.gpu_memory_gb else "CPU"
         click.echo(f"{name:<10} {memory:<10} {p.description}")
+        view = planner_view(resolve_settings(name, {}, ())) if p.gpu_memory_gb else None
+        if view is not None:
+            plain, switched = longest_pair(*view, p.gpu_memory_gb)
+            click.echo(
+                f"{'':<21} longest pair at micro-batch 1 (planned): {plain:,} tokens per response, "
+                f"{switched:,} with tiled_mlp and offload_activations"
+            )
 
 
 @main.command()

@@ -547,6 +547,52 @@ def largest_fit(
     return b, lo
 
 
+LONG_TILE = 4096  # tiled_mlp's tile when the planner switches it on: a 14336-wide MLP tile of ~0.35 GB in bf16
+SWITCHES = (
+    {"tiled_mlp": LONG_TILE},
+    {"offload_activations": True},
+    {"tiled_mlp": LONG_TILE, "offload_activations": True},
+)
+
+
+def memory_switches(model_config: dict[str, Any], cfg: Config, budget_gb: float) -> dict[str, Any] | None:
+    """The settings (tiled_mlp, offload_activations or both; the cheapest first: tiling recomputes a little,
+    offloading copies every boundary) with which the planned step fits budget_gb when it does not fit as set;
+    None when it fits as it is or nothing helps. A switch the user already turned on is not offered."""
+    budget, b, t = budget_gb * GB, cfg.micro_batch_size, cfg.max_length
+    if fits(model_config, cfg, budget, b, t, "cuda"):
+        return None
+    for switch in SWITCHES:
+        if not any(getattr(cfg, k) for k in switch) and fits(
+            model_config, replace(cfg, **switch), budget, b, t, "cuda"
+        ):
+            return switch
+    return None
+
+
+def describe_switches(switch: dict[str, Any]) -> str:
+    """tiled_mlp=4096 and offload_activations=true."""
+    return " and ".join(f"{k}={str(v).lower()}" for k, v in switch.items())
+
+
+def longest_pair(model_config: dict[str, Any], cfg: Config, budget_gb: float) -> tuple[int, int]:
+    """The longest max_length at micro-batch 1 in budget_gb as set, and with tiled_mlp and offload_activations on."""
+    switched = replace(cfg, tiled_mlp=cfg.tiled_mlp or LONG_TILE, offload_activations=True)
+    return largest_fit(model_config, cfg, budget_gb)[1], largest_fit(model_config, switched, budget_gb)[1]
+
+
+def planner_view(cfg: Config) -> tuple[dict[str, Any], Config] | None:
+    """The model's config.json and cfg with the layout and head the run will take, or None without a config.json."""
+    name = cfg.model  # a .gguf file or the built-in model: the planner reads the converted directory
+    try:
+        if Path(name).suffix == ".gguf" or name.startswith("builtin:"):
+            name = resolve_model(name).path
+        config, _ = model_config(name)
+        return config, exact_settings(cfg, SimpleNamespace(**config))[0]
+    except UserError:
+        return None
+
+
 def auto_micro_batch(cfg: Config, budget_gb: float) -> int:
     """The largest micro_batch_size whose planned step fits budget_gb at cfg.max_length (for --micro-batch auto)."""
     name = cfg.model  # a .gguf file or the built-in model: the planner reads the converted directory

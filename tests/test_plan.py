@@ -698,3 +698,39 @@ def test_long_pairs_grow_linearly_and_match_the_plan(tmp_path_factory):
     # Linear: each doubling of the length adds twice what the one before added (quadratic growth would add 4x).
     first, second = peaks[1] - peaks[0], peaks[2] - peaks[1]
     assert 1.8 < second / first < 2.2, peaks
+
+
+def test_long_pairs_switch_on_tiling_and_offload_only_when_the_plan_needs_them(monkeypatch):
+    """8b-24gb at 4096 tokens fits as set; at 12k tiling alone is enough, at 16k offloading alone (tiling is tried
+    first, being cheaper); at 32k it takes both; a switch the user already turned on is not offered again; `qdpo
+    run` on a GPU applies them and says so."""
+    model_cfg = BUILTIN_SHAPES["meta-llama/Meta-Llama-3-8B-Instruct"][1]
+    preset = load_preset("8b-24gb").settings
+
+    def switch(**changes):
+        return P.memory_switches(model_cfg, build_config({**preset, **changes}), 24)
+
+    assert switch() is None
+    assert switch(max_length=12000) == {"tiled_mlp": P.LONG_TILE}
+    assert switch(max_length=16384) == {"offload_activations": True}
+    assert switch(max_length=32768) == {"tiled_mlp": P.LONG_TILE, "offload_activations": True}
+    assert switch(max_length=32768, tiled_mlp=2048) == {"offload_activations": True}
+    assert switch(max_length=131072) is None  # nothing makes it fit: the run's out-of-memory advice applies
+
+    from qdpo.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the switch is for GPU runs; nothing loads here
+    result = CliRunner().invoke(main, ["run", "--preset", "8b-24gb", "--dry-run", "max_length=32768"])
+    assert result.exit_code == 0, result.output
+    assert "tiled_mlp: 4096" in result.output and "offload_activations: true" in result.output
+    assert "with tiled_mlp=4096 and offload_activations=true the plan is" in result.output
+
+
+def test_presets_and_plan_show_the_longest_pair():
+    from qdpo.cli import main
+
+    listing = CliRunner().invoke(main, ["presets"]).output
+    assert listing.count("longest pair at micro-batch 1 (planned)") == 3  # the three GPU presets
+    result = invoke("--preset", "8b-24gb", "max_length=32768")
+    assert "largest max_length at micro_batch_size 1 with tiled_mlp and offload_activations" in result.output
+    assert "it fits with tiled_mlp=4096 and offload_activations=true" in result.output
