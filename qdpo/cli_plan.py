@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import click
@@ -63,6 +64,13 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
     device = "cpu" if budget is None else "cuda"  # a preset without a GPU budget runs on the CPU
     model_cfg, source = model_config(config.model)
     config, family_notes = exact_settings(config, SimpleNamespace(**model_cfg))  # the paths the run would take
+    switch = memory_switches(model_cfg, config, budget) if budget is not None else None
+    if switch is not None:  # what `qdpo run` on a GPU does with this budget: plan that
+        config = replace(config, **switch)
+        family_notes.append(
+            f"planned with {describe_switches(switch)}: the step does not fit {budget:g} GB without, and "
+            "qdpo run on a GPU switches that on itself"
+        )
     shape = ModelShape.from_config(model_cfg)
     result = plan_memory(model_cfg, config, device=device)
     chunk = getattr(config, "logits_chunk_size", 0)
@@ -91,8 +99,3 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
         click.echo(f"largest max_length at micro_batch_size 1: {length}")
         switched = longest_pair(model_cfg, config, budget)[1]
         click.echo(f"largest max_length at micro_batch_size 1 with tiled_mlp and offload_activations: {switched}")
-        switch = memory_switches(model_cfg, config, budget)
-        if switch is not None:
-            click.echo(
-                f"it fits with {describe_switches(switch)}: qdpo run on a GPU switches that on itself and says so"
-            )

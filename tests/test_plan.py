@@ -733,4 +733,5 @@ def test_presets_and_plan_show_the_longest_pair():
     assert listing.count("longest pair at micro-batch 1 (planned)") == 3  # the three GPU presets
     result = invoke("--preset", "8b-24gb", "max_length=32768")
     assert "largest max_length at micro_batch_size 1 with tiled_mlp and offload_activations" in result.output
-    assert "it fits with tiled_mlp=4096 and offload_activations=true" in result.output
+    assert "planned with tiled_mlp=4096 and offload_activations=true: the step does not fit 24 GB" in result.output
+    assert "vs a budget of 24 GB: fits" in result.output  # the goal: 8B at 32k tokens in 24 GB
