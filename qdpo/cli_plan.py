@@ -67,16 +67,17 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
     switch = memory_switches(model_cfg, config, budget) if budget is not None else None
     if switch is not None:  # what `qdpo run` on a GPU does with this budget: plan that
         config = replace(config, **switch)
-        family_notes.append(
-            f"planned with {describe_switches(switch)}: the step does not fit {budget:g} GB without, and "
-            "qdpo run on a GPU switches that on itself"
-        )
     shape = ModelShape.from_config(model_cfg)
     result = plan_memory(model_cfg, config, device=device)
     chunk = getattr(config, "logits_chunk_size", 0)
     click.echo(f"preset {loaded.name}: {config.model}")
     for note in family_notes:
         click.echo(note)
+    if switch is not None:
+        click.echo(
+            f"planned with {describe_switches(switch)}: the step does not fit {budget:g} GB without, and "
+            "qdpo run on a GPU switches that on itself"
+        )
     click.echo(
         f"model shape from {source}: hidden {shape.hidden}, {shape.layers} layers, {shape.heads} heads "
         f"({shape.kv_heads} kv), MLP {shape.intermediate}, vocab {shape.vocab}{' (tied)' if shape.tied else ''}"
