@@ -59,7 +59,7 @@ def span_attention(
         prompt, rejected = slice(start, start + p), slice(start + p + c, start + p + c + r)
         keys = torch.cat([k[:, :, prompt], k[:, :, rejected]], dim=2)
         values = torch.cat([v[:, :, prompt], v[:, :, rejected]], dim=2)
-        if query.is_cuda:
+        if lower_right_is_fast(query):
             got = F.scaled_dot_product_attention(
                 q[:, :, rejected], keys, values, attn_mask=causal_lower_right(r, p + r), **sdpa
             )
@@ -68,6 +68,12 @@ def span_attention(
             got = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, **sdpa)[:, :, p:]
         out[row : row + 1, :, rejected] = got
     return out.transpose(1, 2).contiguous(), None
+
+
+def lower_right_is_fast(query: torch.Tensor) -> bool:
+    """Whether SDPA takes `causal_lower_right` on a fast kernel here (CUDA's flash/efficient kernels; the CPU's
+    only on its quadratic math path)."""
+    return query.is_cuda
 
 
 def register() -> None:

@@ -388,3 +388,20 @@ def test_span_attention_where_the_window_does_not_cut(model_type, tmp_path, pair
         got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, layout), 5).logps.detach().double()
         error = (got - want).abs().max().item()
         assert error < 2e-3, f"{model_type} {layout}: off the oracle by {error:.4g} nats"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_the_gpus_lower_right_call_matches_the_oracle(model_type, family_dirs, pairs, tokenizer, monkeypatch):
+    """The branch a GPU takes (rejected queries only, `causal_lower_right` over prompt+rejected keys), run here on
+    the CPU's math kernel: the same scores as the model's own forward."""
+    from qdpo import attention
+
+    monkeypatch.setattr(attention, "lower_right_is_fast", lambda query: True)
+    model = load(family_dirs[model_type])
+    perturb_policy(model)
+    assert takes_span_attention(model, pairs[:2], tokenizer.pad_token_id)
+    want = oracle(model, pairs[:3], reference=False)
+    for layout in ("shared", "packed"):
+        model.train()
+        got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, layout), 5).logps.detach().double()
+        assert (got - want).abs().max().item() < 2e-3, layout
