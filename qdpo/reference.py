@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from qdpo.attention import IMPLEMENTATION
 from qdpo.batching import make_batch
 from qdpo.errors import UserError
 from qdpo.faults import crash_point
@@ -236,6 +237,9 @@ def cache_key(
         "micro_batch_size": micro_batch_size,
         "logits_chunk_size": logits_chunk_size,  # another summation order: other float rounding
         "layout": layout,  # another attention mask and row width: other float rounding
+        # How the shared-prompt rows attend (qdpo.attention's causal calls, or the dense mask before them):
+        # the same numbers up to float rounding, but tables are compared exactly.
+        "attention": IMPLEMENTATION if layout != "plain" else None,
         "device": device_fingerprint(device),
         "libraries": library_versions(),
         "extra": extra or {},

@@ -176,11 +176,9 @@ def table_rows(table: torch.Tensor, idx: list[int]) -> torch.Tensor:
     return rows
 
 
-def desirable_labels(pairs: list[TokenizedPair], idx: list[int]) -> torch.Tensor | None:
+def desirable_labels(pairs: list[TokenizedPair], idx: list[int], config: Config) -> torch.Tensor | None:
     """KTO's desirable/undesirable labels of a micro-batch's examples; None for preference pairs."""
-    if pairs[idx[0]].desirable is None:
-        return None
-    return torch.tensor([pairs[j].desirable for j in idx])
+    return torch.tensor([pairs[j].desirable for j in idx]) if config.unpaired else None
 
 
 def desirable_share(pairs: list[TokenizedPair]) -> float | None:
@@ -201,7 +199,7 @@ def evaluate(
         for idx in progress_bar(batches, desc="eval", unit="batch", leave=False):
             batch = make_batch([pairs[j] for j in idx], pad_id, config.batch_layout)
             ref = table_rows(reference, idx) if reference is not None else None  # None: a reference-free method
-            desirable = desirable_labels(pairs, idx)
+            desirable = desirable_labels(pairs, idx, config)
             losses, cr, rr, policy = preference_loss(model, batch, config, ref, desirable)
             metrics.add(losses, cr, rr, policy, model.config.vocab_size, desirable)
     model.train(was_training)
@@ -348,7 +346,7 @@ def train_step(
         pairs += idx
         batch = make_batch([data.train[j] for j in idx], data.tokenizer.pad_token_id, config.batch_layout)
         reference = table_rows(t.train_ref, idx) if t.train_ref is not None else None
-        desirable = desirable_labels(data.train, idx)
+        desirable = desirable_labels(data.train, idx, config)
         losses, cr, rr, policy = preference_loss(t.model, batch, config, reference, desirable)
         # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
         t.scaler.scale(losses.sum() / pairs_per_step).backward()

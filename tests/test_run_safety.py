@@ -177,7 +177,7 @@ def test_a_skipped_fp16_step_does_not_advance_the_schedule(monkeypatch):
     weight = torch.nn.Parameter(torch.ones(1))
     factors = iter([math.inf, 1.0])
 
-    def fake_loss(model, batch, config, reference):
+    def fake_loss(model, batch, config, reference, desirable=None):
         loss = weight * next(factors)
         zero = torch.zeros(1)
         return loss, zero, zero, SequenceScores(torch.zeros(2), torch.ones(2, dtype=torch.long), torch.zeros(2))
