@@ -21,7 +21,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 IMPLEMENTATION = "qdpo_sdpa"
 Span = tuple[int, int, int, int, int]  # row, start, prompt, chosen and rejected tokens of one pair
-calls = 0  # span calls made, for tests that must know this path ran
+calls = 0  # span calls made: qdpo.step checks that every layer made one, and tests that this path ran
 # Families whose decoder layers do not hand the attention kwargs on (transformers 5.24), so the spans never arrive:
 # qdpo.step finds that out at the first forward and keeps the dense mask; the planner knows it beforehand.
 DROPS_ATTENTION_KWARGS = ("stablelm",)
