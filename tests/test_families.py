@@ -379,15 +379,19 @@ def test_which_families_take_the_span_attention(family_dirs, pairs, tokenizer):
 def test_span_attention_where_the_window_does_not_cut(model_type, tmp_path, pairs, tokenizer):
     """A window longer than every pair leaves the span path exact for the windowed families too (MoE included)."""
     make_family_model(tmp_path, model_type, sliding_window=10_000)
-    model = load(tmp_path)
+    span_layouts_match_the_oracle(load(tmp_path), pairs, tokenizer.pad_token_id)
+
+
+def span_layouts_match_the_oracle(model, pairs, pad_id: int) -> None:
+    """With the adapter moved off the reference: the span path runs, and both shared layouts equal the oracle."""
     perturb_policy(model)
-    assert takes_span_attention(model, pairs[:2], tokenizer.pad_token_id)
+    assert takes_span_attention(model, pairs[:2], pad_id)
     want = oracle(model, pairs[:3], reference=False)
     for layout in ("shared", "packed"):
         model.train()
-        got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, layout), 5).logps.detach().double()
+        got = score_batch(model, make_batch(pairs[:3], pad_id, layout), 5).logps.detach().double()
         error = (got - want).abs().max().item()
-        assert error < 2e-3, f"{model_type} {layout}: off the oracle by {error:.4g} nats"
+        assert error < 2e-3, f"{model.config.model_type} {layout}: off the oracle by {error:.4g} nats"
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
@@ -397,11 +401,4 @@ def test_the_gpus_lower_right_call_matches_the_oracle(model_type, family_dirs, p
     from qdpo import attention
 
     monkeypatch.setattr(attention, "lower_right_is_fast", lambda query: True)
-    model = load(family_dirs[model_type])
-    perturb_policy(model)
-    assert takes_span_attention(model, pairs[:2], tokenizer.pad_token_id)
-    want = oracle(model, pairs[:3], reference=False)
-    for layout in ("shared", "packed"):
-        model.train()
-        got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, layout), 5).logps.detach().double()
-        assert (got - want).abs().max().item() < 2e-3, layout
+    span_layouts_match_the_oracle(load(family_dirs[model_type]), pairs, tokenizer.pad_token_id)
