@@ -10,7 +10,8 @@ prompt, checkpointed, lm_head in chunks of 256; the peak is the CPU allocator's 
 - "causal calls": qdpo.attention's two causal SDPA calls per pair;
 - "causal calls + tiled MLP": and tiled_mlp=1024.
 
-    python benchmarks/long_pairs.py                     # ~2 min on 2 cores; writes docs/memory_vs_length.png
+    python benchmarks/long_pairs.py                     # ~5 min on 2 cores; writes docs/memory_vs_length.png
+    python benchmarks/long_pairs.py --time              # step time with and without tiled_mlp, SmolLM2, ~8 min
 """
 
 from __future__ import annotations
@@ -133,5 +134,36 @@ def draw(results: dict[str, list[tuple[int, int]]]) -> None:
     print(f"wrote {PNG}")
 
 
+def time_tiling(repeats: int = 3) -> None:
+    """Seconds per step (forward + backward) of SmolLM2-135M on one pair of 2 x 1984 response tokens, checkpointed,
+    shared prompt, with and without tiled_mlp=1024: what tiling costs in time."""
+    import sys
+    import time
+
+    from qdpo.model import resolve_model
+
+    source = resolve_model("builtin:smollm2-135m-instruct")
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 40000, (n,), generator=g).tolist()  # noqa: E731
+    batch = make_batch([TokenizedPair(ids(64), ids(1984), ids(1984))], 0, "shared")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}", file=sys.stderr)
+    for tile in (0, 1024):
+        base = load_base_4bit(source, torch.float32, torch.device("cpu"), True)
+        model = add_lora(base, 16, 32, 0.0, ["all-linear"], None, seed=0).train()
+        if tile:
+            tile_mlps(model, tile)
+        cfg = Config(model="x", data="y", tiled_mlp=tile)
+        seconds = []
+        for _ in range(repeats):
+            start = time.time()
+            losses, *_ = qdpo.step.preference_loss(model, batch, cfg, torch.zeros(2))
+            losses.sum().backward()
+            seconds.append(time.time() - start)
+            model.zero_grad(set_to_none=True)
+        print(f"tiled_mlp={tile}: seconds per step {', '.join(f'{t:.1f}' for t in seconds)}", flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    time_tiling() if "--time" in sys.argv else main()
