@@ -51,7 +51,11 @@ class TiledMLP(torch.autograd.Function):
 
 def tile_mlps(model, tile: int) -> int:
     """Make every decoder layer's `mlp` run in tiles of `tile` sequence positions; returns how many now do."""
+    from qdpo.families import family_of
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if family_of(base.config) is None:  # an MLP qdpo has not seen may not return one tensor per position
+        return 0
     tiled = 0
     for layer in base.get_decoder().layers:
         mlp = getattr(layer, "mlp", None)

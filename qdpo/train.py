@@ -252,7 +252,10 @@ def setup_training(
     )
     if config.tiled_mlp:
         tiled = tile_mlps(model, config.tiled_mlp)
-        echo(f"tiled MLP: {tiled} layers run their MLP {config.tiled_mlp} positions at a time")
+        if tiled:
+            echo(f"tiled MLP: {tiled} layers run their MLP {config.tiled_mlp} positions at a time")
+        else:
+            echo("tiled MLP: off (qdpo tiles the MLPs of its verified model families only)")
     params = trainable_parameters(model)
     if not params:  # the loss would sit at ln 2 forever
         raise UserError(
@@ -307,7 +310,11 @@ def setup_training(
             chunk,
             layout,
             device=device,
-            extra={"lora_dropout": config.lora_dropout, **({"ld_alpha": ld} if ld is not None else {})},
+            extra={
+                "lora_dropout": config.lora_dropout,
+                **({"ld_alpha": ld} if ld is not None else {}),
+                **({"tiled_mlp": config.tiled_mlp} if config.tiled_mlp else {}),  # tiles: other float rounding
+            },
         )
         damage: list[str] = []
         train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout, damage, ld)

@@ -60,7 +60,7 @@ def kto_pairs(examples: list[Example], where: str) -> list[Pair]:
         if j is None:
             raise UserError(
                 f"KTO's KL baseline needs answers to other prompts, but {where} has no non-empty answer to a prompt "
-                "other than that of its first example; give examples with at least two different prompts."
+                f"other than that of {_origin(examples[i])}; give examples with at least two different prompts."
             )
         e = examples[i]
         unified = unify(e.prompt, e.completion, examples[j].completion, e.origin)
@@ -68,20 +68,27 @@ def kto_pairs(examples: list[Example], where: str) -> list[Pair]:
     return [pair for _, pair in sorted(pairs, key=lambda item: item[0])]
 
 
+def _origin(example: Example) -> str:
+    """Where an example came from, for messages."""
+    return example.origin or "its first example"
+
+
 def split_by_prompt(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
-    """Hold out about `fraction` of the examples, whole prompts at a time (so no held-out prompt is trained on)."""
-    if fraction <= 0 or len(examples) < 2:
-        return examples, []
+    """Hold out about `fraction` of the examples, whole prompts at a time (so no held-out prompt is trained on).
+
+    Each side keeps at least two prompts, since every KL sample must answer another prompt of the same split;
+    with fewer than four prompts nothing is held out.
+    """
     prompts = sorted({_key(e.prompt) for e in examples})
-    if len(prompts) < 2:
+    if fraction <= 0 or len(prompts) < 4:
         return examples, []
     random.Random(seed).shuffle(prompts)
-    held, count, want = set(), 0, max(1, round(fraction * len(examples)))
-    sizes = {}
+    sizes: dict[str, int] = {}
     for e in examples:
         sizes[_key(e.prompt)] = sizes.get(_key(e.prompt), 0) + 1
-    for key in prompts[:-1]:  # always leave at least one prompt to train on
-        if count >= want:
+    held, count, want = set(), 0, max(1, round(fraction * len(examples)))
+    for key in prompts[:-2]:  # at least two prompts stay for training
+        if count >= want and len(held) >= 2:
             break
         held.add(key)
         count += sizes[key]

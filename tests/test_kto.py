@@ -139,8 +139,26 @@ def test_one_prompt_only_is_refused_in_one_line():
 def test_held_out_examples_are_whole_prompts():
     examples = to_examples(unpaired_rows(), Columns(), "completion", "label", "d.jsonl")
     train, held = split_by_prompt(examples, 0.25, seed=1)
-    assert len(train) + len(held) == 12 and 2 <= len(held) <= 4
+    assert len(train) + len(held) == 12 and len(held) == 4  # 3 of 12 wanted: whole prompts, at least two of them
     assert not {json.dumps(e.prompt) for e in train} & {json.dumps(e.prompt) for e in held}
+
+
+@pytest.mark.parametrize("prompts", [2, 3, 4, 5, 30])
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.9])
+def test_every_split_keeps_two_prompts_for_its_kl_samples(prompts, fraction):
+    """Each side of the split needs answers to another prompt of its own; with fewer than four prompts the
+    whole set trains. The default eval_fraction on a small set used to hold out one prompt and then fail."""
+    rows = [r for i in range(prompts) for r in unpaired_rows()[2 * i : 2 * i + 2]] if prompts <= 6 else None
+    rows = rows or [
+        {"prompt": f"Q{i}?", "completion": f"A{i}{k}.", "label": k == 0} for i in range(prompts) for k in range(2)
+    ]
+    examples = to_examples(rows, Columns(), "completion", "label", "d.jsonl")
+    train, held = split_by_prompt(examples, fraction, seed=3)
+    for side in (train, held):
+        if side:
+            assert len({json.dumps(e.prompt) for e in side}) >= 2
+            kto_pairs(side, "d.jsonl")  # no error: every example finds a KL sample
+    assert held or prompts < 4
 
 
 def test_a_kl_sample_equal_to_the_answer_is_kept(tokenizer):
