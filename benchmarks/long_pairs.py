@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+import qdpo.attention  # noqa: E402
 import qdpo.step  # noqa: E402
 from qdpo.batching import make_batch  # noqa: E402
 from qdpo.config import Config  # noqa: E402
@@ -87,9 +88,9 @@ def main() -> None:
     print("| path | max_length | row tokens | measured peak (MB) | planned (MB) |")
     print("|---|---|---|---|---|")
     results = {}
-    original = qdpo.step.span_problem
+    original = qdpo.attention.span_problem
     for name, (lengths, tile, dense) in PATHS.items():
-        qdpo.step.span_problem = (lambda c, s: "dense, for comparison") if dense else original
+        qdpo.attention.span_problem = (lambda c, s: "dense, for comparison") if dense else original
         cfg = Config(model="x", data="y", lora_r=8, lora_alpha=16, logits_chunk_size=256, tiled_mlp=tile)
         base = load_base_4bit(ModelSource("m", str(folder)), torch.float32, torch.device("cpu"), True)
         model = add_lora(base, 8, 16, 0.0, ["all-linear"], None, seed=0).train()
@@ -103,7 +104,7 @@ def main() -> None:
             planned = "" if dense else f"{_planned(model_config, cfg, length) / 1e6:.1f}"
             results.setdefault(name, []).append((2 * length - PROMPT, measured))
             print(f"| {name} | {length} | {2 * length - PROMPT} | {measured / 1e6:.1f} | {planned} |", flush=True)
-    qdpo.step.span_problem = original
+    qdpo.attention.span_problem = original
     draw(results)
 
 

@@ -49,7 +49,7 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
     OVERRIDES are key=value settings, as for `qdpo run` (e.g. micro_batch_size=4 max_length=4096).
     """
     from qdpo.families import exact_settings
-    from qdpo.plan import describe_switches, largest_fit, longest_pair, memory_switches, plan_memory
+    from qdpo.plan import all_switches, describe_switches, largest_fit, memory_switches, plan_memory
     from qdpo.presets import load_preset, resolve_settings
     from qdpo.shapes import ModelShape, model_config
 
@@ -98,5 +98,5 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
         batch, length = largest_fit(model_cfg, config, budget, device=device)
         click.echo(f"largest micro_batch_size at max_length {config.max_length}: {batch}")
         click.echo(f"largest max_length at micro_batch_size 1: {length}")
-        switched = longest_pair(model_cfg, config, budget)[1]
+        switched = largest_fit(model_cfg, all_switches(config), budget, device=device)[1]
         click.echo(f"largest max_length at micro_batch_size 1 with tiled_mlp and offload_activations: {switched}")

@@ -28,7 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from qdpo.attention import DROPS_ATTENTION_KWARGS
+from qdpo.attention import DROPS_ATTENTION_KWARGS, IMPLEMENTATION, span_problem
 from qdpo.config import Config
 from qdpo.errors import UserError
 from qdpo.families import exact_settings
@@ -515,12 +515,13 @@ def plan_memory(
 
 
 def span_attention_applies(decoder: dict[str, Any], max_length: int) -> bool:
-    """Whether a shared-prompt step on this config.json runs qdpo.attention's causal calls (qdpo.attention.span_problem
-    at the worst case, a pair max_length tokens long per response)."""
-    if decoder.get("model_type") in DROPS_ATTENTION_KWARGS or decoder.get("attn_logit_softcapping"):
+    """Whether a shared-prompt step on this config.json runs qdpo.attention's causal calls: qdpo.attention's own
+    rule (span_problem) at the worst case, one pair of max_length-token responses, on a model loaded as qdpo loads
+    it, and not a family whose layers drop the attention kwargs (found only at run time, known here)."""
+    if decoder.get("model_type") in DROPS_ATTENTION_KWARGS:
         return False
-    window = decoder.get("sliding_window") if decoder.get("use_sliding_window", True) is not False else None
-    return not (window and window < max_length)
+    loaded = SimpleNamespace(**{**decoder, "_attn_implementation": IMPLEMENTATION})
+    return span_problem(loaded, ((0, 0, 1, max_length - 1, max_length - 1),)) is None
 
 
 def fits(model_config: dict[str, Any], cfg: Config, budget: float, b: int, t: int, device: str) -> bool:
@@ -575,31 +576,36 @@ def describe_switches(switch: dict[str, Any]) -> str:
     return " and ".join(f"{k}={str(v).lower()}" for k, v in switch.items())
 
 
+def all_switches(cfg: Config) -> Config:
+    """cfg with tiled_mlp (its own tile, or LONG_TILE) and offload_activations on: the longest pairs it can plan."""
+    return replace(cfg, tiled_mlp=cfg.tiled_mlp or LONG_TILE, offload_activations=True)
+
+
 def longest_pair(model_config: dict[str, Any], cfg: Config, budget_gb: float) -> tuple[int, int]:
     """The longest max_length at micro-batch 1 in budget_gb as set, and with tiled_mlp and offload_activations on."""
-    switched = replace(cfg, tiled_mlp=cfg.tiled_mlp or LONG_TILE, offload_activations=True)
-    return largest_fit(model_config, cfg, budget_gb)[1], largest_fit(model_config, switched, budget_gb)[1]
+    return largest_fit(model_config, cfg, budget_gb)[1], largest_fit(model_config, all_switches(cfg), budget_gb)[1]
+
+
+def run_view(cfg: Config) -> tuple[dict[str, Any], Config]:
+    """The model's config.json and cfg with the layout and head the run will take (UserError without config.json)."""
+    name = cfg.model  # a .gguf file or the built-in model: the planner reads the converted directory
+    if Path(name).suffix == ".gguf" or name.startswith("builtin:"):
+        name = resolve_model(name).path
+    config, _ = model_config(name)
+    return config, exact_settings(cfg, SimpleNamespace(**config))[0]
 
 
 def planner_view(cfg: Config) -> tuple[dict[str, Any], Config] | None:
-    """The model's config.json and cfg with the layout and head the run will take, or None without a config.json."""
-    name = cfg.model  # a .gguf file or the built-in model: the planner reads the converted directory
+    """run_view, or None for a model the planner cannot read."""
     try:
-        if Path(name).suffix == ".gguf" or name.startswith("builtin:"):
-            name = resolve_model(name).path
-        config, _ = model_config(name)
-        return config, exact_settings(cfg, SimpleNamespace(**config))[0]
+        return run_view(cfg)
     except UserError:
         return None
 
 
 def auto_micro_batch(cfg: Config, budget_gb: float) -> int:
     """The largest micro_batch_size whose planned step fits budget_gb at cfg.max_length (for --micro-batch auto)."""
-    name = cfg.model  # a .gguf file or the built-in model: the planner reads the converted directory
-    if Path(name).suffix == ".gguf" or name.startswith("builtin:"):
-        name = resolve_model(name).path
-    config, _ = model_config(name)
-    cfg, _ = exact_settings(cfg, SimpleNamespace(**config))  # the layout and head the run will use
+    config, cfg = run_view(cfg)
     b, _ = largest_fit(config, cfg, budget_gb)
     if b < 1:
         raise UserError(

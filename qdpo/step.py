@@ -9,7 +9,6 @@ import weakref
 import torch
 
 from qdpo import attention
-from qdpo.attention import span_problem
 from qdpo.batching import Batch, SharedPromptBatch, shared_prompt_mask
 from qdpo.config import Config
 from qdpo.errors import UserError
@@ -40,7 +39,7 @@ def score_shared_prompt(
         )
     positions = batch.position_ids.to(device)
     hidden = None
-    if batch.spans and base not in DENSE_ONLY and span_problem(base.config, batch.spans) is None:
+    if batch.spans and base not in DENSE_ONLY and attention.span_problem(base.config, batch.spans) is None:
         # Two causal calls per pair in every layer (qdpo.attention): no [T, T] mask, K/V not repeated. The
         # all-ones 2-D mask keeps transformers from reading the restarted position ids as packed sequences.
         before = attention.calls
@@ -161,8 +160,7 @@ class Metrics:
             desirable = desirable.to(losses.device)
             rows = (desirable.nonzero().flatten().cpu(), (~desirable).nonzero().flatten().cpu())
             correct = policy.extras.pop("on_side")
-            rewards = chosen_rewards
-            sides = (rewards[desirable], rewards[~desirable], logps[desirable], logps[~desirable])
+            sides = (chosen_rewards[desirable], chosen_rewards[~desirable], logps[desirable], logps[~desirable])
         self._add("loss", losses.detach())
         self._add("rewards/accuracies", correct.float())
         for name, values in zip(("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"), sides):

@@ -13,6 +13,11 @@ from __future__ import annotations
 import torch
 
 
+def in_tiles(fn, x: torch.Tensor, tile: int) -> torch.Tensor:
+    """fn applied to `tile` sequence positions of x at a time, the outputs put back in order."""
+    return torch.cat([fn(x[..., i : i + tile, :]) for i in range(0, x.shape[-2], tile)], dim=-2)
+
+
 class TiledMLP(torch.autograd.Function):
     """y = mlp(x) computed `tile` sequence positions at a time, saving only x; backward recomputes tile by tile."""
 
@@ -24,7 +29,7 @@ class TiledMLP(torch.autograd.Function):
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.save_for_backward(x)
         with torch.no_grad():
-            return torch.cat([mlp(x[..., i : i + tile, :]) for i in range(0, x.shape[-2], tile)], dim=-2)
+            return in_tiles(mlp, x, tile)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -67,9 +72,7 @@ def tile_mlps(model, tile: int) -> int:
             if x.shape[-2] <= tile:
                 return _mlp.qdpo_plain_forward(x)
             if not torch.is_grad_enabled():  # the reference and eval passes: tiles, and nothing to save
-                return torch.cat(
-                    [_mlp.qdpo_plain_forward(x[..., i : i + tile, :]) for i in range(0, x.shape[-2], tile)], dim=-2
-                )
+                return in_tiles(_mlp.qdpo_plain_forward, x, tile)
             params = [p for p in _mlp.parameters() if p.requires_grad]
             return TiledMLP.apply(x, _mlp.qdpo_plain_forward, tile, *params)
 

@@ -63,7 +63,8 @@ def _template_errors() -> tuple[type[BaseException], ...]:
     return (TemplateError,)
 
 
-def _text_is_empty(t: str | list[dict[str, str]]) -> bool:
+def text_is_empty(t: str | list[dict[str, str]]) -> bool:
+    """True when a text, or every message of one, is blank."""
     if isinstance(t, str):
         return not t.strip()
     return all(not m["content"].strip() for m in t)
@@ -141,7 +142,7 @@ def tokenize_pairs(
     if any(p.desirable is not None for p in pairs):
         stats.unit = "examples"
     for number, pair in enumerate(pairs, start=1):
-        if _text_is_empty(pair.chosen) or _text_is_empty(pair.rejected):
+        if text_is_empty(pair.chosen) or text_is_empty(pair.rejected):
             stats.dropped_empty += 1
             continue
         kto = pair.desirable is not None  # the KL sample may equal the answer: it is a sample, not a rival

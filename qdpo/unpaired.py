@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 
 from qdpo.config import Config
 from qdpo.data import BUILTIN_DATA, Columns, Example, Pair, load_rows, to_examples, unify
 from qdpo.errors import UserError
+from qdpo.tokenize import text_is_empty
 
 # The KTO paper's advice for unbalanced data (TRL's KTOTrainer checks the same range):
 # desirable_weight x #desirable / (undesirable_weight x #undesirable) in [1, 4/3].
@@ -32,10 +34,6 @@ def _key(prompt) -> str:
     return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
 
 
-def _empty(text) -> bool:
-    return not text.strip() if isinstance(text, str) else all(not m["content"].strip() for m in text)
-
-
 def kto_pairs(examples: list[Example], where: str) -> list[Pair]:
     """Each example as a Pair: its answer in chosen, an answer to a different prompt in rejected (its KL sample).
 
@@ -48,14 +46,15 @@ def kto_pairs(examples: list[Example], where: str) -> list[Pair]:
     keys = [_key(e.prompt) for e in examples]
     first_seen = {key: i for i, key in reversed(list(enumerate(keys)))}
     order = sorted(range(len(examples)), key=lambda i: first_seen[keys[i]])  # stable: each prompt's run in one piece
-    n, shift = len(order), max(keys.count(k) for k in first_seen) if keys else 0
+    n, shift = len(order), max(Counter(keys).values(), default=0)
 
     def usable(i: int, j: int) -> bool:
-        return keys[j] != keys[i] and not _empty(examples[j].completion)
+        return keys[j] != keys[i] and not text_is_empty(examples[j].completion)
 
     pairs = []
     for pos, i in enumerate(order):
-        candidates = [order[(pos + shift) % n]] + [order[(pos + d) % n] for d in range(1, n)]
+        # Lazily: the shifted answer almost always does, so the fallback walk is rarely taken (and never built whole).
+        candidates = (order[(pos + d) % n] for d in (shift, *range(1, n)))
         j = next((j for j in candidates if usable(i, j)), None)
         if j is None:
             raise UserError(
@@ -79,20 +78,19 @@ def split_by_prompt(examples: list[Example], fraction: float, seed: int) -> tupl
     Each side keeps at least two prompts, since every KL sample must answer another prompt of the same split;
     with fewer than four prompts nothing is held out.
     """
-    prompts = sorted({_key(e.prompt) for e in examples})
+    keys = [_key(e.prompt) for e in examples]
+    sizes = Counter(keys)
+    prompts = sorted(sizes)
     if fraction <= 0 or len(prompts) < 4:
         return examples, []
     random.Random(seed).shuffle(prompts)
-    sizes: dict[str, int] = {}
-    for e in examples:
-        sizes[_key(e.prompt)] = sizes.get(_key(e.prompt), 0) + 1
     held, count, want = set(), 0, max(1, round(fraction * len(examples)))
     for key in prompts[:-2]:  # at least two prompts stay for training
         if count >= want and len(held) >= 2:
             break
         held.add(key)
         count += sizes[key]
-    return [e for e in examples if _key(e.prompt) not in held], [e for e in examples if _key(e.prompt) in held]
+    return [e for e, k in zip(examples, keys) if k not in held], [e for e, k in zip(examples, keys) if k in held]
 
 
 def kto_splits(config: Config) -> tuple[list[Pair], list[Pair]]:
