@@ -9,6 +9,7 @@ any moment leaves either the complete checkpoint or none; checkpoint.json, writt
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -22,6 +23,7 @@ import torch
 import yaml
 
 from qdpo.config import Config
+from qdpo.distributed import load_adapter_state, sharded
 from qdpo.errors import UserError
 from qdpo.faults import crash_point
 from qdpo.fs import fsync_dir, staged, write_json, write_text
@@ -85,6 +87,8 @@ def save_checkpoint(
     config: Config,
     description: dict[str, Any],
     keep: int,
+    world_size: int = 1,
+    adapter_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically, then drop all but the newest `keep`; returns its directory.
 
@@ -93,7 +97,8 @@ def save_checkpoint(
     target = run_dir / CHECKPOINTS / f"step-{step:06d}"
     target.parent.mkdir(parents=True, exist_ok=True)
     with staged(target) as tmp:
-        model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"])
+        # adapter_state: the whole tensors, when the model holds only this rank's shards (FSDP)
+        model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"], state_dict=adapter_state)
         tokenizer.save_pretrained(str(tmp / "adapter"))
         write_json(tmp / "adapter" / "qdpo.json", description)
         torch.save({**trainer_state, "step": step}, tmp / "trainer_state.pt")
@@ -101,7 +106,8 @@ def save_checkpoint(
         if (run_dir / "metrics.jsonl").is_file():
             shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
         write_text(tmp / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-        write_json(tmp / "checkpoint.json", {"format": FORMAT, "step": step, "saved": time.time()})
+        meta = {"format": FORMAT, "step": step, "saved": time.time(), "world_size": world_size}
+        write_json(tmp / "checkpoint.json", meta)
     prune(run_dir, keep)
     return target
 
@@ -150,6 +156,16 @@ def load_adapter_weights(model, checkpoint: Checkpoint) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(checkpoint.path / "adapter" / "adapter_model.safetensors"))
+    if sharded(model):  # FSDP: each rank keeps its shard of every tensor
+        named = {n.replace(".default.", "."): n for n, p in model.named_parameters() if p.requires_grad}
+        missing = sorted(set(named) - set(weights))
+        if missing or len(weights) != len(named):
+            raise UserError(
+                f"checkpoint {checkpoint.path} does not match this model's adapter ({(missing or ['extra'])[0]}); "
+                "resume with the settings the run was started with."
+            )
+        load_adapter_state(model, {named[k]: v for k, v in weights.items()})
+        return
     result = set_peft_model_state_dict(model, weights, adapter_name="default")
     # PEFT saves the trainable adapter's tensors without its name ("default"): every one must be in the file.
     expected = {n.replace(".default.", ".") for n, p in model.named_parameters() if p.requires_grad}
@@ -166,17 +182,18 @@ def saved_config(checkpoint: Checkpoint) -> dict[str, Any]:
     return yaml.safe_load((checkpoint.path / "config.yaml").read_text())
 
 
-def resume_conflicts(saved: dict[str, Any], config: Config) -> list[str]:
+def resume_conflicts(saved: dict[str, Any], config: Config, saved_world: int = 1, world: int = 1) -> list[str]:
     """Settings that differ from the checkpoint's and would change what a step computes, as 'name: old -> new'.
 
     micro_batch_size and gradient_accumulation_steps may change together when the pairs per optimizer step stay
-    the same (the way out of running out of GPU memory); the pairs left in the epoch are then regrouped.
+    the same (the way out of running out of GPU memory, or onto another number of processes: the global batch
+    counts every process's); the pairs left in the epoch are then regrouped.
     """
     now = config.to_dict()
     regroup = ("micro_batch_size", "gradient_accumulation_steps")
     same_step = (
-        saved.get(regroup[0], 0) * saved.get(regroup[1], 0)
-        == config.micro_batch_size * config.gradient_accumulation_steps
+        saved.get(regroup[0], 0) * saved.get(regroup[1], 0) * saved_world
+        == config.micro_batch_size * config.gradient_accumulation_steps * world
     )
     # A setting missing from the checkpoint came after the qdpo that wrote it, which computed what its default does.
     defaults = Config().to_dict()
@@ -189,9 +206,39 @@ def resume_conflicts(saved: dict[str, Any], config: Config) -> list[str]:
     ]
 
 
-def check_resume(checkpoint: Checkpoint, config: Config) -> None:
+def saved_world_size(checkpoint: Checkpoint) -> int:
+    """How many processes trained the run up to this checkpoint (1 for checkpoints from before multi-GPU)."""
+    return int(json.loads((checkpoint.path / "checkpoint.json").read_text()).get("world_size", 1))
+
+
+def _processes(count: int) -> str:
+    return "1 process" if count == 1 else f"{count} processes"
+
+
+def world_size_note(checkpoint: Checkpoint, config: Config, world: int) -> str | None:
+    """What changes when a run resumes on another number of processes than it was saved on; None if nothing."""
+    saved = saved_world_size(checkpoint)
+    if saved == world:
+        return None
+    before = saved_config(checkpoint)
+    old = before["micro_batch_size"] * before["gradient_accumulation_steps"] * saved
+    new = config.micro_batch_size * config.gradient_accumulation_steps * world
+    unit = "examples" if config.unpaired else "pairs"
+    head = f"resuming on {_processes(world)} a run saved on {_processes(saved)}"
+    batch = "(micro_batch_size x gradient_accumulation_steps x processes)"
+    if old == new:
+        return f"{head}: the global batch stays {new} {unit} per step {batch}, as before"
+    per_rank = config.micro_batch_size * world
+    keep = f"; gradient_accumulation_steps={old // per_rank} keeps the old one" if old % per_rank == 0 else ""
+    return (
+        f"{head}: each optimizer step now takes {new} {unit} instead of {old} {batch} on the same learning-rate "
+        f"schedule in steps{keep}"
+    )
+
+
+def check_resume(checkpoint: Checkpoint, config: Config, world: int = 1) -> None:
     """Refuse, naming the fields, a resume whose settings would make it compute something else."""
-    conflicts = resume_conflicts(saved_config(checkpoint), config)
+    conflicts = resume_conflicts(saved_config(checkpoint), config, saved_world_size(checkpoint), world)
     if conflicts:
         raise UserError(
             f"cannot resume {checkpoint.path.parent.parent}: these settings differ from the run's "

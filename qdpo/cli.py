@@ -13,20 +13,53 @@ import click
 
 from qdpo.errors import UserError
 
+LAUNCHED_BY_QDPO = "QDPO_LAUNCHER"  # set by `qdpo run --nproc`, which reports a failed rank itself
+
 
 def _fail(message: str, exit_code: int = 2, label: str = "error: ") -> None:
     click.echo(f"{label}{message}", err=True)
     sys.exit(exit_code)
 
 
+def _out_of_memory(error: UserError) -> bool:
+    """Whether a user error is qdpo's message for a CUDA out-of-memory error (raised while handling one)."""
+    import torch
+
+    return isinstance(error.__context__, torch.cuda.OutOfMemoryError)
+
+
 class _Group(click.Group):
-    """Turns UserError from any command into one line on stderr and exit code 2."""
+    """Turns UserError from any command into one line on stderr and exit code 2.
+
+    On one of several ranks (torchrun), the line names the rank; a rank that only lost contact with another
+    says nothing under `qdpo run --nproc` (the launcher names the rank that failed) and one line under torchrun.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
+        from qdpo.distributed import current_rank, launched_size
+
+        several = launched_size() > 1
+        rank = f"rank {current_rank()}: " if several else ""
         try:
             return super().invoke(ctx)
         except UserError as e:  # a stop the user asked for is not an error: it says where it stopped instead
-            _fail(str(e), e.exit_code, "stopped: " if e.exit_code in (130, 143) else "error: ")
+            # Every rank reads the same settings and data, so rank 0's line speaks for all; only running out of
+            # memory happens on one rank alone, and that rank says so. Rank 0 also says where a stopped run stopped.
+            if several and current_rank() > 0 and not _out_of_memory(e):
+                sys.exit(e.exit_code)
+            _fail(rank + str(e), e.exit_code, "stopped: " if e.exit_code in (130, 143) else "error: ")
+        except Exception as e:
+            from qdpo.distributed import lost_peer
+
+            if not (several and lost_peer(e)):
+                raise
+            if os.environ.get(LAUNCHED_BY_QDPO):
+                sys.exit(1)
+            message = (
+                f"{rank}lost contact with another rank, which stopped the job (torchrun's report names it); the "
+                "run keeps its last checkpoint: continue it with --resume RUN_DIR"
+            )
+            _fail(message, 1)
 
 
 @click.group(cls=_Group)
@@ -57,6 +90,12 @@ def main() -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Print the resolved settings as YAML and stop (loads no model or data).")
 @click.option(
+    "--nproc",
+    type=int,
+    default=None,
+    help="Run on this many processes (one per GPU) with torchrun: data parallel, or sharded with strategy=fsdp.",
+)
+@click.option(
     "--resume",
     "resume",
     default=None,
@@ -80,6 +119,7 @@ def run(
     no_progress: bool,
     micro_batch: str | None,
     dry_run: bool,
+    nproc: int | None,
     resume: str | None,
     overrides: tuple[str, ...],
 ) -> None:
@@ -136,7 +176,30 @@ def run(
 
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
         return
+    if nproc is not None and nproc != 1:
+        _launch(nproc, preset, config, resume)
+        return
     tune(loaded.name, config=config, echo=click.echo, progress=not no_progress, resume=resume is not None)
+
+
+def _launch(nproc: int, preset: str, config, resume: str | None) -> None:
+    """Start this same `qdpo run` on nproc processes (torchrun) and exit with the job's code."""
+    from qdpo.distributed import launched_size
+    from qdpo.launch import launch
+    from qdpo.rundir import run_dir_for
+
+    if launched_size() > 1:
+        raise UserError("--nproc starts torchrun itself; under torchrun, leave it out (torchrun sets the processes).")
+    if nproc < 2:
+        raise UserError(f"--nproc must be 2 or more (or left out for one process), not {nproc}.")
+    argv = sys.argv[sys.argv.index("run") + 1 :] if "run" in sys.argv else []
+    out = str(run_dir_for(config, preset))
+    if not config.output_dir and resume is None:  # every rank must write to the one directory named now
+        argv += ["--output", out]
+    os.environ[LAUNCHED_BY_QDPO] = "1"
+    code = launch(nproc, argv, out)
+    if code:
+        sys.exit(code)
 
 
 def _auto_micro_batch(config, budget_gb: float | None):

@@ -256,6 +256,13 @@ class Config:
     num_train_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).", min=0)
     max_steps: int = _f(0, "Optimizer steps to run; 0 = derive from num_train_epochs.", min=0)
     seed: int = _f(42, "Seed for data order, eval split and LoRA init.", min=0, max=2**32 - 1)
+    strategy: str = _f(
+        "ddp",
+        "With several processes (qdpo run --nproc N, or torchrun): ddp keeps the whole 4-bit model on every GPU "
+        "and averages the LoRA gradients (faster); fsdp shards the 4-bit base, the LoRA weights and the optimizer "
+        "states across the GPUs (torch FSDP2), for a model that does not fit one. One process ignores it.",
+        choices=("ddp", "fsdp"),
+    )
 
     # --- what the run reports
     logging_steps: int = _f(1, "Write a metrics line every this many optimizer steps.", min=1)
@@ -307,6 +314,16 @@ class Config:
             raise UserError("pack_pairs packs prompt+chosen+rejected runs, so it needs share_prompt=true.")
         if not self.lora_target_modules:
             raise UserError("lora_target_modules must name at least one module (or all-linear).")
+        if self.strategy == "fsdp" and self.optim != "adamw":
+            raise UserError(
+                f"strategy=fsdp shards torch's AdamW states across the GPUs; {self.optim} cannot hold sharded "
+                "parameters: set optim=adamw."
+            )
+        if self.strategy == "fsdp" and self.init_adapter:
+            raise UserError(
+                "strategy=fsdp does not take init_adapter yet (its frozen reference copy is not sharded); use "
+                "strategy=ddp, or start from the merged SFT model."
+            )
 
     def _check_losses(self) -> None:
         """The rules a loss_type (list), its weights and the method settings must follow."""

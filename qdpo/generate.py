@@ -134,18 +134,28 @@ def read_generations(path: Path) -> list[dict]:
 
 
 def eval_generations(
-    model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, path: Path, step: int, reference: bool
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    path: Path | None,
+    step: int,
+    reference: bool,
 ) -> list[Generation]:
     """What the training loop calls at an eval: greedy answers to the held-out prompts, logged to path.
 
     reference=True also logs the reference's answers (they never change during a run: once is enough).
+    path None: generate without logging (a rank other than 0 of a sharded model, which must take part).
     """
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
     policy = greedy(model, tokenizer, prompt_ids, max_new_tokens)
-    log_generations(path, step, texts, policy, "policy")
+    if path is not None:
+        log_generations(path, step, texts, policy, "policy")
     if reference:
         with reference_model(model):
-            log_generations(path, step, texts, greedy(model, tokenizer, prompt_ids, max_new_tokens), "reference")
+            answers = greedy(model, tokenizer, prompt_ids, max_new_tokens)
+            if path is not None:
+                log_generations(path, step, texts, answers, "reference")
     return policy
 
 

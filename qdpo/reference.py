@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from qdpo.attention import IMPLEMENTATION
 from qdpo.batching import make_batch
+from qdpo.distributed import SINGLE, World, reshard
 from qdpo.errors import UserError
 from qdpo.faults import crash_point
 from qdpo.fs import write_atomically, write_json, write_text
@@ -271,15 +272,17 @@ def compute_reference(
     logits_chunk_size: int = 0,
     layout: str = "plain",
     ld_alpha: float | None = None,
+    world: World = SINGLE,
 ) -> torch.Tensor:
     """[N, 2] reference log-probs (chosen, rejected) of the pairs in the given micro-batches; NaN for the others.
 
     ld_alpha set: LD-DPO's weighted log-probs (the tail past the pair's shorter response counts ld_alpha times).
+    With several ranks, each scores its share of the micro-batches and the shares are merged.
     """
     table = torch.full((len(pairs), 2), float("nan"), dtype=torch.float32)  # an unscored pair can never pass as 0
     was_training = model.training
     model.eval()
-    for idx in progress_bar(batches, desc="reference", unit="batch", leave=False):
+    for idx, counts in progress_bar(world.share_evenly(batches), desc="reference", unit="batch", leave=False):
         crash_point("reference")
         scores = (
             reference_scores(model, make_batch([pairs[i] for i in idx], pad_id, layout), logits_chunk_size)
@@ -287,11 +290,15 @@ def compute_reference(
             .float()
             .cpu()
         )
+        if not counts:
+            continue
         b = len(idx)
         table[idx, 0] = scores[:b]
         table[idx, 1] = scores[b:]
     model.train(was_training)
-    return table
+    if world.size > 1:
+        reshard(model)
+    return world.merge_table(table)
 
 
 def _checksum(table: torch.Tensor) -> str:
@@ -314,35 +321,30 @@ def _read_table(path: Path) -> tuple[torch.Tensor | None, str | None]:
     return table, None
 
 
-def load_or_compute(
-    model,
-    pairs: list[TokenizedPair],
-    batches: list[list[int]],
-    pad_id: int,
-    key: str,
-    logits_chunk_size: int = 0,
-    layout: str = "plain",
-    notes: list[str] | None = None,
-    ld_alpha: float | None = None,
-) -> tuple[torch.Tensor, bool]:
-    """The reference table from the cache if present and intact, else computed and stored; and whether it was cached.
+def cached_table(key: str, num_pairs: int, notes: list[str] | None = None) -> torch.Tensor | None:
+    """The reference table stored under key, if present, intact and of the right size; else None.
 
-    A damaged entry (unreadable, or its checksum does not match) is never used: it is reported in notes and
-    computed again.
+    A damaged entry (unreadable, or its checksum does not match) is never used: it is reported in notes.
     """
+    path = reference_dir() / f"{key}.safetensors"
+    if not path.is_file():
+        return None
+    table, damage = _read_table(path)
+    if damage and notes is not None:
+        notes.append(f"reference cache entry {path.name} is damaged ({damage}): computing it again")
+    if table is None or table.shape != (num_pairs, 2):
+        return None
+    try:
+        os.utime(path)  # last used now: eviction drops the least recently used tables first
+    except OSError:
+        pass
+    return table
+
+
+def store_table(table: torch.Tensor, key: str) -> None:
+    """Store a computed reference table under key (atomically, with its description), then evict old ones."""
     directory = reference_dir()
     path = directory / f"{key}.safetensors"
-    if path.is_file():
-        table, damage = _read_table(path)
-        if damage and notes is not None:
-            notes.append(f"reference cache entry {path.name} is damaged ({damage}): computing it again")
-        if table is not None and table.shape == (len(pairs), 2):
-            try:
-                os.utime(path)  # last used now: eviction drops the least recently used tables first
-            except OSError:
-                pass
-            return table, True
-    table = compute_reference(model, pairs, batches, pad_id, logits_chunk_size, layout, ld_alpha)
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # atomic: a killed run never leaves a truncated cache entry under the key
@@ -358,6 +360,31 @@ def load_or_compute(
             "writable directory or precompute_ref_log_probs=false."
         ) from None
     evict(keep=path)
+
+
+def load_or_compute(
+    model,
+    pairs: list[TokenizedPair],
+    batches: list[list[int]],
+    pad_id: int,
+    key: str,
+    logits_chunk_size: int = 0,
+    layout: str = "plain",
+    notes: list[str] | None = None,
+    ld_alpha: float | None = None,
+    world: World = SINGLE,
+) -> tuple[torch.Tensor, bool]:
+    """The reference table from the cache if present and intact, else computed and stored; and whether it was cached.
+
+    With several ranks, rank 0 reads the cache; on a miss each rank scores its share of the micro-batches, the
+    shares are merged, and rank 0 stores the full table: the same entry one process would have written.
+    """
+    table = world.agree(cached_table(key, len(pairs), notes) if world.main else None)
+    if table is not None:
+        return table, True
+    table = compute_reference(model, pairs, batches, pad_id, logits_chunk_size, layout, ld_alpha, world)
+    if world.main:
+        store_table(table, key)
     return table, False
 
 

@@ -172,6 +172,20 @@ class Metrics:
             self.logit_sums[side] += float(policy.logits_sum[picked].sum())
             self.logit_counts[side] += int(policy.lengths[picked].sum()) * vocab_size
 
+    @classmethod
+    def total(cls, parts: list["Metrics"]) -> "Metrics":
+        """The sums of several Metrics (each rank's share of a step or an eval), as if one had seen it all."""
+        out = cls()
+        for part in parts:
+            for name, value in part.sums.items():
+                out.sums[name] = out.sums.get(name, 0.0) + value
+                out.counts[name] = out.counts.get(name, 0) + part.counts[name]
+            out.pairs += part.pairs
+            for side in range(2):
+                out.logit_sums[side] += part.logit_sums[side]
+                out.logit_counts[side] += part.logit_counts[side]
+        return out
+
     def means(self, prefix: str = "") -> dict[str, float]:
         """Per-pair means (and per-logit means for logits/*), with an optional name prefix.
 
@@ -254,3 +268,25 @@ def preference_loss(
     )
     policy.extras = out.extras
     return out.losses, out.chosen_rewards, out.rejected_rewards, policy
+
+
+class PreferenceLoss(torch.nn.Module):
+    """preference_loss as a module, so torch's DistributedDataParallel can wrap it.
+
+    qdpo's step calls the decoder and the output head separately (response-only logits), so the model's own
+    forward is never the one that runs; DDP syncs gradients for what its wrapped module's forward computed,
+    and this module's forward is the whole step's computation.
+    """
+
+    def __init__(self, model, config: Config) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    def forward(
+        self,
+        batch: Batch | SharedPromptBatch,
+        reference_logps: torch.Tensor | None = None,
+        desirable: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, SequenceScores]:
+        return preference_loss(self.model, batch, self.config, reference_logps, desirable)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,8 +30,25 @@ from qdpo.checkpoint import (
     save_checkpoint,
     saved_config,
     set_rng_state,
+    world_size_note,
 )
 from qdpo.config import Config, read_json
+from qdpo.distributed import (
+    SINGLE,
+    World,
+    data_parallel,
+    full_adapter_state,
+    full_optimizer_state,
+    join,
+    leave,
+    load_optimizer_state,
+    local,
+    lost_peer,
+    reshard,
+    shard_model,
+    sharded,
+    unsynced,
+)
 from qdpo.errors import UserError
 from qdpo.families import exact_settings
 from qdpo.faults import crash_point
@@ -48,7 +66,7 @@ from qdpo.prepare import PreparedData, check_vocabulary, prepare_data
 from qdpo.quiet import progress_bar, quiet_libraries, showing_progress, tqdm_class
 from qdpo.reference import cache_key, compute_reference, load_or_compute
 from qdpo.rundir import check_run_dir, claim_run_dir, mark_stopped, release_lock, run_dir_for, touch_lock
-from qdpo.step import Metrics, preference_loss
+from qdpo.step import Metrics, PreferenceLoss, preference_loss
 from qdpo.stopping import Interrupted, stop_requests
 from qdpo.tiled_mlp import tile_mlps
 from qdpo.timing import PhaseClock
@@ -70,11 +88,15 @@ class RunResult:
         return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def total_steps(config: Config, num_micro_batches: int) -> int:
-    """Optimizer steps of the run: max_steps, or enough for num_train_epochs over the data."""
+def total_steps(config: Config, num_micro_batches: int, world_size: int = 1) -> int:
+    """Optimizer steps of the run: max_steps, or enough for num_train_epochs over the data.
+
+    One step takes gradient_accumulation_steps micro-batches on each of world_size ranks.
+    """
     if config.max_steps > 0:
         return config.max_steps
-    return max(1, math.ceil(config.num_train_epochs * num_micro_batches / config.gradient_accumulation_steps))
+    per_step = config.gradient_accumulation_steps * world_size
+    return max(1, math.ceil(config.num_train_epochs * num_micro_batches / per_step))
 
 
 def describe_run(
@@ -122,13 +144,20 @@ def describe_run(
     }
 
 
-def step_size(config: Config, train_pairs: int) -> str:
-    """What one optimizer step takes, as it really is when the data has fewer pairs than a step asks for."""
-    mb, ga = config.micro_batch_size, config.gradient_accumulation_steps
+def step_size(config: Config, train_pairs: int, world_size: int = 1) -> str:
+    """What one optimizer step takes, as it really is when the data has fewer pairs than a step asks for.
+
+    With several ranks: the global batch, and what each rank takes of it.
+    """
+    mb, ga = config.micro_batch_size, config.gradient_accumulation_steps * world_size
     unit = "examples" if config.unpaired else "pairs"
     if train_pairs < mb:  # every micro-batch is the whole (small) training set
         return f"{ga} x {train_pairs} {unit} (all of them)" if ga > 1 else f"{train_pairs} {unit} (all of them)"
     per_step = f"{mb * ga} {unit}" if ga == 1 else f"{ga} micro-batches of {mb} {unit}"
+    if world_size > 1:
+        per_rank = config.gradient_accumulation_steps
+        per_rank_text = f"{per_rank} micro-batches" if per_rank > 1 else "1 micro-batch"
+        per_step = f"{mb * ga} {unit} (global batch: {world_size} processes x {per_rank_text} of {mb})"
     uneven = train_pairs % mb  # length grouping leaves one smaller micro-batch per epoch
     return per_step + (f" (one micro-batch per epoch has {uneven})" if uneven else "")
 
@@ -189,21 +218,33 @@ def desirable_share(pairs: list[TokenizedPair]) -> float | None:
 
 
 def evaluate(
-    model, pairs: list[TokenizedPair], batches: list[list[int]], reference: torch.Tensor, config: Config, pad_id: int
+    model,
+    pairs: list[TokenizedPair],
+    batches: list[list[int]],
+    reference: torch.Tensor,
+    config: Config,
+    pad_id: int,
+    world: World = SINGLE,
 ) -> dict[str, float]:
-    """Mean metrics over the eval pairs (eval_ prefix), against the precomputed reference table."""
+    """Mean metrics over the eval pairs (eval_ prefix), against the precomputed reference table.
+
+    Each rank scores its share of the micro-batches; the sums are added up over ranks.
+    """
     metrics = Metrics()
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for idx in progress_bar(batches, desc="eval", unit="batch", leave=False):
+        for idx, counts in progress_bar(world.share_evenly(batches), desc="eval", unit="batch", leave=False):
             batch = make_batch([pairs[j] for j in idx], pad_id, config.batch_layout)
             ref = table_rows(reference, idx) if reference is not None else None  # None: a reference-free method
             desirable = desirable_labels(pairs, idx, config)
             losses, cr, rr, policy = preference_loss(model, batch, config, ref, desirable)
-            metrics.add(losses, cr, rr, policy, model.config.vocab_size, desirable)
+            if counts:
+                metrics.add(losses, cr, rr, policy, model.config.vocab_size, desirable)
     model.train(was_training)
-    return metrics.means("eval_")
+    if world.size > 1:
+        reshard(model)
+    return Metrics.total(world.gather(metrics)).means("eval_")
 
 
 @dataclass
@@ -211,6 +252,8 @@ class Training:
     """What the loop needs: the policy/reference model, its optimizer, the schedule and the reference tables."""
 
     model: Any
+    loss: torch.nn.Module  # PreferenceLoss of the model; under DistributedDataParallel when there are several ranks
+    no_sync: Callable[[], Any]  # a context in which backward accumulates gradients without reducing them over ranks
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     scheduler: Any
@@ -221,6 +264,7 @@ class Training:
     train_ref: torch.Tensor | None
     eval_ref: torch.Tensor | None
     padding_share: float = 0.0  # of the training tokens, over one epoch
+    world: World = SINGLE
 
 
 def setup_training(
@@ -231,6 +275,7 @@ def setup_training(
     echo: Callable[[str], None],
     score_all: bool = False,
     clock: PhaseClock | None = None,
+    world: World = SINGLE,
 ) -> Training:
     """Load the 4-bit base, add LoRA, build optimizer and schedule, and score the reference once.
 
@@ -256,6 +301,8 @@ def setup_training(
             echo(f"tiled MLP: {tiled} layers run their MLP {config.tiled_mlp} positions at a time")
         else:
             echo("tiled MLP: off (qdpo tiles the MLPs of its verified model families only)")
+    # FSDP replaces the parameters by their shards: the optimizer must be built on those.
+    roots = shard_model(model, world, device) if world.size > 1 and config.strategy == "fsdp" else []
     params = trainable_parameters(model)
     if not params:  # the loss would sit at ln 2 forever
         raise UserError(
@@ -270,13 +317,14 @@ def setup_training(
     # fp16 compute (T4) underflows small gradients: scale the loss; a no-op for bf16/fp32.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     epoch_batches = length_grouped_batches(data.train, config.micro_batch_size, config.seed)
-    steps = total_steps(config, len(epoch_batches))
+    steps = total_steps(config, len(epoch_batches), world.size)
     eval_batches = length_grouped_batches(data.eval, config.micro_batch_size, config.seed)
     padding = padding_share(data.train, epoch_batches, config.batch_layout)
     echo(
-        f"{steps} steps of {step_size(config, len(data.train))}; {len(data.train)} training "
+        f"{steps} steps of {step_size(config, len(data.train), world.size)}; {len(data.train)} training "
         f"{'examples' if config.unpaired else 'pairs'}, "
-        f"{steps * config.gradient_accumulation_steps / len(epoch_batches):.2f} epochs; padding share {padding:.1%}"
+        f"{steps * config.gradient_accumulation_steps * world.size / len(epoch_batches):.2f} epochs; "
+        f"padding share {padding:.1%}"
         + {
             "plain": "",
             "shared": " (prompt computed once per pair)",
@@ -289,7 +337,9 @@ def setup_training(
     # The eval reference is always scored once; the train reference too unless switched off.
     ld = config.ld_alpha
     scored_eval = bool(data.eval) and config.needs_reference
-    eval_ref = compute_reference(model, data.eval, eval_batches, pad_id, chunk, layout, ld) if scored_eval else None
+    eval_ref = (
+        compute_reference(model, data.eval, eval_batches, pad_id, chunk, layout, ld, world) if scored_eval else None
+    )
     train_ref = None
     if not config.needs_reference:
         echo(
@@ -298,7 +348,7 @@ def setup_training(
         )
     elif config.precompute_ref_log_probs:
         # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
-        used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps) :]
+        used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps * world.size) :]
         used = epoch_batches if score_all else used
         key = cache_key(
             data.source,
@@ -317,13 +367,17 @@ def setup_training(
             },
         )
         damage: list[str] = []
-        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout, damage, ld)
+        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout, damage, ld, world)
         for note in damage:
             echo(note)
         echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
     stream = BatchStream(data.train, config.micro_batch_size, config.seed, epoch_batches)
+    loss = PreferenceLoss(model, config)  # FSDP reduces gradients itself; DDP wraps the loss module
+    loss = loss if roots else data_parallel(loss, world, device)
     return Training(
         model,
+        loss,
+        (lambda: unsynced(roots)) if roots else getattr(loss, "no_sync", contextlib.nullcontext),
         params,
         optimizer,
         make_scheduler(config, optimizer, steps),
@@ -334,6 +388,7 @@ def setup_training(
         train_ref,
         eval_ref,
         padding,
+        world,
     )
 
 
@@ -347,18 +402,28 @@ def train_step(
     """
     start = time.time()
     metrics, tokens, pairs = Metrics(), 0, []
-    pairs_per_step = config.micro_batch_size * config.gradient_accumulation_steps
-    for _ in range(config.gradient_accumulation_steps):
-        idx = next(stream)
+    world, accumulate = t.world, config.gradient_accumulation_steps
+    pairs_per_step = config.micro_batch_size * accumulate  # per rank: DDP averages the ranks' gradients
+    for k in range(accumulate):
+        # Every rank walks the same stream; of each world.size micro-batches in a row, rank r takes the r-th: the
+        # global step is the one micro-batch sequence a single process with world.size times the accumulation sees.
+        idx = world.share([next(stream) for _ in range(world.size)])[0]
         pairs += idx
         batch = make_batch([data.train[j] for j in idx], data.tokenizer.pad_token_id, config.batch_layout)
         reference = table_rows(t.train_ref, idx) if t.train_ref is not None else None
         desirable = desirable_labels(data.train, idx, config)
-        losses, cr, rr, policy = preference_loss(t.model, batch, config, reference, desirable)
-        # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
-        t.scaler.scale(losses.sum() / pairs_per_step).backward()
+        # DDP reduces the accumulated gradients in the last micro-batch's backward, not in every one.
+        with contextlib.nullcontext() if k == accumulate - 1 else t.no_sync():
+            losses, cr, rr, policy = t.loss(batch, reference, desirable)
+            # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
+            t.scaler.scale(losses.sum() / pairs_per_step).backward()
         metrics.add(losses, cr, rr, policy, t.model.config.vocab_size, desirable)
         tokens += batch.num_tokens
+    if world.size > 1:  # the row describes the global batch: every rank's pairs and tokens
+        shares = world.gather((metrics, tokens, pairs, peak_memory_gb(device)))
+        metrics = Metrics.total([m for m, _, _, _ in shares])
+        tokens = sum(n for _, n, _, _ in shares)
+        pairs = [j for _, _, share, _ in shares for j in share]
     t.scaler.unscale_(t.optimizer)
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, clip))
@@ -381,8 +446,8 @@ def train_step(
         {
             "learning_rate": learning_rate,
             "tokens": tokens,
-            "tokens_per_second": tokens / (time.time() - start),
-            "peak_memory_gb": peak_memory_gb(device),
+            "tokens_per_second": tokens / (time.time() - start),  # the job's: summed over ranks
+            "peak_memory_gb": max(m for *_, m in shares) if world.size > 1 else peak_memory_gb(device),
         }
     )
     if skipped or t.scaler.is_enabled():
@@ -406,8 +471,17 @@ def run(
     callback receives each metrics row as it is logged (the same dicts as metrics.jsonl), for live plots.
     """
     quiet_libraries()  # before any library loads: qdpo's lines and bars, not theirs
-    with showing_progress(progress):
-        return _run(config, preset, echo, resume, callback)
+    device = pick_device()
+    world = join(device.type)  # started by torchrun: one of several ranks; else a single process
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if not world.main:  # rank 0 speaks for the job
+        echo, progress, callback = (lambda line: None), False, None
+    try:
+        with showing_progress(progress):
+            return _run(config, preset, echo, resume, callback, device, world)
+    finally:
+        leave()
 
 
 def _run(
@@ -416,22 +490,30 @@ def _run(
     echo: Callable[[str], None],
     resume: bool,
     callback: Callable[[dict[str, Any]], None] | None,
+    device: torch.device,
+    world: World = SINGLE,
 ) -> RunResult:
     started = time.time()
-    out = run_dir_for(config, preset)
-    check_run_dir(out, config, resume)  # before any data is read: a refusal costs nothing
+    out = run_dir_for(config, preset) if world.main else None
+    if world.main:
+        check_run_dir(out, config, resume)  # before any data is read: a refusal costs nothing
     torch.manual_seed(config.seed)
     clock = PhaseClock()
     clock.enter("data")
-    data = prepare_data(config, echo)  # every input error surfaces here, before anything is written
+    if world.main:  # first alone: it may convert a GGUF model into the cache, which the others then read
+        data = prepare_data(config, echo)  # every input error surfaces here, before anything is written
+    out = world.agree(out)  # the others wait here, and take rank 0's directory (its name may hold the time)
+    if not world.main:
+        data = prepare_data(config, echo)
     config, notes = exact_settings(config, data.model_config)
     config, lora_notes = adapter_lora_settings(config)
     for note in notes + lora_notes:
         echo(note)
     checkpoint = latest(out) if resume else None
     if checkpoint:
-        check_resume(checkpoint, config)
-        steps = total_steps(config, len(length_grouped_batches(data.train, config.micro_batch_size, config.seed)))
+        check_resume(checkpoint, config, world.size)
+        num_batches = len(length_grouped_batches(data.train, config.micro_batch_size, config.seed))
+        steps = total_steps(config, num_batches, world.size)
         if checkpoint.step >= steps and (out / "summary.json").is_file():
             echo(f"{out} already finished its {steps} steps; raise max_steps (or num_train_epochs) to train on")
             return RunResult(out, read_json(out / "summary.json"))
@@ -442,15 +524,21 @@ def _run(
         )
     elif resume:
         echo(f"{out} has no complete checkpoint yet: starting it again from step 1")
-    device = pick_device()
     dtype = compute_dtype(config.compute_dtype, device)
-    claim_run_dir(out, resume=checkpoint is not None)
+    if world.main:
+        claim_run_dir(out, resume=checkpoint is not None)
     # Timings are this process's: a resumed run counts from the resume.
 
     def describe(status: str) -> dict[str, Any]:
-        return {**describe_run(config, data, dtype, device, status), "timings": clock.as_dict()}
+        return {
+            **describe_run(config, data, dtype, device, status),
+            "processes": world.size,
+            "timings": clock.as_dict(),
+        }
 
     def announce() -> None:  # the run's own record: on a resume only once the checkpoint is back in place
+        if not world.main:
+            return
         write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
         write_json(out / "run.json", describe("running"))
 
@@ -459,30 +547,37 @@ def _run(
             announce()
         regrouped = checkpoint is not None and saved_config(checkpoint)["micro_batch_size"] != config.micro_batch_size
         try:
-            t = setup_training(config, data, device, dtype, echo, score_all=regrouped, clock=clock)
+            t = setup_training(config, data, device, dtype, echo, score_all=regrouped, clock=clock, world=world)
         except torch.cuda.OutOfMemoryError:  # the model loaded, then a reference or eval micro-batch did not fit
             raise UserError(
                 f"out of GPU memory before the first step, scoring the reference at micro_batch_size="
                 f"{config.micro_batch_size}, max_length={config.max_length}; lower one of them (`qdpo plan` shows "
                 "what fits) and run again."
             ) from None
-        first_step = restore(t, checkpoint, out, echo) + 1 if checkpoint else 1
+        first_step = restore(t, checkpoint, out, echo, config) + 1 if checkpoint else 1
         if checkpoint is not None:
             announce()
     except UserError:
-        if checkpoint is None:
-            shutil.rmtree(out, ignore_errors=True)  # a run that could not start leaves nothing behind
-        release_lock(out)
+        if world.main:
+            if checkpoint is None:
+                shutil.rmtree(out, ignore_errors=True)  # a run that could not start leaves nothing behind
+            release_lock(out)
         raise
     except BaseException as e:
-        if checkpoint is None:  # a resumed run's record stays as it was until its checkpoint is restored
-            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-            mark_stopped(out, describe("running"), status, e)
-        release_lock(out)
+        if world.main:
+            if checkpoint is None:  # a resumed run's record stays as it was until its checkpoint is restored
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                mark_stopped(out, describe("running"), status, e)
+            release_lock(out)
         raise
     try:  # from the first step on, a failure keeps the directory: the metrics logged so far are the user's
         summary = train_loop(t, config, data, device, out, first_step, started, describe, echo, clock, callback)
     except BaseException as e:
+        if not world.main:
+            raise
+        if world.size > 1 and lost_peer(e):  # another rank failed: it (or the launcher) says which; keep the record
+            mark_stopped(out, describe("running"), "failed", e)
+            raise
         stopped_by_signal = isinstance(e, (Interrupted, KeyboardInterrupt))
         found = latest(out)
         description = describe("running")
@@ -493,24 +588,35 @@ def _run(
         echo(f"the run stopped early; {out} keeps the metrics logged so far{kept}, and run.json says why")
         raise
     finally:
-        release_lock(out)
-        if not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a second Ctrl-C means: stop now
+        if world.main:
+            release_lock(out)
+        if world.main and not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a second Ctrl-C: stop now
             from qdpo.report import report_after_run  # matplotlib loads only here
 
             report_after_run(out, echo)  # after every run that reached its first step, finished or not
-    echo(format_summary(summary, out))
+    if world.main:
+        echo(format_summary(summary, out))
     return RunResult(out, summary)
 
 
-def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str], None]) -> int:
-    """Put the run back in the state of a checkpoint: adapter, optimizer, schedule, RNG, data position, metrics."""
+def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str], None], config: Config) -> int:
+    """Put the run back in the state of a checkpoint: adapter, optimizer, schedule, RNG, data position, metrics.
+
+    Every rank restores the same state (they all hold the same adapter and optimizer); rank 0 the metrics too.
+    """
     state = load_trainer_state(checkpoint)
     load_adapter_weights(t.model, checkpoint)
-    t.optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(t.model, t.optimizer, state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
     t.scaler.load_state_dict(state["scaler"])
     t.stream.load_state_dict(state["stream"])
-    set_rng_state(state["rng"])
+    ranks = state.get("rank_rng", [])  # a checkpoint of several ranks keeps each one's random state
+    set_rng_state(ranks[t.world.rank] if t.world.rank < len(ranks) else state["rng"])
+    note = world_size_note(checkpoint, config, t.world.size)
+    if note:
+        echo(note)
+    if not t.world.main:
+        return checkpoint.step
     if (checkpoint.path / "metrics.jsonl").is_file():  # the lines logged after the checkpoint are logged again
         shutil.copyfile(checkpoint.path / "metrics.jsonl", out / "metrics.jsonl")
     else:
@@ -522,7 +628,7 @@ def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str]
 def trainer_state(t: Training) -> dict[str, Any]:
     """Everything besides the adapter that the next step depends on."""
     return {
-        "optimizer": t.optimizer.state_dict(),
+        "optimizer": full_optimizer_state(t.model, t.optimizer),  # with FSDP: gathered from the ranks' shards
         "scheduler": t.scheduler.state_dict(),
         "scaler": t.scaler.state_dict(),
         "stream": t.stream.state_dict(),
@@ -553,7 +659,11 @@ def train_loop(
         with tqdm.external_write_mode():
             echo(line)
 
+    world = t.world
+
     def log_row(log, row: dict[str, Any]) -> None:
+        if not world.main:
+            return
         log.write(json.dumps(row) + "\n")
         log.flush()
         if callback is not None:
@@ -561,14 +671,17 @@ def train_loop(
 
     def run_eval(step: int) -> dict[str, float]:
         clock.enter("eval")
-        result = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, pad_id)
+        result = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, pad_id, world)
         say(eval_line(step, result, len(data.eval)))
-        if config.eval_generate:  # at step 0 the policy is the reference: those answers are the "before"
+        # At step 0 the policy is the reference: those answers are the "before".
+        # Rank 0 writes them; with FSDP every rank generates too, as each forward needs them all.
+        if config.eval_generate and (world.main or sharded(t.model)):
             clock.enter("generate")
             prompts = [p.prompt_ids for p in data.eval[: config.eval_generate]]
-            eval_generations(
-                t.model, data.tokenizer, prompts, config.max_new_tokens, out / GENERATIONS, step, reference=False
-            )
+            log = out / GENERATIONS if world.main else None
+            eval_generations(t.model, data.tokenizer, prompts, config.max_new_tokens, log, step, reference=False)
+            if world.size > 1:
+                reshard(t.model)
         clock.enter("steps")
         return result
 
@@ -580,25 +693,33 @@ def train_loop(
             clock.enter("steps")
 
     def write_checkpoint(step: int, state: dict[str, Any] | None) -> Path:
+        if state is None and world.size > 1:  # each rank's own dropout stream, so a resume draws what it would have
+            state = {**trainer_state(t), "rank_rng": world.gather(rng_state())}
+        adapter = full_adapter_state(t.model)  # FSDP: the shards gathered (every rank takes part)
+        if not world.main:  # every rank holds the same adapter and optimizer state: rank 0's is the run's
+            return out / "checkpoints" / f"step-{step:06d}"
         return save_checkpoint(
             out,
             step,
             model=t.model,
+            adapter_state=adapter,
             tokenizer=data.tokenizer,
             trainer_state=state or trainer_state(t),
             config=config,
             description=describe("checkpoint"),
             keep=config.save_total_limit,
+            world_size=world.size,
         )
 
     t.model.train()
     last_eval: dict[str, float] = {}
     nonfinite: list[dict[str, Any]] = []
     watch = Watch(config.chosen_nll_weight, paired=not config.unpaired)
-    start = [p.detach().flatten()[:64].clone() for p in t.params]  # enough to see whether the adapter moved
+    # Enough to see whether the adapter moved (with FSDP: this rank's shards).
+    start = [local(p).detach().flatten()[:64].clone() for p in t.params]
 
     def adapter_moved() -> bool:
-        return any(not torch.equal(p.detach().flatten()[:64], s) for p, s in zip(t.params, start))
+        return any(not torch.equal(local(p).detach().flatten()[:64], s) for p, s in zip(t.params, start))
 
     baseline: dict[str, float] | None = None
     if first_step == 1 and data.eval:  # the baseline every later eval is read against
@@ -617,11 +738,13 @@ def train_loop(
             ) from None
     clock.enter("steps")
     bar = progress_bar(total=t.steps, initial=first_step - 1, desc="dpo", unit="step")
-    with stop_requests(echo) as stop, (out / "metrics.jsonl").open("a") as log:
+    metrics_file = (out / "metrics.jsonl").open("a") if world.main else contextlib.nullcontext()
+    with stop_requests(echo) as stop, metrics_file as log:
         if baseline is not None:
             log_row(log, {"step": 0, **baseline})
         for step in range(first_step, t.steps + 1):
-            before = trainer_state(t)  # the last good state, should memory run out mid-step (references, no copies)
+            # The last good state, should memory run out mid-step (references, no copies; FSDP would gather it).
+            before = trainer_state(t) if not sharded(t.model) else None
             # The row's rewards come from this step's forward, before its update: judge them against the adapter as
             # it was then (a first step at learning rate 0, as warmup starts, leaves the adapter where it began).
             moved_before = adapter_moved()
@@ -653,6 +776,8 @@ def train_loop(
             nonfinite = nonfinite + [row] if bad else []
             if len(nonfinite) >= config.max_nonfinite_steps:
                 raise not_finite(nonfinite, config, checkpoint(step), [p.origin for p in data.train])
+            # All ranks stop after the same step (a rank that stopped alone would leave the others waiting forever).
+            stop.signum = next((s for s in world.gather(stop.signum) if s is not None), None)
             if stop.requested:
                 where = checkpoint(step) if not saved else out / "checkpoints" / f"step-{step:06d}"
                 raise Interrupted(
@@ -668,9 +793,12 @@ def train_loop(
             )
             bar.update(1)
     bar.close()
+    adapter = full_adapter_state(t.model)
+    if not world.main:
+        return {"steps": t.steps}
 
     clock.enter("save")
-    save_adapter(t.model, data.tokenizer, out / "adapter", describe("finished"))
+    save_adapter(t.model, data.tokenizer, out / "adapter", describe("finished"), adapter)
     rows = RunResult(out, {}).metrics  # this run's rows, those before a resume included
     first_eval = next((r for r in rows if r["step"] == 0), None)
     train_rows = [r for r in rows if r["step"] > 0 and "loss" in r]
@@ -700,10 +828,15 @@ def train_loop(
     return summary
 
 
-def save_adapter(model, tokenizer, target: Path, description: dict[str, Any]) -> None:
-    """Write the policy adapter as a plain PEFT directory (plus tokenizer and qdpo.json), atomically."""
+def save_adapter(
+    model, tokenizer, target: Path, description: dict[str, Any], state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write the policy adapter as a plain PEFT directory (plus tokenizer and qdpo.json), atomically.
+
+    state: the adapter's whole tensors when the model holds only shards of them (FSDP).
+    """
     with staged(target) as tmp:
-        model.save_pretrained(str(tmp), selected_adapters=["default"])
+        model.save_pretrained(str(tmp), selected_adapters=["default"], state_dict=state)
         tokenizer.save_pretrained(str(tmp))
         write_json(tmp / "qdpo.json", description)
 

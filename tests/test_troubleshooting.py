@@ -39,6 +39,9 @@ PARTS = {
     ("merge.py", "merge"): {"expected"},
     ("verify.py", "describe"): {"return"},  # the logit deviation in the merge and export checks
     ("assess.py", "small_eval_warning"): {"return"},  # printed before the step-0 eval
+    ("launch.py", "failure_line"): {"return"},  # the launcher's line for a killed rank
+    ("checkpoint.py", "world_size_note"): {"return"},  # resuming on another number of processes
+    ("cli.py", "invoke"): {"message"},  # a rank that lost contact with another
     ("assess.py", "eval_line"): {"return"},  # printed at each eval
     ("assess.py", "verdict"): {"return"},  # the closing lines' judgement
     ("train.py", "reference_preference_line"): {"return"},

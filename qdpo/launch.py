@@ -1,0 +1,61 @@
+"""`qdpo run --nproc N`: the same command on N processes, started by torchrun's own launcher.
+
+The launcher is torch.distributed.run (what the `torchrun` command runs), called in this process with
+`--standalone`; what this module adds is the one line a user reads when a rank fails, instead of torchrun's
+report and traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+
+def worker_args(argv: list[str]) -> list[str]:
+    """The `qdpo run` arguments each rank gets: this command's, without --nproc (a rank starts no one)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def failure_line(rank: int, signum: int, output_dir: str) -> str:
+    """The one line that says which rank was killed, taking the job down, and what is left to resume from."""
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    return (
+        f"rank {rank} was killed by {name}, which stopped the job; the run keeps its metrics and last checkpoint: "
+        f"continue with qdpo run --nproc N --resume {output_dir}"
+    )
+
+
+def launch(nproc: int, argv: list[str], output_dir: str) -> int:
+    """Run `python -m qdpo run ARGS` on nproc local processes with torchrun; the job's exit code."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    # torchrun would set 1 thread per rank (and warn); on the CPU the cores are better shared out.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures: one line, below
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", "--module", "qdpo", "run"]
+        + worker_args(argv)
+    )
+    try:
+        run(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        # A rank that raised said why itself (its `error:` line); one that was killed said nothing.
+        if failure.exitcode < 0:
+            print(f"error: {failure_line(rank, -failure.exitcode, output_dir)}", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0

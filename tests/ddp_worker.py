@@ -1,0 +1,93 @@
+"""One optimizer step of qdpo's own training code on however many ranks torchrun started (or one process).
+
+tests/test_distributed.py runs it on 2 ranks (gloo) and as 1 process with twice the gradient accumulation,
+and compares what it saves: usage `ddp_worker.py MODEL DATA OUT ACCUMULATION [STRATEGY]`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import qdpo.train as train
+from qdpo.config import build_config
+from qdpo.distributed import join, leave
+from qdpo.prepare import prepare_data
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, gathered from the ranks' shards under FSDP (a collective)."""
+    tensor = tensor.detach()
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).clone()
+
+
+def whole_or_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a parameter: its shard under FSDP."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def main(model: str, data_path: str, out: str, accumulation: int) -> None:
+    world = join("cpu")
+    settings = {
+        "model": model,
+        "data": data_path,
+        "micro_batch_size": 2,
+        "gradient_accumulation_steps": accumulation,
+        "eval_fraction": 0.25,
+        "learning_rate": 1e-2,
+        "max_steps": 2,
+        "strategy": sys.argv[5] if len(sys.argv) > 5 else "ddp",
+        "warmup_ratio": 0.0,  # the first step already moves the adapter
+    }
+    config = build_config(None, settings)
+    data = prepare_data(config, echo=lambda _: None)
+    torch.manual_seed(config.seed)
+    cpu = torch.device("cpu")
+    t = train.setup_training(config, data, cpu, torch.float32, lambda _: None, world=world)
+    names = {id(p): n for n, p in t.model.named_parameters()}
+
+    seen: list[str] = []  # the pairs this rank put into its micro-batches
+    make_batch = train.make_batch
+
+    def recording(pairs, *args):
+        seen.extend(p.origin for p in pairs)
+        return make_batch(pairs, *args)
+
+    train.make_batch = recording
+    grads: dict[str, torch.Tensor] = {}
+    step = t.optimizer.step
+
+    def spying(*args, **kwargs):  # the gradients the update uses: after DDP's reduction and clipping
+        grads.update({names[id(p)]: whole(p.grad) for p in t.params})
+        return step(*args, **kwargs)
+
+    t.optimizer.step = spying
+    rows = [train.train_step(t, data, config, t.stream, cpu) for _ in range(2)]
+    train.make_batch = make_batch
+    pad = data.tokenizer.pad_token_id
+    evaluated = train.evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, pad, world)
+    held = sum(whole_or_shard(p).numel() * p.element_size() for p in t.model.parameters())  # this rank's bytes
+    shares = world.gather(seen)
+    adapter = {names[id(p)]: whole(p) for p in t.params}
+    if world.main:
+        torch.save(
+            {
+                "rows": rows,
+                "eval": evaluated,
+                "grads": grads,
+                "adapter": adapter,
+                "train_ref": t.train_ref,
+                "eval_ref": t.eval_ref,
+                "shares": shares,
+                "steps": t.steps,
+                "held_bytes": held,
+                "model_bytes": sum(p.numel() * p.element_size() for p in t.model.parameters()),
+            },
+            out,
+        )
+    leave()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]))

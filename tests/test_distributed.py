@@ -1,0 +1,260 @@
+"""Several processes, one run: 2 ranks on gloo compute what 1 process with twice the accumulation computes.
+
+Everything runs as real processes started by torchrun (torch.distributed.run), as users start them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "ddp_worker.py"
+TIMING = ("tokens_per_second", "peak_memory_gb")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"What is {i} plus two?"}],
+            "chosen": [{"role": "assistant", "content": f"{i} plus two is {i + 2}."}],
+            "rejected": [{"role": "assistant", "content": "I am not sure about that" + ", let me think" * (i % 3)}],
+        }
+        for i in range(14)
+    ]
+    path = tmp_path_factory.mktemp("ddp-data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def env_with(cache: Path, **extra: str) -> dict[str, str]:
+    # PYTHONPATH: the ranks import this checkout's qdpo whatever their working directory.
+    env = {**os.environ, "QDPO_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env.pop("QDPO_CRASH_AT", None)
+    env.update(extra)
+    return env
+
+
+def torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
+@pytest.fixture(scope="module")
+def one_step_each(tiny_model_dir, data_file, tmp_path_factory):
+    """The worker's saved results: 2 ranks with accumulation 1 (ddp, fsdp), and 1 process with accumulation 2."""
+    tmp = tmp_path_factory.mktemp("ddp-step")
+    runs = {}
+    for name, command, accumulation in (
+        ("ddp", [*torchrun(2), str(WORKER)], "1"),
+        ("fsdp", [*torchrun(2), str(WORKER)], "1"),
+        ("one", [sys.executable, str(WORKER)], "2"),
+    ):
+        out = tmp / f"{name}.pt"
+        done = subprocess.run(
+            [
+                *command,
+                str(tiny_model_dir),
+                str(data_file),
+                str(out),
+                accumulation,
+                "fsdp" if name == "fsdp" else "ddp",
+            ],
+            env=env_with(tmp / f"cache-{name}"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = torch.load(out, weights_only=False)
+    return runs, tmp
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_give_the_loss_gradients_and_update_of_one_process(one_step_each, strategy):
+    runs, _ = one_step_each
+    two, one = runs[strategy], runs["one"]
+    assert two["steps"] == one["steps"] == 2
+    for got, want in zip(two["rows"], one["rows"]):
+        for name, value in want.items():
+            if name not in TIMING:
+                assert got[name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert two["rows"][1]["loss"] < two["rows"][0]["loss"]  # the first update really changed the second step
+    assert two["grads"].keys() == one["grads"].keys() and one["grads"]
+    for name, grad in one["grads"].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-7)
+    for name, weight in one["adapter"].items():
+        torch.testing.assert_close(two["adapter"][name], weight, rtol=1e-5, atol=1e-7)
+    assert two["eval"] == pytest.approx(one["eval"], rel=1e-5, abs=1e-6)
+
+
+def test_fsdp_holds_about_half_the_model_on_each_of_two_ranks(one_step_each):
+    runs, _ = one_step_each
+    assert runs["ddp"]["held_bytes"] == runs["ddp"]["model_bytes"]  # data parallel: a whole copy on every rank
+    # The 4-bit weights, embeddings, norms and LoRA weights are all split; lm_head's rows and odd sizes round up.
+    assert runs["fsdp"]["held_bytes"] <= 0.55 * runs["fsdp"]["model_bytes"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_each_rank_takes_its_own_share_of_every_step(one_step_each, strategy):
+    runs, _ = one_step_each
+    rank0, rank1 = runs[strategy]["shares"]
+    assert rank0 and rank1 and not set(rank0) & set(rank1)  # no pair on two ranks
+    assert len(rank0) == len(rank1)  # a micro-batch each per step
+    assert sorted(rank0 + rank1) == sorted(runs["one"]["shares"][0])  # together: the one process's pairs
+
+
+def test_reference_tables_are_gathered_and_cached_as_in_one_process(one_step_each):
+    runs, tmp = one_step_each
+    for table in ("train_ref", "eval_ref"):
+        torch.testing.assert_close(runs["ddp"][table], runs["one"][table], equal_nan=True, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(runs["fsdp"][table], runs["one"][table], equal_nan=True, rtol=1e-6, atol=1e-6)
+    assert not torch.isnan(runs["ddp"]["eval_ref"]).any()  # every held-out pair scored, by one rank or the other
+    names = ("one", "ddp", "fsdp")
+    entries = {name: sorted((tmp / f"cache-{name}" / "reference").glob("*.safetensors")) for name in names}
+    assert len(entries["one"]) == 1
+    for name in ("ddp", "fsdp"):
+        assert [p.name for p in entries[name]] == [p.name for p in entries["one"]]
+        torch.testing.assert_close(
+            load_file(entries[name][0])["logps"], load_file(entries["one"][0])["logps"], equal_nan=True
+        )
+
+
+SETTINGS = [
+    "--no-progress",
+    "max_steps=3",
+    "micro_batch_size=2",
+    "gradient_accumulation_steps=1",
+    "save_steps=1",
+    "eval_fraction=0.25",
+    "eval_steps=3",
+    "learning_rate=1e-2",
+    "warmup_ratio=0",
+    "lora_dropout=0.1",  # each rank draws its own dropout masks: a resume must give each its own stream back
+    "eval_generate=0",
+]
+
+
+def qdpo_run(cache: Path, *args: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+    extra = {"QDPO_CRASH_AT": crash_at} if crash_at else {}
+    return subprocess.run(
+        [sys.executable, "-m", "qdpo", "run", *args],
+        env=env_with(cache, **extra),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def rows_without_timing(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def whole_runs(tiny_model_dir, data_file, tmp_path_factory):
+    """Uninterrupted `qdpo run --nproc 2` runs, one per strategy, and how to start more like them."""
+    tmp = tmp_path_factory.mktemp("nproc")
+
+    def start(out: Path, *extra: str, crash_at: str | None = None) -> subprocess.CompletedProcess:
+        base = ["--output", str(out), "--model", str(tiny_model_dir), "--data", str(data_file), *SETTINGS]
+        return qdpo_run(tmp / "cache", *base, *extra, crash_at=crash_at)
+
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        runs[strategy] = start(tmp / strategy, "--nproc", "2", f"strategy={strategy}")
+        assert runs[strategy].returncode == 0, runs[strategy].stderr[-3000:]
+    return tmp, runs, start
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter" / "adapter_model.safetensors")
+
+
+def test_nproc_run_writes_one_run_directory_from_rank_0(whole_runs):
+    tmp, runs, _ = whole_runs
+    for strategy, done in runs.items():
+        out = tmp / strategy
+        assert [row["step"] for row in rows_without_timing(out)] == [0, 1, 2, 3]  # each line once
+        assert "global batch: 2 processes x 1 micro-batch of 2" in done.stdout
+        assert done.stdout.count("reference log-probs:") == 1  # one rank speaks
+        assert json.loads((out / "run.json").read_text())["processes"] == 2
+        saved = json.loads((out / "checkpoints" / "step-000003" / "checkpoint.json").read_text())
+        assert saved["world_size"] == 2
+        assert (out / "report.html").is_file()
+
+
+def test_sharded_and_replicated_runs_train_the_same_adapter(whole_runs):
+    tmp, _, _ = whole_runs
+    ddp, fsdp = rows_without_timing(tmp / "ddp"), rows_without_timing(tmp / "fsdp")
+    for got, want in zip(fsdp, ddp):
+        assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    got, want = adapter(tmp / "fsdp"), adapter(tmp / "ddp")  # a plain PEFT file, gathered from the shards
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_dead_rank_stops_the_job_in_one_line_and_the_run_resumes(whole_runs, tmp_path):
+    tmp, _, start = whole_runs
+    out = tmp_path / "killed"
+    crashed = start(out, "--nproc", "2", "strategy=fsdp", crash_at="step:2@1")  # rank 1 dies after its 2nd step
+    assert crashed.returncode != 0
+    errors = [line for line in crashed.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "rank 1 was killed by SIGKILL" in errors[0], crashed.stderr[-3000:]
+    assert "Traceback" not in crashed.stderr and "ChildFailedError" not in crashed.stderr
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    other = tmp_path / "other-n"
+    shutil.copytree(out, other)
+    resumed = qdpo_run(tmp_path / "cache-resume", "--nproc", "2", "--no-progress", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert rows_without_timing(out) == rows_without_timing(tmp / "fsdp")  # each rank's dropout stream came back
+    got, want = adapter(out), adapter(tmp / "fsdp")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+    # The same sharded checkpoint on one process, at the same global batch: allowed, and said.
+    one = qdpo_run(tmp_path / "cache-resume", "--no-progress", "--resume", str(other), "gradient_accumulation_steps=2")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resuming on 1 process a run saved on 2 processes: the global batch stays 4 pairs per step" in one.stdout
+    assert [row["step"] for row in rows_without_timing(other)] == [0, 1, 2, 3]
+
+
+def test_launcher_refusals_are_one_line(monkeypatch):
+    from click.testing import CliRunner
+
+    from qdpo.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--nproc", "0", "--dry-run"])  # a dry run launches nothing
+    assert result.exit_code == 0
+    result = CliRunner().invoke(main, ["run", "--nproc", "0"])
+    assert result.exit_code == 2 and result.output.strip().splitlines() == [
+        "error: --nproc must be 2 or more (or left out for one process), not 0."
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each rank
+    monkeypatch.setenv("RANK", "1")
+    result = CliRunner().invoke(main, ["run", "--nproc", "2"])
+    assert result.exit_code == 2 and result.output == ""  # every rank fails alike: rank 0 says it for all
+    monkeypatch.setenv("RANK", "0")
+    result = CliRunner().invoke(main, ["run", "--nproc", "2"])
+    assert result.exit_code == 2 and result.output.startswith("error: rank 0: --nproc starts torchrun itself")
+    for setting, words in (("optim=paged_adamw_8bit", "set optim=adamw"), ("init_adapter=x", "init_adapter yet")):
+        monkeypatch.setenv("RANK", "0")
+        result = CliRunner().invoke(main, ["run", "strategy=fsdp", setting, "--dry-run"])
+        assert result.exit_code == 2 and words in result.output and result.output.startswith("error: rank 0: ")
+
+
+def test_each_rank_gets_the_command_without_nproc():
+    from qdpo.launch import worker_args
+
+    assert worker_args(["--nproc", "2", "--preset", "x", "--nproc=4", "beta=0.2"]) == ["--preset", "x", "beta=0.2"]
