@@ -168,9 +168,17 @@ def run(
             )
     for note in notes:
         click.echo(note, err=dry_run)  # a dry run's stdout is the YAML alone
+    from qdpo.distributed import launched_size
+
+    processes = nproc or launched_size()
+    if processes < loaded.processes and not dry_run:
+        raise UserError(
+            f"preset {loaded.name} is planned for {loaded.processes} GPUs, one process each; run it with "
+            f"qdpo run --nproc {loaded.processes} (or torchrun --nproc-per-node {loaded.processes} -m qdpo run)."
+        )
     if micro_batch == "auto":
-        config = _auto_micro_batch(config, loaded.gpu_memory_gb)
-    config = _memory_switches(config, loaded.gpu_memory_gb, dry_run)
+        config = _auto_micro_batch(config, loaded.gpu_memory_gb, processes)
+    config = _memory_switches(config, loaded.gpu_memory_gb, dry_run, processes)
     if dry_run:
         import yaml
 
@@ -202,7 +210,7 @@ def _launch(nproc: int, preset: str, config, resume: str | None) -> None:
         sys.exit(code)
 
 
-def _auto_micro_batch(config, budget_gb: float | None):
+def _auto_micro_batch(config, budget_gb: float | None, processes: int = 1):
     """Replace micro_batch_size by the planner's largest fit for the GPU budget (preset's, else the card's)."""
     import dataclasses
 
@@ -214,7 +222,7 @@ def _auto_micro_batch(config, budget_gb: float | None):
         budget_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
     if budget_gb is None:
         raise UserError("--micro-batch auto needs a GPU budget: use a GPU preset (gpu_memory_gb) or run on a GPU.")
-    size = auto_micro_batch(config, budget_gb)
+    size = auto_micro_batch(config, budget_gb, processes)
     click.echo(
         f"micro_batch_size {size}: the largest that fits {budget_gb:g} GB at max_length "
         f"{config.max_length} (qdpo plan)"
@@ -222,7 +230,7 @@ def _auto_micro_batch(config, budget_gb: float | None):
     return dataclasses.replace(config, micro_batch_size=size)
 
 
-def _memory_switches(config, budget_gb: float | None, dry_run: bool):
+def _memory_switches(config, budget_gb: float | None, dry_run: bool, processes: int = 1):
     """On a GPU, switch on tiled_mlp / offload_activations when the plan says the step fits only with them."""
     import torch
 
@@ -236,10 +244,10 @@ def _memory_switches(config, budget_gb: float | None, dry_run: bool):
     if view is None:  # a model the planner cannot read (no config.json): run as set
         return config
     model_cfg, exact = view
-    switch = memory_switches(model_cfg, exact, budget_gb)
+    switch = memory_switches(model_cfg, exact, budget_gb, processes)
     if switch is None:
         return config
-    planned = plan_memory(model_cfg, dataclasses.replace(exact, **switch)).total / 1e9
+    planned = plan_memory(model_cfg, dataclasses.replace(exact, **switch), processes=processes).total / 1e9
     click.echo(
         f"memory: a step of {config.micro_batch_size} x {config.max_length} tokens would not fit {budget_gb:g} GB as "
         f"set; with {describe_switches(switch)} the plan is {planned:.1f} GB, so qdpo switched "
@@ -258,12 +266,13 @@ def presets() -> None:
     for name in available():
         p = load_preset(name)
         memory = f"{p.gpu_memory_gb:g} GB GPU" if p.gpu_memory_gb else "CPU"
-        click.echo(f"{name:<10} {memory:<10} {p.description}")
+        memory = f"{p.processes} x {memory}" if p.processes > 1 else memory
+        click.echo(f"{name:<11} {memory:<13} {p.description}")
         view = planner_view(resolve_settings(name, {}, ())) if p.gpu_memory_gb else None
         if view is not None:
-            plain, switched = longest_pair(*view, p.gpu_memory_gb)
+            plain, switched = longest_pair(*view, p.gpu_memory_gb, p.processes)
             click.echo(
-                f"{'':<21} longest pair at micro-batch 1 (planned): {plain:,} tokens per response, "
+                f"{'':<25} longest pair at micro-batch 1 (planned): {plain:,} tokens per response, "
                 f"{switched:,} with tiled_mlp and offload_activations"
             )
 

@@ -14,14 +14,16 @@ def _gb(value: int) -> str:
     return f"{value / 1e9:.2f}"
 
 
-def format_plan(plan, budget_gb: float | None) -> list[str]:
+def format_plan(plan, budget_gb: float | None, processes: int = 1) -> list[str]:
     """The table as printed lines: part, GB (in parentheses when not part of the peak), note; then the total."""
     width = max(len(line.part) for line in plan.lines)
     rows = [f"{'part':<{width}}  {'GB':>7}  note"]
     for line in plan.lines:
         gb = _gb(line.bytes) if line.counted else f"({_gb(line.bytes)})"
         rows.append(f"{line.part:<{width}}  {gb:>7}  {line.note}")
-    total = f"{'total (peak of one step)':<{width}}  {_gb(plan.total):>7}"
+    label = "total (peak of one step)" if processes == 1 else "total per GPU (peak of one step)"
+    width = max(width, len(label))
+    total = f"{label:<{width}}  {_gb(plan.total):>7}"
     if budget_gb is None:
         rows.append(total + "  no GPU budget (CPU preset)")
     else:
@@ -42,8 +44,16 @@ def format_plan(plan, budget_gb: float | None) -> list[str]:
 @click.option(
     "--budget-gb", type=float, default=None, help="GPU memory to plan for (default: the preset's gpu_memory_gb)."
 )
+@click.option(
+    "--nproc",
+    type=int,
+    default=None,
+    help="Plan one of this many processes, one per GPU (default: the preset's); strategy=fsdp shards the model.",
+)
 @click.argument("overrides", nargs=-1)
-def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tuple[str, ...]) -> None:
+def plan(
+    preset: str, model: str | None, budget_gb: float | None, nproc: int | None, overrides: tuple[str, ...]
+) -> None:
     """Estimate GPU memory of a run from the model's config.json (no weights) and the largest batch/length that fit.
 
     OVERRIDES are key=value settings, as for `qdpo run` (e.g. micro_batch_size=4 max_length=4096).
@@ -59,16 +69,19 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
     for note in notes:
         click.echo(note)
     budget = loaded.gpu_memory_gb if budget_gb is None else budget_gb
+    processes = loaded.processes if nproc is None else nproc
+    if processes < 1:
+        raise UserError(f"--nproc must be 1 or more; got {processes}.")
     if budget is not None and (not isinstance(budget, (int, float)) or budget <= 0):
         raise UserError(f"the memory budget must be a positive number of GB; got {budget!r}.")
     device = "cpu" if budget is None else "cuda"  # a preset without a GPU budget runs on the CPU
     model_cfg, source = model_config(config.model)
     config, family_notes = exact_settings(config, SimpleNamespace(**model_cfg))  # the paths the run would take
-    switch = memory_switches(model_cfg, config, budget) if budget is not None else None
+    switch = memory_switches(model_cfg, config, budget, processes) if budget is not None else None
     if switch is not None:  # what `qdpo run` on a GPU does with this budget: plan that
         config = replace(config, **switch)
     shape = ModelShape.from_config(model_cfg)
-    result = plan_memory(model_cfg, config, device=device)
+    result = plan_memory(model_cfg, config, device=device, processes=processes)
     chunk = getattr(config, "logits_chunk_size", 0)
     click.echo(f"preset {loaded.name}: {config.model}")
     for note in family_notes:
@@ -92,11 +105,11 @@ def plan(preset: str, model: str | None, budget_gb: float | None, overrides: tup
         "assumes: " + "; ".join(result.assumptions + ["worst case: every sequence max_length tokens, 1-token prompts"])
     )
     click.echo("")
-    for row in format_plan(result, budget):
+    for row in format_plan(result, budget, processes):
         click.echo(row)
     if budget is not None:
-        batch, length = largest_fit(model_cfg, config, budget, device=device)
+        batch, length = largest_fit(model_cfg, config, budget, device=device, processes=processes)
         click.echo(f"largest micro_batch_size at max_length {config.max_length}: {batch}")
         click.echo(f"largest max_length at micro_batch_size 1: {length}")
-        switched = largest_fit(model_cfg, all_switches(config), budget, device=device)[1]
+        switched = largest_fit(model_cfg, all_switches(config), budget, device=device, processes=processes)[1]
         click.echo(f"largest max_length at micro_batch_size 1 with tiled_mlp and offload_activations: {switched}")

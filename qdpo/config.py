@@ -263,6 +263,12 @@ class Config:
         "states across the GPUs (torch FSDP2), for a model that does not fit one. One process ignores it.",
         choices=("ddp", "fsdp"),
     )
+    offload_params: bool = _f(
+        False,
+        "strategy=fsdp: keep each GPU's shard of the weights, LoRA, gradients and optimizer states in CPU memory "
+        "(FSDP's CPU offload; the optimizer steps on the CPU): the GPU holds only the layers it is computing, "
+        "for PCIe traffic every step. How a 70B model trains on 24 GB cards.",
+    )
 
     # --- what the run reports
     logging_steps: int = _f(1, "Write a metrics line every this many optimizer steps.", min=1)
@@ -319,6 +325,8 @@ class Config:
                 f"strategy=fsdp shards torch's AdamW states across the GPUs; {self.optim} cannot hold sharded "
                 "parameters: set optim=adamw."
             )
+        if self.offload_params and self.strategy != "fsdp":
+            raise UserError("offload_params offloads FSDP's shards, so it needs strategy=fsdp.")
         if self.strategy == "fsdp" and self.init_adapter:
             raise UserError(
                 "strategy=fsdp does not take init_adapter yet (its frozen reference copy is not sharded); use "

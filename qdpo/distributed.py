@@ -144,29 +144,35 @@ def lost_peer(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("closed by peer" in text or "reset by peer" in text)
 
 
-def shard_model(model, world: World, device: torch.device) -> list[torch.nn.Module]:
+def shard_model(model, world: World, device: torch.device, offload: bool = False) -> list[torch.nn.Module]:
     """Shard the 4-bit base and its LoRA weights across ranks with torch's FSDP2; returns the sharded roots.
 
-    Units: every decoder layer, the decoder (embeddings and final norm), and lm_head, the modules qdpo's step
-    calls itself (it runs the decoder and the output head separately, never only the model's own forward).
+    Units: every decoder layer, the embeddings, the decoder (the final norm), and lm_head: the modules qdpo's
+    step calls itself (it runs the decoder and the output head separately, never only the model's own forward).
+    FSDP keeps a root unit's weights gathered from forward to backward, so the embeddings get a unit of their
+    own inside the decoder: gathered for the lookup only. offload keeps the shards in CPU memory (FSDP's
+    CPUOffloadPolicy): a GPU then holds the layers being computed, not its shard of the model.
     The 4-bit weights are sharded in their packed uint8 storage: FSDP2 shards parameter by parameter, so they
     need not share the float dtype of the others (FSDP1's constraint, and why bitsandbytes offers a float
     bnb_4bit_quant_storage); a float storage would be cast by value by a mixed-precision policy, destroying
     the packed bits. bitsandbytes reattaches the quantization state to the gathered weight in each forward.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world.size,))
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     base = model.get_base_model()
     decoder = base.get_decoder()
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    tied = head.weight is embeddings.weight
     for layer in decoder.layers:
-        fully_shard(layer, mesh=mesh)
-    roots = [fully_shard(decoder, mesh=mesh)]
-    head = base.get_output_embeddings()
-    if head.weight is not base.get_input_embeddings().weight:
-        # Tied embeddings stay whole in lm_head (the decoder's shard cannot serve a module outside it).
-        roots.append(fully_shard(head, mesh=mesh))
+        fully_shard(layer, mesh=mesh, offload_policy=policy)
+    if not tied:
+        fully_shard(embeddings, mesh=mesh, offload_policy=policy)
+    roots = [fully_shard(decoder, mesh=mesh, offload_policy=policy)]
+    if not tied:  # tied embeddings stay in the decoder's unit, and whole in lm_head (a module outside it)
+        roots.append(fully_shard(head, mesh=mesh, offload_policy=policy))
     return roots
 
 

@@ -115,6 +115,9 @@ OTHER_SAVED = "final norm input"
 LOGITS = "logits saved for backward"
 LOGITS_WORK = "logits working memory"
 OVERHEAD = "runtime overhead"
+DDP_BUCKETS = "DDP gradient buckets"
+FSDP_LAYERS = "FSDP: layers gathered whole"
+FSDP_ROOT = "FSDP: lm_head gathered"
 
 RESIDENT_PARTS = (WEIGHTS_4BIT, QUANT_STATE, FROZEN, LORA, REF_ADAPTER)
 
@@ -445,6 +448,35 @@ def peak_lines(act: list[Line], logits: list[Line]) -> list[Line]:
     return act + logits
 
 
+def per_rank_lines(shape: ModelShape, cfg: Config, d: int, lines: list[Line], processes: int) -> list[Line]:
+    """What one of several processes holds: with ddp all of it plus DDP's gradient buckets; with fsdp a 1/processes
+    shard of the weights, LoRA, gradients and optimizer states (in CPU memory with offload_params), plus what FSDP
+    gathers whole while it computes."""
+    if processes <= 1:
+        return lines
+    by = {line.part: line for line in lines}
+    if cfg.strategy == "ddp":
+        grads = by[LORA_GRADS].bytes
+        return lines + [Line(DDP_BUCKETS, grads, "a second fp32 copy of the LoRA gradients, all-reduced in buckets")]
+    sharded = (WEIGHTS_4BIT, LORA, LORA_GRADS, OPTIMIZER) + (() if shape.tied else (FROZEN,))
+    for part in sharded:
+        line = by[part]
+        line.bytes = math.ceil(line.bytes / processes)
+        line.note += f"; 1/{processes} per rank"
+        if cfg.offload_params:
+            line.counted = False
+            line.note += ", in CPU memory (offload_params)"
+    by[QUANT_STATE].note += "; not a parameter: whole on every rank"
+    layer = sum(quantized_bytes(i * o)[0] for i, o in shape.linears().values())
+    layer += sum(lora_params(shape, lora_targets(cfg), cfg.lora_r)) * FP32 // shape.layers + 2 * shape.hidden * d
+    gathered = Line(FSDP_LAYERS, 2 * layer, "the layer computing and the next one, prefetched (4-bit, LoRA, norms)")
+    out = lines + [gathered]
+    if not shape.tied:  # tied: the embeddings are not sharded (lm_head shares them)
+        head = shape.vocab * shape.hidden * d
+        out.append(Line(FSDP_ROOT, head, "lm_head, an FSDP root: its weight stays whole from forward to backward"))
+    return out
+
+
 def overhead_line(tensor_bytes: int, device: str) -> Line:
     """CUDA context, workspaces and allocator fragmentation on a GPU; the runtime's own memory on the CPU."""
     if device == "cpu":
@@ -465,12 +497,14 @@ def plan_memory(
     *,
     prompt_len: int = 1,
     device: str = "cuda",
+    processes: int = 1,
 ) -> Plan:
     """The memory table of one training step of cfg on this model at (micro_batch_size, seq_len).
 
     prompt_len is the shortest prompt in the micro-batch: 1 (the default) is the worst case, where every
     response fills max_length (a shared-prompt row is then 2 x max_length - 1 tokens long). device="cpu"
-    plans fp32 for compute_dtype auto and no CUDA context.
+    plans fp32 for compute_dtype auto and no CUDA context. processes > 1 plans one rank of that many
+    (micro_batch_size is per rank), sharded or not as cfg.strategy says.
     """
     shape = ModelShape.from_config(model_config)
     b = cfg.micro_batch_size if micro_batch_size is None else micro_batch_size
@@ -487,6 +521,7 @@ def plan_memory(
     softcap = bool(decoder.get("final_logit_softcapping"))
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
     lines += peak_lines(activation_lines(shape, cfg, d, g, device == "cuda"), logits_lines(shape, cfg, d, g, softcap))
+    lines = per_rank_lines(shape, cfg, d, lines, processes)
     lines.append(overhead_line(sum(line.bytes for line in lines if line.counted), device))
     layout = {
         "shared": f"shared prompt: one row of up to {g.width} tokens per pair (prompt once, "
@@ -500,6 +535,9 @@ def plan_memory(
         else "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)"
     )
     assumptions = [f"compute dtype {name}", layout, attention]
+    if processes > 1:
+        how = "sharded (fsdp)" if cfg.strategy == "fsdp" else "each with the whole model (ddp)"
+        assumptions.insert(0, f"one rank of {processes} processes, {how}")
     model_type = decoder.get("model_type")
     if model_type not in LLAMA_STYLE:
         assumptions.append(
@@ -524,27 +562,29 @@ def span_attention_applies(decoder: dict[str, Any], max_length: int) -> bool:
     return span_problem(loaded, ((0, 0, 1, max_length - 1, max_length - 1),)) is None
 
 
-def fits(model_config: dict[str, Any], cfg: Config, budget: float, b: int, t: int, device: str) -> bool:
-    """Whether a step at (b, t) fits `budget` bytes."""
-    return plan_memory(model_config, cfg, b, t, device=device).total <= budget
+def fits(
+    model_config: dict[str, Any], cfg: Config, budget: float, b: int, t: int, device: str, processes: int = 1
+) -> bool:
+    """Whether a step at (b, t) fits `budget` bytes (on each of `processes` ranks)."""
+    return plan_memory(model_config, cfg, b, t, device=device, processes=processes).total <= budget
 
 
 def largest_fit(
-    model_config: dict[str, Any], cfg: Config, budget_gb: float, *, device: str = "cuda"
+    model_config: dict[str, Any], cfg: Config, budget_gb: float, *, device: str = "cuda", processes: int = 1
 ) -> tuple[int, int]:
     """(largest micro_batch_size at cfg.max_length, largest seq_len at micro_batch_size 1) in budget_gb; 0 if none."""
     budget = budget_gb * GB
     b = 0
-    while b < 4096 and fits(model_config, cfg, budget, b + 1, cfg.max_length, device):
+    while b < 4096 and fits(model_config, cfg, budget, b + 1, cfg.max_length, device, processes):
         b += 1  # memory grows with b (quadratically when packed): a walk of a few dozen steps at most for real budgets
     lo, hi = 1, 2
-    if not fits(model_config, cfg, budget, 1, 2, device):
+    if not fits(model_config, cfg, budget, 1, 2, device, processes):
         return b, 0
-    while hi < (1 << 22) and fits(model_config, cfg, budget, 1, hi, device):
+    while hi < (1 << 22) and fits(model_config, cfg, budget, 1, hi, device, processes):
         lo, hi = hi, hi * 2
     while hi - lo > 1:  # invariant: lo fits, hi does not (or is the search cap)
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(model_config, cfg, budget, 1, mid, device) else (lo, mid)
+        lo, hi = (mid, hi) if fits(model_config, cfg, budget, 1, mid, device, processes) else (lo, mid)
     return b, lo
 
 
@@ -556,16 +596,18 @@ SWITCHES = (
 )
 
 
-def memory_switches(model_config: dict[str, Any], cfg: Config, budget_gb: float) -> dict[str, Any] | None:
+def memory_switches(
+    model_config: dict[str, Any], cfg: Config, budget_gb: float, processes: int = 1
+) -> dict[str, Any] | None:
     """The settings (tiled_mlp, offload_activations or both; the cheapest first: tiling recomputes a little,
     offloading copies every boundary) with which the planned step fits budget_gb when it does not fit as set;
     None when it fits as it is or nothing helps. A switch the user already turned on is not offered."""
     budget, b, t = budget_gb * GB, cfg.micro_batch_size, cfg.max_length
-    if fits(model_config, cfg, budget, b, t, "cuda"):
+    if fits(model_config, cfg, budget, b, t, "cuda", processes):
         return None
     for switch in SWITCHES:
         if not any(getattr(cfg, k) for k in switch) and fits(
-            model_config, replace(cfg, **switch), budget, b, t, "cuda"
+            model_config, replace(cfg, **switch), budget, b, t, "cuda", processes
         ):
             return switch
     return None
@@ -581,9 +623,10 @@ def all_switches(cfg: Config) -> Config:
     return replace(cfg, tiled_mlp=cfg.tiled_mlp or LONG_TILE, offload_activations=True)
 
 
-def longest_pair(model_config: dict[str, Any], cfg: Config, budget_gb: float) -> tuple[int, int]:
+def longest_pair(model_config: dict[str, Any], cfg: Config, budget_gb: float, processes: int = 1) -> tuple[int, int]:
     """The longest max_length at micro-batch 1 in budget_gb as set, and with tiled_mlp and offload_activations on."""
-    return largest_fit(model_config, cfg, budget_gb)[1], largest_fit(model_config, all_switches(cfg), budget_gb)[1]
+    as_set = largest_fit(model_config, cfg, budget_gb, processes=processes)[1]
+    return as_set, largest_fit(model_config, all_switches(cfg), budget_gb, processes=processes)[1]
 
 
 def run_view(cfg: Config) -> tuple[dict[str, Any], Config]:
@@ -603,10 +646,10 @@ def planner_view(cfg: Config) -> tuple[dict[str, Any], Config] | None:
         return None
 
 
-def auto_micro_batch(cfg: Config, budget_gb: float) -> int:
+def auto_micro_batch(cfg: Config, budget_gb: float, processes: int = 1) -> int:
     """The largest micro_batch_size whose planned step fits budget_gb at cfg.max_length (for --micro-batch auto)."""
     config, cfg = run_view(cfg)
-    b, _ = largest_fit(config, cfg, budget_gb)
+    b, _ = largest_fit(config, cfg, budget_gb, processes=processes)
     if b < 1:
         raise UserError(
             f"even one pair of max_length {cfg.max_length} does not fit {budget_gb:g} "

@@ -11,7 +11,7 @@ from qdpo.config import Config, build_config, load_yaml, parse_override
 from qdpo.errors import UserError
 
 # Keys a preset may carry besides Config fields: they describe the preset, they do not configure a run.
-META_KEYS = ("description", "gpu_memory_gb")
+META_KEYS = ("description", "gpu_memory_gb", "processes")
 
 
 @dataclass
@@ -21,8 +21,9 @@ class Preset:
     name: str
     path: Path
     description: str
-    gpu_memory_gb: float | None
+    gpu_memory_gb: float | None  # per GPU
     settings: dict[str, Any]
+    processes: int = 1  # the GPUs (one process each) it is planned for
 
 
 def preset_dir() -> Path:
@@ -58,6 +59,7 @@ def load_preset(name_or_path: str) -> Preset:
         description=str(meta.get("description", "")),
         gpu_memory_gb=meta.get("gpu_memory_gb"),
         settings=raw,
+        processes=int(meta.get("processes", 1)),
     )
 
 

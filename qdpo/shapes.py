@@ -100,6 +100,7 @@ _MISTRAL_7B = ("Mistral-7B-v0.3", _shape("mistral", 4096, 32, 32, 8, 14336, 3276
 _LLAMA2_7B = ("Llama-2-7B", _shape("llama", 4096, 32, 32, 32, 11008, 32000))
 _LLAMA3_8B = ("Meta-Llama-3-8B", _shape("llama", 4096, 32, 32, 8, 14336, 128256))
 _LLAMA2_13B = ("Llama-2-13B", _shape("llama", 5120, 40, 40, 40, 13824, 32000))
+_LLAMA3_70B = ("Meta-Llama-3-70B", _shape("llama", 8192, 80, 64, 8, 28672, 128256))
 _SMOLLM2 = ("SmolLM2-135M", _shape("llama", 576, 30, 9, 3, 1536, 49152, tied=True))
 BUILTIN_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "mistralai/Mistral-7B-v0.3": _MISTRAL_7B,
@@ -110,6 +111,10 @@ BUILTIN_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
     "meta-llama/Meta-Llama-3-8B-Instruct": _LLAMA3_8B,
     "meta-llama/Llama-2-13b-hf": _LLAMA2_13B,
     "meta-llama/Llama-2-13b-chat-hf": _LLAMA2_13B,
+    "meta-llama/Meta-Llama-3-70B": _LLAMA3_70B,
+    "meta-llama/Meta-Llama-3-70B-Instruct": _LLAMA3_70B,
+    "meta-llama/Llama-3.1-70B-Instruct": _LLAMA3_70B,
+    "meta-llama/Llama-3.3-70B-Instruct": _LLAMA3_70B,
     "builtin:smollm2-135m-instruct": _SMOLLM2,
 }
 

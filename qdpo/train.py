@@ -302,7 +302,8 @@ def setup_training(
         else:
             echo("tiled MLP: off (qdpo tiles the MLPs of its verified model families only)")
     # FSDP replaces the parameters by their shards: the optimizer must be built on those.
-    roots = shard_model(model, world, device) if world.size > 1 and config.strategy == "fsdp" else []
+    sharding = world.size > 1 and config.strategy == "fsdp"
+    roots = shard_model(model, world, device, config.offload_params) if sharding else []
     params = trainable_parameters(model)
     if not params:  # the loss would sit at ln 2 forever
         raise UserError(

@@ -38,6 +38,7 @@ def main(model: str, data_path: str, out: str, accumulation: int) -> None:
         "learning_rate": 1e-2,
         "max_steps": 2,
         "strategy": sys.argv[5] if len(sys.argv) > 5 else "ddp",
+        "offload_params": len(sys.argv) > 6 and sys.argv[6] == "offload",
         "warmup_ratio": 0.0,  # the first step already moves the adapter
     }
     config = build_config(None, settings)

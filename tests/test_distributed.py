@@ -258,3 +258,55 @@ def test_each_rank_gets_the_command_without_nproc():
     from qdpo.launch import worker_args
 
     assert worker_args(["--nproc", "2", "--preset", "x", "--nproc=4", "beta=0.2"]) == ["--preset", "x", "beta=0.2"]
+
+
+def test_planned_shard_is_what_each_rank_holds(one_step_each, tiny_model_dir):
+    from qdpo.config import build_config
+    from qdpo.plan import FROZEN, LORA, WEIGHTS_4BIT, plan_memory
+
+    runs, _ = one_step_each
+    model_cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    settings = {"model": str(tiny_model_dir), "micro_batch_size": 2, "strategy": "fsdp"}
+    planned = plan_memory(model_cfg, build_config(None, settings), device="cpu", processes=2)
+    held = planned.bytes_of(WEIGHTS_4BIT, FROZEN, LORA)  # the parameters; the quantization state is not one
+    assert held == pytest.approx(runs["fsdp"]["held_bytes"], rel=0.02)
+    whole = plan_memory(model_cfg, build_config(None, {**settings, "strategy": "ddp"}), device="cpu")
+    assert whole.bytes_of(WEIGHTS_4BIT, FROZEN, LORA) == pytest.approx(runs["ddp"]["held_bytes"], rel=0.02)
+
+
+def test_data_parallel_plan_adds_the_gradient_buckets_and_offload_moves_shards_off_the_gpu():
+    from qdpo.config import build_config
+    from qdpo.plan import DDP_BUCKETS, LORA_GRADS, plan_memory
+    from qdpo.shapes import model_config
+
+    shape, _ = model_config("meta-llama/Meta-Llama-3-8B-Instruct")
+    cfg = build_config(None, {"model": "x", "max_length": 1024})
+    one, two = plan_memory(shape, cfg), plan_memory(shape, cfg, processes=2)
+    assert two.bytes_of(DDP_BUCKETS) == one.bytes_of(LORA_GRADS) > 0
+    # The overhead line adds 18% slack on the tensors, so the total grows by the buckets and their slack.
+    assert two.total - one.total == pytest.approx(1.18 * one.bytes_of(LORA_GRADS), rel=0.01)
+    sharded = plan_memory(
+        shape, build_config(None, {"model": "x", "max_length": 1024, "strategy": "fsdp"}), processes=2
+    )
+    offloaded = plan_memory(
+        shape,
+        build_config(None, {"model": "x", "max_length": 1024, "strategy": "fsdp", "offload_params": True}),
+        processes=2,
+    )
+    assert offloaded.total < sharded.total < one.total
+
+
+def test_the_70b_preset_plans_two_24gb_gpus_and_refuses_one_process():
+    from click.testing import CliRunner
+
+    from qdpo.cli import main
+
+    shown = CliRunner().invoke(main, ["plan", "--preset", "70b-2x24gb"])
+    assert shown.exit_code == 0, shown.output
+    assert "one rank of 2 processes, sharded (fsdp)" in shown.output
+    total = next(line for line in shown.output.splitlines() if line.startswith("total per GPU"))
+    assert "fits" in total and "NOT" not in total
+    alone = CliRunner().invoke(main, ["plan", "--preset", "70b-2x24gb", "--nproc", "1", "offload_params=false"])
+    assert "does NOT fit" in alone.output  # 34 GB of 4-bit weights alone: more than one 24 GB card
+    refused = CliRunner().invoke(main, ["run", "--preset", "70b-2x24gb"])
+    assert refused.exit_code == 2 and "run it with qdpo run --nproc 2" in refused.output

@@ -548,7 +548,8 @@ def invoke(*args: str):
 def test_plan_command_for_every_preset(preset):
     result = invoke("--preset", preset)
     assert result.exit_code == 0, result.output
-    assert "total (peak of one step)" in result.output and "model shape from" in result.output
+    total = "total (peak of one step)" if load_preset(preset).processes == 1 else "total per GPU (peak of one step)"
+    assert total in result.output and "model shape from" in result.output
     if load_preset(preset).gpu_memory_gb:
         assert "largest micro_batch_size at max_length" in result.output
         assert "built-in" in result.output  # offline: the shipped shape, and the output says so
@@ -730,7 +731,7 @@ def test_presets_and_plan_show_the_longest_pair():
     from qdpo.cli import main
 
     listing = CliRunner().invoke(main, ["presets"]).output
-    assert listing.count("longest pair at micro-batch 1 (planned)") == 3  # the three GPU presets
+    assert listing.count("longest pair at micro-batch 1 (planned)") == 4  # the four GPU presets
     result = invoke("--preset", "8b-24gb", "max_length=32768")
     assert "largest max_length at micro_batch_size 1 with tiled_mlp and offload_activations" in result.output
     assert "planned with tiled_mlp=4096 and offload_activations=true: the step does not fit 24 GB" in result.output
