@@ -173,6 +173,15 @@ def shard_model(model, world: World, device: torch.device, offload: bool = False
     roots = [fully_shard(decoder, mesh=mesh, offload_policy=policy)]
     if not tied:  # tied embeddings stay in the decoder's unit, and whole in lm_head (a module outside it)
         roots.append(fully_shard(head, mesh=mesh, offload_policy=policy))
+    if device.type != "cpu":
+        # FSDP moved the shards and buffers to the GPU; bitsandbytes' quantization state is neither, so it follows
+        # by hand (the gathered 4-bit weight computes on the GPU with it). Whole on every rank: ~1/64 of the weights.
+        for module in model.modules():
+            state = getattr(module, "quant_state", None)
+            if state is not None and hasattr(state, "to"):
+                state.to(device)
+        if tied:
+            head.to(device)  # tied embeddings are not sharded: the decoder's unit moved them, lm_head shares them
     return roots
 
 

@@ -283,7 +283,10 @@ def setup_training(
     """
     clock = clock or PhaseClock()
     clock.enter("load")
-    model = load_base_4bit(data.source, dtype, device, config.gradient_checkpointing)
+    sharding = world.size > 1 and config.strategy == "fsdp"
+    # Sharded: loaded into CPU memory first, whole, as it may not fit one GPU; FSDP moves each rank's shards over.
+    load_on = torch.device("cpu") if sharding else device
+    model = load_base_4bit(data.source, dtype, load_on, config.gradient_checkpointing)
     check_vocabulary(data, model.get_input_embeddings().num_embeddings)
     model = add_lora(
         model,
@@ -302,7 +305,6 @@ def setup_training(
         else:
             echo("tiled MLP: off (qdpo tiles the MLPs of its verified model families only)")
     # FSDP replaces the parameters by their shards: the optimizer must be built on those.
-    sharding = world.size > 1 and config.strategy == "fsdp"
     roots = shard_model(model, world, device, config.offload_params) if sharding else []
     params = trainable_parameters(model)
     if not params:  # the loss would sit at ln 2 forever

@@ -13,13 +13,14 @@ import torch
 import qdpo.train as train
 from qdpo.config import build_config
 from qdpo.distributed import join, leave
+from qdpo.model import pick_device
 from qdpo.prepare import prepare_data
 
 
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor, gathered from the ranks' shards under FSDP (a collective)."""
     tensor = tensor.detach()
-    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).clone()
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).cpu().clone()
 
 
 def whole_or_shard(tensor: torch.Tensor) -> torch.Tensor:
@@ -28,7 +29,10 @@ def whole_or_shard(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def main(model: str, data_path: str, out: str, accumulation: int) -> None:
-    world = join("cpu")
+    device = pick_device()  # the CPU in the suite; benchmarks/multi_gpu.py runs it on GPUs
+    world = join(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
     settings = {
         "model": model,
         "data": data_path,
@@ -44,8 +48,7 @@ def main(model: str, data_path: str, out: str, accumulation: int) -> None:
     config = build_config(None, settings)
     data = prepare_data(config, echo=lambda _: None)
     torch.manual_seed(config.seed)
-    cpu = torch.device("cpu")
-    t = train.setup_training(config, data, cpu, torch.float32, lambda _: None, world=world)
+    t = train.setup_training(config, data, device, torch.float32, lambda _: None, world=world)
     names = {id(p): n for n, p in t.model.named_parameters()}
 
     seen: list[str] = []  # the pairs this rank put into its micro-batches
@@ -64,7 +67,7 @@ def main(model: str, data_path: str, out: str, accumulation: int) -> None:
         return step(*args, **kwargs)
 
     t.optimizer.step = spying
-    rows = [train.train_step(t, data, config, t.stream, cpu) for _ in range(2)]
+    rows = [train.train_step(t, data, config, t.stream, device) for _ in range(2)]
     train.make_batch = make_batch
     pad = data.tokenizer.pad_token_id
     evaluated = train.evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, pad, world)
