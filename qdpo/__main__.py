@@ -4,5 +4,6 @@ import os
 
 from qdpo.cli import main
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-main()
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -44,7 +44,7 @@ class World:
         """
         mine = [(item, True) for item in self.share(items)]
         rounds = -(-len(items) // self.size)  # ceil
-        return mine + [(items[0], False)] * (rounds - len(mine))
+        return mine + [(items[0], False)] * (rounds - len(mine)) if items else []
 
     def agree(self, value: Any) -> Any:
         """Rank 0's value, on every rank (a decision only one process may take, such as the run's directory)."""
@@ -85,7 +85,16 @@ SINGLE = World()
 
 
 def _backend() -> str:
-    return str(torch.distributed.get_backend())
+    return "nccl" if "nccl" in str(torch.distributed.get_backend()) else "gloo"
+
+
+def compute_device(model) -> torch.device:
+    """Where the model computes: its parameters' device, or its GPU when FSDP keeps the shards in CPU memory."""
+    p = next(model.parameters())
+    mesh = getattr(p, "device_mesh", None)
+    if p.device.type == "cpu" and mesh is not None and mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return p.device
 
 
 def launched_size() -> int:
@@ -101,7 +110,8 @@ def join(device_type: str) -> World:
     if device_type == "cuda":
         torch.cuda.set_device(world.local_rank)
     if not torch.distributed.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        # NCCL for GPU tensors; gloo for CPU ones (FSDP's shards and gradients in CPU memory with offload_params).
+        backend = "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
         # A long timeout: rank 0 alone may convert a GGUF model or score a cached reference while the others wait.
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     return world
@@ -131,8 +141,14 @@ def data_parallel(module: torch.nn.Module, world: World, device: torch.device) -
     # for nothing) and watch them for gradients they never get. It handles the LoRA parameters alone.
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
+    # A mixture of experts leaves the LoRA weights of experts no token was routed to without a gradient.
+    config = getattr(getattr(module, "model", None), "config", None)
+    experts = any(getattr(config, name, 0) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
     return DistributedDataParallel(
-        module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,
+        find_unused_parameters=experts,
     )
 
 
@@ -147,10 +163,12 @@ def lost_peer(error: BaseException) -> bool:
 def shard_model(model, world: World, device: torch.device, offload: bool = False) -> list[torch.nn.Module]:
     """Shard the 4-bit base and its LoRA weights across ranks with torch's FSDP2; returns the sharded roots.
 
-    Units: every decoder layer, the embeddings, the decoder (the final norm), and lm_head: the modules qdpo's
-    step calls itself (it runs the decoder and the output head separately, never only the model's own forward).
-    FSDP keeps a root unit's weights gathered from forward to backward, so the embeddings get a unit of their
-    own inside the decoder: gathered for the lookup only. offload keeps the shards in CPU memory (FSDP's
+    Units: every decoder layer, the embeddings, and the decoder (the final norm): what qdpo's step calls itself
+    (it runs the decoder and the output head separately, never only the model's own forward). FSDP keeps a
+    root unit's weights gathered from forward to backward, so the embeddings get a unit of their own inside the
+    decoder: gathered for the lookup only. lm_head stays whole on every rank (frozen, no LoRA allowed on it):
+    the step applies it once per chunk of response positions, a number that differs between ranks, and every
+    call of a sharded unit is a collective all ranks must make. offload keeps the shards in CPU memory (FSDP's
     CPUOffloadPolicy): a GPU then holds the layers being computed, not its shard of the model.
     The 4-bit weights are sharded in their packed uint8 storage: FSDP2 shards parameter by parameter, so they
     need not share the float dtype of the others (FSDP1's constraint, and why bitsandbytes offers a float
@@ -158,21 +176,29 @@ def shard_model(model, world: World, device: torch.device, offload: bool = False
     the packed bits. bitsandbytes reattaches the quantization state to the gathered weight in each forward.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
+
+    from qdpo.errors import UserError
 
     mesh = init_device_mesh(device.type, (world.size,))
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     base = model.get_base_model()
     decoder = base.get_decoder()
     head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    if any(p.requires_grad for p in head.parameters()):
+        raise UserError("strategy=fsdp keeps lm_head whole and frozen: take lm_head out of lora_target_modules.")
     tied = head.weight is embeddings.weight
     for layer in decoder.layers:
         fully_shard(layer, mesh=mesh, offload_policy=policy)
-    if not tied:
+    if not tied:  # tied embeddings stay in the decoder's unit (and whole in lm_head, a module outside it)
         fully_shard(embeddings, mesh=mesh, offload_policy=policy)
     roots = [fully_shard(decoder, mesh=mesh, offload_policy=policy)]
-    if not tied:  # tied embeddings stay in the decoder's unit, and whole in lm_head (a module outside it)
-        roots.append(fully_shard(head, mesh=mesh, offload_policy=policy))
+    config = base.config
+    if any(getattr(config, name, 0) for name in ("num_experts", "num_local_experts", "n_routed_experts")):
+        # Experts no token was routed to on a rank have no gradient there: reduce-scatter them as zeros.
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_reduce_scatter_unused_params(True)
     if device.type != "cpu":
         # FSDP moved the shards and buffers to the GPU; bitsandbytes' quantization state is neither, so it follows
         # by hand (the gathered 4-bit weight computes on the GPU with it). Whole on every rank: ~1/64 of the weights.
@@ -180,8 +206,7 @@ def shard_model(model, world: World, device: torch.device, offload: bool = False
             state = getattr(module, "quant_state", None)
             if state is not None and hasattr(state, "to"):
                 state.to(device)
-        if tied:
-            head.to(device)  # tied embeddings are not sharded: the decoder's unit moved them, lm_head shares them
+        head.to(device)  # whole on every rank (loaded into CPU memory first)
     return roots
 
 

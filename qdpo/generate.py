@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from qdpo.distributed import compute_device, sharded
 from qdpo.errors import UserError
 from qdpo.fs import write_text
 from qdpo.model import REFERENCE_ADAPTER, reference_model
@@ -66,7 +67,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> l
 
     The model is in eval mode meanwhile (no dropout) and goes back to the mode it was in.
     """
-    device = next(model.parameters()).device
+    device = compute_device(model)
     stop = stop_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     was_training = model.training
@@ -83,6 +84,7 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> l
                     do_sample=False,
                     num_beams=1,
                     use_cache=True,  # training loads the model with use_cache off; decoding wants the KV cache
+                    synced_gpus=sharded(model),  # sharded: every rank runs as many forwards, until all are done
                 )
                 new = generated[0, len(ids) :].tolist()
                 stopped = bool(new) and new[-1] in stop

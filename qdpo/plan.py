@@ -117,7 +117,7 @@ LOGITS_WORK = "logits working memory"
 OVERHEAD = "runtime overhead"
 DDP_BUCKETS = "DDP gradient buckets"
 FSDP_LAYERS = "FSDP: layers gathered whole"
-FSDP_ROOT = "FSDP: lm_head gathered"
+FSDP_HEAD = "lm_head (not sharded)"
 
 RESIDENT_PARTS = (WEIGHTS_4BIT, QUANT_STATE, FROZEN, LORA, REF_ADAPTER)
 
@@ -450,19 +450,21 @@ def peak_lines(act: list[Line], logits: list[Line]) -> list[Line]:
 
 def per_rank_lines(shape: ModelShape, cfg: Config, d: int, lines: list[Line], processes: int) -> list[Line]:
     """What one of several processes holds: with ddp all of it plus DDP's gradient buckets; with fsdp a 1/processes
-    shard of the weights, LoRA, gradients and optimizer states (in CPU memory with offload_params), plus what FSDP
-    gathers whole while it computes."""
+    shard of the weights, LoRA, gradients and optimizer states (in CPU memory with offload_params), lm_head whole,
+    plus the layers FSDP gathers whole while they compute."""
     if processes <= 1:
         return lines
     by = {line.part: line for line in lines}
     if cfg.strategy == "ddp":
         grads = by[LORA_GRADS].bytes
         return lines + [Line(DDP_BUCKETS, grads, "a second fp32 copy of the LoRA gradients, all-reduced in buckets")]
+    head = 0 if shape.tied else shape.vocab * shape.hidden * d  # tied: the embeddings stay whole too
+    by[FROZEN].bytes -= head
     sharded = (WEIGHTS_4BIT, LORA, LORA_GRADS, OPTIMIZER) + (() if shape.tied else (FROZEN,))
     for part in sharded:
         line = by[part]
         line.bytes = math.ceil(line.bytes / processes)
-        line.note += f"; 1/{processes} per rank"
+        line.note += f"; 1/{processes} per rank" + (" (lm_head below)" if part == FROZEN else "")
         if cfg.offload_params:
             line.counted = False
             line.note += ", in CPU memory (offload_params)"
@@ -471,9 +473,8 @@ def per_rank_lines(shape: ModelShape, cfg: Config, d: int, lines: list[Line], pr
     layer += sum(lora_params(shape, lora_targets(cfg), cfg.lora_r)) * FP32 // shape.layers + 2 * shape.hidden * d
     gathered = Line(FSDP_LAYERS, 2 * layer, "the layer computing and the next one, prefetched (4-bit, LoRA, norms)")
     out = lines + [gathered]
-    if not shape.tied:  # tied: the embeddings are not sharded (lm_head shares them)
-        head = shape.vocab * shape.hidden * d
-        out.append(Line(FSDP_ROOT, head, "lm_head, an FSDP root: its weight stays whole from forward to backward"))
+    if head:
+        out.append(Line(FSDP_HEAD, head, "whole on every rank: ranks apply it a different number of times"))
     return out
 
 

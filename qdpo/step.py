@@ -11,6 +11,7 @@ import torch
 from qdpo import attention
 from qdpo.batching import Batch, SharedPromptBatch, shared_prompt_mask
 from qdpo.config import Config
+from qdpo.distributed import compute_device
 from qdpo.errors import UserError
 from qdpo.families import OutputHead, decoder_masks, family_of, shared_layout_problem
 from qdpo.logprobs import SequenceScores, chunked_sequence_logps, gathered_logps, sequence_logps
@@ -30,7 +31,7 @@ def score_shared_prompt(
     model, batch: SharedPromptBatch, logits_chunk_size: int, aligned: bool = False
 ) -> SequenceScores:
     """Scores of a shared-prompt (or packed) batch: prompt once per pair, lm_head only where it predicts a response."""
-    device = next(model.parameters()).device
+    device = compute_device(model)
     base = _base(model)
     problem = shared_layout_problem(base.config)
     if problem:
@@ -86,7 +87,7 @@ def score_batch(
     """
     if isinstance(batch, SharedPromptBatch):
         return score_shared_prompt(model, batch, logits_chunk_size, aligned)
-    device = next(model.parameters()).device
+    device = compute_device(model)
     base = _base(model)
     if logits_chunk_size > 0 and family_of(base.config) is not None:
         hidden = base.get_decoder()(

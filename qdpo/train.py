@@ -29,6 +29,7 @@ from qdpo.checkpoint import (
     rng_state,
     save_checkpoint,
     saved_config,
+    saved_world_size,
     set_rng_state,
     world_size_note,
 )
@@ -284,6 +285,11 @@ def setup_training(
     clock = clock or PhaseClock()
     clock.enter("load")
     sharding = world.size > 1 and config.strategy == "fsdp"
+    if sharding and dtype == torch.float16:
+        raise UserError(
+            "strategy=fsdp with float16 compute (GPUs without bfloat16, such as the T4) is not supported: its loss "
+            "scaler would judge each shard's gradients apart; use strategy=ddp."
+        )
     # Sharded: loaded into CPU memory first, whole, as it may not fit one GPU; FSDP moves each rank's shards over.
     load_on = torch.device("cpu") if sharding else device
     model = load_base_4bit(data.source, dtype, load_on, config.gradient_checkpointing)
@@ -548,7 +554,11 @@ def _run(
     try:
         if checkpoint is None:
             announce()
-        regrouped = checkpoint is not None and saved_config(checkpoint)["micro_batch_size"] != config.micro_batch_size
+        # Micro-batches regrouped, or another global batch: the rest of the run may use any training pair.
+        regrouped = checkpoint is not None and (
+            saved_config(checkpoint)["micro_batch_size"] != config.micro_batch_size
+            or saved_world_size(checkpoint) != world.size
+        )
         try:
             t = setup_training(config, data, device, dtype, echo, score_all=regrouped, clock=clock, world=world)
         except torch.cuda.OutOfMemoryError:  # the model loaded, then a reference or eval micro-batch did not fit
@@ -591,15 +601,27 @@ def _run(
         echo(f"the run stopped early; {out} keeps the metrics logged so far{kept}, and run.json says why")
         raise
     finally:
+        error = sys.exc_info()[1]
         if world.main:
             release_lock(out)
-        if world.main and not isinstance(sys.exc_info()[1], KeyboardInterrupt):  # a second Ctrl-C: stop now
+        if world.main and not isinstance(error, KeyboardInterrupt):  # a second Ctrl-C: stop now
             from qdpo.report import report_after_run  # matplotlib loads only here
 
             report_after_run(out, echo)  # after every run that reached its first step, finished or not
+        if world.size > 1 and together(error):
+            # The ranks leave together: one that exits first makes torchrun stop the others, rank 0 mid-write.
+            world.barrier()
     if world.main:
         echo(format_summary(summary, out))
     return RunResult(out, summary)
+
+
+def together(error: BaseException | None) -> bool:
+    """Whether every rank ends the run at this point: it finished, or all stopped at the same step (a stop request,
+    a run of NaN steps); not when one rank alone failed (out of memory, a lost peer, a bug)."""
+    if error is None:
+        return True
+    return isinstance(error, UserError) and not isinstance(error.__context__, torch.cuda.OutOfMemoryError)
 
 
 def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str], None], config: Config) -> int:
@@ -755,7 +777,9 @@ def train_loop(
                 row = {"step": step, **train_step(t, data, config, t.stream, device)}
             except torch.cuda.OutOfMemoryError:
                 t.optimizer.zero_grad(set_to_none=True)
-                raise out_of_memory(config, out, step, checkpoint(step - 1, before) if step > 1 else None) from None
+                # With several ranks the others wait inside this step: no checkpoint (it needs them all) but the last.
+                kept = checkpoint(step - 1, before) if step > 1 and world.size == 1 else None
+                raise out_of_memory(config, out, step, kept, processes=world.size) from None
             crash_point("step")
             evaluating = bool(data.eval) and ((config.eval_steps and step % config.eval_steps == 0) or step == t.steps)
             if evaluating:
@@ -763,7 +787,8 @@ def train_loop(
                     last_eval = run_eval(step)
                 except torch.cuda.OutOfMemoryError:  # the step itself is done: keep it, then stop
                     log_row(log, row)
-                    raise out_of_memory(config, out, step, checkpoint(step), during="evaluation") from None
+                    kept = checkpoint(step) if world.size == 1 else None
+                    raise out_of_memory(config, out, step, kept, during="evaluation", processes=world.size) from None
                 row.update(last_eval)
             if evaluating or step % config.logging_steps == 0 or step == t.steps or row.get("skipped"):
                 log_row(log, row)
@@ -772,7 +797,8 @@ def train_loop(
             saved = bool(config.save_steps) and (step % config.save_steps == 0 or step == t.steps)
             if saved:
                 checkpoint(step)
-            touch_lock(out)
+            if world.main:
+                touch_lock(out)
             # fp16 overflows of the scaled gradients are the scaler's business; a NaN/Inf loss, or gradients
             # without a scaler, mean something is wrong, and a run of them stops the run.
             bad = "pairs" in row and (not math.isfinite(row["loss"]) or not t.scaler.is_enabled())
@@ -785,7 +811,7 @@ def train_loop(
                 where = checkpoint(step) if not saved else out / "checkpoints" / f"step-{step:06d}"
                 raise Interrupted(
                     f"{stop.name} at step {step} of {t.steps}: checkpoint written to {where}; "
-                    f"resume with: qdpo run --resume {out}",
+                    f"resume with: qdpo run{f' --nproc {world.size}' if world.size > 1 else ''} --resume {out}",
                     stop.signum,
                 )
             bar.set_postfix(

@@ -67,9 +67,16 @@ class Watch:
         return []
 
 
-def out_of_memory(config: Config, out: Path, step: int, saved: Path | None, during: str = "") -> UserError:
-    """The message for CUDA running out of memory at a step: what fits by the planner, and how to resume with it."""
-    if during:
+def out_of_memory(
+    config: Config, out: Path, step: int, saved: Path | None, during: str = "", processes: int = 1
+) -> UserError:
+    """The message for CUDA running out of memory at a step: what fits by the planner, and how to resume with it.
+
+    With several processes no checkpoint is written (it needs every rank, and the others wait inside the step).
+    """
+    if processes > 1:
+        where = "the run keeps its last checkpoint (a new one needs every process, and the others were mid-step)"
+    elif during:
         where = f"step {step} itself finished and is checkpointed in {saved}"
     else:
         where = f"the state before it is checkpointed in {saved}" if saved else "nothing was checkpointed yet"
@@ -78,10 +85,10 @@ def out_of_memory(config: Config, out: Path, step: int, saved: Path | None, duri
         from qdpo.plan import largest_fit, model_config
 
         budget = torch.cuda.get_device_properties(0).total_memory / 1e9
-        fit_batch, fit_length = largest_fit(model_config(config.model)[0], config, budget)
+        fit_batch, fit_length = largest_fit(model_config(config.model)[0], config, budget, processes=processes)
     except Exception:  # no config.json offline, an unknown shape: advise without the planner
         fit_batch, fit_length = 0, 0
-    resume = f"qdpo run --resume {out}"
+    resume = f"qdpo run --nproc {processes} --resume {out}" if processes > 1 else f"qdpo run --resume {out}"
     if config.micro_batch_size > 1:  # fewer pairs per forward, as many per step: the resume allows that
         most = fit_batch if 0 < fit_batch < config.micro_batch_size else config.micro_batch_size - 1
         batch = max(b for b in range(1, most + 1) if pairs % b == 0)

@@ -226,9 +226,10 @@ def test_resume_trains_on_when_max_steps_is_raised(monkeypatch, tmp_path, uninte
 def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
     monkeypatch, tmp_path, tiny_model_dir, data_file
 ):
-    import qdpo.train as train
+    import qdpo.step as step  # the training step's loss (through PreferenceLoss, the module DDP would wrap)
+    import qdpo.train as train  # the eval pass's
 
-    real, calls = train.preference_loss, []
+    real, calls = step.preference_loss, []
 
     def poisoned(*args, **kwargs):  # from the second step on, every loss is NaN (evaluations run without grad)
         if torch.is_grad_enabled():
@@ -236,6 +237,7 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
         losses, *rest = real(*args, **kwargs)
         return (losses * float("nan") if len(calls) > 2 else losses, *rest)
 
+    monkeypatch.setattr(step, "preference_loss", poisoned)
     monkeypatch.setattr(train, "preference_loss", poisoned)
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -258,9 +260,10 @@ def test_out_of_memory_checkpoints_the_last_good_state(
     monkeypatch, tmp_path, tiny_model_dir, data_file, uninterrupted
 ):
     """Memory running out in the middle of step 3: the state before step 3 is saved, and resuming from it is exact."""
-    import qdpo.train as train
+    import qdpo.step as step  # the training step's loss (through PreferenceLoss, the module DDP would wrap)
+    import qdpo.train as train  # the eval pass's
 
-    real, calls = train.preference_loss, []
+    real, calls = step.preference_loss, []
 
     def runs_out(*args, **kwargs):
         calls.append(1)
@@ -269,6 +272,7 @@ def test_out_of_memory_checkpoints_the_last_good_state(
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real(*args, **kwargs)
 
+    monkeypatch.setattr(step, "preference_loss", runs_out)
     monkeypatch.setattr(train, "preference_loss", runs_out)
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -279,14 +283,17 @@ def test_out_of_memory_checkpoints_the_last_good_state(
         "out of GPU memory at step 3" in last and f"qdpo run --resume {out}" in last and "micro_batch_size=1" in last
     )
     assert [c.name for c in sorted((out / "checkpoints").iterdir())] == ["step-000002"]
+    monkeypatch.setattr(step, "preference_loss", real)
     monkeypatch.setattr(train, "preference_loss", real)
     finished = resume(out, tmp_path / "cache", "save_steps=0")
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert_same_run(out, uninterrupted)
     regrouped = tmp_path / "regrouped"  # the advice itself: one pair per forward, twice the accumulation
+    monkeypatch.setattr(step, "preference_loss", runs_out)
     monkeypatch.setattr(train, "preference_loss", runs_out)
     calls.clear()
     run_here(regrouped, tiny_model_dir, data_file, "save_steps=0")
+    monkeypatch.setattr(step, "preference_loss", real)
     monkeypatch.setattr(train, "preference_loss", real)
     again = CliRunner().invoke(
         main,

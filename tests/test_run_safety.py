@@ -3,6 +3,7 @@ hub ids, skipped fp16 steps, and failures after training has started."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -182,7 +183,6 @@ def test_a_skipped_fp16_step_does_not_advance_the_schedule(monkeypatch):
         zero = torch.zeros(1)
         return loss, zero, zero, SequenceScores(torch.zeros(2), torch.ones(2, dtype=torch.long), torch.zeros(2))
 
-    monkeypatch.setattr(train, "preference_loss", fake_loss)
     monkeypatch.setattr(train, "make_batch", lambda pairs, pad, layout: SimpleNamespace(num_tokens=1))
     config = Config(
         model="x",
@@ -196,6 +196,8 @@ def test_a_skipped_fp16_step_does_not_advance_the_schedule(monkeypatch):
     optimizer = torch.optim.SGD([weight], lr=1.0)
     t = train.Training(
         model=SimpleNamespace(config=SimpleNamespace(vocab_size=4)),
+        loss=lambda batch, reference, desirable: fake_loss(None, batch, config, reference, desirable),
+        no_sync=contextlib.nullcontext,
         params=[weight],
         optimizer=optimizer,
         scheduler=train.make_scheduler(config, optimizer, 4),
