@@ -47,7 +47,8 @@ class _Group(click.Group):
             # memory happens on one rank alone, and that rank says so. Rank 0 also says where a stopped run stopped.
             if several and current_rank() > 0 and not _out_of_memory(e):
                 sys.exit(e.exit_code)
-            _fail(rank + str(e), e.exit_code, "stopped: " if e.exit_code in (130, 143) else "error: ")
+            stopped = e.exit_code in (130, 143)  # a stop all ranks made together: rank 0 speaks, unnamed
+            _fail(("" if stopped else rank) + str(e), e.exit_code, "stopped: " if stopped else "error: ")
         except Exception as e:
             from qdpo.distributed import lost_peer
 

@@ -46,7 +46,10 @@ def launch(nproc: int, argv: list[str], output_dir: str) -> int:
 
     # torchrun would set 1 thread per rank (and warn); on the CPU the cores are better shared out.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # failures: one line, below
+    for name in list(logging.root.manager.loggerDict):  # torchrun's own notes and failures: one line, below
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     # torchrun passes a Ctrl-C or SIGTERM on to the ranks, then waits this long before it kills them: enough to
     # finish the step and write the checkpoint (its default, 30 s, is shorter than one step of a large model).
     shutdown = "--shutdown-timeout=900"
