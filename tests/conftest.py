@@ -121,11 +121,22 @@ def smollm2_dir() -> Path:
     return convert_gguf(builtin_gguf())
 
 
-# The longest test first: under `pytest -n 2` the notebook's run then overlaps the rest of the suite instead of
-# running alone at the end.
-LONGEST_FIRST = ("tests/test_notebook.py::test_the_notebook_runs_top_to_bottom_on_the_cpu",)
+# The longest files first (pytest -n 2 schedules whole files, --dist loadfile): their runs then overlap the rest
+# of the suite instead of one of them running alone at the end.
+LONGEST_FIRST = (
+    "tests/test_notebook.py",
+    "tests/test_smoke.py",
+    "tests/test_resume.py",
+    "tests/test_distributed.py",
+    "tests/test_families.py",
+)
 
 
 def pytest_collection_modifyitems(items) -> None:
-    """Put LONGEST_FIRST at the front; the rest keep their order."""
-    items.sort(key=lambda item: item.nodeid not in LONGEST_FIRST)
+    """Put the files in LONGEST_FIRST at the front, in that order; the rest keep their order."""
+
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
