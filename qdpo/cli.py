@@ -21,13 +21,6 @@ def _fail(message: str, exit_code: int = 2, label: str = "error: ") -> None:
     sys.exit(exit_code)
 
 
-def _out_of_memory(error: UserError) -> bool:
-    """Whether a user error is qdpo's message for a CUDA out-of-memory error (raised while handling one)."""
-    import torch
-
-    return isinstance(error.__context__, torch.cuda.OutOfMemoryError)
-
-
 class _Group(click.Group):
     """Turns UserError from any command into one line on stderr and exit code 2.
 
@@ -37,6 +30,7 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         from qdpo.distributed import current_rank, launched_size
+        from qdpo.watch import caused_by_out_of_memory
 
         several = launched_size() > 1
         rank = f"rank {current_rank()}: " if several else ""
@@ -45,7 +39,7 @@ class _Group(click.Group):
         except UserError as e:  # a stop the user asked for is not an error: it says where it stopped instead
             # Every rank reads the same settings and data, so rank 0's line speaks for all; only running out of
             # memory happens on one rank alone, and that rank says so. Rank 0 also says where a stopped run stopped.
-            if several and current_rank() > 0 and not _out_of_memory(e):
+            if several and current_rank() > 0 and not caused_by_out_of_memory(e):
                 sys.exit(e.exit_code)
             stopped = e.exit_code in (130, 143)  # a stop all ranks made together: rank 0 speaks, unnamed
             _fail(("" if stopped else rank) + str(e), e.exit_code, "stopped: " if stopped else "error: ")

@@ -141,15 +141,18 @@ def data_parallel(module: torch.nn.Module, world: World, device: torch.device) -
     # for nothing) and watch them for gradients they never get. It handles the LoRA parameters alone.
     frozen = [n for n, p in module.named_parameters() if not p.requires_grad] + [n for n, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    # A mixture of experts leaves the LoRA weights of experts no token was routed to without a gradient.
-    config = getattr(getattr(module, "model", None), "config", None)
-    experts = any(getattr(config, name, 0) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
     return DistributedDataParallel(
         module,
         device_ids=[device.index] if device.type == "cuda" else None,
         broadcast_buffers=False,
-        find_unused_parameters=experts,
+        find_unused_parameters=has_experts(getattr(getattr(module, "model", None), "config", None)),
     )
+
+
+def has_experts(config: Any) -> bool:
+    """Whether the model is a mixture of experts: the LoRA weights of an expert no token was routed to get no
+    gradient in that step, on that rank."""
+    return any(getattr(config, name, 0) for name in ("num_experts", "num_local_experts", "n_routed_experts"))
 
 
 def lost_peer(error: BaseException) -> bool:
@@ -193,9 +196,7 @@ def shard_model(model, world: World, device: torch.device, offload: bool = False
     if not tied:  # tied embeddings stay in the decoder's unit (and whole in lm_head, a module outside it)
         fully_shard(embeddings, mesh=mesh, offload_policy=policy)
     roots = [fully_shard(decoder, mesh=mesh, offload_policy=policy)]
-    config = base.config
-    if any(getattr(config, name, 0) for name in ("num_experts", "num_local_experts", "n_routed_experts")):
-        # Experts no token was routed to on a rank have no gradient there: reduce-scatter them as zeros.
+    if has_experts(base.config):  # experts without a gradient on a rank: reduce-scatter them as zeros
         for module in model.modules():
             if isinstance(module, FSDPModule):
                 module.set_reduce_scatter_unused_params(True)
@@ -300,8 +301,8 @@ def load_adapter_state(model, weights: dict[str, torch.Tensor]) -> None:
 def reshard(model) -> None:
     """Free the gathered whole weights FSDP keeps after a pass without backward (its root keeps them by design).
 
-    FSDP2 leaves the root's parameters (embeddings, final norm, lm_head) unsharded after a forward, expecting a
-    backward to use and free them; reference, eval and generation passes have none.
+    FSDP2 leaves the root's parameters (the decoder's own: the final norm, and tied embeddings) unsharded after a
+    forward, expecting a backward to use and free them; reference, eval and generation passes have none.
     """
     from torch.distributed.fsdp import FSDPModule
 

@@ -28,13 +28,15 @@ def worker_args(argv: list[str]) -> list[str]:
 
 def failure_line(rank: int, signum: int, output_dir: str, nproc: int) -> str:
     """The one line that says which rank was killed, taking the job down, and what is left to resume from."""
+    from qdpo.rundir import resume_command
+
     try:
         name = signal.Signals(signum).name
     except ValueError:
         name = f"signal {signum}"
     return (
         f"rank {rank} was killed by {name}, which stopped the job; the run keeps its metrics and last checkpoint: "
-        f"continue with qdpo run --nproc {nproc} --resume {output_dir}"
+        f"continue with {resume_command(output_dir, nproc)}"
     )
 
 

@@ -21,6 +21,11 @@ LOCK = ".lock"
 FOREIGN_LOCK_STALE_SECONDS = 15 * 60
 
 
+def resume_command(out: Path, processes: int = 1) -> str:
+    """The command that continues the run in out, on as many processes as it ran on."""
+    return f"qdpo run --nproc {processes} --resume {out}" if processes > 1 else f"qdpo run --resume {out}"
+
+
 def run_dir_for(config: Config, preset: str) -> Path:
     """Where the run writes: output_dir, or runs/<preset>-<time>."""
     return Path(config.output_dir or f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}").expanduser()

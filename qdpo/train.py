@@ -66,13 +66,21 @@ from qdpo.model import (
 from qdpo.prepare import PreparedData, check_vocabulary, prepare_data
 from qdpo.quiet import progress_bar, quiet_libraries, showing_progress, tqdm_class
 from qdpo.reference import cache_key, compute_reference, load_or_compute
-from qdpo.rundir import check_run_dir, claim_run_dir, mark_stopped, release_lock, run_dir_for, touch_lock
+from qdpo.rundir import (
+    check_run_dir,
+    claim_run_dir,
+    mark_stopped,
+    release_lock,
+    resume_command,
+    run_dir_for,
+    touch_lock,
+)
 from qdpo.step import Metrics, PreferenceLoss, preference_loss
 from qdpo.stopping import Interrupted, stop_requests
 from qdpo.tiled_mlp import tile_mlps
 from qdpo.timing import PhaseClock
 from qdpo.tokenize import TokenizedPair, TokenizeStats
-from qdpo.watch import Watch, not_finite, out_of_memory
+from qdpo.watch import Watch, caused_by_out_of_memory, not_finite, out_of_memory
 
 
 @dataclass
@@ -154,11 +162,12 @@ def step_size(config: Config, train_pairs: int, world_size: int = 1) -> str:
     unit = "examples" if config.unpaired else "pairs"
     if train_pairs < mb:  # every micro-batch is the whole (small) training set
         return f"{ga} x {train_pairs} {unit} (all of them)" if ga > 1 else f"{train_pairs} {unit} (all of them)"
-    per_step = f"{mb * ga} {unit}" if ga == 1 else f"{ga} micro-batches of {mb} {unit}"
     if world_size > 1:
         per_rank = config.gradient_accumulation_steps
         per_rank_text = f"{per_rank} micro-batches" if per_rank > 1 else "1 micro-batch"
         per_step = f"{mb * ga} {unit} (global batch: {world_size} processes x {per_rank_text} of {mb})"
+    else:
+        per_step = f"{mb * ga} {unit}" if ga == 1 else f"{ga} micro-batches of {mb} {unit}"
     uneven = train_pairs % mb  # length grouping leaves one smaller micro-batch per epoch
     return per_step + (f" (one micro-batch per epoch has {uneven})" if uneven else "")
 
@@ -428,11 +437,13 @@ def train_step(
             t.scaler.scale(losses.sum() / pairs_per_step).backward()
         metrics.add(losses, cr, rr, policy, t.model.config.vocab_size, desirable)
         tokens += batch.num_tokens
-    if world.size > 1:  # the row describes the global batch: every rank's pairs and tokens
-        shares = world.gather((metrics, tokens, pairs, peak_memory_gb(device)))
+    peak = peak_memory_gb(device)
+    if world.size > 1:  # the row describes the global batch: every rank's pairs and tokens, the fullest GPU
+        shares = world.gather((metrics, tokens, pairs, peak))
         metrics = Metrics.total([m for m, _, _, _ in shares])
         tokens = sum(n for _, n, _, _ in shares)
         pairs = [j for _, _, share, _ in shares for j in share]
+        peak = max(m for *_, m in shares)
     t.scaler.unscale_(t.optimizer)
     clip = config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(t.params, clip))
@@ -456,7 +467,7 @@ def train_step(
             "learning_rate": learning_rate,
             "tokens": tokens,
             "tokens_per_second": tokens / (time.time() - start),  # the job's: summed over ranks
-            "peak_memory_gb": max(m for *_, m in shares) if world.size > 1 else peak_memory_gb(device),
+            "peak_memory_gb": peak,
         }
     )
     if skipped or t.scaler.is_enabled():
@@ -621,7 +632,7 @@ def together(error: BaseException | None) -> bool:
     a run of NaN steps); not when one rank alone failed (out of memory, a lost peer, a bug)."""
     if error is None:
         return True
-    return isinstance(error, UserError) and not isinstance(error.__context__, torch.cuda.OutOfMemoryError)
+    return isinstance(error, UserError) and not caused_by_out_of_memory(error)
 
 
 def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str], None], config: Config) -> int:
@@ -763,13 +774,14 @@ def train_loop(
             ) from None
     clock.enter("steps")
     bar = progress_bar(total=t.steps, initial=first_step - 1, desc="dpo", unit="step")
+    is_sharded = sharded(t.model)
     metrics_file = (out / "metrics.jsonl").open("a") if world.main else contextlib.nullcontext()
     with stop_requests(echo) as stop, metrics_file as log:
         if baseline is not None:
             log_row(log, {"step": 0, **baseline})
         for step in range(first_step, t.steps + 1):
             # The last good state, should memory run out mid-step (references, no copies; FSDP would gather it).
-            before = trainer_state(t) if not sharded(t.model) else None
+            before = trainer_state(t) if not is_sharded else None
             # The row's rewards come from this step's forward, before its update: judge them against the adapter as
             # it was then (a first step at learning rate 0, as warmup starts, leaves the adapter where it began).
             moved_before = adapter_moved()
@@ -811,7 +823,7 @@ def train_loop(
                 where = checkpoint(step) if not saved else out / "checkpoints" / f"step-{step:06d}"
                 raise Interrupted(
                     f"{stop.name} at step {step} of {t.steps}: checkpoint written to {where}; "
-                    f"resume with: qdpo run{f' --nproc {world.size}' if world.size > 1 else ''} --resume {out}",
+                    f"resume with: {resume_command(out, world.size)}",
                     stop.signum,
                 )
             bar.set_postfix(

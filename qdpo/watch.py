@@ -17,6 +17,7 @@ import torch
 
 from qdpo.config import Config
 from qdpo.errors import UserError
+from qdpo.rundir import resume_command
 
 WINDOW = 5  # logged steps averaged at the start and at the end, so one noisy micro-batch does not trigger a warning
 
@@ -67,6 +68,11 @@ class Watch:
         return []
 
 
+def caused_by_out_of_memory(error: BaseException) -> bool:
+    """Whether an error is qdpo's message for CUDA running out of memory (raised while handling one)."""
+    return isinstance(error.__context__, torch.cuda.OutOfMemoryError)
+
+
 def out_of_memory(
     config: Config, out: Path, step: int, saved: Path | None, during: str = "", processes: int = 1
 ) -> UserError:
@@ -88,7 +94,7 @@ def out_of_memory(
         fit_batch, fit_length = largest_fit(model_config(config.model)[0], config, budget, processes=processes)
     except Exception:  # no config.json offline, an unknown shape: advise without the planner
         fit_batch, fit_length = 0, 0
-    resume = f"qdpo run --nproc {processes} --resume {out}" if processes > 1 else f"qdpo run --resume {out}"
+    resume = resume_command(out, processes)
     if config.micro_batch_size > 1:  # fewer pairs per forward, as many per step: the resume allows that
         most = fit_batch if 0 < fit_batch < config.micro_batch_size else config.micro_batch_size - 1
         batch = max(b for b in range(1, most + 1) if pairs % b == 0)

@@ -12,7 +12,7 @@ import torch
 
 import qdpo.train as train
 from qdpo.config import build_config
-from qdpo.distributed import join, leave
+from qdpo.distributed import join, leave, local
 from qdpo.model import pick_device
 from qdpo.prepare import prepare_data
 
@@ -21,11 +21,6 @@ def whole(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor, gathered from the ranks' shards under FSDP (a collective)."""
     tensor = tensor.detach()
     return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).cpu().clone()
-
-
-def whole_or_shard(tensor: torch.Tensor) -> torch.Tensor:
-    """What this rank holds of a parameter: its shard under FSDP."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def main(model: str, data_path: str, out: str, accumulation: int) -> None:
@@ -72,7 +67,7 @@ def main(model: str, data_path: str, out: str, accumulation: int) -> None:
     train.make_batch = make_batch
     pad = data.tokenizer.pad_token_id
     evaluated = train.evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, pad, world)
-    held = sum(whole_or_shard(p).numel() * p.element_size() for p in t.model.parameters())  # this rank's bytes
+    held = sum(local(p).numel() * p.element_size() for p in t.model.parameters())  # this rank's bytes
     shares = world.gather(seen)
     adapter = {names[id(p)]: whole(p) for p in t.params}
     if world.main:
