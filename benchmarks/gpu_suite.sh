@@ -18,6 +18,8 @@
 #   long-8b-16k  long-8b-32k  long-7b-16k   (STEPS=3 is enough) qdpo with tiled_mlp=4096 and offload_activations (what `qdpo run`
 #   switches on by itself for these lengths on 24 / 16 GB), peak memory against the 24 / 16 GB budget;
 #   trl-8b-8k  trl-8b-16k  trl-7b-8k        TRL's DPOTrainer at the same shapes, for the longest length it survives.
+#   offload-check   benchmarks/offload_check.py: offload_activations (side-stream copies, prefetched a layer ahead)
+#                   against no offload and torch's save_on_cpu: gradients, step time, peak (~2 min).
 # Not yet run on a GPU: the sessions since these cases were written had none.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +37,7 @@ RESULTS=${OUT:-runs/bench-results}
 mkdir -p "$RESULTS"
 DEADLINE=$((SECONDS + BUDGET))
 CASES="7b-1024 7b-2048 8b-4096"
-LONG_CASES="long-8b-16k long-8b-32k long-7b-16k trl-8b-8k trl-8b-16k trl-7b-8k"
+LONG_CASES="long-8b-16k long-8b-32k long-7b-16k trl-8b-8k trl-8b-16k trl-7b-8k offload-check"
 [ "$SMOKE" = 1 ] && CASES="micro-64 micro-128"
 [ "$SMOKE" = 1 ] || CASES="$CASES $LONG_CASES"
 for name in "$@"; do
@@ -104,4 +106,8 @@ CASE=long-7b-16k; named "$@" && bench $CASE --shape llama2-7b --seq-len 16384 "$
 CASE=trl-8b-8k; named "$@" && bench $CASE --shape llama3-8b --seq-len 8192 --tools trl
 CASE=trl-8b-16k; named "$@" && bench $CASE --shape llama3-8b --seq-len 16384 --tools trl
 CASE=trl-7b-8k; named "$@" && bench $CASE --shape llama2-7b --seq-len 8192 --tools trl
+CASE=offload-check; named "$@" && {
+  timeout "$((DEADLINE - SECONDS))" "$PY" benchmarks/offload_check.py --out "$RESULTS/$CASE.json" 2>&1 | tee "$RESULTS/$CASE.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "=== $CASE: FAILED or cut short" | tee -a "$RESULTS/$CASE.log"; }
+}
 exit $status

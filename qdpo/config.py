@@ -144,8 +144,8 @@ class Config:
     offload_activations: bool = _f(
         False,
         "Keep the tensors saved for backward (with checkpointing: the layer-boundary "
-        "activations) in pinned CPU memory; saves ~2B x T x hidden x 2 B x layers "
-        "of GPU memory for PCIe traffic.",
+        "activations) in pinned CPU memory, copied on a side stream and brought back a layer "
+        "ahead in backward; saves ~2B x T x hidden x 2 B x layers of GPU memory for PCIe traffic.",
     )
     tiled_mlp: int = _f(
         0,

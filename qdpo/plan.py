@@ -15,7 +15,7 @@ against measured tensors):
   (chosen + rejected), logits from the first response position on (logits_to_keep) or on response
   positions only in checkpointed chunks (logits_chunk_size > 0). The reference pass runs without grad,
   so it never holds more than the policy pass; offload_activations moves what autograd saves outside
-  checkpointed regions to pinned CPU memory.
+  checkpointed regions to pinned CPU memory (qdpo.offload), two layer inputs staying on the GPU in backward.
 * transformers' SDPA attention with a mask: GQA keys/values are repeated to all heads and the boolean
   mask is converted to a float [rows, 1, W, W] mask in every layer, and both are saved for backward.
 """
@@ -373,12 +373,13 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
             ),
             Line(
                 RECOMPUTE,
-                per_layer + rotary + (boundary if offload else 0),
+                # offloaded: the layer's own boundary copied back, and the next one's arriving (qdpo.offload)
+                per_layer + rotary + (2 * boundary if offload else 0),
                 "norms, q/k/v/out, "
                 + ("causal calls' copies, " if g.span else "mask, ")
                 + (f"MLP input (MLP in tiles of {cfg.tiled_mlp})" if tiled else "MLP gate/up/act")
                 + ", LoRA inputs and r-dim outputs"
-                + (", + its boundary copied back" if offload else ""),
+                + (", + its boundary copied back and the next one arriving" if offload else ""),
             ),
         ]
     else:

@@ -17,6 +17,7 @@ from qdpo.families import OutputHead, decoder_masks, family_of, shared_layout_pr
 from qdpo.logprobs import SequenceScores, chunked_sequence_logps, gathered_logps, sequence_logps
 from qdpo.loss import kto_loss, preference_losses, wpo_weights
 from qdpo.model import reference_model
+from qdpo.offload import offload_hooks
 
 # Models whose decoder layers do not pass the attention kwargs through, found at their first shared-prompt forward.
 DENSE_ONLY: weakref.WeakSet = weakref.WeakSet()
@@ -223,13 +224,7 @@ def preference_loss(
     """
     if config.needs_reference and reference_logps is None:
         reference_logps = reference_scores(model, batch, config.logits_chunk_size).ld_logps(config.ld_alpha)
-    # Pinned host memory lets the copies back overlap with backward compute on a GPU.
-    offload = (
-        torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-        if config.offload_activations
-        else contextlib.nullcontext()
-    )
-    with offload:
+    with offload_hooks() if config.offload_activations else contextlib.nullcontext():
         policy = score_batch(model, batch, config.logits_chunk_size, aligned=config.use_weighting)
     b = batch.num_pairs
     logps, lengths = policy.ld_logps(config.ld_alpha), policy.lengths

@@ -1,10 +1,13 @@
 """Each memory/speed switch leaves the loss and gradients of the plain path unchanged."""
 
+import weakref
 from collections import Counter
 
 import pytest
 import torch
 
+import qdpo.offload
+import qdpo.step
 from qdpo.batching import collate, length_grouped_batches, make_batch
 from qdpo.config import Config
 from qdpo.data import Columns, to_pairs
@@ -109,65 +112,162 @@ def test_all_switches_together_equal_the_plain_path(tiny_model_dir, tokenizer, c
             torch.testing.assert_close(c[2][n], a[2][n], rtol=1e-4, atol=1e-5)
 
 
-def test_offloaded_activations_give_the_same_gradients(tiny_model_dir, batch, monkeypatch):
-    """offload_activations sends what the policy forward saves through save_on_cpu's hooks, and backward
-    from the copies gives the same loss and gradients.
+class HostCopies:
+    """qdpo.offload's Copier with synchronous copies into fresh storage, which logs every move.
 
-    On the CPU the real save_on_cpu keeps a CPU tensor as it is, so it stands in for the GPU path here: a
-    recorder with save_on_cpu's interface that copies every saved tensor into fresh storage (as the pinned
-    path does) and hands the copy to backward. The tensors the plain run saves are recorded with plain
-    hooks to know what has to go through it.
+    On the CPU the real offload keeps tensors where they are (they are in host memory already), so this stands
+    in for StreamCopier: the bookkeeping around it (what leaves, what comes back when) is the code under test.
     """
+
+    def __init__(self):
+        self.log, self.index, self.shapes = [], {}, []
+
+    def movable(self, t):
+        return True
+
+    def to_host(self, t):
+        # what StreamCopier copies in one memcpy: elements spanning exactly numel places of memory
+        assert sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1 == t.numel(), (t.shape, t.stride())
+        host = torch.empty(t.size(), dtype=t.dtype)
+        host.copy_(t)
+        assert host.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+        self.index[id(host)] = len(self.shapes)
+        weakref.finalize(host, self.log.append, ("host freed", len(self.shapes)))
+        self.shapes.append(tuple(t.shape))
+        return host, None
+
+    def to_device(self, host, device):
+        i = self.index[id(host)]
+        self.log.append(("in", i))
+        back = host.clone().to(device)
+        weakref.finalize(back, self.log.append, ("free", i))
+        return back, None
+
+    def wait(self, done):
+        pass
+
+    def release(self, t, done):
+        pass
+
+
+def test_offloaded_activations_give_the_same_gradients_and_come_back_one_layer_ahead(
+    tiny_model_dir, batch, monkeypatch
+):
+    """offload_activations sends what the policy forward saves to host memory; backward from the copies gives the
+    same loss and gradients. Each boundary activation is on its way back before backward asks for it (fetched at
+    the use of the layer above), none twice, and at most two wait on the GPU ahead of their use."""
     model = policy(tiny_model_dir, ["all-linear"])
     _, b = batch
-    hidden = model.get_base_model().config.hidden_size
-    boundary = (*b.input_ids.shape, hidden)  # [2B, T, hidden]: a decoder layer's input, kept by checkpointing
+    base = model.get_base_model().config
+    boundary = (
+        *b.input_ids.shape,
+        base.hidden_size,
+    )  # [2B, T, hidden]: a decoder layer's input, kept by checkpointing
 
     saved_plain = []
 
+    seen = []
+
     def record(t):
-        saved_plain.append(tuple(t.shape))
+        # weights stay where they are, and a tensor saved twice travels once
+        if not isinstance(t, torch.nn.Parameter) and not any(s is t for s in seen):
+            seen.append(t)
+            saved_plain.append(tuple(t.shape))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
         kept = loss_and_grads(model, b, Config(model="x", data="y"))
 
-    made, packed, unpacked = [], [], []
+    copier = HostCopies()
 
-    class CopyingSaveOnCpu(torch.autograd.graph.saved_tensors_hooks):
-        def __init__(self, pin_memory=False, device_type="cuda"):
-            made.append(pin_memory)
+    made = []
 
-            def pack(t):
-                copy = torch.empty(t.size(), dtype=t.dtype, layout=t.layout)
-                copy.copy_(t)
-                assert copy.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
-                packed.append(tuple(t.shape))
-                return t.device, copy
+    def hooks():
+        made.append(qdpo.offload.OffloadedActivations(copier, min_bytes=0))
+        unpack = made[-1].unpack_hook
 
-            def unpack(saved):
-                unpacked.append(tuple(saved[1].shape))
-                return saved[1].to(saved[0])
+        def logged(saved):
+            if not isinstance(saved, torch.Tensor):
+                copier.log.append(("ask", saved.index))
+            return unpack(saved)
 
-            super().__init__(pack, unpack)
+        made[-1].unpack_hook = logged
+        return made[-1]
 
-    monkeypatch.setattr(torch.autograd.graph, "save_on_cpu", CopyingSaveOnCpu)
+    monkeypatch.setattr(qdpo.step, "offload_hooks", hooks)
     offloaded = loss_and_grads(model, b, Config(model="x", data="y", offload_activations=True))
 
-    assert made == [torch.cuda.is_available()]  # entered once per step; pinned only where there is a GPU
-    # Every layer's input went through the offload hooks and came back for backward ...
-    assert packed.count(boundary) >= model.get_base_model().config.num_hidden_layers
-    assert unpacked.count(boundary) == packed.count(boundary)
-    # ... and so did everything else the policy forward saves: what the plain run saves beyond that is
-    # only the loss's per-pair tensors, computed after the forward (the no-grad reference pass saves nothing).
-    rest = Counter(saved_plain)
-    rest.subtract(packed)
-    assert min(rest.values()) >= 0 and {s for s, n in rest.items() if n} <= {(b.num_pairs,)}
+    assert len(made) == 1  # one context per micro-batch
     torch.testing.assert_close(offloaded[0], kept[0], rtol=0, atol=0)
     assert kept[2].keys() == offloaded[2].keys() and len(kept[2]) > 0
     for n in kept[2]:
         torch.testing.assert_close(offloaded[2][n], kept[2][n], rtol=0, atol=0)
         assert kept[2][n].abs().sum() > 0, n
+    # Every layer's input went to host memory, and so did everything else the policy forward saves, each tensor
+    # once: what the plain run saves beyond that is only the loss's per-pair tensors, computed after the forward.
+    layers = [i for i, s in enumerate(copier.shapes) if s == boundary]
+    assert len(layers) >= base.num_hidden_layers
+    rest = Counter(saved_plain)
+    rest.subtract(copier.shapes)
+    assert min(rest.values()) >= 0 and {s for s, n in rest.items() if n} <= {(b.num_pairs,)}
+    # Nothing was copied back twice, the last IN_FLIGHT saved never left the GPU, and each decoder
+    # layer's input was on its way back before backward asked for it; at most two layer inputs were back on the
+    # GPU at once (the one in use and the one arriving: what qdpo.plan counts).
+    asks = [i for kind, i in copier.log if kind == "ask"]
+    ins = [i for kind, i in copier.log if kind == "in"]
+    assert len(set(ins)) == len(ins) and set(ins) <= set(asks)  # (a tensor saved twice is asked for twice)
+    assert not set(ins) & set(range(len(copier.shapes) - qdpo.offload.IN_FLIGHT, len(copier.shapes)))
+    inputs = layers[: base.num_hidden_layers]
+    for i in inputs:
+        assert copier.log.index(("in", i)) < copier.log.index(("ask", i)), copier.log
+    back = 0
+    for kind, i in copier.log:
+        back += {"in": 1, "free": -1}.get(kind, 0) if i in layers else 0
+        assert back <= 2, copier.log
+    assert ("free", inputs[0]) in copier.log  # the copies are freed after use (the count above is real)
+    # Host copies are freed as backward is done with each, not with the whole graph.
+    assert copier.log.index(("host freed", inputs[-1])) < copier.log.index(("ask", inputs[0])), copier.log
+
+
+def test_offload_moves_each_activation_once_and_leaves_weights_broadcasts_and_small_tensors():
+    """Only activations worth a copy leave: not weights or views of them (a linear layer saves weight.t()), not a
+    broadcast view (its copy would be larger than the memory it holds), not tensors under min_bytes; a tensor saved
+    twice leaves and comes back once; a strided slice leaves as a dense copy. Backward is the same either way."""
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    x = torch.randn(64, 64, requires_grad=True)
+    row = torch.randn(1, 64, requires_grad=True)
+
+    def f():
+        corner, odd = x[:2, :2], x[::2] * 1.0
+        return (
+            torch.nn.functional.linear(x.unsqueeze(0).expand(2, 64, 64), w).sum()  # saves weight.t()
+            + (x * row.expand(64, 64)).sum()  # saves x and the broadcast row
+            + (corner * corner).sum()  # too small
+            + (odd * odd).sum()  # the same tensor twice
+            + (x[:, ::2] ** 2).sum()  # a strided slice
+        )
+
+    plain = torch.autograd.grad(f(), (w, x, row))
+    copier = HostCopies()
+    hooks = qdpo.offload.OffloadedActivations(copier, min_bytes=1024)
+    with hooks:
+        y = f()
+    # the linear layer's folded input, x, odd (once), the slice (as a dense copy): never w, w.t() or the row
+    assert copier.shapes == [(128, 64), (64, 64), (32, 64), (64, 32)], copier.shapes
+    for a, b in zip(torch.autograd.grad(y, (w, x, row)), plain, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert sorted(i for kind, i in copier.log if kind == "in") == [0, 1]  # the last IN_FLIGHT never left
+
+
+def test_offload_refuses_a_saved_tensor_changed_in_place_while_its_copy_may_run():
+    """Autograd skips its version check when saved-tensor hooks are set; the offload checks it instead."""
+    x = torch.randn(64, 64, requires_grad=True)
+    with qdpo.offload.OffloadedActivations(HostCopies(), min_bytes=0):
+        h = x * 2
+        y = (h * h).sum()
+        h.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        y.backward()
 
 
 @pytest.mark.parametrize("pack", [False, True], ids=["row-per-pair", "packed"])
