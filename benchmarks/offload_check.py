@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -77,7 +78,7 @@ def step(model, batch, config: Config, hooks, device: str) -> tuple[float, float
     """One forward + backward: seconds, loss, peak bytes above the start, and the loss and LoRA gradients."""
     model.zero_grad(set_to_none=True)
     qdpo.step.offload_hooks = hooks or qdpo.offload.offload_hooks
-    cfg = Config(**{**config.__dict__, "offload_activations": hooks is not None})
+    cfg = dataclasses.replace(config, offload_activations=hooks is not None)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
