@@ -102,6 +102,10 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _dead() -> None:
+    """A weak reference whose object is gone."""
+
+
 def _is_weight(t: torch.Tensor) -> bool:
     """A parameter, or a view of one (linear layers save weight.t())."""
     return isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
@@ -150,9 +154,9 @@ class _Traffic:
         ):
             return t
         with self.lock:
-            seen = self.last_saved.get(id(t))
-            if seen is not None and seen[0]() is t and seen[1] == t._version and seen[2]() is not None:
-                return seen[2]()  # the same tensor, unchanged, saved again (e.g. both uses of a norm's input)
+            tensor, version, copy = self.last_saved.get(id(t), (_dead, -1, _dead))
+            if tensor() is t and version == t._version and copy() is not None:
+                return copy()  # the same tensor, unchanged, saved again (e.g. both uses of a norm's input)
             source = t if _dense(t) else t.contiguous()  # a dense tensor's copy is one memcpy, and keeps its strides
             host, done = self.copier.to_host(source)
             saved = _Saved(len(self.saved), host, t.device)
