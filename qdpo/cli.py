@@ -226,7 +226,8 @@ def _auto_micro_batch(config, budget_gb: float | None, processes: int = 1):
 
 
 def _memory_switches(config, budget_gb: float | None, dry_run: bool, processes: int = 1):
-    """On a GPU, switch on tiled_mlp / offload_activations when the plan says the step fits only with them."""
+    """On a GPU, switch on tiled_mlp / offload_activations when the plan says the step fits only with them; refuse
+    when what the plan keeps in pinned CPU memory is more than the machine has free."""
     import torch
 
     from qdpo.plan import describe_switches, memory_switches, plan_memory, planner_view
@@ -239,17 +240,34 @@ def _memory_switches(config, budget_gb: float | None, dry_run: bool, processes: 
     if view is None:  # a model the planner cannot read (no config.json): run as set
         return config
     model_cfg, exact = view
-    switch = memory_switches(model_cfg, exact, budget_gb, processes)
-    if switch is None:
-        return config
-    planned = plan_memory(model_cfg, dataclasses.replace(exact, **switch), processes=processes).total / 1e9
-    click.echo(
-        f"memory: a step of {config.micro_batch_size} x {config.max_length} tokens would not fit {budget_gb:g} GB as "
-        f"set; with {describe_switches(switch)} the plan is {planned:.1f} GB, so qdpo switched "
-        f"{'them' if len(switch) > 1 else 'it'} on (`qdpo plan` shows the parts)",
-        err=dry_run,
-    )
+    switch = memory_switches(model_cfg, exact, budget_gb, processes) or {}
+    plan = plan_memory(model_cfg, dataclasses.replace(exact, **switch), processes=processes)
+    if switch:
+        click.echo(
+            f"memory: a step of {config.micro_batch_size} x {config.max_length} tokens would not fit {budget_gb:g} GB "
+            f"as set; with {describe_switches(switch)} the plan is {plan.total / 1e9:.1f} GB, so qdpo switched "
+            f"{'them' if len(switch) > 1 else 'it'} on (`qdpo plan` shows the parts)",
+            err=dry_run,
+        )
+    pinned, free = plan.host_bytes * processes / 1e9, host_memory_free_gb()  # each process pins its own
+    if plan.host_bytes and free is not None and pinned > free:
+        raise UserError(
+            f"the plan keeps {pinned:.1f} GB in pinned CPU memory (offload_activations / offload_params"
+            f"{f', {processes} processes' if processes > 1 else ''}), more than the {free:.1f} GB this machine has "
+            "free; lower max_length or micro_batch_size (`qdpo plan` shows the parts), or free memory."
+        )
     return dataclasses.replace(config, **switch)
+
+
+def host_memory_free_gb() -> float | None:
+    """GB of memory the OS can still hand out (Linux's MemAvailable); None where that is not known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 @main.command()

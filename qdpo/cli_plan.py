@@ -30,6 +30,11 @@ def format_plan(plan, budget_gb: float | None, processes: int = 1) -> list[str]:
         spare = budget_gb - plan.total / 1e9
         verdict = f"fits, {spare:.2f} GB to spare" if spare >= 0 else f"does NOT fit: {-spare:.2f} GB over"
         rows.append(total + f"  vs a budget of {budget_gb:g} GB: {verdict}")
+    if plan.host_bytes:
+        label = "pinned CPU memory" + (" per process" if processes > 1 else "")
+        rows.append(
+            f"{label:<{width}}  {_gb(plan.host_bytes):>7}  the machine's RAM must have this free (qdpo run checks)"
+        )
     return rows
 
 

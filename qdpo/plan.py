@@ -66,12 +66,14 @@ KNOWN_TARGETS = BLOCK_LINEARS + ("lm_head",)
 
 @dataclass
 class Line:
-    """One row of the plan: a part, its bytes, why; `counted` is False for a peak that never meets the larger one."""
+    """One row of the plan: a part, its bytes, why; `counted` is False for a peak that never meets the larger one,
+    and for bytes kept in pinned CPU memory (`host`) instead of on the GPU."""
 
     part: str
     bytes: int
     note: str
     counted: bool = True
+    host: bool = False
 
 
 @dataclass
@@ -93,6 +95,11 @@ class Plan:
     def table(self) -> list[tuple[str, int, str]]:
         """(part, bytes, note) rows, counted or not."""
         return [(line.part, line.bytes, line.note) for line in self.lines]
+
+    @property
+    def host_bytes(self) -> int:
+        """Bytes in pinned CPU memory (offload_activations, offload_params): RAM the machine must have free."""
+        return sum(line.bytes for line in self.lines if line.host)
 
     def bytes_of(self, *parts: str) -> int:
         """Sum of the named lines (counted or not); 0 for a part that does not appear in this plan."""
@@ -370,6 +377,7 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
                 shape.layers * boundary,
                 f"{shape_note} x {shape.layers} layers" + (on_cpu if offload else ""),
                 counted=not offload,
+                host=offload,
             ),
             Line(
                 RECOMPUTE,
@@ -390,6 +398,7 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
                 f"{shape.layers} layers x norms, q/k/v/out, mask, MLP, LoRA inputs and r-dim outputs"
                 + (on_cpu if offload else ""),
                 counted=not offload,
+                host=offload,
             )
         ]
         if offload:
@@ -467,7 +476,7 @@ def per_rank_lines(shape: ModelShape, cfg: Config, d: int, lines: list[Line], pr
         line.bytes = math.ceil(line.bytes / processes)
         line.note += f"; 1/{processes} per rank" + (" (lm_head below)" if part == FROZEN else "")
         if cfg.offload_params:
-            line.counted = False
+            line.counted, line.host = False, True
             line.note += ", in CPU memory (offload_params)"
     by[QUANT_STATE].note += "; not a parameter: whole on every rank"
     layer = sum(quantized_bytes(i * o)[0] for i, o in shape.linears().values())

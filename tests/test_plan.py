@@ -721,10 +721,36 @@ def test_long_pairs_switch_on_tiling_and_offload_only_when_the_plan_needs_them(m
     from qdpo.cli import main
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the switch is for GPU runs; nothing loads here
+    monkeypatch.setattr("qdpo.cli.host_memory_free_gb", lambda: 64.0)
     result = CliRunner().invoke(main, ["run", "--preset", "8b-24gb", "--dry-run", "max_length=32768"])
     assert result.exit_code == 0, result.output
     assert "tiled_mlp: 4096" in result.output and "offload_activations: true" in result.output
     assert "with tiled_mlp=4096 and offload_activations=true the plan is" in result.output
+
+
+def test_run_refuses_to_pin_more_cpu_memory_than_the_machine_has_free(monkeypatch):
+    """Offloaded activations (and offload_params shards) sit in pinned CPU memory: 32 layers x a 65,535-token row x
+    4096 x 2 B for 8B at 32k, about 17.2 GB; `qdpo plan` shows it, and `qdpo run` refuses in one line, before
+    loading anything, when the machine has less free (per process: each pins its own)."""
+    from qdpo.cli import main
+
+    pinned = 32 * 65535 * 4096 * 2 / 1e9
+    shown = invoke("--preset", "8b-24gb", "max_length=32768")
+    row = next(line for line in shown.output.splitlines() if line.startswith("pinned CPU memory"))
+    assert float(row.split()[3]) == pytest.approx(pinned, abs=0.01)
+    assert "pinned CPU memory" not in invoke("--preset", "8b-24gb").output  # nothing offloaded at 4096 tokens
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for free, ok in ((pinned + 0.5, True), (pinned - 0.5, False)):
+        monkeypatch.setattr("qdpo.cli.host_memory_free_gb", lambda free=free: free)
+        result = CliRunner().invoke(main, ["run", "--preset", "8b-24gb", "--dry-run", "max_length=32768"])
+        assert (result.exit_code == 0) == ok, result.output
+    assert result.output.count("\n") == 2  # the switch line, then the error alone
+    assert f"the plan keeps {pinned:.1f} GB in pinned CPU memory" in result.output
+    assert f"more than the {pinned - 0.5:.1f} GB this machine has free" in result.output
+    assert "Traceback" not in result.output
+    two = CliRunner().invoke(main, ["run", "--preset", "70b-2x24gb", "--dry-run", "--nproc", "2"])
+    assert two.exit_code != 0 and "(offload_activations / offload_params, 2 processes)" in two.output
 
 
 def test_presets_and_plan_show_the_longest_pair():
