@@ -249,14 +249,34 @@ def _memory_switches(config, budget_gb: float | None, dry_run: bool, processes: 
             f"{'them' if len(switch) > 1 else 'it'} on (`qdpo plan` shows the parts)",
             err=dry_run,
         )
-    pinned, free = plan.host_bytes * processes / 1e9, host_memory_free_gb()  # each process pins its own
-    if plan.host_bytes and free is not None and pinned > free:
+    _check_host_memory(model_cfg, exact, plan, processes)
+    return dataclasses.replace(config, **switch)
+
+
+def _check_host_memory(model_cfg, exact, plan, processes: int) -> None:
+    """Refuse a run whose pinned CPU memory, or whose loading under fsdp, needs more RAM than the machine has free."""
+    from qdpo.plan import FROZEN, QUANT_STATE, WEIGHTS_4BIT, plan_memory
+
+    free = host_memory_free_gb()
+    if free is None:
+        return
+    pinned = plan.host_bytes * processes / 1e9  # each process pins its own
+    if pinned > free:
         raise UserError(
             f"the plan keeps {pinned:.1f} GB in pinned CPU memory (offload_activations / offload_params"
             f"{f', {processes} processes' if processes > 1 else ''}), more than the {free:.1f} GB this machine has "
             "free; lower max_length or micro_batch_size (`qdpo plan` shows the parts), or free memory."
         )
-    return dataclasses.replace(config, **switch)
+    if exact.strategy == "fsdp" and processes > 1:
+        whole = plan_memory(model_cfg, exact).bytes_of(WEIGHTS_4BIT, QUANT_STATE, FROZEN) / 1e9
+        loading = whole + plan.host_bytes * (processes - 1) / 1e9
+        if loading > free:
+            raise UserError(
+                f"each of the {processes} processes loads the whole 4-bit model ({whole:.1f} GB) into CPU memory "
+                f"before sharding it, in turn, beside the others' pinned memory: about {loading:.1f} GB, more than "
+                f"the {free:.1f} GB this machine has free; free memory, or use a machine with more (loading on one "
+                "process alone is not built)."
+            )
 
 
 def host_memory_free_gb() -> float | None:

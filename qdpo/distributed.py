@@ -163,7 +163,14 @@ def lost_peer(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and ("closed by peer" in text or "reset by peer" in text)
 
 
-def shard_model(model, world: World, device: torch.device, offload: bool = False) -> list[torch.nn.Module]:
+def device_mesh(world: World, device: torch.device):
+    """The one-dimensional mesh of all ranks that FSDP shards over (every rank must call this together)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device.type, (world.size,))
+
+
+def shard_model(model, mesh, device: torch.device, offload: bool = False) -> list[torch.nn.Module]:
     """Shard the 4-bit base and its LoRA weights across ranks with torch's FSDP2; returns the sharded roots.
 
     Units: every decoder layer, the embeddings, and the decoder (the final norm): what qdpo's step calls itself
@@ -178,12 +185,10 @@ def shard_model(model, world: World, device: torch.device, offload: bool = False
     bnb_4bit_quant_storage); a float storage would be cast by value by a mixed-precision policy, destroying
     the packed bits. bitsandbytes reattaches the quantization state to the gathered weight in each forward.
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
     from qdpo.errors import UserError
 
-    mesh = init_device_mesh(device.type, (world.size,))
     policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     base = model.get_base_model()
     decoder = base.get_decoder()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import resource
@@ -38,6 +39,7 @@ from qdpo.distributed import (
     SINGLE,
     World,
     data_parallel,
+    device_mesh,
     full_adapter_state,
     full_optimizer_state,
     join,
@@ -277,6 +279,29 @@ class Training:
     world: World = SINGLE
 
 
+def _policy(config: Config, data: PreparedData, dtype: torch.dtype, device: torch.device, echo: Callable[[str], None]):
+    """The 4-bit base on device with LoRA added (the reference is the same model, adapters off) and MLPs tiled."""
+    model = load_base_4bit(data.source, dtype, device, config.gradient_checkpointing)
+    check_vocabulary(data, model.get_input_embeddings().num_embeddings)
+    model = add_lora(
+        model,
+        config.lora_r,
+        config.lora_alpha,
+        config.lora_dropout,
+        config.lora_target_modules,
+        config.init_adapter,
+        config.seed,
+        reference=config.needs_reference,
+    )
+    if config.tiled_mlp:
+        tiled = tile_mlps(model, config.tiled_mlp)
+        if tiled:
+            echo(f"tiled MLP: {tiled} layers run their MLP {config.tiled_mlp} positions at a time")
+        else:
+            echo("tiled MLP: off (qdpo tiles the MLPs of its verified model families only)")
+    return model
+
+
 def setup_training(
     config: Config,
     data: PreparedData,
@@ -299,28 +324,20 @@ def setup_training(
             "strategy=fsdp with float16 compute (GPUs without bfloat16, such as the T4) is not supported: its loss "
             "scaler would judge each shard's gradients apart; use strategy=ddp."
         )
-    # Sharded: loaded into CPU memory first, whole, as it may not fit one GPU; FSDP moves each rank's shards over.
-    load_on = torch.device("cpu") if sharding else device
-    model = load_base_4bit(data.source, dtype, load_on, config.gradient_checkpointing)
-    check_vocabulary(data, model.get_input_embeddings().num_embeddings)
-    model = add_lora(
-        model,
-        config.lora_r,
-        config.lora_alpha,
-        config.lora_dropout,
-        config.lora_target_modules,
-        config.init_adapter,
-        config.seed,
-        reference=config.needs_reference,
-    )
-    if config.tiled_mlp:
-        tiled = tile_mlps(model, config.tiled_mlp)
-        if tiled:
-            echo(f"tiled MLP: {tiled} layers run their MLP {config.tiled_mlp} positions at a time")
-        else:
-            echo("tiled MLP: off (qdpo tiles the MLPs of its verified model families only)")
-    # FSDP replaces the parameters by their shards: the optimizer must be built on those.
-    roots = shard_model(model, world, device, config.offload_params) if sharding else []
+    if sharding:
+        # Loaded into CPU memory first, whole, as it may not fit one GPU; FSDP moves each rank's shards over. The
+        # ranks take turns, so one whole copy is in CPU memory at a time, not one per rank: each keeps its shards
+        # and frees the rest before the next rank starts. FSDP replaces the parameters by their shards: the
+        # optimizer must be built on those.
+        mesh = device_mesh(world, device)
+        for turn in range(world.size):
+            if world.rank == turn:
+                model = _policy(config, data, dtype, torch.device("cpu"), echo)
+                roots = shard_model(model, mesh, device, config.offload_params)
+                gc.collect()
+            world.barrier()
+    else:
+        model, roots = _policy(config, data, dtype, device, echo), []
     params = trainable_parameters(model)
     if not params:  # the loss would sit at ln 2 forever
         raise UserError(

@@ -7,6 +7,7 @@ and compares what it saves: usage `ddp_worker.py MODEL DATA OUT ACCUMULATION [ST
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -44,7 +45,21 @@ def main(model: str, data_path: str, out: str, accumulation: int) -> None:
     config = build_config(None, settings)
     data = prepare_data(config, echo=lambda _: None)
     torch.manual_seed(config.seed)
+    span: list[float] = []  # wall-clock start of loading the model and end of sharding it (fsdp)
+    policy, shard = train._policy, train.shard_model
+
+    def timed_policy(*args, **kwargs):
+        span.append(time.time())
+        return policy(*args, **kwargs)
+
+    def timed_shard(*args, **kwargs):
+        roots = shard(*args, **kwargs)
+        span.append(time.time())
+        return roots
+
+    train._policy, train.shard_model = timed_policy, timed_shard
     t = train.setup_training(config, data, device, torch.float32, lambda _: None, world=world)
+    loads = world.gather(span)
     names = {id(p): n for n, p in t.model.named_parameters()}
 
     seen: list[str] = []  # the pairs this rank put into its micro-batches
@@ -80,6 +95,7 @@ def main(model: str, data_path: str, out: str, accumulation: int) -> None:
                 "train_ref": t.train_ref,
                 "eval_ref": t.eval_ref,
                 "shares": shares,
+                "loads": loads,
                 "steps": t.steps,
                 "held_bytes": held,
                 "model_bytes": sum(p.numel() * p.element_size() for p in t.model.parameters()),

@@ -109,6 +109,15 @@ def test_fsdp_holds_half_the_model_but_lm_head_on_each_of_two_ranks(one_step_eac
     assert runs["fsdp"]["held_bytes"] == (model - head) // 2 + head  # 4-bit weights, embeddings, norms, LoRA: split
 
 
+def test_fsdp_ranks_load_the_whole_model_one_at_a_time(one_step_each):
+    """Each rank loads the whole model into CPU memory before sharding it: in turn, so one whole copy exists at a
+    time, not one per rank."""
+    runs, _ = one_step_each
+    loads = sorted(runs["fsdp"]["loads"])
+    assert len(loads) == 2 and all(len(span) == 2 and span[0] < span[1] for span in loads), loads
+    assert loads[0][1] <= loads[1][0], loads  # rank after rank: the first had sharded before the second began
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_each_rank_takes_its_own_share_of_every_step(one_step_each, strategy):
     runs, _ = one_step_each

@@ -752,6 +752,20 @@ def test_run_refuses_to_pin_more_cpu_memory_than_the_machine_has_free(monkeypatc
     two = CliRunner().invoke(main, ["run", "--preset", "70b-2x24gb", "--dry-run", "--nproc", "2"])
     assert two.exit_code != 0 and "(offload_activations / offload_params, 2 processes)" in two.output
 
+    # Under fsdp each process first loads the whole 4-bit model into CPU memory (in turn): the 70B's ~39.5 GB beside
+    # the other process's pinned shards (~19.8 GB) is the larger need.
+    view = P.planner_view(build_config(load_preset("70b-2x24gb").settings))
+    per_rank = P.plan_memory(view[0], view[1], processes=2)
+    whole = P.plan_memory(view[0], view[1]).bytes_of(P.WEIGHTS_4BIT, P.QUANT_STATE, P.FROZEN) / 1e9
+    loading = whole + per_rank.host_bytes / 1e9
+    assert 38 < whole < 41 and 2 * per_rank.host_bytes / 1e9 < loading
+    for free, ok in ((loading - 1, False), (loading + 1, True)):
+        monkeypatch.setattr("qdpo.cli.host_memory_free_gb", lambda free=free: free)
+        two = CliRunner().invoke(main, ["run", "--preset", "70b-2x24gb", "--dry-run", "--nproc", "2"])
+        assert (two.exit_code == 0) == ok, two.output
+        loads = f"each of the 2 processes loads the whole 4-bit model ({whole:.1f} GB) into CPU memory"
+        assert (loads in two.output) == (not ok), two.output
+
 
 def test_presets_and_plan_show_the_longest_pair():
     from qdpo.cli import main
