@@ -249,7 +249,12 @@ def _memory_switches(config, budget_gb: float | None, dry_run: bool, processes: 
             f"{'them' if len(switch) > 1 else 'it'} on (`qdpo plan` shows the parts)",
             err=dry_run,
         )
-    _check_host_memory(model_cfg, exact, plan, processes)
+    from qdpo.distributed import current_rank
+
+    # Once per job, before anything loads: by `qdpo run --nproc` itself (its ranks have LAUNCHED_BY_QDPO set), or by
+    # rank 0 under a plain torchrun; another rank's check could count memory a sibling has begun to use.
+    if current_rank() == 0 and not os.environ.get(LAUNCHED_BY_QDPO):
+        _check_host_memory(model_cfg, exact, plan, processes)
     return dataclasses.replace(config, **switch)
 
 

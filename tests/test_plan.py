@@ -765,6 +765,15 @@ def test_run_refuses_to_pin_more_cpu_memory_than_the_machine_has_free(monkeypatc
         assert (two.exit_code == 0) == ok, two.output
         loads = f"each of the 2 processes loads the whole 4-bit model ({whole:.1f} GB) into CPU memory"
         assert (loads in two.output) == (not ok), two.output
+    # Checked once per job, before any rank loads: not again by the ranks `qdpo run --nproc` starts, nor by a
+    # rank other than 0 under torchrun (a sibling may already be loading).
+    monkeypatch.setattr("qdpo.cli.host_memory_free_gb", lambda: 1.0)
+    for env in ({"QDPO_LAUNCHER": "1"}, {"RANK": "1", "WORLD_SIZE": "2"}):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            rank = CliRunner().invoke(main, ["run", "--preset", "70b-2x24gb", "--dry-run"])
+            assert rank.exit_code == 0, (env, rank.output)
 
 
 def test_presets_and_plan_show_the_longest_pair():
