@@ -230,6 +230,7 @@ def _memory_switches(config, budget_gb: float | None, dry_run: bool, processes: 
     when what the plan keeps in pinned CPU memory is more than the machine has free."""
     import torch
 
+    from qdpo.distributed import current_rank
     from qdpo.plan import describe_switches, memory_switches, plan_memory, planner_view
 
     if not torch.cuda.is_available():  # the planner plans GPU memory; a CPU run has no budget to fit
@@ -249,8 +250,6 @@ def _memory_switches(config, budget_gb: float | None, dry_run: bool, processes: 
             f"{'them' if len(switch) > 1 else 'it'} on (`qdpo plan` shows the parts)",
             err=dry_run,
         )
-    from qdpo.distributed import current_rank
-
     # Once per job, before anything loads: by `qdpo run --nproc` itself (its ranks have LAUNCHED_BY_QDPO set), or by
     # rank 0 under a plain torchrun; another rank's check could count memory a sibling has begun to use.
     if current_rank() == 0 and not os.environ.get(LAUNCHED_BY_QDPO):
