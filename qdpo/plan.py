@@ -138,7 +138,8 @@ class Geometry:
     window: int  # positions per row whose logits the plain full-logits path keeps (logits_to_keep)
     responses: int  # response tokens scored in the micro-batch (M)
     shared: bool
-    span: tuple[int, int, int] | None = None  # prompt, chosen, rejected tokens per pair, on qdpo.attention's path
+    # prompt, chosen, rejected tokens per pair on causal calls with no mask (the plain layout: (0, width, 0))
+    span: tuple[int, int, int] | None = None
 
     @property
     def tokens(self) -> int:
@@ -291,9 +292,10 @@ def attention_saved_per_token(
         # repeat_kv copies k and v to all heads, except with one kv head, where the expand stays a view
         kv = shape.head_dim if shape.kv_heads == 1 else a
         saved += (2 * a + 2 * kv) * d + shape.heads * FP32 + seq_len * d  # q, k, v, output; logsumexp; float mask row
-    if "o_proj" in targets and (cast or not needs_grad or span is not None):
-        # o_proj's input; in fp32 with grad on the dense path it is SDPA's saved output itself (on the span path the
-        # calls' outputs are written into one new tensor)
+    two_calls = span is not None and (span[0] or span[2])  # the shared layout's calls, not the plain row's one
+    if "o_proj" in targets and (cast or not needs_grad or two_calls):
+        # o_proj's input; in fp32 with grad on one SDPA call it is SDPA's saved output itself (on the shared layout's
+        # path the calls' outputs are written into one new tensor)
         saved += a * FP32
     return saved, needs_grad or "o_proj" in targets
 
@@ -384,7 +386,7 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
                 # offloaded: the layer's own boundary copied back, and the next one's arriving (qdpo.offload)
                 per_layer + rotary + (2 * boundary if offload else 0),
                 "norms, q/k/v/out, "
-                + ("causal calls' copies, " if g.span else "mask, ")
+                + ("causal calls' copies, " if g.shared and g.span else "" if g.span else "mask, ")
                 + (f"MLP input (MLP in tiles of {cfg.tiled_mlp})" if tiled else "MLP gate/up/act")
                 + ", LoRA inputs and r-dim outputs"
                 + (", + its boundary copied back and the next one arriving" if offload else ""),
@@ -417,12 +419,12 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
     return lines
 
 
-def logits_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, softcap: bool) -> list[Line]:
+def logits_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry) -> list[Line]:
     """The logits as qdpo.logprobs computes them: saved fp32 logits, temporaries of log-softmax and its gradient."""
     v, h = shape.vocab, shape.hidden
     head_lora = "lm_head" in lora_targets(cfg)
     chunk = getattr(cfg, "logits_chunk_size", 0)
-    if chunk > 0 and (g.shared or not softcap):  # the plain path skips chunking for soft-capped heads
+    if chunk > 0:
         rows = min(chunk, g.responses)
         saved = g.responses * (h * d + 3 * 8)  # gathered hidden states + index/label/row indices
         work = rows * v * 4 * FP32  # one chunk in backward: recomputed fp32 logits, logsumexp temporaries, grads
@@ -529,9 +531,10 @@ def plan_memory(
     if g.shared and span_attention_applies(decoder, t):
         p = min(max(prompt_len, 1), t - 1)
         g = replace(g, span=(p, t - p, t - p))
-    softcap = bool(decoder.get("final_logit_softcapping"))
+    elif not g.shared and getattr(cfg, "logits_chunk_size", 0) > 0 and span_attention_applies(decoder, t, False):
+        g = replace(g, span=(0, t, 0))  # qdpo.step's right-padded rows without a padding mask: one causal call
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
-    lines += peak_lines(activation_lines(shape, cfg, d, g, device == "cuda"), logits_lines(shape, cfg, d, g, softcap))
+    lines += peak_lines(activation_lines(shape, cfg, d, g, device == "cuda"), logits_lines(shape, cfg, d, g))
     lines = per_rank_lines(shape, cfg, d, lines, processes)
     lines.append(overhead_line(sum(line.bytes for line in lines if line.counted), device))
     layout = {
@@ -540,11 +543,12 @@ def plan_memory(
         "packed": f"packed: all {b} pairs in one row of up to {g.width} tokens (prompt once per pair, no padding)",
         "plain": f"{g.rows} sequences (chosen and rejected) of {g.width} tokens",
     }[cfg.batch_layout]
-    attention = (
-        "two causal SDPA calls per pair, no mask, k/v at their own head count (qdpo.attention)"
-        if g.span
-        else "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)"
-    )
+    if g.span and g.shared:
+        attention = "two causal SDPA calls per pair, no mask, k/v at their own head count (qdpo.attention)"
+    elif g.span:
+        attention = "causal SDPA, no mask (rows are right-padded), k/v at their own head count"
+    else:
+        attention = "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)"
     assumptions = [f"compute dtype {name}", layout, attention]
     if processes > 1:
         how = "sharded (fsdp)" if cfg.strategy == "fsdp" else "each with the whole model (ddp)"
@@ -563,11 +567,12 @@ def plan_memory(
     return Plan(lines, b, t, name, device, assumptions)
 
 
-def span_attention_applies(decoder: dict[str, Any], max_length: int) -> bool:
-    """Whether a shared-prompt step on this config.json runs qdpo.attention's causal calls: qdpo.attention's own
-    rule (span_problem) at the worst case, one pair of max_length-token responses, on a model loaded as qdpo loads
-    it, and not a family whose layers drop the attention kwargs (found only at run time, known here)."""
-    if decoder.get("model_type") in DROPS_ATTENTION_KWARGS:
+def span_attention_applies(decoder: dict[str, Any], max_length: int, spans: bool = True) -> bool:
+    """Whether a step on this config.json runs causal SDPA calls with no mask: qdpo.attention's own rule
+    (span_problem) at the worst case, one pair of max_length-token responses, on a model loaded as qdpo loads it,
+    and (spans: the shared layout, which hands them down) not a family whose layers drop the attention kwargs
+    (found only at run time, known here). The plain layout's right-padded rows need no spans."""
+    if spans and decoder.get("model_type") in DROPS_ATTENTION_KWARGS:
         return False
     loaded = SimpleNamespace(**{**decoder, "_attn_implementation": IMPLEMENTATION})
     return span_problem(loaded, ((0, 0, 1, max_length - 1, max_length - 1),)) is None

@@ -91,11 +91,10 @@ def score_batch(
     device = compute_device(model)
     base = _base(model)
     if logits_chunk_size > 0 and family_of(base.config) is not None:
-        hidden = base.get_decoder()(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=batch.attention_mask.to(device),
-            use_cache=False,
-        ).last_hidden_state
+        # No padding mask: rows are right-padded, so causal attention alone never lets a real token see padding.
+        # With a mask transformers would build a [2B, 1, T, T] one per forward and SDPA would repeat GQA's K/V to
+        # every head on its masked path; without, it runs causal kernels with K/V at their own head count.
+        hidden = base.get_decoder()(input_ids=batch.input_ids.to(device), use_cache=False).last_hidden_state
         return chunked_sequence_logps(
             hidden,
             OutputHead(base.get_output_embeddings(), base.config),

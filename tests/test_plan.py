@@ -21,6 +21,7 @@ from __future__ import annotations
 import gc
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -526,10 +527,16 @@ def test_offloaded_activations_leave_the_gpu_total(checkpointing):
     assert moved.total < kept.total - 0.5 * kept.bytes_of(part)
 
 
-def test_soft_capped_heads_take_the_full_logits_path_without_shared_prompts():
-    capped = {**MISTRAL, "final_logit_softcapping": 30.0}
+def test_soft_capped_heads_are_planned_in_chunks_on_the_plain_layout_too():
+    """qdpo.step applies lm_head and the family's soft cap in chunks on every layout (qdpo.families.OutputHead):
+    the saved logits are the gathered hidden states, 2 x B x (max_length - 1) response positions x hidden x 2 B plus
+    three int64 indices each, not [positions, vocab] fp32 logits."""
+    gemma2 = {**MISTRAL, "model_type": "gemma2", "final_logit_softcapping": 30.0, "vocab_size": 256000}
     config = build_config(load_preset("7b-24gb").settings, {"share_prompt": False})
-    assert P.plan_memory(capped, config).bytes_of(P.LOGITS) > 4 * P.plan_memory(MISTRAL, config).bytes_of(P.LOGITS)
+    positions = 2 * config.micro_batch_size * (config.max_length - 1)
+    assert P.plan_memory(gemma2, config).bytes_of(P.LOGITS) == positions * (4096 * 2 + 3 * 8)
+    whole = P.plan_memory(gemma2, replace(config, logits_chunk_size=0)).bytes_of(P.LOGITS)
+    assert whole > positions * 256000 * 4  # logits_chunk_size=0: the fp32 logits themselves
 
 
 def test_unknown_lora_target_is_a_user_error():
@@ -676,14 +683,18 @@ LONG_SHAPE = {
 LONG_LENGTHS = (2048, 4096, 8192)  # max_length: a shared-prompt row of 2 x max_length - 16 tokens, 4k to 16k
 
 
-def test_long_pairs_grow_linearly_and_match_the_plan(tmp_path_factory):
-    """One pair per step from 2k to 8k tokens per response (rows of 4k-16k tokens), shared prompt, checkpointed,
-    chunked head, tiled MLP: the measured peak grows linearly with the length, the plan is within 10% at each
-    length, and no allocation is as large as a [T, T] boolean mask or a [T, vocab] fp32 logits tensor."""
+@pytest.mark.parametrize("layout", ["shared", "plain"])
+def test_long_pairs_grow_linearly_and_match_the_plan(tmp_path_factory, layout):
+    """One pair per step from 2k to 8k tokens per response (shared: rows of 4k-16k tokens; plain: two rows of
+    2k-8k, the rejected one 5 tokens short, so padded), checkpointed, chunked head, tiled MLP: the measured peak
+    grows linearly with the length, the plan is within 10% at each length, and no allocation is as large as a
+    [T, T] boolean mask or a [T, vocab] fp32 logits tensor."""
     name, path, model_config = save_tiny(
         "llama-narrow", tmp_path_factory, {k: (a, dict(v)) for k, (a, v) in LONG_SHAPE.items()}
     )
-    config = settings(True, chunk=256, layout="shared", tiled_mlp=1024)
+    # plain: two rows per pair, so tiles of 512 hold as many tokens as the shared row's 1024 (and on this shape, whose
+    # MLP is as wide as its vocabulary, a [2, 1024, 256] tile would be as large as [2048, vocab] logits)
+    config = settings(True, chunk=256, layout=layout, tiled_mlp=1024 if layout == "shared" else 512)
     model = load(path, config)
     peaks = []
     for length in LONG_LENGTHS:
@@ -691,8 +702,8 @@ def test_long_pairs_grow_linearly_and_match_the_plan(tmp_path_factory):
         batch = batch_for(model_config, config, geometry)
         measured, largest = step_allocations(model, batch, config)
         planned = step_peak(plan_for(model_config, config, geometry))
-        row = 2 * length - 16
-        report(f"{name} max_length={length}", [("step peak above resident", measured, planned)])
+        row = 2 * length - 16 if layout == "shared" else length
+        report(f"{name} {layout} max_length={length}", [("step peak above resident", measured, planned)])
         assert close(planned, measured, 0.10), f"max_length {length}: planned {planned} vs measured {measured}"
         assert largest < min(row * row, row * model_config["vocab_size"] * 4), f"an allocation of {largest} B"
         peaks.append(measured)
