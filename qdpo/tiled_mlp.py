@@ -15,7 +15,8 @@ import torch
 
 def in_tiles(fn, x: torch.Tensor, tile: int) -> torch.Tensor:
     """fn applied to `tile` sequence positions of x at a time, the outputs put back in order."""
-    return torch.cat([fn(x[..., i : i + tile, :]) for i in range(0, x.shape[-2], tile)], dim=-2)
+    # contiguous: a tile of a multi-row batch is strided, and MoE blocks (Mixtral, Qwen2-MoE) flatten it with .view
+    return torch.cat([fn(x[..., i : i + tile, :].contiguous()) for i in range(0, x.shape[-2], tile)], dim=-2)
 
 
 class TiledMLP(torch.autograd.Function):
@@ -42,7 +43,7 @@ class TiledMLP(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             for i in range(0, x.shape[-2], ctx.tile):
-                piece = x[..., i : i + ctx.tile, :].detach().requires_grad_(want_x)
+                piece = x[..., i : i + ctx.tile, :].detach().contiguous().requires_grad_(want_x)
                 wrt = ([piece] if want_x else []) + list(ctx.params)
                 found = torch.autograd.grad(ctx.mlp(piece), wrt, grad_out[..., i : i + ctx.tile, :], allow_unused=True)
                 if want_x:

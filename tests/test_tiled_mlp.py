@@ -76,7 +76,7 @@ def test_tiled_backward_replays_the_forwards_dropout(tiny_model_dir):
         (compute() * w).sum().backward()
         return [x.grad.clone()] + [p.grad.clone() for p in params]
 
-    plain = grads(lambda: torch.cat([mlp(x[:, i : i + 3]) for i in range(0, 10, 3)], dim=1))
+    plain = grads(lambda: torch.cat([mlp(x[:, i : i + 3].contiguous()) for i in range(0, 10, 3)], dim=1))
     tiled = grads(lambda: TiledMLP.apply(x, mlp.forward, 3, *params))
     for a, b in zip(plain, tiled):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
@@ -110,3 +110,20 @@ def test_tiled_mlp_keeps_one_tiles_intermediate(tiny_model_dir):
     # The input alone: 256 x hidden fp32. Untiled keeps at least 3 x 256 x intermediate more.
     assert tiled == 256 * model.config.hidden_size * 4
     assert untiled >= 3 * 256 * model.config.intermediate_size * 4
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_tiled_mlp_on_mixture_of_experts_blocks(tmp_path, model_type):
+    """MoE blocks flatten their input with .view: a tile of a multi-row micro-batch (the plain layout's two rows per
+    pair) must reach them contiguous, and routing each token alone gives the untiled loss and gradients."""
+    from test_families import make_family_model
+
+    make_family_model(tmp_path, model_type)
+    model = lora_model(tmp_path, True)
+    want_loss, want = loss_and_grads(model, "plain")
+    assert tile_mlps(model, 4) == model.config.num_hidden_layers
+    got_loss, got = loss_and_grads(model, "plain")
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    assert set(got) == set(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
