@@ -70,11 +70,23 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what rng_state() saved (the CUDA states only where there is a GPU)."""
+    """Restore what rng_state() saved (the CUDA states only for the GPUs this machine has)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A checkpoint from a machine with more GPUs than this one: the devices beyond this one's are not used here.
+        for index, saved in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(saved, index)
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> str | None:
+    """Restore the fp16 loss scale, or say why it starts afresh (saved where compute was bf16 or fp32)."""
+    if scaler.is_enabled() and not state:
+        # torch refuses an empty state: the run was saved on a GPU with bf16 (or the CPU) and resumes in fp16
+        # (compute_dtype auto on a T4, say). A fresh scaler is what a new fp16 run would start from.
+        return "note: the checkpoint was saved without fp16 loss scaling (bf16 or CPU); the loss scale starts afresh."
+    scaler.load_state_dict(state)  # a disabled scaler (bf16, CPU) ignores what an fp16 run saved
+    return None
 
 
 def save_checkpoint(
@@ -236,12 +248,30 @@ def world_size_note(checkpoint: Checkpoint, config: Config, world: int) -> str |
     )
 
 
-def check_resume(checkpoint: Checkpoint, config: Config, world: int = 1) -> None:
-    """Refuse, naming the fields, a resume whose settings would make it compute something else."""
+def check_resume(checkpoint: Checkpoint, config: Config, world: int = 1, data_fingerprint: str | None = None) -> None:
+    """Refuse, naming the fields, a resume whose settings or training pairs would make it compute something else."""
+    run = checkpoint.path.parent.parent
     conflicts = resume_conflicts(saved_config(checkpoint), config, saved_world_size(checkpoint), world)
     if conflicts:
         raise UserError(
-            f"cannot resume {checkpoint.path.parent.parent}: these settings differ from the run's "
+            f"cannot resume {run}: these settings differ from the run's "
             f"({'; '.join(conflicts)}); resume with the run's own settings (qdpo run --resume DIR alone "
             "takes them from the run) or start a new run."
         )
+    # The checkpoint's place in the epoch is a list of indices into the training pairs: with other pairs it would
+    # point at the wrong ones (or past the end).
+    saved = saved_data_fingerprint(checkpoint)
+    if data_fingerprint and saved and saved != data_fingerprint:
+        raise UserError(
+            f"cannot resume {run}: the training pairs differ from the ones it was started with (data fingerprint "
+            f"{saved} -> {data_fingerprint}); resume with the same data, or start a new run with "
+            f"init_adapter={checkpoint.path / 'adapter'} to carry on from this checkpoint's adapter."
+        )
+
+
+def saved_data_fingerprint(checkpoint: Checkpoint) -> str | None:
+    """The content hash of the training pairs a checkpoint was taken on (None for a checkpoint without one)."""
+    try:
+        return json.loads((checkpoint.path / "adapter" / "qdpo.json").read_text())["data"]["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

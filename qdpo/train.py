@@ -26,6 +26,7 @@ from qdpo.checkpoint import (
     check_resume,
     latest,
     load_adapter_weights,
+    load_scaler_state,
     load_trainer_state,
     rng_state,
     save_checkpoint,
@@ -548,7 +549,7 @@ def _run(
         echo(note)
     checkpoint = latest(out) if resume else None
     if checkpoint:
-        check_resume(checkpoint, config, world.size)
+        check_resume(checkpoint, config, world.size, data.fingerprint)
         num_batches = len(length_grouped_batches(data.train, config.micro_batch_size, config.seed))
         steps = total_steps(config, num_batches, world.size)
         if checkpoint.step >= steps and (out / "summary.json").is_file():
@@ -661,7 +662,9 @@ def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str]
     load_adapter_weights(t.model, checkpoint)
     load_optimizer_state(t.model, t.optimizer, state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
-    t.scaler.load_state_dict(state["scaler"])
+    scaler_note = load_scaler_state(t.scaler, state["scaler"])
+    if scaler_note and t.world.main:
+        echo(scaler_note)
     t.stream.load_state_dict(state["stream"])
     ranks = state.get("rank_rng", [])  # a checkpoint of several ranks keeps each one's random state
     set_rng_state(ranks[t.world.rank] if t.world.rank < len(ranks) else state["rng"])

@@ -211,6 +211,27 @@ def test_a_resume_that_changes_the_computation_is_refused(tmp_path, uninterrupte
     assert metrics(out) == metrics(uninterrupted)
 
 
+def test_a_resume_on_edited_training_pairs_is_refused(tmp_path, uninterrupted, data_file):
+    """The checkpoint's place in the epoch indexes the training pairs: after rows are removed from the file (what a
+    user does after a NaN stop names bad rows), a resume would train on other pairs, or index past the end."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    pairs = tmp_path / "pairs.jsonl"
+    shutil.copyfile(data_file, pairs)
+    for saved in [out / "config.yaml", *out.glob("checkpoints/*/config.yaml")]:  # the run now reads this copy
+        saved.write_text(saved.read_text().replace(str(data_file), str(pairs)))
+    same = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress"])
+    assert same.exit_code == 0 and "already finished its 4 steps" in same.output, same.output
+
+    pairs.write_text("".join(pairs.read_text().splitlines(keepends=True)[2:]))  # two rows deleted
+    edited = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress"])
+    assert edited.exit_code == 2, edited.output
+    assert "cannot resume" in edited.output and "the training pairs differ" in edited.output, edited.output
+    assert "Traceback" not in edited.output and edited.output.splitlines()[-1].startswith("error: cannot resume")
+
+
 def test_resume_trains_on_when_max_steps_is_raised(monkeypatch, tmp_path, uninterrupted):
     import shutil
 
@@ -385,3 +406,32 @@ def test_8bit_optimizer_states_resume_exactly(monkeypatch, tmp_path, tiny_model_
     assert quantized and all(q["state1"].dtype == torch.uint8 and q["state2"].dtype == torch.uint8 for q in quantized)
     assert CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "cut"), "--no-progress"]).exit_code == 0
     assert_same_run(tmp_path / "cut", tmp_path / "whole")
+
+
+def test_fp16_resume_of_a_run_saved_without_loss_scaling(monkeypatch):
+    """compute_dtype auto is bf16 on an A100 and fp16 on a T4 (Colab can hand out either between a stop and its
+    resume): an fp16 run resuming a bf16 checkpoint starts its loss scale afresh instead of crashing, an fp16
+    checkpoint's scale comes back, and a bf16 run ignores an fp16 checkpoint's."""
+    from qdpo.checkpoint import load_scaler_state
+
+    fp16 = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=True)
+    bf16 = torch.amp.GradScaler("cpu", enabled=False)
+    note = load_scaler_state(fp16, bf16.state_dict())
+    assert note and "loss scale starts afresh" in note and fp16.get_scale() == 2.0**16
+    saved = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True).state_dict()
+    assert load_scaler_state(fp16, saved) is None and fp16.get_scale() == 1024.0
+    assert load_scaler_state(bf16, saved) is None and not bf16.is_enabled()
+
+
+def test_cuda_random_states_restore_onto_fewer_gpus(monkeypatch):
+    """A checkpoint taken on two GPUs resumed on one: the first device's generator state comes back, the second
+    is not asked for (torch.cuda.set_rng_state_all would index a device this machine does not have)."""
+    from qdpo.checkpoint import set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((state, device)))
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "cuda": ["gpu0", "gpu1"]}
+    set_rng_state(state)
+    assert restored == [("gpu0", 0)]

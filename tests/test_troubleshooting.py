@@ -41,6 +41,7 @@ PARTS = {
     ("assess.py", "small_eval_warning"): {"return"},  # printed before the step-0 eval
     ("launch.py", "failure_line"): {"return"},  # the launcher's line for a killed rank
     ("checkpoint.py", "world_size_note"): {"return"},  # resuming on another number of processes
+    ("checkpoint.py", "load_scaler_state"): {"return"},  # an fp16 resume of a bf16 or CPU checkpoint
     ("cli.py", "invoke"): {"message"},  # a rank that lost contact with another
     ("assess.py", "eval_line"): {"return"},  # printed at each eval
     ("assess.py", "verdict"): {"return"},  # the closing lines' judgement
