@@ -103,7 +103,10 @@ def simpo_loss(
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x < 0, accurate on both sides of -log 2 (Maechler 2012)."""
+    """log(1 - exp(x)) for x <= 0, accurate on both sides of -log 2 (Maechler 2012)."""
+    # x = 0 (a response the model is certain of: every token's log-prob rounds to 0) would be -inf, and both
+    # branches' gradients NaN; just below 0 it is finite (about -87 in fp32) and its gradient through the clamp 0.
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
 
 

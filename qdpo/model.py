@@ -248,11 +248,12 @@ DROPOUT_CONFIG_FIELDS = (
     "classifier_dropout",
     "ffn_dropout",
     "summary_first_dropout",
+    "router_jitter_noise",  # Mixtral-style MoE: multiplies the router's input by uniform noise in train mode
 )
 
 
 def disable_dropout(model) -> None:
-    """Turn off the base model's own dropout, as TRL's disable_dropout does by default.
+    """Turn off the base model's own dropout (and MoE router jitter), as TRL's disable_dropout does by default.
 
     DPO compares the policy (train mode) with the reference (no grad): with the base model's dropout
     on, they are different random functions even at step 0. LoRA dropout is added later by add_lora
@@ -261,7 +262,7 @@ def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-        for name in ("attention_dropout", "dropout", "attn_dropout", "dropout_p"):
+        for name in ("attention_dropout", "dropout", "attn_dropout", "dropout_p", "jitter_noise"):
             if isinstance(getattr(module, name, None), float):  # functional dropout rates read at call time
                 setattr(module, name, 0.0)
     configs = [model.config, getattr(model.config, "text_config", None)]

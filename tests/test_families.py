@@ -35,7 +35,7 @@ DEVICE = torch.device(os.environ.get("QDPO_TEST_DEVICE", "cpu"))
 FAMILY_SETTINGS: dict[str, dict] = {
     "llama": {},
     "mistral": dict(sliding_window=WINDOW),
-    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW, router_jitter_noise=0.1),
     "qwen2": dict(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
     "qwen2_moe": dict(
         num_experts=4,

@@ -172,6 +172,22 @@ def test_orpo_log1mexp_is_accurate_near_zero():
     assert log1mexp(torch.tensor([-1e-10], dtype=torch.float64)).item() == pytest.approx(-23.0258509299, abs=1e-6)
 
 
+def test_orpo_stays_finite_when_a_response_is_certain():
+    """A confident model on a short response: every token's log-prob rounds to 0 in fp32, so avg = 0 exactly and
+    log(1 - e^0) = -inf. The loss and its gradients stay finite: with both responses certain the odds ratio term
+    is log sigmoid(0) = -log 2 (loss = NLL 0 + 0.1 log 2), and the rejected response keeps its gradient when only the
+    chosen one is certain."""
+    both = torch.zeros(2, requires_grad=True)
+    losses, *_ = orpo_loss(both[:1], both[1:], torch.zeros(1), alpha=0.1)
+    losses.sum().backward()
+    assert losses.item() == pytest.approx(0.1 * math.log(2), rel=1e-6)
+    assert torch.isfinite(both.grad).all()
+    avg_r = torch.tensor([-1.0], requires_grad=True)
+    losses, *_ = orpo_loss(torch.zeros(1), avg_r, torch.zeros(1), alpha=0.1)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all() and torch.isfinite(avg_r.grad).all() and avg_r.grad.item() > 0
+
+
 def test_wpo_weight_multiplies_each_pair_loss():
     """Aligned averages -0.2 and -0.3: weight e^-0.2 * e^-0.3 = e^-0.5 = 0.6065306597;
     weighted DPO = 0.5981388693 * 0.6065306597 = 0.3627895630."""
