@@ -241,8 +241,11 @@ def _memory_switches(config, budget_gb: float | None, dry_run: bool, processes: 
     if view is None:  # a model the planner cannot read (no config.json): run as set
         return config
     model_cfg, exact = view
-    switch = memory_switches(model_cfg, exact, budget_gb, processes) or {}
-    plan = plan_memory(model_cfg, dataclasses.replace(exact, **switch), processes=processes)
+    try:
+        switch = memory_switches(model_cfg, exact, budget_gb, processes) or {}
+        plan = plan_memory(model_cfg, dataclasses.replace(exact, **switch), processes=processes)
+    except UserError:  # a shape or LoRA target the planner does not model (Phi-2's `dense`, GPT-2): run as set
+        return config
     if switch:
         click.echo(
             f"memory: a step of {config.micro_batch_size} x {config.max_length} tokens would not fit {budget_gb:g} GB "

@@ -216,7 +216,7 @@ def resident_lines(shape: ModelShape, cfg: Config, d: int) -> list[Line]:
     if shape.mlp_bias:
         biases += (2 * shape.intermediate + shape.hidden) * shape.layers * d
     rotary = 2 * (shape.head_dim // 2) * FP32  # inv_freq and original_inv_freq buffers
-    frozen = embed * (1 if shape.tied else 2) + norms + biases + rotary
+    frozen = embed * (1 if shape.tied else 2) + norms + biases + rotary + shape.expert_params * d
     lora = sum(lora_params(shape, lora_targets(cfg), cfg.lora_r)) * FP32
     lines = [
         Line(WEIGHTS_4BIT, packed, f"{n_quant / 1e9:.2f}e9 block params x 0.5 B"),
@@ -225,7 +225,8 @@ def resident_lines(shape: ModelShape, cfg: Config, d: int) -> list[Line]:
             FROZEN,
             frozen,
             f"{'tied' if shape.tied else 'untied'} {shape.vocab} x {shape.hidden} x {d} B"
-            f"{' x 2' if not shape.tied else ''}, norms{', biases' if biases else ''}",
+            f"{' x 2' if not shape.tied else ''}, norms{', biases' if biases else ''}"
+            + (f", {shape.expert_params / 1e9:.2f}e9 MoE expert params x {d} B" if shape.experts else ""),
         ),
         Line(LORA, lora, f"r={cfg.lora_r}: {lora // FP32 / 1e6:.1f}M params x 4 B"),
     ]
@@ -554,6 +555,11 @@ def plan_memory(
         how = "sharded (fsdp)" if cfg.strategy == "fsdp" else "each with the whole model (ddp)"
         assumptions.insert(0, f"one rank of {processes} processes, {how}")
     model_type = decoder.get("model_type")
+    if shape.experts:
+        assumptions.append(
+            f"{shape.experts} experts per layer kept in {name} (transformers fuses them into 3-D parameters, which "
+            "bitsandbytes does not quantize); their activations planned as one dense MLP"
+        )
     if model_type not in LLAMA_STYLE:
         assumptions.append(
             f"model_type {model_type} planned as a Llama-style decoder (RMSNorm, rotary attention, gated MLP)"

@@ -53,13 +53,19 @@ def load_preset(name_or_path: str) -> Preset:
             )
     raw = load_yaml(path)
     meta = {k: raw.pop(k) for k in META_KEYS if k in raw}
+    budget, processes = meta.get("gpu_memory_gb"), meta.get("processes", 1)
+    # bool is an int to Python: `processes: true` is as wrong as `processes: two`
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float)) or budget <= 0):
+        raise UserError(f"preset {path}: gpu_memory_gb must be a positive number of GB (like 24); got {budget!r}.")
+    if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
+        raise UserError(f"preset {path}: processes must be a whole number of at least 1; got {processes!r}.")
     return Preset(
         name=path.stem,
         path=path,
         description=str(meta.get("description", "")),
-        gpu_memory_gb=meta.get("gpu_memory_gb"),
+        gpu_memory_gb=budget,
         settings=raw,
-        processes=int(meta.get("processes", 1)),
+        processes=processes,
     )
 
 

@@ -25,6 +25,11 @@ class ModelShape:
     tied: bool
     attention_bias: bool
     mlp_bias: bool
+    # Mixture of experts (Mixtral, Qwen2-MoE): experts per layer and each one's intermediate width. transformers
+    # keeps a layer's experts in fused 3-D parameters, not nn.Linear, so bitsandbytes leaves them unquantized.
+    experts: int = 0
+    expert_intermediate: int = 0
+    dense_intermediate: int | None = None  # width of the block's nn.Linear MLP when it differs (MoE: shared expert)
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
@@ -37,7 +42,13 @@ class ModelShape:
                 f"the model config has no {', '.join(missing)}; the planner needs a Llama-style decoder config.json."
             )
         heads = config["num_attention_heads"]
-        qwen = config.get("model_type") == "qwen2"  # Qwen2 always has q/k/v biases
+        qwen = config.get("model_type") in ("qwen2", "qwen2_moe")  # Qwen2 always has q/k/v biases
+        experts = config.get("num_local_experts") or config.get("num_experts") or 0
+        moe = {}
+        if experts:
+            width = config.get("moe_intermediate_size") or config["intermediate_size"]
+            moe = dict(experts=experts, expert_intermediate=width)
+            moe["dense_intermediate"] = config.get("shared_expert_intermediate_size") or 0
         return cls(
             hidden=config["hidden_size"],
             layers=config["num_hidden_layers"],
@@ -49,6 +60,7 @@ class ModelShape:
             tied=bool(config.get("tie_word_embeddings", False)),
             attention_bias=qwen or bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
+            **moe,
         )
 
     @property
@@ -56,18 +68,19 @@ class ModelShape:
         """Width of q and of the attention output (heads x head_dim)."""
         return self.heads * self.head_dim
 
+    @property
+    def expert_params(self) -> int:
+        """Parameters of every layer's fused experts (gate, up and down of each), 0 for a dense model."""
+        return self.layers * self.experts * 3 * self.hidden * self.expert_intermediate
+
     def linears(self) -> dict[str, tuple[int, int]]:
-        """(in_features, out_features) of each linear layer in one decoder block."""
-        h, a, kv, i = self.hidden, self.attn, self.kv_heads * self.head_dim, self.intermediate
-        return {
-            "q_proj": (h, a),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (a, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
+        """(in_features, out_features) of each nn.Linear in one decoder block (an MoE's experts are not)."""
+        h, a, kv = self.hidden, self.attn, self.kv_heads * self.head_dim
+        i = self.intermediate if self.dense_intermediate is None else self.dense_intermediate
+        found = {"q_proj": (h, a), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (a, h)}
+        if i:
+            found |= {"gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return found
 
 
 def _shape(

@@ -9,6 +9,7 @@ cache then work unchanged; only the loss (qdpo.loss.kto_loss) reads the slots di
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
@@ -54,7 +55,7 @@ def kto_pairs(examples: list[Example], where: str) -> list[Pair]:
     pairs = []
     for pos, i in enumerate(order):
         # Lazily: the shifted answer almost always does, so the fallback walk is rarely taken (and never built whole).
-        candidates = (order[(pos + d) % n] for d in (shift, *range(1, n)))
+        candidates = (order[(pos + d) % n] for d in itertools.chain((shift,), range(1, n)))
         j = next((j for j in candidates if usable(i, j)), None)
         if j is None:
             raise UserError(

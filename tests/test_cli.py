@@ -93,6 +93,25 @@ def test_config_errors_are_one_line(args, message):
     assert result.output.count("\n") == 1 and message in result.output, result.output
 
 
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ("processes: two", "processes must be a whole number of at least 1; got 'two'"),
+        ("processes: 0", "processes must be a whole number of at least 1; got 0"),
+        ("gpu_memory_gb: 24GB", "gpu_memory_gb must be a positive number of GB (like 24); got '24GB'"),
+        ("gpu_memory_gb: -8", "gpu_memory_gb must be a positive number of GB (like 24); got -8"),
+    ],
+)
+def test_bad_preset_metadata_is_one_line(tmp_path, meta, message):
+    """A preset file's own keys (not settings) are checked where the file is read, by every command."""
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(f"model: some/model\n{meta}\n")
+    for command in (["run", "--dry-run"], ["plan"]):
+        result = invoke(*command, "--preset", str(preset))
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert "Traceback" not in result.output and result.output.count("\n") == 1, result.output
+
+
 def run_subprocess(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(REPO / "cli.py"), *args], cwd=cwd, capture_output=True, text=True, timeout=300

@@ -739,6 +739,20 @@ def test_long_pairs_switch_on_tiling_and_offload_only_when_the_plan_needs_them(m
     assert "with tiled_mlp=4096 and offload_activations=true the plan is" in result.output
 
 
+def test_run_on_a_gpu_goes_on_as_set_when_the_planner_cannot_plan(monkeypatch):
+    """The memory switches are a convenience: a LoRA target or a shape the planner does not model (Phi-2's `dense`,
+    GPT-2's config) must not stop `qdpo run`, which then runs as set, while `qdpo plan` says what it cannot plan."""
+    from qdpo.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("qdpo.cli.host_memory_free_gb", lambda: 64.0)
+    args = ["--preset", "8b-24gb", "lora_target_modules=[q_proj,dense]"]
+    result = CliRunner().invoke(main, ["run", "--dry-run", *args])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    planned = CliRunner().invoke(main, ["plan", *args])
+    assert planned.exit_code != 0 and "not 'dense'" in planned.output, planned.output
+
+
 def test_run_refuses_to_pin_more_cpu_memory_than_the_machine_has_free(monkeypatch):
     """Offloaded activations (and offload_params shards) sit in pinned CPU memory: 32 layers x a 65,535-token row x
     4096 x 2 B for 8B at 32k, about 17.2 GB; `qdpo plan` shows it, and `qdpo run` refuses in one line, before
@@ -796,3 +810,27 @@ def test_presets_and_plan_show_the_longest_pair():
     assert "largest max_length at micro_batch_size 1 with tiled_mlp and offload_activations" in result.output
     assert "planned with tiled_mlp=4096 and offload_activations=true: the step does not fit 24 GB" in result.output
     assert "vs a budget of 24 GB: fits" in result.output  # the issue's goal: 8B at 32k tokens in 24 GB
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_moe_experts_are_planned_unquantized(model_type):
+    """transformers keeps a layer's experts in fused 3-D parameters, which bitsandbytes does not quantize: the plan
+    counts them at the compute dtype, and as 4-bit only the block's nn.Linear layers, as transformers builds them."""
+    from test_families import COMMON, FAMILY_SETTINGS
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **COMMON, **FAMILY_SETTINGS[model_type])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    layers = model.model.layers
+    linear = sum(m.weight.numel() for m in layers.modules() if isinstance(m, torch.nn.Linear) and m.out_features > 1)
+    experts = sum(p.numel() for n, p in layers.named_parameters() if ".experts." in n)
+    shape = P.ModelShape.from_config(config.to_dict())
+    assert shape.expert_params == experts > 0
+    assert sum(i * o for i, o in shape.linears().values()) * shape.layers == linear
+
+    cfg = build_config({"model": "x", "data": "y", "max_length": 64})
+    plan = P.plan_memory(config.to_dict(), cfg, device="cpu")
+    dense = P.plan_memory({**config.to_dict(), "num_local_experts": 0, "num_experts": 0}, cfg, device="cpu")
+    assert plan.bytes_of(P.FROZEN) - dense.bytes_of(P.FROZEN) == experts * 4  # fp32 on the CPU
+    assert any("experts per layer kept in float32" in a for a in plan.assumptions)
