@@ -325,6 +325,8 @@ class Config:
                 f"strategy=fsdp shards torch's AdamW states across the GPUs; {self.optim} cannot hold sharded "
                 "parameters: set optim=adamw."
             )
+        if self.strategy == "fsdp" and "lm_head" in self.lora_target_modules:  # found here, not after loading
+            raise UserError("strategy=fsdp keeps lm_head whole and frozen: take lm_head out of lora_target_modules.")
         if self.offload_params and self.strategy != "fsdp":
             raise UserError("offload_params offloads FSDP's shards, so it needs strategy=fsdp.")
         if self.strategy == "fsdp" and self.init_adapter:

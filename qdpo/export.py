@@ -20,6 +20,7 @@ from qdpo.errors import UserError
 from qdpo.fs import check_output, staged, write_json
 from qdpo.merge import ONTO, held_out_for_check, prepare, write_merged
 from qdpo.model import BUILTIN_MODEL
+from qdpo.model_files import tokenizer_dir
 from qdpo.quiet import quiet_libraries
 from qdpo.safetensors_io import SHARD_BYTES, checkpoint_tensors
 from qdpo.verify import (
@@ -339,14 +340,20 @@ def pre_tokenizer_name(backend: dict[str, Any], source_gguf: Path | None) -> str
     return "default"
 
 
+def check_tokenizer(tokenizer) -> None:
+    """Refuse, before any work, a tokenizer the GGUF writer here does not cover (it writes BPE vocabularies)."""
+    kind = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
+    if kind != "BPE":
+        raise UserError(f"GGUF export handles BPE tokenizers only; this one is {kind}.")
+
+
 def add_tokenizer(writer, tokenizer, vocab_size: int, source_gguf: Path | None) -> None:
     """Vocabulary, merges, special tokens and chat template; byte-level BPE ("gpt2") or SentencePiece ("llama")."""
     from gguf import TokenType
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     model = backend["model"]
-    if model["type"] != "BPE":
-        raise UserError(f"GGUF export handles BPE tokenizers only; this one is {model['type']}.")
+    check_tokenizer(tokenizer)
     sentencepiece = bool(model.get("byte_fallback"))  # Llama/Mistral style: ▁ for spaces, <0xNN> byte tokens
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:
@@ -505,6 +512,7 @@ def export_gguf(
     from transformers import AutoConfig, AutoTokenizer
 
     check_exportable(AutoConfig.from_pretrained(plan.base_dir))
+    check_tokenizer(AutoTokenizer.from_pretrained(tokenizer_dir(adapter.path, plan.base_dir)))
     result = None
     echo(f"merging {adapter.path} into {source.name} ({onto} weights), then writing {qtype} GGUF -> {out}")
     with staged(out, inner="model.gguf") as tmp:

@@ -31,9 +31,13 @@ def write_config(target: Path, base_dir: Path, dtype: torch.dtype, untied: bool)
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(target)).save_pretrained(target)
 
 
+def tokenizer_dir(adapter_dir: Path, base_dir: Path) -> Path:
+    """Where the tokenizer the adapter was trained with lives: the adapter's own, else the base model's."""
+    return adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
+
+
 def write_tokenizer(target: Path, adapter_dir: Path, base_dir: Path) -> None:
     """The tokenizer and chat template the adapter was trained with (the base's when the adapter has none)."""
     from transformers import AutoTokenizer
 
-    source = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir
-    AutoTokenizer.from_pretrained(source).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tokenizer_dir(adapter_dir, base_dir)).save_pretrained(target)

@@ -213,6 +213,28 @@ def test_unsupported_models_are_refused_before_any_work():
         check_exportable(scaled)
 
 
+def test_a_tokenizer_gguf_cannot_carry_is_refused_before_the_merge(run_dir, tmp_path, monkeypatch):
+    """The GGUF writer covers BPE vocabularies: a WordLevel tokenizer (trained with the adapter) is refused in one
+    line before any weight is merged, and nothing is left on disk."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    import qdpo.export
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    words = Tokenizer(WordLevel({"<unk>": 0, "a": 1}, unk_token="<unk>"))
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>").save_pretrained(run / "adapter")
+    monkeypatch.setattr(qdpo.export, "write_merged", lambda *a: pytest.fail("merged before the tokenizer check"))
+    out = tmp_path / "out" / "m.gguf"
+    with pytest.raises(UserError, match="GGUF export handles BPE tokenizers only; this one is WordLevel"):
+        export_gguf(run, out, echo=lambda _: None)
+    assert not out.parent.exists() or list(out.parent.iterdir()) == []
+
+
 def test_export_needs_a_run(tmp_path):
     result = CliRunner().invoke(export_command, [str(tmp_path), "--format", "peft", "--out", str(tmp_path / "a")])
     assert isinstance(result.exception, UserError) and "neither a qdpo run directory" in str(result.exception)
