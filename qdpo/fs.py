@@ -73,7 +73,7 @@ def write_json(path: Path, obj: Any) -> None:
 def check_output(out: Path, overwrite: bool, marker: str | None) -> None:
     """Refuse an existing output unless --overwrite, and even then anything but an earlier output of the same kind.
 
-    marker is a file every such output directory holds (None: the output is a single file).
+    marker is a file every such output directory holds (None: the output is a single GGUF file, known by its magic).
     """
     if not (out.exists() or out.is_symlink()):
         return
@@ -82,6 +82,10 @@ def check_output(out: Path, overwrite: bool, marker: str | None) -> None:
     if marker is None:
         if out.is_dir():
             raise UserError(f"{out} is a directory; --out must name a file.")
+        with open(out, "rb") as f:
+            start = f.read(4)
+        if start and start != b"GGUF":
+            raise UserError(f"{out} is not a GGUF file; refusing to overwrite it, pick another --out.")
     elif not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file()):
         raise UserError(
             f"{out} is not an earlier output of this command (no {marker}); refusing to "

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from test_merge import make_run, random_adapter
 
 from qdpo.cli_ship import export as export_command
+from qdpo.errors import UserError
 from qdpo.gguf_lora import export_gguf_lora
 from qdpo.ollama import CHATML_TEMPLATE, chatml_system, template_lines
 
@@ -117,6 +118,22 @@ def test_gguf_lora_folds_per_module_alpha_into_b(tiny_model_dir, tmp_path):
         scale = (2 if "attn_v" in name else 8) / 4  # PEFT's alpha / r for this module
         got = alpha / r * (tensors[f"{name}.lora_b"] @ tensors[f"{name}.lora_a"])
         np.testing.assert_allclose(got, (scale * f["B"] @ f["A"]).numpy(), rtol=2e-3, atol=1e-3)
+
+
+def test_overwrite_replaces_an_earlier_gguf_but_no_other_file(tiny_model_dir, tmp_path):
+    """--overwrite is for re-exporting: an earlier GGUF file (or an empty one) is replaced, a file that is not GGUF
+    (a typo'd --out naming the user's notes) is refused in one line and left as it was."""
+    adapter = random_adapter(tiny_model_dir, tmp_path / "adapter")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    with pytest.raises(UserError, match="is not a GGUF file; refusing to overwrite it"):
+        export_gguf_lora(adapter, notes, overwrite=True, echo=lambda _: None)
+    assert notes.read_text() == "my notes"
+    out = tmp_path / "lora.gguf"
+    out.touch()
+    for _ in range(2):  # an empty file, then the first export's own output
+        export_gguf_lora(adapter, out, overwrite=True, echo=lambda _: None)
+        assert out.read_bytes()[:4] == b"GGUF"
 
 
 def test_gguf_lora_from_a_gguf_base_names_that_file_in_the_modelfile(run_dir, tmp_path):

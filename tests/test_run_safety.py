@@ -317,8 +317,12 @@ def test_an_existing_output_dir_is_refused_before_the_data_is_read(monkeypatch, 
     (out / "notes.txt").write_text("mine")
     monkeypatch.setattr(train, "prepare_data", lambda *a, **k: pytest.fail("the data was read"))
     result = invoke("run", "--model", str(tiny_model_dir), "--data", "/no/such/file.jsonl", "--output", str(out))
-    assert result.exit_code == 2 and "already exists and is not empty" in result.output
-    assert (out / "notes.txt").read_text() == "mine"
+    # not a run: the only way out is another directory (--overwrite and --resume would both be refused)
+    assert result.exit_code == 2 and "is not a qdpo run directory; refusing to overwrite it" in result.output
+    assert "--overwrite" not in result.output and (out / "notes.txt").read_text() == "mine"
+    (out / "run.json").write_text("{}")  # an earlier run's directory: overwrite or resume it
+    result = invoke("run", "--model", str(tiny_model_dir), "--data", "/no/such/file.jsonl", "--output", str(out))
+    assert result.exit_code == 2 and "already exists and is not empty; pick another, pass --overwrite" in result.output
 
 
 def test_a_damaged_reference_cache_entry_is_reported_and_recomputed(
