@@ -17,6 +17,7 @@ from qdpo.distributed import compute_device, sharded
 from qdpo.errors import UserError
 from qdpo.fs import write_text
 from qdpo.model import REFERENCE_ADAPTER, reference_model
+from qdpo.quiet import progress_bar
 
 GENERATIONS = "generations.jsonl"
 
@@ -62,7 +63,9 @@ def _plain_greedy(model, stop: list[int], pad_id: int) -> Iterator[None]:
         inner.generation_config = saved
 
 
-def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[Generation]:
+def greedy(
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, desc: str = "greedy answers"
+) -> list[Generation]:
     """Greedy answers to prompts (token ids), one prompt at a time: no padding can change them.
 
     The model is in eval mode meanwhile (no dropout) and goes back to the mode it was in.
@@ -75,7 +78,8 @@ def greedy(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> l
     out = []
     try:
         with _plain_greedy(model, stop, pad_id), torch.no_grad():
-            for ids in prompts:
+            # a bar: on a CPU a pass takes minutes (bitsandbytes dequantizes every weight for each new token)
+            for ids in progress_bar(prompts, desc=desc, unit="prompt", leave=False):
                 input_ids = torch.tensor([ids], device=device)
                 generated = model.generate(
                     input_ids=input_ids,
@@ -100,9 +104,9 @@ def side_by_side(
 ) -> list[tuple[Generation, Generation]]:
     """(policy, reference) greedy answers to each prompt: adapter on, then the reference (adapters off, or the
     frozen init adapter), from the same loaded weights."""
-    policy = greedy(model, tokenizer, prompts, max_new_tokens)
+    policy = greedy(model, tokenizer, prompts, max_new_tokens, "policy answers")
     with reference_model(model):
-        reference = greedy(model, tokenizer, prompts, max_new_tokens)
+        reference = greedy(model, tokenizer, prompts, max_new_tokens, "reference answers")
     return list(zip(policy, reference))
 
 
@@ -150,12 +154,12 @@ def eval_generations(
     path None: generate without logging (a rank other than 0 of a sharded model, which must take part).
     """
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
-    policy = greedy(model, tokenizer, prompt_ids, max_new_tokens)
+    policy = greedy(model, tokenizer, prompt_ids, max_new_tokens, "policy answers")
     if path is not None:
         log_generations(path, step, texts, policy, "policy")
     if reference:
         with reference_model(model):
-            answers = greedy(model, tokenizer, prompt_ids, max_new_tokens)
+            answers = greedy(model, tokenizer, prompt_ids, max_new_tokens, "reference answers")
             if path is not None:
                 log_generations(path, step, texts, answers, "reference")
     return policy

@@ -74,6 +74,17 @@ def test_greedy_is_the_argmax_loop_and_restores_the_mode(policy, tokenizer, prom
     assert not policy.training
 
 
+def test_greedy_shows_a_bar_only_when_progress_is_on(policy, tokenizer, prompts, capsys):
+    """Decoding is the slowest phase of a CPU smoke run: it has its own bar (on stderr), hidden by --no-progress."""
+    from qdpo.quiet import showing_progress
+
+    for show in (True, False):
+        with showing_progress(show):
+            greedy(policy, tokenizer, prompts[:2], max_new_tokens=1, desc="policy answers")
+        err = capsys.readouterr().err
+        assert ("policy answers" in err and "/2 " in err) == show, err
+
+
 def test_greedy_stops_at_eos(policy, tiny_model_dir, prompts):
     """Make the third token the oracle picks the EOS: the answer ends there, EOS counted, and says it stopped."""
     from transformers import AutoTokenizer
