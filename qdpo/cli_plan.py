@@ -83,6 +83,7 @@ def plan(
     model_cfg, source = model_config(config.model)
     config, family_notes = exact_settings(config, SimpleNamespace(**model_cfg))  # the paths the run would take
     switch = memory_switches(model_cfg, config, budget, processes) if budget is not None else None
+    as_set = config
     if switch is not None:  # what `qdpo run` on a GPU does with this budget: plan that
         config = replace(config, **switch)
     shape = ModelShape.from_config(model_cfg)
@@ -115,6 +116,8 @@ def plan(
     if budget is not None:
         batch, length = largest_fit(model_cfg, config, budget, device=device, processes=processes)
         click.echo(f"largest micro_batch_size at max_length {config.max_length}: {batch}")
+        if switch is not None:  # the longest pair as the user set it, before qdpo's own switches
+            length = largest_fit(model_cfg, as_set, budget, device=device, processes=processes)[1]
         click.echo(f"largest max_length at micro_batch_size 1: {length}")
         switched = largest_fit(model_cfg, all_switches(config), budget, device=device, processes=processes)[1]
         click.echo(f"largest max_length at micro_batch_size 1 with tiled_mlp and offload_activations: {switched}")

@@ -372,7 +372,7 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
     offload = getattr(cfg, "offload_activations", False)
     on_cpu = " (in pinned CPU memory: offload_activations)"
     boundary = g.tokens * shape.hidden * d
-    shape_note = f"{g.rows} rows x {g.width} tok x {shape.hidden} x {d} B"
+    shape_note = f"{g.rows} row{'s' if g.rows != 1 else ''} x {g.width} tok x {shape.hidden} x {d} B"
     if cfg.gradient_checkpointing:
         lines = [
             Line(

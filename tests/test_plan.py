@@ -808,6 +808,9 @@ def test_presets_and_plan_show_the_longest_pair():
     assert listing.count("longest pair at micro-batch 1 (planned)") == 4  # the four GPU presets
     result = invoke("--preset", "8b-24gb", "max_length=32768")
     assert "largest max_length at micro_batch_size 1 with tiled_mlp and offload_activations" in result.output
+    as_set = invoke("--preset", "8b-24gb").output  # the same longest pair as set, whether or not qdpo switched
+    line = "largest max_length at micro_batch_size 1: "
+    assert next(x for x in result.output.splitlines() if x.startswith(line)) in as_set.splitlines()
     assert "planned with tiled_mlp=4096 and offload_activations=true: the step does not fit 24 GB" in result.output
     assert "vs a budget of 24 GB: fits" in result.output  # the goal: 8B at 32k tokens in 24 GB
 
