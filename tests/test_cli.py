@@ -168,7 +168,7 @@ def test_existing_output_dir_is_refused(tmp_path, tiny_model_dir, chat_rows):
     result = invoke(
         "run", "--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(tmp_path / "out")
     )
-    assert result.exit_code == 2 and "already exists" in result.output
+    assert result.exit_code == 2 and "not a qdpo run directory" in result.output
     result = invoke(
         "run",
         "--model",
