@@ -49,10 +49,18 @@ def gguf_lora_tensors(loras: dict[str, Lora], config) -> list[LoraTensors]:
     out = []
     for hf_name, lora in sorted(loras.items()):
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
-        if gguf_name == "output.weight" and getattr(config, "tie_word_embeddings", False):
+        tied = getattr(config, "tie_word_embeddings", False)
+        if gguf_name == "output.weight" and tied:
             raise UserError(
                 "the adapter changes lm_head, which this model ties to its embeddings and llama.cpp LoRA files "
                 "cannot untie; use --format gguf (the merged model) instead."
+            )
+        if gguf_name == "token_embd.weight" and tied:
+            # llama.cpp's output layer of a tied model is token_embd.weight under the same name, so its LoRA lookup
+            # (by tensor name) would apply the embedding's factors at the output too, where PEFT applies none.
+            raise UserError(
+                "the adapter changes embed_tokens, which this model ties to lm_head: llama.cpp would apply it at "
+                "the output layer as well; use --format gguf (the merged model) instead."
             )
         if gguf_name is None or lora.weight is not None:
             raise UserError(

@@ -153,7 +153,7 @@ def test_gguf_lora_from_a_gguf_base_names_that_file_in_the_modelfile(run_dir, tm
     assert not any("convert_hf_to_gguf" in line for line in modelfile)
 
 
-def test_gguf_lora_refuses_a_lora_on_a_tied_lm_head(tmp_path):
+def test_gguf_lora_refuses_a_lora_on_either_side_of_tied_embeddings(tmp_path):
     from conftest import make_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -168,6 +168,11 @@ def test_gguf_lora_refuses_a_lora_on_a_tied_lm_head(tmp_path):
     LlamaForCausalLM(config).save_pretrained(base)
     adapter = random_adapter(base, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
     with pytest.raises(UserError, match="ties to its embeddings"):
+        export_gguf_lora(adapter, tmp_path / "a.gguf", echo=lambda _: None)
+    assert not (tmp_path / "a.gguf").exists()
+    # the embedding side of the tie: llama.cpp names the tied output layer token_embd.weight too
+    adapter = random_adapter(base, tmp_path / "embed", target_modules=["q_proj", "embed_tokens"])
+    with pytest.raises(UserError, match="changes embed_tokens, which this model ties to lm_head"):
         export_gguf_lora(adapter, tmp_path / "a.gguf", echo=lambda _: None)
     assert not (tmp_path / "a.gguf").exists()
 
