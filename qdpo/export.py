@@ -340,9 +340,12 @@ def pre_tokenizer_name(backend: dict[str, Any], source_gguf: Path | None) -> str
     return "default"
 
 
-def check_tokenizer(tokenizer) -> None:
-    """Refuse, before any work, a tokenizer the GGUF writer here does not cover (it writes BPE vocabularies)."""
-    kind = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["type"]
+def check_tokenizer(tokenizer, backend: dict[str, Any] | None = None) -> None:
+    """Refuse, before any work, a tokenizer the GGUF writer here does not cover (it writes BPE vocabularies).
+
+    backend: the tokenizer's JSON already parsed, if the caller has it (it is megabytes for large vocabularies).
+    """
+    kind = (backend or json.loads(tokenizer.backend_tokenizer.to_str()))["model"]["type"]
     if kind != "BPE":
         raise UserError(f"GGUF export handles BPE tokenizers only; this one is {kind}.")
 
@@ -352,8 +355,8 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, source_gguf: Path | None) 
     from gguf import TokenType
 
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    check_tokenizer(tokenizer, backend)
     model = backend["model"]
-    check_tokenizer(tokenizer)
     sentencepiece = bool(model.get("byte_fallback"))  # Llama/Mistral style: ▁ for spaces, <0xNN> byte tokens
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= vocab_size:

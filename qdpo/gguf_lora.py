@@ -46,10 +46,10 @@ def gguf_lora_tensors(loras: dict[str, Lora], config) -> list[LoraTensors]:
     arch = next(a for a, name in MODEL_ARCH_NAMES.items() if name == GGUF_ARCHS[config.model_type])
     names = get_tensor_name_map(arch, config.num_hidden_layers)
     alpha = lora_alpha(loras)
+    tied = getattr(config, "tie_word_embeddings", False)
     out = []
     for hf_name, lora in sorted(loras.items()):
         gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
-        tied = getattr(config, "tie_word_embeddings", False)
         if gguf_name == "output.weight" and tied:
             raise UserError(
                 "the adapter changes lm_head, which this model ties to its embeddings and llama.cpp LoRA files "

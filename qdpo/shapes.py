@@ -45,10 +45,12 @@ class ModelShape:
         qwen = config.get("model_type") in ("qwen2", "qwen2_moe")  # Qwen2 always has q/k/v biases
         experts = config.get("num_local_experts") or config.get("num_experts") or 0
         moe = {}
-        if experts:
-            width = config.get("moe_intermediate_size") or config["intermediate_size"]
-            moe = dict(experts=experts, expert_intermediate=width)
-            moe["dense_intermediate"] = config.get("shared_expert_intermediate_size") or 0
+        if experts:  # the block's nn.Linear MLP is the shared expert, if any
+            moe = dict(
+                experts=experts,
+                expert_intermediate=config.get("moe_intermediate_size") or config["intermediate_size"],
+                dense_intermediate=config.get("shared_expert_intermediate_size") or 0,
+            )
         return cls(
             hidden=config["hidden_size"],
             layers=config["num_hidden_layers"],
