@@ -7,13 +7,21 @@ prompt+rejected keys, causally aligned at the lower right (torch's `causal_lower
 takes that bias only on its quadratic math path, the prompt's queries join the call as a square causal one and
 their outputs are dropped). Both calls use SDPA's `enable_gqa`, so K/V stay at their own head count.
 
+A sliding window that cuts a call (Mistral v0.1, Gemma-3's local layers, Phi-3) has no causal kernel, so that
+call runs one block of queries at a time, each over only the keys its window reaches, with a small band mask
+shared by every block: memory grows with length x window, never with length squared.
+
 It plugs into transformers' attention-function registry as "qdpo_sdpa": each family still computes its own
-q/k/v, rotary, scaling and norms, and hands them here. Without span information (the plain layout,
-generation, anything else) it is transformers' own SDPA attention. Families whose attention SDPA cannot
-compute (soft-capped scores) or whose sliding window would cut a pair keep the dense mask (qdpo.step).
+q/k/v, rotary, scaling, norms and window, and hands them here. Without span information (generation, anything
+else) it is transformers' own SDPA attention. Families whose attention SDPA cannot compute (soft-capped scores)
+keep the dense mask (qdpo.step).
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +30,11 @@ from torch.nn.attention.bias import causal_lower_right
 IMPLEMENTATION = "qdpo_sdpa"
 Span = tuple[int, int, int, int, int]  # row, start, prompt, chosen and rejected tokens of one pair
 calls = 0  # span calls made: qdpo.step checks that every layer made one, and tests that this path ran
+_maskless = False  # inside `no_mask()`: transformers builds no mask, since span_attention needs none
+# Queries per block of a windowed call: each reads BLOCK + window keys, and the one band mask they share is
+# BLOCK x (BLOCK + window) scores (per query head of a kv head on the GPU); smaller blocks waste fewer masked
+# scores but make more calls.
+BLOCK = 1024
 # Families whose decoder layers do not hand the attention kwargs on (transformers 5.24), so the spans never arrive:
 # qdpo.step finds that out at the first forward and keeps the dense mask; the planner knows it beforehand.
 DROPS_ATTENTION_KWARGS = ("stablelm",)
@@ -45,29 +58,140 @@ def span_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     global calls
     calls += 1
-    gqa = key.shape[1] != query.shape[1]
-    sdpa = dict(dropout_p=dropout, scale=scaling, enable_gqa=gqa)
+    window = layer_window(module)
+    sdpa = dict(dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    rows, width = query.shape[0], query.shape[2]
+    if qdpo_spans == tuple((row, 0, width, 0, 0) for row in range(rows)):  # whole rows (the plain layout): batched
+        return causal(query, key, value, window, sdpa).transpose(1, 2).contiguous(), None
     out = query.new_zeros(query.shape)  # padding positions stay 0: nothing reads them
     for row, start, p, c, r in qdpo_spans:
         q, k, v = query[row : row + 1], key[row : row + 1], value[row : row + 1]
         first = slice(start, start + p + c)
-        out[row : row + 1, :, first] = F.scaled_dot_product_attention(
-            q[:, :, first], k[:, :, first], v[:, :, first], is_causal=True, **sdpa
-        )
+        out[row : row + 1, :, first] = causal(q[:, :, first], k[:, :, first], v[:, :, first], window, sdpa)
         if not r:
             continue
         prompt, rejected = slice(start, start + p), slice(start + p + c, start + p + c + r)
         keys = torch.cat([k[:, :, prompt], k[:, :, rejected]], dim=2)
         values = torch.cat([v[:, :, prompt], v[:, :, rejected]], dim=2)
-        if lower_right_is_fast(query):
-            got = F.scaled_dot_product_attention(
-                q[:, :, rejected], keys, values, attn_mask=causal_lower_right(r, p + r), **sdpa
-            )
+        if lower_right_is_fast(query) or cuts(window, p + r):
+            got = causal(q[:, :, rejected], keys, values, window, sdpa)
         else:
             queries = torch.cat([q[:, :, prompt], q[:, :, rejected]], dim=2)
-            got = F.scaled_dot_product_attention(queries, keys, values, is_causal=True, **sdpa)[:, :, p:]
+            got = causal(queries, keys, values, window, sdpa)[:, :, p:]
         out[row : row + 1, :, rejected] = got
     return out.transpose(1, 2).contiguous(), None
+
+
+def layer_window(module: torch.nn.Module) -> int | None:
+    """The sliding window of an attention module's layer (None: full attention), as its own mask would have it.
+
+    From the config, as qdpo.families builds the dense masks, not from the attention function's `sliding_window`
+    argument: some families (Qwen2-MoE) keep the window in their mask only and never pass it."""
+    from qdpo.families import layer_windows
+
+    if getattr(module, "config", None) is None:  # called outside a model (benchmarks/flex_check.py): no window
+        return None
+    windows = layer_windows(module.config)
+    return windows["*"] if "*" in windows else windows[module.config.layer_types[module.layer_idx]]
+
+
+def cuts(window: int | None, length: int) -> bool:
+    """Whether a sliding window hides some earlier key from some query of a `length`-token causal call."""
+    return window is not None and window < length
+
+
+def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, sdpa: dict) -> torch.Tensor:
+    """Causal attention for queries at the last q.shape[2] of the key positions (lower-right aligned), each seeing
+    the keys at or before its own position, and with a window only the last `window` of them."""
+    nq, nk = q.shape[2], k.shape[2]
+    if cuts(window, nk):
+        return windowed(q, k, v, window, sdpa)
+    if nq == nk:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **sdpa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(nq, nk), **sdpa)
+
+
+def windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sdpa: dict) -> torch.Tensor:
+    """Sliding-window causal attention one block of queries at a time, each over the keys its window reaches."""
+    n, heads, nq, dim = q.shape
+    nk, kv_heads = k.shape[2], k.shape[1]
+    groups = heads // kv_heads
+    fold = groups > 1 and folds_gqa(q)
+    outs = []
+    for a, b, lo, hi in blocks(nq, nk, window):
+        queries, keys, values = q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi]
+        mask = band_mask(b - a, hi - lo, window, q.device, q.dtype, groups if fold else 1)
+        if fold:  # each kv head's query heads as one longer run of queries, their mask rows stacked to match
+            queries = queries.reshape(n, kv_heads, groups * (b - a), dim)
+        got = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, **{**sdpa, "enable_gqa": groups > 1 and not fold}
+        )
+        outs.append(got.view(n, heads, b - a, dim))
+    return torch.cat(outs, dim=2)
+
+
+def folds_gqa(q: torch.Tensor) -> bool:
+    """Whether windowed calls fold GQA's query heads onto their kv head instead of passing enable_gqa.
+
+    CUDA's one fused kernel that takes a mask (memory-efficient attention) does not take enable_gqa: SDPA would fall
+    back to its math kernel, which saves every block's [heads, queries, keys] weights. Folded, each kv head meets
+    its query heads as one run of queries: a copy of q instead of k and v copied to every head. The CPU's flash
+    kernel takes the mask and enable_gqa together."""
+    return q.is_cuda
+
+
+def blocks(nq: int, nk: int, window: int) -> list[tuple[int, int, int, int]]:
+    """(first query, one past the last query, first key, one past the last key) of each block of a windowed call."""
+    out = []
+    for a in range(0, nq, BLOCK):
+        b = min(a + BLOCK, nq)
+        hi = nk - nq + b  # one past the key position of the block's last query
+        lo = max(0, hi - round_up(b - a + window - 1, 8))  # an 8-aligned key count: what CUDA's kernel reads fastest
+        out.append((a, b, lo, hi))
+    return out
+
+
+def window_cuts(config, length: int) -> bool:
+    """Whether some layer's sliding window hides earlier tokens of a `length`-token row of this model."""
+    from qdpo.families import layer_windows, shared_layout_problem
+
+    if shared_layout_problem(config):  # layer types qdpo does not know: it leaves the mask to transformers
+        return False
+    return any(cuts(w, length) for w in layer_windows(config).values())
+
+
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple."""
+    return -(-n // multiple) * multiple
+
+
+def band_mask(
+    rows: int, cols: int, window: int, device: torch.device, dtype: torch.dtype, groups: int = 1
+) -> torch.Tensor:
+    """[groups x rows, cols] additive mask: query i (at key position cols - rows + i) sees key j when 0 <= its
+    distance < window (0 there, -inf elsewhere), stacked `groups` times: the lower-right corner of the window's one
+    full-block mask (a view of it, except for a folded block of fewer than BLOCK queries)."""
+    full = full_band_mask(window, BLOCK, groups, device, dtype)
+    return full[:, BLOCK - rows :, full.shape[2] - cols :].reshape(groups * rows, cols)
+
+
+@functools.lru_cache(maxsize=4)
+def full_band_mask(window: int, block: int, groups: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The mask of a full block (`block` queries over the most keys one reads, `groups` times), shared by every
+    windowed call.
+
+    Additive in the compute dtype, not boolean: SDPA turns a boolean mask into a new float one at every call and
+    saves that for backward. Every block's mask is a corner of this one, so autograd saves views of one tensor."""
+    rows, cols = block, round_up(block + window - 1, 8)
+    ones = torch.ones(rows, cols, dtype=torch.bool, device=device)
+    visible = ones.tril(cols - rows) & ~ones.tril(cols - rows - window)  # 0 <= distance < window
+    mask = torch.zeros(rows, cols, dtype=dtype, device=device).masked_fill_(~visible, float("-inf"))
+    return mask.expand(groups, rows, cols).contiguous()
+
+
+def band_mask_bytes(window: int, dtype_bytes: int, groups: int = 1) -> int:
+    """Bytes of full_band_mask (for the planner)."""
+    return groups * BLOCK * round_up(BLOCK + window - 1, 8) * dtype_bytes
 
 
 def lower_right_is_fast(query: torch.Tensor) -> bool:
@@ -81,8 +205,23 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    def mask(*args, **kwargs):
+        return None if _maskless else sdpa_mask(*args, **kwargs)
+
     AttentionInterface.register(IMPLEMENTATION, span_attention)
-    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(IMPLEMENTATION, mask)
+
+
+@contextlib.contextmanager
+def no_mask() -> Iterator[None]:
+    """Inside, transformers builds no attention mask for qdpo_sdpa models: a forward with spans needs none, and with
+    a window that cuts the row transformers would build a [rows, 1, T, T] one."""
+    global _maskless
+    before, _maskless = _maskless, True
+    try:
+        yield
+    finally:
+        _maskless = before
 
 
 def use_span_attention(model) -> bool:
@@ -95,16 +234,10 @@ def use_span_attention(model) -> bool:
     return True
 
 
-def span_problem(config, spans: tuple[Span, ...]) -> str | None:
-    """Why the span attention cannot be exact for this model and micro-batch (then the dense mask is), or None."""
-    from qdpo.families import layer_windows
-
+def span_problem(config) -> str | None:
+    """Why the span attention cannot be exact for this model (then the dense mask is), or None."""
     if getattr(config, "_attn_implementation", None) != IMPLEMENTATION:
         return f"the model's attention is {getattr(config, '_attn_implementation', None)}"
     if getattr(config, "attn_logit_softcapping", None):
         return "its attention scores are soft-capped, which SDPA cannot do"
-    longest = max((p + max(c, r) for _, _, p, c, r in spans), default=0)
-    windows = [w for w in layer_windows(config).values() if w is not None and w < longest]
-    if windows:
-        return f"its sliding window ({windows[0]}) cuts a {longest}-token sequence"
     return None

@@ -174,9 +174,9 @@ def exact_settings(config: Config, model_config: Any) -> tuple[Config, list[str]
         "shared": "shared-prompt layout",
         "packed": "packed layout",
     }[config.batch_layout]
-    windows = sorted({w for w in layer_windows(model_config).values() if w}) if config.batch_layout != "plain" else []
+    windows = sorted({w for w in layer_windows(model_config).values() if w}) if problem is None else []
     if windows:
-        layout += f" (sliding window {windows[0]} kept in the mask)"
+        layout += f" (sliding window {windows[0]} kept)"
     then = {
         "softcap": ", then soft-capped",
         "divide": ", then divided by logits_scaling",

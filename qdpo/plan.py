@@ -28,10 +28,18 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from qdpo.attention import DROPS_ATTENTION_KWARGS, IMPLEMENTATION, span_problem
+from qdpo.attention import (
+    BLOCK,
+    DROPS_ATTENTION_KWARGS,
+    IMPLEMENTATION,
+    band_mask_bytes,
+    cuts,
+    span_problem,
+    window_cuts,
+)
 from qdpo.config import Config
 from qdpo.errors import UserError
-from qdpo.families import exact_settings
+from qdpo.families import exact_settings, layer_windows, shared_layout_problem
 from qdpo.model import resolve_model
 from qdpo.nf4 import NF4_BLOCKSIZE
 from qdpo.shapes import ModelShape, model_config
@@ -140,6 +148,7 @@ class Geometry:
     shared: bool
     # prompt, chosen, rejected tokens per pair on causal calls with no mask (the plain layout: (0, width, 0))
     span: tuple[int, int, int] | None = None
+    windows: tuple[int | None, ...] = (None,)  # the sliding window of each kind of layer (None: full attention)
 
     @property
     def tokens(self) -> int:
@@ -250,19 +259,26 @@ def optimizer_lines(shape: ModelShape, cfg: Config) -> list[Line]:
     return [Line(LORA_GRADS, grads, "one fp32 grad per LoRA param"), Line(OPTIMIZER, states, note)]
 
 
-def span_attention_bytes(shape: ModelShape, d: int, span: tuple[int, int, int], cuda: bool) -> float:
+def span_attention_bytes(
+    shape: ModelShape, d: int, span: tuple[int, int, int], cuda: bool, window: int | None = None
+) -> float:
     """Bytes per row token that qdpo.attention's two causal calls per pair save (span = prompt, chosen, rejected).
 
     q, k and v once (slices are views; k/v at their own head count: enable_gqa), each call's output and
     logsumexp, the prompt+rejected keys/values (concatenated copies); on the CPU the second call is square
-    over prompt+rejected, so its queries are a copy too and its output covers the prompt again.
+    over prompt+rejected, so its queries are a copy too and its output covers the prompt again. A call that a
+    sliding window cuts runs in blocks of rejected queries only, and on the GPU folds each block's query heads
+    onto their kv heads (qdpo.attention.windowed: a copy of those queries).
     """
     p, c, r = span
     a, kv, heads = shape.attn, shape.kv_heads * shape.head_dim, shape.heads
-    second = r if cuda else p + r  # query positions of the rejected call
+    square = not cuda and not cuts(window, p + r)  # the CPU's second call, over the prompt's queries too
+    second = p + r if square else r  # query positions of the rejected call
     total = (a + 2 * kv) * d * (p + c + r)  # q, k, v
     total += (a * d + heads * FP32) * (p + c + second)  # outputs and logsumexps of both calls
-    total += 2 * kv * d * (p + r) + (0 if cuda else a * d * (p + r))  # concatenated keys/values (and queries)
+    total += 2 * kv * d * (p + r) + (a * d * (p + r) if square else 0)  # concatenated keys/values (and queries)
+    if cuda and shape.kv_heads != shape.heads:  # each cut call's queries folded onto their kv heads: a copy
+        total += a * d * sum(queries for queries, keys in ((p + c, p + c), (r, p + r)) if cuts(window, keys))
     return total / (p + c + r)
 
 
@@ -274,12 +290,13 @@ def attention_saved_per_token(
     grad_in: bool,
     span: tuple[int, int, int] | None = None,
     cuda: bool = True,
+    window: int | None = None,
 ) -> tuple[int, bool]:
     """Bytes per token the attention half of a layer saves, and whether its output needs grad.
 
     grad_in is False only in layer 0, whose input (the embeddings) needs no grad: there autograd saves
     nothing until the first adapted module. span (prompt, chosen, rejected tokens of a pair): the shared-prompt
-    layout on qdpo.attention's causal calls instead of the dense mask.
+    layout on qdpo.attention's causal calls instead of the dense mask; window: the layer's sliding window.
     """
     h, a = shape.hidden, shape.attn
     cast = d != FP32  # peft casts each adapter's input to the fp32 LoRA dtype: one copy per adapted module
@@ -288,15 +305,16 @@ def attention_saved_per_token(
     saved += (len(qkv) if cast else min(len(qkv), 1)) * h * FP32  # fp32: q, k, v share the normed input
     needs_grad = grad_in or bool(qkv)
     if needs_grad and span is not None:
-        saved += round(span_attention_bytes(shape, d, span, cuda))
+        saved += round(span_attention_bytes(shape, d, span, cuda, window))
     elif needs_grad:
         # repeat_kv copies k and v to all heads, except with one kv head, where the expand stays a view
         kv = shape.head_dim if shape.kv_heads == 1 else a
         saved += (2 * a + 2 * kv) * d + shape.heads * FP32 + seq_len * d  # q, k, v, output; logsumexp; float mask row
-    two_calls = span is not None and (span[0] or span[2])  # the shared layout's calls, not the plain row's one
-    if "o_proj" in targets and (cast or not needs_grad or two_calls):
-        # o_proj's input; in fp32 with grad on one SDPA call it is SDPA's saved output itself (on the shared layout's
-        # path the calls' outputs are written into one new tensor)
+    # the shared layout's calls, or windowed blocks: not the plain row's one call
+    copied = span is not None and bool(span[0] or span[2] or cuts(window, span[1]))
+    if "o_proj" in targets and (cast or not needs_grad or copied):
+        # o_proj's input; in fp32 with grad on one SDPA call it is SDPA's saved output itself (on the span path's
+        # calls and blocks the outputs are written into one new tensor)
         saved += a * FP32
     return saved, needs_grad or "o_proj" in targets
 
@@ -334,9 +352,13 @@ def layer_saved_per_token(
     tiled: bool = False,
     span: tuple[int, int, int] | None = None,
     cuda: bool = True,
+    windows: tuple[int | None, ...] = (None,),
 ) -> int:
-    """Bytes one decoder layer saves for backward per token (first=True: layer 0, whose input needs no grad)."""
-    attention, grad_out = attention_saved_per_token(shape, targets, d, seq_len, not first, span, cuda)
+    """Bytes one decoder layer saves for backward per token (first=True: layer 0, whose input needs no grad), for
+    the costliest kind of layer (windows: each kind's sliding window)."""
+    attention, grad_out = max(
+        attention_saved_per_token(shape, targets, d, seq_len, not first, span, cuda, w) for w in windows
+    )
     lora_linears = [t for t in BLOCK_LINEARS if t in targets and not (tiled and t in MLP_LINEARS)]
     lora_mid = len(lora_linears) * r * FP32  # lora_A outputs (the MLP's stay inside a tiled MLP's tile)
     return attention + mlp_saved_per_token(shape, targets, d, grad_in=grad_out, tiled=tiled) + lora_mid
@@ -365,10 +387,16 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
     """What autograd keeps between forward and backward in the decoder, with or without checkpointing/offload."""
     targets = lora_targets(cfg)
     tiled = 0 < getattr(cfg, "tiled_mlp", 0) < g.width  # one tile spanning the row is the plain MLP
-    per_layer = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, False, tiled, g.span, cuda) * g.tokens
-    first = layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, True, tiled, g.span, cuda) * g.tokens
+    per_layer, first = (
+        layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, first, tiled, g.span, cuda, g.windows) * g.tokens
+        for first in (False, True)
+    )
     # cos and sin: one copy shared by every layer (per row when shared rows carry their own position ids)
     rotary = 2 * (g.rows if g.shared else 1) * g.width * shape.head_dim * d
+    if g.span:  # and the windowed blocks' one band mask per window (qdpo.attention.full_band_mask)
+        longest = g.span[0] + max(g.span[1], g.span[2])
+        groups = shape.heads // shape.kv_heads if cuda else 1  # stacked per folded query head on the GPU
+        rotary += sum(band_mask_bytes(w, d, groups) for w in set(g.windows) if cuts(w, longest))
     offload = getattr(cfg, "offload_activations", False)
     on_cpu = " (in pinned CPU memory: offload_activations)"
     boundary = g.tokens * shape.hidden * d
@@ -529,11 +557,16 @@ def plan_memory(
     d = DTYPE_BYTES[name]
     g = geometry(b, t, prompt_len, cfg.batch_layout)
     decoder = model_config.get("text_config", model_config)
-    if g.shared and span_attention_applies(decoder, t):
+    loaded = SimpleNamespace(**{**decoder, "_attn_implementation": IMPLEMENTATION})  # as qdpo loads it
+    windows = tuple(layer_windows(loaded).values()) if shared_layout_problem(loaded) is None else (None,)
+    if g.shared and span_attention_applies(decoder):
         p = min(max(prompt_len, 1), t - 1)
-        g = replace(g, span=(p, t - p, t - p))
-    elif not g.shared and getattr(cfg, "logits_chunk_size", 0) > 0 and span_attention_applies(decoder, t, False):
-        g = replace(g, span=(0, t, 0))  # qdpo.step's right-padded rows without a padding mask: one causal call
+        g = replace(g, span=(p, t - p, t - p), windows=windows)
+    elif not g.shared and getattr(cfg, "logits_chunk_size", 0) > 0:
+        # qdpo.step's right-padded rows without a padding mask: one causal call (in windowed blocks, through spans,
+        # where a window cuts the row)
+        if span_attention_applies(decoder, spans=window_cuts(loaded, t)):
+            g = replace(g, span=(0, t, 0), windows=windows)
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
     lines += peak_lines(activation_lines(shape, cfg, d, g, device == "cuda"), logits_lines(shape, cfg, d, g))
     lines = per_rank_lines(shape, cfg, d, lines, processes)
@@ -550,6 +583,9 @@ def plan_memory(
         attention = "causal SDPA, no mask (rows are right-padded), k/v at their own head count"
     else:
         attention = "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)"
+    cutting = sorted({w for w in g.windows if w is not None and g.span and cuts(w, t)})
+    if cutting:
+        attention += f"; sliding window {cutting[0]} in blocks of {BLOCK} queries (one band mask)"
     assumptions = [f"compute dtype {name}", layout, attention]
     if processes > 1:
         how = "sharded (fsdp)" if cfg.strategy == "fsdp" else "each with the whole model (ddp)"
@@ -573,15 +609,13 @@ def plan_memory(
     return Plan(lines, b, t, name, device, assumptions)
 
 
-def span_attention_applies(decoder: dict[str, Any], max_length: int, spans: bool = True) -> bool:
+def span_attention_applies(decoder: dict[str, Any], spans: bool = True) -> bool:
     """Whether a step on this config.json runs causal SDPA calls with no mask: qdpo.attention's own rule
-    (span_problem) at the worst case, one pair of max_length-token responses, on a model loaded as qdpo loads it,
-    and (spans: the shared layout, which hands them down) not a family whose layers drop the attention kwargs
-    (found only at run time, known here). The plain layout's right-padded rows need no spans."""
+    (span_problem) on a model loaded as qdpo loads it, and (spans: the forward hands spans down) not a family whose
+    layers drop the attention kwargs (found only at run time, known here)."""
     if spans and decoder.get("model_type") in DROPS_ATTENTION_KWARGS:
         return False
-    loaded = SimpleNamespace(**{**decoder, "_attn_implementation": IMPLEMENTATION})
-    return span_problem(loaded, ((0, 0, 1, max_length - 1, max_length - 1),)) is None
+    return span_problem(SimpleNamespace(**{**decoder, "_attn_implementation": IMPLEMENTATION})) is None
 
 
 def fits(

@@ -28,6 +28,29 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def span_forward(base, input_ids: torch.Tensor, positions: torch.Tensor | None, spans) -> torch.Tensor | None:
+    """The decoder's hidden states with qdpo.attention's causal calls per span and no mask, or None when some layer
+    never saw the spans (then this model takes transformers' mask from now on)."""
+    if base in DENSE_ONLY:
+        return None
+    before = attention.calls
+    with attention.no_mask():
+        # The all-ones 2-D mask keeps transformers from reading restarted position ids as packed sequences.
+        hidden = base.get_decoder()(
+            input_ids=input_ids,
+            attention_mask=torch.ones(input_ids.shape, dtype=torch.long, device=input_ids.device),
+            position_ids=positions,
+            use_cache=False,
+            qdpo_spans=spans,
+        ).last_hidden_state
+    if attention.calls - before != len(base.get_decoder().layers):
+        # Some layer never saw the spans (StableLM's decoder layer drops the attention kwargs): its attention was
+        # plain causal over the whole row. Throw that away.
+        DENSE_ONLY.add(base)
+        return None
+    return hidden
+
+
 def score_shared_prompt(
     model, batch: SharedPromptBatch, logits_chunk_size: int, aligned: bool = False
 ) -> SequenceScores:
@@ -41,22 +64,8 @@ def score_shared_prompt(
         )
     positions = batch.position_ids.to(device)
     hidden = None
-    if batch.spans and base not in DENSE_ONLY and attention.span_problem(base.config, batch.spans) is None:
-        # Two causal calls per pair in every layer (qdpo.attention): no [T, T] mask, K/V not repeated. The
-        # all-ones 2-D mask keeps transformers from reading the restarted position ids as packed sequences.
-        before = attention.calls
-        hidden = base.get_decoder()(
-            input_ids=batch.input_ids.to(device),
-            attention_mask=torch.ones(batch.input_ids.shape, dtype=torch.long, device=device),
-            position_ids=positions,
-            use_cache=False,
-            qdpo_spans=batch.spans,
-        ).last_hidden_state
-        if attention.calls - before != len(base.get_decoder().layers):
-            # Some layer never saw the spans (StableLM's decoder layer drops the attention kwargs): its attention
-            # was plain causal over the whole row. Throw that away; this model takes the dense mask from now on.
-            DENSE_ONLY.add(base)
-            hidden = None
+    if batch.spans and attention.span_problem(base.config) is None:
+        hidden = span_forward(base, batch.input_ids.to(device), positions, batch.spans)
     if hidden is None:
         # Built after the checks: a packed row's [1, 1, W, W] mask can be hundreds of MB.
         allowed = shared_prompt_mask(batch.segments.to(device), batch.pair_ids.to(device))
@@ -94,7 +103,14 @@ def score_batch(
         # No padding mask: rows are right-padded, so causal attention alone never lets a real token see padding.
         # With a mask transformers would build a [2B, 1, T, T] one per forward and SDPA would repeat GQA's K/V to
         # every head on its masked path; without, it runs causal kernels with K/V at their own head count.
-        hidden = base.get_decoder()(input_ids=batch.input_ids.to(device), use_cache=False).last_hidden_state
+        ids = batch.input_ids.to(device)
+        hidden = None
+        if attention.window_cuts(base.config, ids.shape[1]) and attention.span_problem(base.config) is None:
+            # A sliding window that cuts the rows: transformers would build a [2B, 1, T, T] mask; qdpo.attention's
+            # blocked windowed calls need none (each row is one span of T tokens).
+            hidden = span_forward(base, ids, None, tuple((row, 0, ids.shape[1], 0, 0) for row in range(ids.shape[0])))
+        if hidden is None:
+            hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
         return chunked_sequence_logps(
             hidden,
             OutputHead(base.get_output_embeddings(), base.config),

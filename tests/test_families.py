@@ -351,11 +351,11 @@ def test_readme_family_table_is_the_suites():
     assert block.group(1) == family_table()
 
 
-# The shared-prompt layout without a dense mask (qdpo.attention) where it is exact on these pairs; the rest keep the
-# mask: a window that cuts these pairs, soft-capped attention scores (Gemma-2), or decoder layers that drop the
-# attention kwargs (StableLM, found at its first forward).
-SPAN_ATTENTION = {"llama", "qwen3", "gemma", "phi", "granite", "cohere", "olmo2"}
+# The shared-prompt layout without a dense mask (qdpo.attention), windows included; the rest keep the mask:
+# soft-capped attention scores (Gemma-2), or decoder layers that drop the attention kwargs (StableLM, found at its
+# first forward).
 WINDOWED = ("mistral", "mixtral", "qwen2", "qwen2_moe", "gemma3_text", "phi3")
+SPAN_ATTENTION = {"llama", "qwen3", "gemma", "phi", "granite", "cohere", "olmo2", *WINDOWED}
 
 
 def takes_span_attention(model, pairs, pad_id: int) -> bool:
@@ -402,3 +402,83 @@ def test_the_gpus_lower_right_call_matches_the_oracle(model_type, family_dirs, p
 
     monkeypatch.setattr(attention, "lower_right_is_fast", lambda query: True)
     span_layouts_match_the_oracle(load(family_dirs[model_type]), pairs, tokenizer.pad_token_id)
+
+
+def count_windowed_calls(monkeypatch) -> list[int]:
+    """Count qdpo.attention.windowed's query blocks from now on (one list entry per block)."""
+    from qdpo import attention
+
+    blocks, original = [], attention.blocks
+
+    def counted(*args):
+        out = original(*args)
+        blocks.extend(b - a for a, b, _, _ in out)
+        return out
+
+    monkeypatch.setattr(attention, "blocks", counted)
+    return blocks
+
+
+WINDOWED_CASES = [(t, 5, False) for t in ("mistral", "qwen2_moe", "gemma3_text", "phi3")]
+WINDOWED_CASES += [
+    ("mistral", 1024, False),
+    ("gemma3_text", 1024, False),
+    ("mistral", 5, True),
+    ("qwen2_moe", 5, True),
+]
+
+
+@pytest.mark.parametrize("model_type, block, fold", WINDOWED_CASES)
+def test_windowed_attention_matches_the_oracle(model_type, block, fold, family_dirs, pairs, tokenizer, monkeypatch):
+    """Where the window (8) cuts the pairs, every layout runs qdpo.attention's windowed blocks, no mask: blocks of 5
+    queries (shorter than the window, so each reaches back into earlier blocks; the last one partial) and one block
+    per call give the model's own scores, and so does the GPU's way of running them (fold: each kv head's query
+    heads folded into one run of queries, the mask rows stacked). Qwen2-MoE keeps its window in its mask only (no
+    `sliding_window` argument reaches the attention function); Gemma-3 mixes local and global layers."""
+    from qdpo import attention
+
+    monkeypatch.setattr(attention, "BLOCK", block)
+    monkeypatch.setattr(attention, "folds_gqa", lambda q: fold)
+    blocks = count_windowed_calls(monkeypatch)
+    model = load(family_dirs[model_type])
+    perturb_policy(model)
+    want = oracle(model, pairs[:3], reference=False)
+    for layout in LAYOUTS:
+        model.train()
+        blocks.clear()
+        got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, layout), 5).logps.detach().double()
+        error = (got - want).abs().max().item()
+        assert error < 2e-3, f"{model_type} {layout}: off the oracle by {error:.4g} nats"
+        assert blocks and max(blocks) == min(block, max(blocks)) and (block > 100 or min(blocks) < block), blocks
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["enable_gqa", "folded"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_windowed_attention_gradients_match_the_dense_mask(layout, fold, family_dirs, pairs, tokenizer, monkeypatch):
+    """The LoRA gradients of a DPO loss through the windowed blocks (blocks of 5; with GQA passed to SDPA as the CPU
+    runs them, or folded as the GPU does) equal those through the dense mask (transformers' own for plain rows,
+    qdpo's for shared and packed ones), to fp32 rounding."""
+    from qdpo import attention
+
+    batch = make_batch(pairs[:3], tokenizer.pad_token_id, layout)
+    config = Config(model="x", data="y", logits_chunk_size=5)
+    grads = {}
+    for path in ("blocks", "dense"):
+        with monkeypatch.context() as m:
+            m.setattr(attention, "BLOCK", 5)
+            m.setattr(attention, "folds_gqa", lambda q: fold)
+            blocks = count_windowed_calls(m)
+            if path == "dense":
+                m.setattr(attention, "span_problem", lambda config: "dense, for comparison")
+            model = load(family_dirs["mistral"])
+            perturb_policy(model)
+            model.train()
+            losses, _, _, _ = preference_loss(model, batch, config)
+            losses.sum().backward()
+            assert bool(blocks) == (path == "blocks")
+            grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["blocks"].keys() == grads["dense"].keys() and len(grads["dense"]) > 4
+    for name, want in grads["dense"].items():
+        assert want.abs().max() > 0, name
+        error = (grads["blocks"][name] - want).abs().max().item()
+        assert error <= 1e-4 * want.abs().max().item(), f"{name}: {error:.3g} off, of {want.abs().max().item():.3g}"

@@ -28,6 +28,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from qdpo import attention
 from qdpo import plan as P
 from qdpo.batching import Batch
 from qdpo.batching import make_batch as build_batch
@@ -409,6 +410,24 @@ def test_saved_tensors_match_plan_with_tiled_mlp(gqa_dir, checkpointing, layout)
     assert plan_for(model_config, config).bytes_of(P.RECOMPUTE, P.LAYERS) < untiled.bytes_of(P.RECOMPUTE, P.LAYERS)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_saved_tensors_match_plan_with_a_sliding_window(tmp_path_factory, checkpointing, layout, monkeypatch):
+    """A window of 16 that cuts the 80-token rows, in blocks of 8 queries (qdpo.attention.windowed): every layout
+    runs the blocks, and the plan counts what they save (the CPU's rejected call on its own queries only)."""
+    monkeypatch.setattr(attention, "BLOCK", 8)
+    arch, sizes = SHAPES["mistral-gqa"]
+    name, path, model_config = save_tiny(
+        "mistral-window", tmp_path_factory, {"mistral-window": (arch, {**sizes, "sliding_window": 16})}
+    )
+    config = settings(checkpointing, chunk=16, layout=layout)
+    before = attention.calls
+    check_saved(f"{name} window=16 {layout} ckpt={int(checkpointing)}", path, model_config, config)
+    assert attention.calls > before  # the windowed blocks ran, not transformers' mask
+    unwindowed = plan_for({**model_config, "sliding_window": None}, config).bytes_of(P.RECOMPUTE, P.LAYERS)
+    assert plan_for(model_config, config).bytes_of(P.RECOMPUTE, P.LAYERS) != unwindowed or layout == "plain"
+
+
 # ---------------------------------------------------------------- 3. the step's high-water mark
 
 PEAK_TOLERANCE = 0.15  # working memory is fitted, not derived: the plan landed 4% under to 7% over on these shapes
@@ -678,19 +697,24 @@ LONG_SHAPE = {
             vocab_size=256,
             max_position_embeddings=16384,
         ),
-    )
+    ),
 }
+# The same with a sliding window of 512 (Mistral v0.1 style): qdpo.attention's windowed blocks on every layout.
+LONG_SHAPE["mistral-narrow-window"] = ("mistral", {**LONG_SHAPE["llama-narrow"][1], "sliding_window": 512})
 LONG_LENGTHS = (2048, 4096, 8192)  # max_length: a shared-prompt row of 2 x max_length - 16 tokens, 4k to 16k
 
 
+@pytest.mark.parametrize("shape", list(LONG_SHAPE))
 @pytest.mark.parametrize("layout", ["shared", "plain"])
-def test_long_pairs_grow_linearly_and_match_the_plan(tmp_path_factory, layout):
+def test_long_pairs_grow_linearly_and_match_the_plan(tmp_path_factory, layout, shape, monkeypatch):
     """One pair per step from 2k to 8k tokens per response (shared: rows of 4k-16k tokens; plain: two rows of
     2k-8k, the rejected one 5 tokens short, so padded), checkpointed, chunked head, tiled MLP: the measured peak
     grows linearly with the length, the plan is within 10% at each length, and no allocation is as large as a
-    [T, T] boolean mask or a [T, vocab] fp32 logits tensor."""
+    [T, T] boolean mask or a [T, vocab] fp32 logits tensor. With a sliding window (512), in blocks of 256 queries:
+    their one band mask, [256, 768] fp32, is the same at every length."""
+    monkeypatch.setattr(attention, "BLOCK", 256)
     name, path, model_config = save_tiny(
-        "llama-narrow", tmp_path_factory, {k: (a, dict(v)) for k, (a, v) in LONG_SHAPE.items()}
+        shape, tmp_path_factory, {k: (a, dict(v)) for k, (a, v) in LONG_SHAPE.items()}
     )
     # plain: two rows per pair, so tiles of 512 hold as many tokens as the shared row's 1024 (and on this shape, whose
     # MLP is as wide as its vocabulary, a [2, 1024, 256] tile would be as large as [2048, vocab] logits)
@@ -698,6 +722,7 @@ def test_long_pairs_grow_linearly_and_match_the_plan(tmp_path_factory, layout):
     model = load(path, config)
     peaks = []
     for length in LONG_LENGTHS:
+        attention.full_band_mask.cache_clear()  # made in the step, as in a run's first one (then kept)
         geometry = dict(pairs=1, length=length, prompt=16)
         batch = batch_for(model_config, config, geometry)
         measured, largest = step_allocations(model, batch, config)
