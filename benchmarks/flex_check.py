@@ -14,12 +14,17 @@ layer of Llama-3-8B's shape (32 query heads, 8 K/V heads, head dim 128, bf16), o
 For each: the output and the q/k/v gradients against a float64 reference of the dense rule (at the shortest length
 only; at the longer ones against "causal calls"), the median forward + backward time of --repeats after a warm-up
 (flex's compile happens in the warm-up), and torch.cuda.max_memory_allocated above what existed before.
+With --window W, a sliding window of W positions (Mistral v0.1: 4096) on top of the rule: "causal calls" are then
+qdpo.attention's windowed blocks as a GPU runs them (each kv head's query heads folded into one run of queries),
+and "blocks, enable_gqa" the same blocks passing enable_gqa instead, which CUDA's masked kernel does not take (the
+fold exists because SDPA would fall back to its math kernel: this row shows what that costs).
 With --softcap C, Gemma-2's soft-capped scores (C * tanh(s / C)): qdpo keeps the dense mask for those families, since
 SDPA cannot cap; flex can, through a score_mod. The row then compares "eager" (transformers' eager attention rule,
 which is what qdpo runs for them) with "flex".
 
     python benchmarks/flex_check.py --out flex.json                 # GPU, a few minutes on an H200 (compiles)
     python benchmarks/flex_check.py --softcap 50 --out flex-cap.json
+    python benchmarks/flex_check.py --window 4096 --out flex-window.json
     python benchmarks/flex_check.py --smoke                          # CPU: forward only, tiny shape, checks the rule
 """
 
@@ -30,11 +35,13 @@ import json
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+import qdpo.attention
 from qdpo.attention import span_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -46,20 +53,33 @@ def segments(prompt: int, chosen: int, rejected: int, device: str) -> torch.Tens
     return torch.repeat_interleave(torch.arange(3, device=device), sizes)
 
 
-def rule(part: torch.Tensor):
-    """flex's mask_mod: causal, except that rejected queries never see chosen keys."""
+def positions(part: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its own sequence: the rejected answer follows the prompt, not chosen."""
+    chosen = int((part == 1).sum())
+    pos = torch.arange(part.shape[0], device=part.device)
+    return torch.where(part == 2, pos - chosen, pos)
+
+
+def rule(part: torch.Tensor, window: int | None):
+    """flex's mask_mod: causal, except that rejected queries never see chosen keys (and within the window)."""
+    pos = positions(part)
 
     def allowed(b, h, q, k):
-        return (k <= q) & ~((part[q] == 2) & (part[k] == 1))
+        ok = (k <= q) & ~((part[q] == 2) & (part[k] == 1))
+        return ok & (pos[q] - pos[k] < window) if window else ok
 
     return allowed
 
 
-def dense_mask(part: torch.Tensor) -> torch.Tensor:
+def dense_mask(part: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """The same rule as a [T, T] boolean tensor, written out on its own (not through flex)."""
     n = part.shape[0]
     causal = torch.ones(n, n, dtype=torch.bool, device=part.device).tril()
-    return causal & ~((part[:, None] == 2) & (part[None, :] == 1))
+    mask = causal & ~((part[:, None] == 2) & (part[None, :] == 1))
+    if window:
+        pos = positions(part)
+        mask &= (pos[:, None] - pos[None, :]) < window
+    return mask
 
 
 def reference(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
@@ -74,10 +94,13 @@ def reference(q, k, v, mask: torch.Tensor, scale: float, softcap: float | None) 
     return torch.softmax(scores, dim=-1) @ v
 
 
-def ways(part, spans, scale: float, softcap: float | None, dense_ok: bool, device: str, compiled) -> dict:
+def ways(
+    part, spans, scale: float, softcap: float | None, dense_ok: bool, device: str, compiled, window: int | None = None
+) -> dict:
     """Each way as a function (q, k, v) -> [1, H, T, D]."""
     n = part.shape[0]
-    block = create_block_mask(rule(part), None, None, n, n, device=device)
+    block = create_block_mask(rule(part, window), None, None, n, n, device=device)
+    layer = SimpleNamespace(config=SimpleNamespace(sliding_window=window, layer_types=None), layer_idx=0)
 
     def flex(q, k, v):
         score_mod = None
@@ -89,10 +112,17 @@ def ways(part, spans, scale: float, softcap: float | None, dense_ok: bool, devic
         return compiled(q, k, v, score_mod=score_mod, block_mask=block, scale=scale, enable_gqa=True)
 
     def causal_calls(q, k, v):
-        return span_attention(None, q, k, v, None, scaling=scale, qdpo_spans=spans)[0].transpose(1, 2)
+        return span_attention(layer, q, k, v, None, scaling=scale, qdpo_spans=spans)[0].transpose(1, 2)
+
+    def blocks_gqa(q, k, v):  # the windowed blocks passing enable_gqa with their mask, not folded
+        fold, qdpo.attention.folds_gqa = qdpo.attention.folds_gqa, lambda q: False
+        try:
+            return causal_calls(q, k, v)
+        finally:
+            qdpo.attention.folds_gqa = fold
 
     def dense(q, k, v):
-        mask = dense_mask(part)
+        mask = dense_mask(part, window)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
 
     def eager(q, k, v):  # transformers' eager attention with the soft cap, as Gemma-2 runs it
@@ -106,7 +136,10 @@ def ways(part, spans, scale: float, softcap: float | None, dense_ok: bool, devic
     if softcap:
         return {"eager": eager, "flex": flex} if dense_ok else {"flex": flex}
     found = {"dense": dense} if dense_ok else {}
-    return found | {"causal calls": causal_calls, "flex": flex}
+    found |= {"causal calls": causal_calls}
+    if window and device == "cuda":
+        found |= {"blocks, enable_gqa": blocks_gqa}
+    return found | {"flex": flex}
 
 
 def measure(fn, q, k, v, grad_out, device: str, repeats: int, backward: bool) -> tuple[float, int, list]:
@@ -147,6 +180,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="2048,8192,16384", help="tokens per response (row: prompt + 2x)")
     parser.add_argument("--prompt", type=int, default=256)
     parser.add_argument("--softcap", type=float, default=None, help="Gemma-2's attention soft cap (50)")
+    parser.add_argument("--window", type=int, default=None, help="a sliding window (Mistral v0.1: 4096)")
     parser.add_argument("--dense-max", type=int, default=20000, help="longest row the dense ways are run at")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
@@ -167,6 +201,7 @@ def main() -> None:
         "torch": torch.__version__,
         "heads": [heads, kv_heads, dim],
         "softcap": args.softcap,
+        "window": args.window,
     }
     print(json.dumps(env), flush=True)
     results = []
@@ -186,12 +221,12 @@ def main() -> None:
         exact = None
         if index == 0:  # float64 truth, with its own autograd for the gradients
             q64, k64, v64 = (t.detach().double().requires_grad_(backward) for t in (q, k, v))
-            out64 = reference(q64, k64, v64, dense_mask(part), scale, args.softcap)
+            out64 = reference(q64, k64, v64, dense_mask(part, args.window), scale, args.softcap)
             if backward:
                 (out64 * grad_out.double()).sum().backward()
             exact = [out64.detach()] + ([t.grad for t in (q64, k64, v64)] if backward else [])
             del q64, k64, v64, out64
-        found = ways(part, spans, scale, args.softcap, n <= args.dense_max, device, compiled)
+        found = ways(part, spans, scale, args.softcap, n <= args.dense_max, device, compiled, args.window)
         row = {"row_tokens": n}
         baseline = None
         for name, fn in found.items():

@@ -23,6 +23,8 @@
 #   flex-check      benchmarks/flex_check.py: one attention layer (8B shape) at rows of 4k-33k tokens, qdpo's causal
 #                   SDPA calls vs the dense mask vs compiled flex_attention with a block mask, then flex with
 #                   Gemma-2's soft cap against the eager path qdpo keeps for it: exactness, time, peak (minutes: flex compiles per length).
+#   window-check    benchmarks/flex_check.py --window 4096: the same layer with Mistral v0.1's sliding window, qdpo's
+#                   windowed blocks (GQA folded) vs the same blocks passing enable_gqa vs the dense mask vs flex.
 # Not yet run on a GPU: the sessions since these cases were written had none.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +42,7 @@ RESULTS=${OUT:-runs/bench-results}
 mkdir -p "$RESULTS"
 DEADLINE=$((SECONDS + BUDGET))
 CASES="7b-1024 7b-2048 8b-4096"
-LONG_CASES="long-8b-16k long-8b-32k long-7b-16k trl-8b-8k trl-8b-16k trl-7b-8k offload-check flex-check"
+LONG_CASES="long-8b-16k long-8b-32k long-7b-16k trl-8b-8k trl-8b-16k trl-7b-8k offload-check flex-check window-check"
 [ "$SMOKE" = 1 ] && CASES="micro-64 micro-128"
 [ "$SMOKE" = 1 ] || CASES="$CASES $LONG_CASES"
 for name in "$@"; do
@@ -117,6 +119,11 @@ CASE=flex-check; named "$@" && {
   { timeout "$((DEADLINE - SECONDS))" "$PY" benchmarks/flex_check.py --out "$RESULTS/$CASE.json" &&
     timeout "$((DEADLINE - SECONDS))" "$PY" benchmarks/flex_check.py --softcap 50 --lengths 2048,8192 --dense-max 8192 \
       --out "$RESULTS/$CASE-softcap.json"; } 2>&1 | tee "$RESULTS/$CASE.log"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "=== $CASE: FAILED or cut short" | tee -a "$RESULTS/$CASE.log"; }
+}
+CASE=window-check; named "$@" && {
+  timeout "$((DEADLINE - SECONDS))" "$PY" benchmarks/flex_check.py --window 4096 --out "$RESULTS/$CASE.json" 2>&1 |
+    tee "$RESULTS/$CASE.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "=== $CASE: FAILED or cut short" | tee -a "$RESULTS/$CASE.log"; }
 }
 exit $status

@@ -12,6 +12,7 @@ prompt, checkpointed, lm_head in chunks of 256; the peak is the CPU allocator's 
 
     python benchmarks/long_pairs.py                     # ~5 min on 2 cores; writes docs/memory_vs_length.png
     python benchmarks/long_pairs.py --time              # step time with and without tiled_mlp, SmolLM2, ~8 min
+    python benchmarks/long_pairs.py --window            # a sliding window of 512: dense mask vs windowed blocks
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def main() -> None:
     results = {}
     original = qdpo.attention.span_problem
     for name, (lengths, tile, dense) in PATHS.items():
-        qdpo.attention.span_problem = (lambda c, s: "dense, for comparison") if dense else original
+        qdpo.attention.span_problem = (lambda c: "dense, for comparison") if dense else original
         cfg = Config(model="x", data="y", lora_r=8, lora_alpha=16, logits_chunk_size=256, tiled_mlp=tile)
         base = load_base_4bit(ModelSource("m", str(folder)), torch.float32, torch.device("cpu"), True)
         model = add_lora(base, 8, 16, 0.0, ["all-linear"], None, seed=0).train()
@@ -164,7 +165,51 @@ def time_tiling(repeats: int = 3) -> None:
         print(f"tiled_mlp={tile}: seconds per step {', '.join(f'{t:.1f}' for t in seconds)}", flush=True)
 
 
+def windowed(repeats: int = 3) -> None:
+    """The same narrow model as Mistral v0.1 has it, with a sliding window (512) that cuts every row: peak and seconds
+    per step of the dense mask (as qdpo ran windowed families before) and of qdpo.attention's windowed blocks, on
+    both layouts, one pair per step, checkpointed, lm_head in chunks of 256."""
+    import time
+
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp())
+    config = MistralConfig(
+        vocab_size=VOCAB, max_position_embeddings=16384, pad_token_id=0, sliding_window=512, **SIZES
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one thread")
+    print("| layout | max_length | path | measured peak (MB) | seconds per step (best of 3) |")
+    print("|---|---|---|---|---|")
+    original = qdpo.attention.span_problem
+    base = load_base_4bit(ModelSource("m", str(folder)), torch.float32, torch.device("cpu"), True)
+    model = add_lora(base, 8, 16, 0.0, ["all-linear"], None, seed=0).train()
+    for layout in ("shared", "plain"):
+        cfg = Config(
+            model="x", data="y", lora_r=8, lora_alpha=16, logits_chunk_size=256, share_prompt=layout == "shared"
+        )
+        for length in (1024, 2048, 4096):
+            g = torch.Generator().manual_seed(length)
+            ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+            batch = make_batch([TokenizedPair(ids(PROMPT), ids(length - PROMPT), ids(length - PROMPT))], 0, layout)
+            for name, dense in (("dense mask", True), ("windowed blocks", False)):
+                qdpo.attention.span_problem = (lambda c: "dense, for comparison") if dense else original
+                qdpo.attention.full_band_mask.cache_clear()
+                peak = peak_bytes(model, batch, cfg)
+                seconds = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    losses, *_ = qdpo.step.preference_loss(model, batch, cfg, torch.zeros(2))
+                    losses.sum().backward()
+                    seconds.append(time.perf_counter() - start)
+                    model.zero_grad(set_to_none=True)
+                print(f"| {layout} | {length} | {name} | {peak / 1e6:.1f} | {min(seconds):.2f} |", flush=True)
+    qdpo.attention.span_problem = original
+
+
 if __name__ == "__main__":
     import sys
 
-    time_tiling() if "--time" in sys.argv else main()
+    time_tiling() if "--time" in sys.argv else windowed() if "--window" in sys.argv else main()
