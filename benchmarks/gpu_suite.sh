@@ -24,7 +24,8 @@
 #                   SDPA calls vs the dense mask vs compiled flex_attention with a block mask, then flex with
 #                   Gemma-2's soft cap against the eager path qdpo keeps for it: exactness, time, peak (minutes: flex compiles per length).
 #   window-check    benchmarks/flex_check.py --window 4096: the same layer with Mistral v0.1's sliding window, qdpo's
-#                   windowed blocks (GQA folded) vs the same blocks passing enable_gqa vs the dense mask vs flex.
+#                   windowed blocks (GQA folded) vs the same blocks passing enable_gqa vs the dense mask vs flex
+#                   (a 251-token prompt, so the rejected call's blocks start off 8-aligned key positions).
 # Not yet run on a GPU: the sessions since these cases were written had none.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -122,7 +123,7 @@ CASE=flex-check; named "$@" && {
   [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "=== $CASE: FAILED or cut short" | tee -a "$RESULTS/$CASE.log"; }
 }
 CASE=window-check; named "$@" && {
-  timeout "$((DEADLINE - SECONDS))" "$PY" benchmarks/flex_check.py --window 4096 --out "$RESULTS/$CASE.json" 2>&1 |
+  timeout "$((DEADLINE - SECONDS))" "$PY" benchmarks/flex_check.py --window 4096 --prompt 251 --out "$RESULTS/$CASE.json" 2>&1 |
     tee "$RESULTS/$CASE.log"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { status=1; echo "=== $CASE: FAILED or cut short" | tee -a "$RESULTS/$CASE.log"; }
 }

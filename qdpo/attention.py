@@ -121,12 +121,15 @@ def windowed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sdp
     for a, b, lo, hi in blocks(nq, nk, window):
         queries, keys, values = q[:, :, a:b], k[:, :, lo:hi], v[:, :, lo:hi]
         mask = band_mask(b - a, hi - lo, window, q.device, q.dtype, groups if fold else 1)
+        if q.is_cuda and mask.data_ptr() % 16:
+            mask = mask.contiguous()  # CUDA's masked kernel reads the mask from a 16-byte aligned address only
         if fold:  # each kv head's query heads as one longer run of queries, their mask rows stacked to match
             queries = queries.reshape(n, kv_heads, groups * (b - a), dim)
         got = F.scaled_dot_product_attention(
             queries, keys, values, attn_mask=mask, **{**sdpa, "enable_gqa": groups > 1 and not fold}
         )
-        outs.append(got.view(n, heads, b - a, dim))
+        # reshape, not view: CUDA's kernel returns its output as a transposed [n, queries, heads, dim] tensor
+        outs.append(got.reshape(n, heads, b - a, dim))
     return torch.cat(outs, dim=2)
 
 
@@ -141,13 +144,19 @@ def folds_gqa(q: torch.Tensor) -> bool:
 
 
 def blocks(nq: int, nk: int, window: int) -> list[tuple[int, int, int, int]]:
-    """(first query, one past the last query, first key, one past the last key) of each block of a windowed call."""
+    """(first query, one past the last query, first key, one past the last key) of each block of a windowed call.
+
+    Blocks end at multiples of BLOCK in key positions (the last at the call's end), and a block that reaches back
+    to key 0 then reads a multiple of 8 keys: its corner of the band mask starts 16-byte aligned, as CUDA's masked
+    kernel needs (only a call's last block can miss that, and is then copied)."""
     out = []
-    for a in range(0, nq, BLOCK):
-        b = min(a + BLOCK, nq)
-        hi = nk - nq + b  # one past the key position of the block's last query
+    offset, a = nk - nq, 0
+    while a < nq:
+        hi = min(nk, (offset + a) // BLOCK * BLOCK + BLOCK)  # one past the key position of the block's last query
+        b = hi - offset
         lo = max(0, hi - round_up(b - a + window - 1, 8))  # an 8-aligned key count: what CUDA's kernel reads fastest
         out.append((a, b, lo, hi))
+        a = b
     return out
 
 

@@ -31,21 +31,23 @@ class Family:
     # What the family's CausalLM does to lm_head's output: "none", "softcap" (tanh(x / c) * c with
     # config.final_logit_softcapping), "divide" (by config.logits_scaling) or "multiply" (by config.logit_scale).
     logits: str = "none"
+    # Whether its modelling code applies config.sliding_window (the others ignore a stray one in their config).
+    windowed: bool = False
 
 
 # Keyed by config.model_type. Every entry has a tiny model in tests/test_families.py; add one only with it.
 FAMILIES: dict[str, Family] = {
     "llama": Family("Llama"),
-    "mistral": Family("Mistral"),
-    "mixtral": Family("Mixtral (MoE)"),
-    "qwen2": Family("Qwen2"),
-    "qwen2_moe": Family("Qwen2-MoE"),
-    "qwen3": Family("Qwen3"),
+    "mistral": Family("Mistral", windowed=True),
+    "mixtral": Family("Mixtral (MoE)", windowed=True),
+    "qwen2": Family("Qwen2", windowed=True),
+    "qwen2_moe": Family("Qwen2-MoE", windowed=True),
+    "qwen3": Family("Qwen3", windowed=True),
     "gemma": Family("Gemma"),
-    "gemma2": Family("Gemma-2", logits="softcap"),
-    "gemma3_text": Family("Gemma-3 (text)", logits="softcap"),
+    "gemma2": Family("Gemma-2", logits="softcap", windowed=True),
+    "gemma3_text": Family("Gemma-3 (text)", logits="softcap", windowed=True),
     "phi": Family("Phi-2"),
-    "phi3": Family("Phi-3"),
+    "phi3": Family("Phi-3", windowed=True),
     "granite": Family("Granite", logits="divide"),
     "cohere": Family("Cohere", logits="multiply"),
     "olmo2": Family("OLMo-2"),
@@ -90,11 +92,12 @@ def layer_windows(config: Any) -> dict[str, int | None]:
 
     Families with mixed layer types take a dict of masks keyed by type; the others take one mask, so
     their single entry is keyed "*". Window semantics follow transformers: key k is visible to query q
-    when position(q) - position(k) < window.
+    when position(q) - position(k) < window. A verified family whose code ignores sliding_window has none.
     """
     types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
-    if getattr(config, "use_sliding_window", True) is False:
+    family = family_of(config)
+    if getattr(config, "use_sliding_window", True) is False or (family is not None and not family.windowed):
         window = None
     if not types:
         return {"*": window}

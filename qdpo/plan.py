@@ -33,6 +33,7 @@ from qdpo.attention import (
     DROPS_ATTENTION_KWARGS,
     IMPLEMENTATION,
     band_mask_bytes,
+    blocks,
     cuts,
     span_problem,
     window_cuts,
@@ -268,7 +269,7 @@ def span_attention_bytes(
     logsumexp, the prompt+rejected keys/values (concatenated copies); on the CPU the second call is square
     over prompt+rejected, so its queries are a copy too and its output covers the prompt again. A call that a
     sliding window cuts runs in blocks of rejected queries only, and on the GPU folds each block's query heads
-    onto their kv heads (qdpo.attention.windowed: a copy of those queries).
+    onto their kv heads (qdpo.attention.windowed: a copy of those queries, and maybe of one block's mask).
     """
     p, c, r = span
     a, kv, heads = shape.attn, shape.kv_heads * shape.head_dim, shape.heads
@@ -277,8 +278,13 @@ def span_attention_bytes(
     total = (a + 2 * kv) * d * (p + c + r)  # q, k, v
     total += (a * d + heads * FP32) * (p + c + second)  # outputs and logsumexps of both calls
     total += 2 * kv * d * (p + r) + (a * d * (p + r) if square else 0)  # concatenated keys/values (and queries)
-    if cuda and shape.kv_heads != shape.heads:  # each cut call's queries folded onto their kv heads: a copy
-        total += a * d * sum(queries for queries, keys in ((p + c, p + c), (r, p + r)) if cuts(window, keys))
+    for queries, keys in ((p + c, p + c), (r, p + r)):
+        if cuda and queries and cuts(window, keys):
+            if shape.kv_heads != shape.heads:  # the queries folded onto their kv heads: a copy
+                total += a * d * queries
+            first, last, lo, hi = blocks(queries, keys, window)[-1]
+            if lo == 0 and hi % 8:  # a last block whose corner of the band mask is not 16-byte aligned: a copy
+                total += shape.heads // shape.kv_heads * (last - first) * hi * d
     return total / (p + c + r)
 
 

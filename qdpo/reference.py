@@ -35,7 +35,8 @@ from qdpo.quiet import progress_bar
 from qdpo.step import reference_scores
 from qdpo.tokenize import TokenizedPair
 
-FORMAT_VERSION = 3  # bump when the log-prob computation or the key changes: every older table is then a miss
+FORMAT_VERSION = 4  # bump when the log-prob computation or the key changes: every older table is then a miss
+# 4: sliding windows that cut a row run in blocks (qdpo.attention.windowed), on every layout, not the dense mask
 
 LIBRARIES = ("torch", "transformers", "bitsandbytes", "peft", "qdpo")  # their versions are part of the key
 QUANTIZATION = {"type": "nf4", "double_quant": True}  # as load_base_4bit sets it; the compute dtype is keyed apart

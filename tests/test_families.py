@@ -482,3 +482,19 @@ def test_windowed_attention_gradients_match_the_dense_mask(layout, fold, family_
         assert want.abs().max() > 0, name
         error = (grads["blocks"][name] - want).abs().max().item()
         assert error <= 1e-4 * want.abs().max().item(), f"{name}: {error:.3g} off, of {want.abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("model_type", ["llama", "cohere"])
+def test_a_stray_sliding_window_is_ignored_as_the_model_ignores_it(model_type, tmp_path, pairs, tokenizer):
+    """A config.json of a family whose code has no sliding window may still carry a `sliding_window` key (8 here,
+    shorter than every pair): the model ignores it, and so does every layout."""
+    make_family_model(tmp_path, model_type, sliding_window=8)
+    model = load(tmp_path)
+    assert model.config.sliding_window == 8
+    perturb_policy(model)
+    want = oracle(model, pairs[:3], reference=False)
+    for layout in LAYOUTS:
+        model.train()
+        got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, layout), 5).logps.detach().double()
+        error = (got - want).abs().max().item()
+        assert error < 2e-3, f"{model_type} {layout}: off the oracle by {error:.4g} nats"
