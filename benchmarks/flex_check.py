@@ -18,9 +18,9 @@ With --window W, a sliding window of W positions (Mistral v0.1: 4096) on top of 
 qdpo.attention's windowed blocks as a GPU runs them (each kv head's query heads folded into one run of queries),
 and "blocks, enable_gqa" the same blocks passing enable_gqa instead, which CUDA's masked kernel does not take (the
 fold exists because SDPA would fall back to its math kernel: this row shows what that costs).
-With --softcap C, Gemma-2's soft-capped scores (C * tanh(s / C)): qdpo keeps the dense mask for those families, since
-SDPA cannot cap; flex can, through a score_mod. The row then compares "eager" (transformers' eager attention rule,
-which is what qdpo runs for them) with "flex".
+With --softcap C, Gemma-2's soft-capped scores (C * tanh(s / C)), which SDPA cannot compute: the row then compares
+"eager" (transformers' eager attention rule, what qdpo ran for them before qdpo.capped_attention), "capped blocks"
+(qdpo.capped_attention: blocks of queries with their own backward, what qdpo runs now) and "flex" (a score_mod).
 
     python benchmarks/flex_check.py --out flex.json                 # GPU, a few minutes on an H200 (compiles)
     python benchmarks/flex_check.py --softcap 50 --out flex-cap.json
@@ -133,8 +133,13 @@ def ways(
         scores = scores.masked_fill(~dense_mask(part), torch.finfo(scores.dtype).min)
         return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
+    def capped_blocks(q, k, v):
+        return span_attention(layer, q, k, v, None, scaling=scale, qdpo_spans=spans, softcap=softcap)[0].transpose(
+            1, 2
+        )
+
     if softcap:
-        return {"eager": eager, "flex": flex} if dense_ok else {"flex": flex}
+        return ({"eager": eager} if dense_ok else {}) | {"capped blocks": capped_blocks, "flex": flex}
     found = {"dense": dense} if dense_ok else {}
     found |= {"causal calls": causal_calls}
     if window and device == "cuda":

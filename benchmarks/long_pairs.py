@@ -13,6 +13,7 @@ prompt, checkpointed, lm_head in chunks of 256; the peak is the CPU allocator's 
     python benchmarks/long_pairs.py                     # ~5 min on 2 cores; writes docs/memory_vs_length.png
     python benchmarks/long_pairs.py --time              # step time with and without tiled_mlp, SmolLM2, ~8 min
     python benchmarks/long_pairs.py --window            # a sliding window of 512: dense mask vs windowed blocks
+    python benchmarks/long_pairs.py --capped            # Gemma-2's soft-capped scores: eager vs capped blocks
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ PATHS = {  # name: (max_length values, tiled_mlp, dense mask forced)
     "causal calls": ((1024, 2048, 4096, 8192), 0, False),
     "causal calls + tiled MLP": ((1024, 2048, 4096, 8192), 1024, False),
 }
+LENGTHS = (1024, 2048, 4096)  # --window, --capped
 PNG = Path(__file__).resolve().parent.parent / "docs" / "memory_vs_length.png"
 
 
@@ -165,19 +167,22 @@ def time_tiling(repeats: int = 3) -> None:
         print(f"tiled_mlp={tile}: seconds per step {', '.join(f'{t:.1f}' for t in seconds)}", flush=True)
 
 
-def windowed(repeats: int = 3) -> None:
+def windowed(repeats: int = 3, capped: bool = False) -> None:
     """The same narrow model as Mistral v0.1 has it, with a sliding window (512) that cuts every row: peak and seconds
     per step of the dense mask (as qdpo ran windowed families before) and of qdpo.attention's windowed blocks, on
-    both layouts, one pair per step, checkpointed, lm_head in chunks of 256."""
+    both layouts, one pair per step, checkpointed, lm_head in chunks of 256. capped: as Gemma-2 has it (scores
+    soft-capped at 50, the same window), transformers' eager attention vs qdpo.capped_attention's blocks."""
     import time
 
-    from transformers import AutoModelForCausalLM, MistralConfig
+    from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
 
     torch.set_num_threads(1)
     folder = Path(tempfile.mkdtemp())
-    config = MistralConfig(
-        vocab_size=VOCAB, max_position_embeddings=16384, pad_token_id=0, sliding_window=512, **SIZES
-    )
+    common = dict(vocab_size=VOCAB, max_position_embeddings=16384, pad_token_id=0, sliding_window=512, **SIZES)
+    if capped:
+        config = Gemma2Config(**common, head_dim=16, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    else:
+        config = MistralConfig(**common)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, one thread")
@@ -190,11 +195,11 @@ def windowed(repeats: int = 3) -> None:
         cfg = Config(
             model="x", data="y", lora_r=8, lora_alpha=16, logits_chunk_size=256, share_prompt=layout == "shared"
         )
-        for length in (1024, 2048, 4096):
+        for length in LENGTHS:
             g = torch.Generator().manual_seed(length)
             ids = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
             batch = make_batch([TokenizedPair(ids(PROMPT), ids(length - PROMPT), ids(length - PROMPT))], 0, layout)
-            for name, dense in (("dense mask", True), ("windowed blocks", False)):
+            for name, dense in (("eager" if capped else "dense mask", True), ("blocks", False)):
                 qdpo.attention.span_problem = (lambda c: "dense, for comparison") if dense else original
                 qdpo.attention.full_band_mask.cache_clear()
                 peak = peak_bytes(model, batch, cfg)
@@ -212,4 +217,9 @@ def windowed(repeats: int = 3) -> None:
 if __name__ == "__main__":
     import sys
 
-    time_tiling() if "--time" in sys.argv else windowed() if "--window" in sys.argv else main()
+    if "--time" in sys.argv:
+        time_tiling()
+    elif "--window" in sys.argv or "--capped" in sys.argv:
+        windowed(capped="--capped" in sys.argv)
+    else:
+        main()

@@ -13,21 +13,27 @@ shared by every block: memory grows with length x window, never with length squa
 
 It plugs into transformers' attention-function registry as "qdpo_sdpa": each family still computes its own
 q/k/v, rotary, scaling, norms and window, and hands them here. Without span information (generation, anything
-else) it is transformers' own SDPA attention. Families whose attention SDPA cannot compute (soft-capped scores)
-keep the dense mask (qdpo.step).
+else) it is transformers' own SDPA attention. Gemma-2's soft-capped scores, which no SDPA kernel computes, take
+qdpo.capped_attention's blocks instead (registered as "qdpo_eager": without spans, the family's own eager attention).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from qdpo.capped_attention import capped_attention
+
 IMPLEMENTATION = "qdpo_sdpa"
+# The same for a verified family that transformers runs eagerly because SDPA cannot soft-cap its scores (Gemma-2):
+# without spans it is the family's own eager attention, with them capped_attention's blocks.
+EAGER_IMPLEMENTATION = "qdpo_eager"
 Span = tuple[int, int, int, int, int]  # row, start, prompt, chosen and rejected tokens of one pair
 calls = 0  # span calls made: qdpo.step checks that every layer made one, and tests that this path ran
 _maskless = False  # inside `no_mask()`: transformers builds no mask, since span_attention needs none
@@ -55,11 +61,16 @@ def span_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     if qdpo_spans is None:
+        if module.config._attn_implementation == EAGER_IMPLEMENTATION:  # the family's own eager attention
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+            return eager(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     global calls
     calls += 1
     window = layer_window(module)
     sdpa = dict(dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+    if kwargs.get("softcap"):  # Gemma-2: soft-capped scores, in blocks with their own backward (capped_attention)
+        sdpa = dict(softcap=kwargs["softcap"], scale=scaling if scaling is not None else query.shape[-1] ** -0.5)
     rows, width = query.shape[0], query.shape[2]
     if qdpo_spans == tuple((row, 0, width, 0, 0) for row in range(rows)):  # whole rows (the plain layout): batched
         return causal(query, key, value, window, sdpa).transpose(1, 2).contiguous(), None
@@ -73,7 +84,7 @@ def span_attention(
         prompt, rejected = slice(start, start + p), slice(start + p + c, start + p + c + r)
         keys = torch.cat([k[:, :, prompt], k[:, :, rejected]], dim=2)
         values = torch.cat([v[:, :, prompt], v[:, :, rejected]], dim=2)
-        if lower_right_is_fast(query) or cuts(window, p + r):
+        if "softcap" in sdpa or lower_right_is_fast(query) or cuts(window, p + r):
             got = causal(q[:, :, rejected], keys, values, window, sdpa)
         else:
             queries = torch.cat([q[:, :, prompt], q[:, :, rejected]], dim=2)
@@ -104,6 +115,8 @@ def causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
     """Causal attention for queries at the last q.shape[2] of the key positions (lower-right aligned), each seeing
     the keys at or before its own position, and with a window only the last `window` of them."""
     nq, nk = q.shape[2], k.shape[2]
+    if "softcap" in sdpa:
+        return capped_attention(q, k, v, window if cuts(window, nk) else None, sdpa["softcap"], sdpa["scale"])
     if cuts(window, nk):
         return windowed(q, k, v, window, sdpa)
     if nq == nk:
@@ -143,16 +156,17 @@ def folds_gqa(q: torch.Tensor) -> bool:
     return q.is_cuda
 
 
-def blocks(nq: int, nk: int, window: int) -> list[tuple[int, int, int, int]]:
+def blocks(nq: int, nk: int, window: int, size: int | None = None) -> list[tuple[int, int, int, int]]:
     """(first query, one past the last query, first key, one past the last key) of each block of a windowed call.
 
-    Blocks end at multiples of BLOCK in key positions (the last at the call's end), and a block that reaches back
-    to key 0 then reads a multiple of 8 keys: its corner of the band mask starts 16-byte aligned, as CUDA's masked
-    kernel needs (only a call's last block can miss that, and is then copied)."""
+    Blocks end at multiples of `size` (BLOCK) in key positions (the last at the call's end), and a block that
+    reaches back to key 0 then reads a multiple of 8 keys: its corner of the band mask starts 16-byte aligned, as
+    CUDA's masked kernel needs (only a call's last block can miss that, and is then copied)."""
+    size = size or BLOCK
     out = []
     offset, a = nk - nq, 0
     while a < nq:
-        hi = min(nk, (offset + a) // BLOCK * BLOCK + BLOCK)  # one past the key position of the block's last query
+        hi = min(nk, (offset + a) // size * size + size)  # one past the key position of the block's last query
         b = hi - offset
         lo = max(0, hi - round_up(b - a + window - 1, 8))  # an 8-aligned key count: what CUDA's kernel reads fastest
         out.append((a, b, lo, hi))
@@ -212,13 +226,18 @@ def lower_right_is_fast(query: torch.Tensor) -> bool:
 def register() -> None:
     """Make "qdpo_sdpa" known to transformers (attention function, and SDPA's mask for the calls without spans)."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask, sdpa_mask
 
     def mask(*args, **kwargs):
         return None if _maskless else sdpa_mask(*args, **kwargs)
 
+    def additive_mask(*args, **kwargs):
+        return None if _maskless else eager_mask(*args, **kwargs)
+
     AttentionInterface.register(IMPLEMENTATION, span_attention)
     AttentionMaskInterface.register(IMPLEMENTATION, mask)
+    AttentionInterface.register(EAGER_IMPLEMENTATION, span_attention)
+    AttentionMaskInterface.register(EAGER_IMPLEMENTATION, additive_mask)
 
 
 @contextlib.contextmanager
@@ -234,19 +253,35 @@ def no_mask() -> Iterator[None]:
 
 
 def use_span_attention(model) -> bool:
-    """Switch a model on transformers' SDPA to qdpo_sdpa (the same attention until spans are given); True if done."""
+    """Switch a model on transformers' SDPA to qdpo_sdpa, or a verified soft-capped family on eager to qdpo_eager
+    (the same attention until spans are given); True if done."""
+    from qdpo.families import family_of
+
     config = model.config
-    if getattr(config, "_attn_implementation", None) != "sdpa":
-        return False
-    register()
-    model.set_attn_implementation(IMPLEMENTATION)
-    return True
+    impl = getattr(config, "_attn_implementation", None)
+    if impl == "sdpa":
+        register()
+        model.set_attn_implementation(IMPLEMENTATION)
+        return True
+    if impl == "eager" and getattr(config, "attn_logit_softcapping", None) and family_of(config) is not None:
+        register()
+        model.set_attn_implementation(EAGER_IMPLEMENTATION)
+        return True
+    return False
+
+
+def softcapped(config) -> bool:
+    """Whether the model soft-caps its attention scores (then qdpo.step hands even plain rows to the blocks)."""
+    return bool(getattr(config, "attn_logit_softcapping", None))
 
 
 def span_problem(config) -> str | None:
     """Why the span attention cannot be exact for this model (then the dense mask is), or None."""
-    if getattr(config, "_attn_implementation", None) != IMPLEMENTATION:
-        return f"the model's attention is {getattr(config, '_attn_implementation', None)}"
-    if getattr(config, "attn_logit_softcapping", None):
+    impl = getattr(config, "_attn_implementation", None)
+    if impl not in (IMPLEMENTATION, EAGER_IMPLEMENTATION):
+        return f"the model's attention is {impl}"
+    if softcapped(config) and impl != EAGER_IMPLEMENTATION:
         return "its attention scores are soft-capped, which SDPA cannot do"
+    if softcapped(config) and getattr(config, "attention_dropout", 0.0):
+        return "its soft-capped attention has dropout, which qdpo's blocks do not do"
     return None

@@ -20,7 +20,12 @@ import torch
 from qdpo.config import Config
 from qdpo.errors import UserError
 
-EXACT_ATTENTION = ("sdpa", "eager", "qdpo_sdpa")  # the implementations whose mask semantics qdpo builds for
+EXACT_ATTENTION = (
+    "sdpa",
+    "eager",
+    "qdpo_sdpa",
+    "qdpo_eager",
+)  # the implementations whose mask semantics qdpo builds for
 
 
 @dataclass(frozen=True)
@@ -139,7 +144,7 @@ def decoder_masks(config: Any, allowed: torch.Tensor, positions: torch.Tensor, d
         if window is not None:
             distance = positions[:, :, None] - positions[:, None, :]
             mask = allowed & (distance < window)[:, None]
-        if impl == "eager":
+        if impl in ("eager", "qdpo_eager"):
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         masks[layer_type] = mask
     return masks["*"] if "*" in masks else masks

@@ -31,16 +31,19 @@ from typing import Any
 from qdpo.attention import (
     BLOCK,
     DROPS_ATTENTION_KWARGS,
+    EAGER_IMPLEMENTATION,
     IMPLEMENTATION,
     band_mask_bytes,
     blocks,
     cuts,
+    softcapped,
     span_problem,
     window_cuts,
 )
+from qdpo.capped_attention import SCORES_PER_BLOCK
 from qdpo.config import Config
 from qdpo.errors import UserError
-from qdpo.families import exact_settings, layer_windows, shared_layout_problem
+from qdpo.families import FAMILIES, exact_settings, layer_windows, shared_layout_problem
 from qdpo.model import resolve_model
 from qdpo.nf4 import NF4_BLOCKSIZE
 from qdpo.shapes import ModelShape, model_config
@@ -68,7 +71,7 @@ FRAGMENTATION = 0.18
 CPU_RUNTIME_BYTES = int(0.5 * GB)  # torch and friends in a CPU process's resident memory
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-LLAMA_STYLE = ("llama", "mistral", "qwen2")  # measured by tests/test_plan.py
+LLAMA_STYLE = ("llama", "mistral", "qwen2", "gemma2")  # measured by tests/test_plan.py
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 KNOWN_TARGETS = BLOCK_LINEARS + ("lm_head",)
 
@@ -150,6 +153,7 @@ class Geometry:
     # prompt, chosen, rejected tokens per pair on causal calls with no mask (the plain layout: (0, width, 0))
     span: tuple[int, int, int] | None = None
     windows: tuple[int | None, ...] = (None,)  # the sliding window of each kind of layer (None: full attention)
+    capped: bool = False  # soft-capped scores in qdpo.capped_attention's blocks (Gemma-2)
 
     @property
     def tokens(self) -> int:
@@ -261,7 +265,7 @@ def optimizer_lines(shape: ModelShape, cfg: Config) -> list[Line]:
 
 
 def span_attention_bytes(
-    shape: ModelShape, d: int, span: tuple[int, int, int], cuda: bool, window: int | None = None
+    shape: ModelShape, d: int, span: tuple[int, int, int], cuda: bool, window: int | None = None, capped: bool = False
 ) -> float:
     """Bytes per row token that qdpo.attention's two causal calls per pair save (span = prompt, chosen, rejected).
 
@@ -270,16 +274,17 @@ def span_attention_bytes(
     over prompt+rejected, so its queries are a copy too and its output covers the prompt again. A call that a
     sliding window cuts runs in blocks of rejected queries only, and on the GPU folds each block's query heads
     onto their kv heads (qdpo.attention.windowed: a copy of those queries, and maybe of one block's mask).
+    capped (Gemma-2's soft-capped scores, qdpo.capped_attention): the same saved tensors, rejected queries only.
     """
     p, c, r = span
     a, kv, heads = shape.attn, shape.kv_heads * shape.head_dim, shape.heads
-    square = not cuda and not cuts(window, p + r)  # the CPU's second call, over the prompt's queries too
+    square = not cuda and not capped and not cuts(window, p + r)  # the CPU's second call, over the prompt too
     second = p + r if square else r  # query positions of the rejected call
     total = (a + 2 * kv) * d * (p + c + r)  # q, k, v
     total += (a * d + heads * FP32) * (p + c + second)  # outputs and logsumexps of both calls
     total += 2 * kv * d * (p + r) + (a * d * (p + r) if square else 0)  # concatenated keys/values (and queries)
     for queries, keys in ((p + c, p + c), (r, p + r)):
-        if cuda and queries and cuts(window, keys):
+        if cuda and not capped and queries and cuts(window, keys):
             if shape.kv_heads != shape.heads:  # the queries folded onto their kv heads: a copy
                 total += a * d * queries
             first, last, lo, hi = blocks(queries, keys, window)[-1]
@@ -297,6 +302,7 @@ def attention_saved_per_token(
     span: tuple[int, int, int] | None = None,
     cuda: bool = True,
     window: int | None = None,
+    capped: bool = False,
 ) -> tuple[int, bool]:
     """Bytes per token the attention half of a layer saves, and whether its output needs grad.
 
@@ -311,13 +317,15 @@ def attention_saved_per_token(
     saved += (len(qkv) if cast else min(len(qkv), 1)) * h * FP32  # fp32: q, k, v share the normed input
     needs_grad = grad_in or bool(qkv)
     if needs_grad and span is not None:
-        saved += round(span_attention_bytes(shape, d, span, cuda, window))
+        saved += round(span_attention_bytes(shape, d, span, cuda, window, capped))
     elif needs_grad:
         # repeat_kv copies k and v to all heads, except with one kv head, where the expand stays a view
         kv = shape.head_dim if shape.kv_heads == 1 else a
         saved += (2 * a + 2 * kv) * d + shape.heads * FP32 + seq_len * d  # q, k, v, output; logsumexp; float mask row
     # the shared layout's calls, or windowed blocks: not the plain row's one call
-    copied = span is not None and bool(span[0] or span[2] or cuts(window, span[1]))
+    copied = span is not None and bool(span[0] or span[2] or cuts(window, span[1]) or capped)
+    if shape.sandwich_norms and (needs_grad or "o_proj" in targets):
+        saved += h * FP32 + FP32  # the post-attention RMSNorm's fp32 input and rsqrt
     if "o_proj" in targets and (cast or not needs_grad or copied):
         # o_proj's input; in fp32 with grad on one SDPA call it is SDPA's saved output itself (on the span path's
         # calls and blocks the outputs are written into one new tensor)
@@ -335,6 +343,8 @@ def mlp_saved_per_token(shape: ModelShape, targets: list[str], d: int, grad_in: 
     cast = d != FP32
     gate_up = [t for t in ("gate_proj", "up_proj") if t in targets]
     saved = h * FP32 + FP32 if grad_in else 0  # RMSNorm
+    if shape.sandwich_norms and (grad_in or gate_up or "down_proj" in targets):
+        saved += h * FP32 + FP32  # the post-feedforward RMSNorm's fp32 input and rsqrt
     if tiled:
         return saved + h * d
     saved += (len(gate_up) if cast else min(len(gate_up), 1)) * h * FP32
@@ -359,11 +369,12 @@ def layer_saved_per_token(
     span: tuple[int, int, int] | None = None,
     cuda: bool = True,
     windows: tuple[int | None, ...] = (None,),
+    capped: bool = False,
 ) -> int:
     """Bytes one decoder layer saves for backward per token (first=True: layer 0, whose input needs no grad), for
     the costliest kind of layer (windows: each kind's sliding window)."""
     attention, grad_out = max(
-        attention_saved_per_token(shape, targets, d, seq_len, not first, span, cuda, w) for w in windows
+        attention_saved_per_token(shape, targets, d, seq_len, not first, span, cuda, w, capped) for w in windows
     )
     lora_linears = [t for t in BLOCK_LINEARS if t in targets and not (tiled and t in MLP_LINEARS)]
     lora_mid = len(lora_linears) * r * FP32  # lora_A outputs (the MLP's stay inside a tiled MLP's tile)
@@ -394,12 +405,13 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
     targets = lora_targets(cfg)
     tiled = 0 < getattr(cfg, "tiled_mlp", 0) < g.width  # one tile spanning the row is the plain MLP
     per_layer, first = (
-        layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, first, tiled, g.span, cuda, g.windows) * g.tokens
+        layer_saved_per_token(shape, targets, cfg.lora_r, d, g.width, first, tiled, g.span, cuda, g.windows, g.capped)
+        * g.tokens
         for first in (False, True)
     )
     # cos and sin: one copy shared by every layer (per row when shared rows carry their own position ids)
     rotary = 2 * (g.rows if g.shared else 1) * g.width * shape.head_dim * d
-    if g.span:  # and the windowed blocks' one band mask per window (qdpo.attention.full_band_mask)
+    if g.span and not g.capped:  # and the windowed blocks' one band mask per window (qdpo.attention.full_band_mask)
         longest = g.span[0] + max(g.span[1], g.span[2])
         groups = shape.heads // shape.kv_heads if cuda else 1  # stacked per folded query head on the GPU
         rotary += sum(band_mask_bytes(w, d, groups) for w in set(g.windows) if cuts(w, longest))
@@ -448,6 +460,8 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
         )
         tile = (g.rows * cfg.tiled_mlp, untiled)
     work = layer_work(shape, d, g.tokens, per_layer if cfg.gradient_checkpointing or offload else 0, tile)
+    if g.capped:  # a soft-capped block's backward: ~6 fp32 and 2 compute-dtype temporaries per score element
+        work = max(work, SCORES_PER_BLOCK * (6 * FP32 + 2 * d))
     mlp_work = f"one MLP tile's tensors and gradients ({tile[0]} tokens)" if tile else "MLP gradients"
     lines.append(Line(LAYER_WORK, work, f"{mlp_work} + one dequantized weight, or the final norm's fp32 backward"))
     lines.append(Line(OTHER_SAVED, g.tokens * (shape.hidden * FP32 + FP32), "final RMSNorm: fp32 input and rsqrt"))
@@ -563,16 +577,17 @@ def plan_memory(
     d = DTYPE_BYTES[name]
     g = geometry(b, t, prompt_len, cfg.batch_layout)
     decoder = model_config.get("text_config", model_config)
-    loaded = SimpleNamespace(**{**decoder, "_attn_implementation": IMPLEMENTATION})  # as qdpo loads it
+    loaded = loaded_config(decoder)
     windows = tuple(layer_windows(loaded).values()) if shared_layout_problem(loaded) is None else (None,)
+    capped = softcapped(loaded)
     if g.shared and span_attention_applies(decoder):
         p = min(max(prompt_len, 1), t - 1)
-        g = replace(g, span=(p, t - p, t - p), windows=windows)
+        g = replace(g, span=(p, t - p, t - p), windows=windows, capped=capped)
     elif not g.shared and getattr(cfg, "logits_chunk_size", 0) > 0:
-        # qdpo.step's right-padded rows without a padding mask: one causal call (in windowed blocks, through spans,
-        # where a window cuts the row)
-        if span_attention_applies(decoder, spans=window_cuts(loaded, t)):
-            g = replace(g, span=(0, t, 0), windows=windows)
+        # qdpo.step's right-padded rows without a padding mask: one causal call (in blocks, through spans, where a
+        # window cuts the row or the scores are soft-capped)
+        if span_attention_applies(decoder, spans=window_cuts(loaded, t) or capped):
+            g = replace(g, span=(0, t, 0), windows=windows, capped=capped)
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
     lines += peak_lines(activation_lines(shape, cfg, d, g, device == "cuda"), logits_lines(shape, cfg, d, g))
     lines = per_rank_lines(shape, cfg, d, lines, processes)
@@ -590,7 +605,9 @@ def plan_memory(
     else:
         attention = "masked attention (SDPA float mask per layer, GQA k/v repeated to all heads)"
     cutting = sorted({w for w in g.windows if w is not None and g.span and cuts(w, t)})
-    if cutting:
+    if g.capped:
+        attention = attention.replace("SDPA", "soft-capped") + " (in blocks with their own backward)"
+    elif cutting:
         attention += f"; sliding window {cutting[0]} in blocks of {BLOCK} queries (one band mask)"
     assumptions = [f"compute dtype {name}", layout, attention]
     if processes > 1:
@@ -621,7 +638,13 @@ def span_attention_applies(decoder: dict[str, Any], spans: bool = True) -> bool:
     layers drop the attention kwargs (found only at run time, known here)."""
     if spans and decoder.get("model_type") in DROPS_ATTENTION_KWARGS:
         return False
-    return span_problem(SimpleNamespace(**{**decoder, "_attn_implementation": IMPLEMENTATION})) is None
+    return span_problem(loaded_config(decoder)) is None
+
+
+def loaded_config(decoder: dict[str, Any]) -> SimpleNamespace:
+    """A config.json as qdpo loads the model: qdpo_sdpa, or qdpo_eager for a verified soft-capped family."""
+    capped = softcapped(SimpleNamespace(**decoder)) and decoder.get("model_type") in FAMILIES
+    return SimpleNamespace(**{**decoder, "_attn_implementation": EAGER_IMPLEMENTATION if capped else IMPLEMENTATION})
 
 
 def fits(

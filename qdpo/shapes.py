@@ -30,6 +30,8 @@ class ModelShape:
     experts: int = 0
     expert_intermediate: int = 0
     dense_intermediate: int | None = None  # width of the block's nn.Linear MLP when it differs (MoE: shared expert)
+    # Gemma-2/3 also norm each sublayer's output (post-attention and post-feedforward RMSNorms): two more per layer
+    sandwich_norms: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
@@ -62,6 +64,7 @@ class ModelShape:
             tied=bool(config.get("tie_word_embeddings", False)),
             attention_bias=qwen or bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
+            sandwich_norms=config.get("model_type") in ("gemma2", "gemma3_text", "gemma3"),
             **moe,
         )
 

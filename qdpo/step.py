@@ -105,9 +105,10 @@ def score_batch(
         # every head on its masked path; without, it runs causal kernels with K/V at their own head count.
         ids = batch.input_ids.to(device)
         hidden = None
-        if attention.window_cuts(base.config, ids.shape[1]) and attention.span_problem(base.config) is None:
-            # A sliding window that cuts the rows: transformers would build a [2B, 1, T, T] mask; qdpo.attention's
-            # blocked windowed calls need none (each row is one span of T tokens).
+        cut = attention.window_cuts(base.config, ids.shape[1])
+        if (cut or attention.softcapped(base.config)) and attention.span_problem(base.config) is None:
+            # A sliding window that cuts the rows, or soft-capped scores: transformers would build a [2B, 1, T, T]
+            # mask (and eagerly, [2B, heads, T, T] scores); qdpo.attention's blocks need neither (a row is one span).
             hidden = span_forward(base, ids, None, tuple((row, 0, ids.shape[1], 0, 0) for row in range(ids.shape[0])))
         if hidden is None:
             hidden = base.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state

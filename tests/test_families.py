@@ -351,11 +351,10 @@ def test_readme_family_table_is_the_suites():
     assert block.group(1) == family_table()
 
 
-# The shared-prompt layout without a dense mask (qdpo.attention), windows included; the rest keep the mask:
-# soft-capped attention scores (Gemma-2), or decoder layers that drop the attention kwargs (StableLM, found at its
-# first forward).
+# The shared-prompt layout without a dense mask (qdpo.attention), windows and Gemma-2's soft-capped scores included;
+# only decoder layers that drop the attention kwargs keep the mask (StableLM, found at its first forward).
 WINDOWED = ("mistral", "mixtral", "qwen2", "qwen2_moe", "gemma3_text", "phi3")
-SPAN_ATTENTION = {"llama", "qwen3", "gemma", "phi", "granite", "cohere", "olmo2", *WINDOWED}
+SPAN_ATTENTION = {"llama", "qwen3", "gemma", "phi", "granite", "cohere", "olmo2", "gemma2", *WINDOWED}
 
 
 def takes_span_attention(model, pairs, pad_id: int) -> bool:
@@ -498,3 +497,32 @@ def test_a_stray_sliding_window_is_ignored_as_the_model_ignores_it(model_type, t
         got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, layout), 5).logps.detach().double()
         error = (got - want).abs().max().item()
         assert error < 2e-3, f"{model_type} {layout}: off the oracle by {error:.4g} nats"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_soft_capped_attention_gradients_match_the_eager_path(layout, family_dirs, pairs, tokenizer, monkeypatch):
+    """Gemma-2 (scores soft-capped at 5, window 8): the LoRA gradients of a DPO loss through qdpo's capped blocks (their
+    own backward, blocks of at least 16 queries) equal those through transformers' eager attention with the dense
+    mask, to fp32 rounding."""
+    from qdpo import attention, capped_attention
+
+    batch = make_batch(pairs[:3], tokenizer.pad_token_id, layout)
+    config = Config(model="x", data="y", logits_chunk_size=5)
+    grads = {}
+    for path in ("blocks", "eager"):
+        with monkeypatch.context() as m:
+            m.setattr(capped_attention, "SCORES_PER_BLOCK", 1)  # the smallest blocks: 16 queries
+            if path == "eager":
+                m.setattr(attention, "span_problem", lambda config: "dense, for comparison")
+            before = attention.calls
+            model = load(family_dirs["gemma2"])
+            perturb_policy(model)
+            model.train()
+            losses, _, _, _ = preference_loss(model, batch, config)
+            losses.sum().backward()
+            assert (attention.calls > before) == (path == "blocks")
+            grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["blocks"].keys() == grads["eager"].keys() and len(grads["eager"]) > 4
+    for name, want in grads["eager"].items():
+        error = (grads["blocks"][name] - want).abs().max().item()
+        assert error <= 1e-4 * want.abs().max().item(), f"{name}: {error:.3g} off, of {want.abs().max().item():.3g}"

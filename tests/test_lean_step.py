@@ -349,3 +349,35 @@ def test_padding_share_counts_the_positions_of_each_layout(tokenizer, chat_rows)
         total = sum(b.input_ids.numel() for b in built)
         assert padding_share(pairs, batches, layout) == pytest.approx(1 - real / total)
     assert padding_share(pairs, batches, "shared") > 0  # the fixture's pairs differ in length
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_capped_attention_equals_its_definition_in_float64(window, monkeypatch):
+    """qdpo.capped_attention (blocks of 16 queries, its own backward) against cap * tanh(scores / cap), the causal
+    lower-right mask and softmax written out in float64 with autograd: output and q/k/v gradients, with GQA (4 query
+    heads per kv head) and 40 queries at the end of 53 keys."""
+    from qdpo import capped_attention as C
+
+    monkeypatch.setattr(C, "SCORES_PER_BLOCK", 1)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 8, generator=g) for h, n in ((8, 40), (2, 53), (2, 53)))
+    grad = torch.randn(2, 8, 40, 8, generator=g)
+    cap, scale = 2.0, 0.7
+
+    def reference(q, k, v):
+        k, v = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+        scores = cap * torch.tanh(q @ k.transpose(-1, -2) * scale / cap)
+        distance = torch.arange(13, 53)[:, None] - torch.arange(53)[None, :]
+        visible = (distance >= 0) & (distance < (window or 10**9))
+        return torch.softmax(scores.masked_fill(~visible, float("-inf")), -1) @ v
+
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = C.capped_attention(*inputs, window, cap, scale)
+    (got * grad).sum().backward()
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    want = reference(*exact)
+    (want * grad.double()).sum().backward()
+    assert len(C.query_blocks(q, k, window)) >= 3
+    torch.testing.assert_close(got.double(), want.detach(), rtol=0, atol=2e-6)
+    for mine, theirs in zip(inputs, exact):
+        torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=0, atol=1e-5)

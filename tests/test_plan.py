@@ -113,10 +113,10 @@ def settings(checkpointing: bool, dtype: str = "float32", chunk: int = 0, layout
 
 def save_tiny(name: str, tmp_path_factory, shapes: dict = SHAPES) -> tuple[str, Path, dict]:
     """A tiny random model of shape `name` saved as a transformers directory, with its config.json."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
 
     arch, sizes = shapes[name]
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config}[arch]
     path = tmp_path_factory.mktemp(name)
     config = cls(
         max_position_embeddings=sizes.pop("max_position_embeddings", 256),
@@ -426,6 +426,23 @@ def test_saved_tensors_match_plan_with_a_sliding_window(tmp_path_factory, checkp
     assert attention.calls > before  # the windowed blocks ran, not transformers' mask
     unwindowed = plan_for({**model_config, "sliding_window": None}, config).bytes_of(P.RECOMPUTE, P.LAYERS)
     assert plan_for(model_config, config).bytes_of(P.RECOMPUTE, P.LAYERS) != unwindowed or layout == "plain"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed"])
+def test_saved_tensors_match_plan_for_soft_capped_gemma2(tmp_path_factory, checkpointing, layout, monkeypatch):
+    """Gemma-2 (soft-capped scores, a window of 16 that cuts the rows, post-attention and post-feedforward norms):
+    qdpo.capped_attention's blocks save q, k, v, the output and a logsumexp, and the plan counts them and the
+    extra norms, on every layout."""
+    from qdpo import capped_attention
+
+    monkeypatch.setattr(capped_attention, "SCORES_PER_BLOCK", 1)  # blocks of 16 queries
+    sizes = dict(SHAPES["mistral-gqa"][1], head_dim=32, sliding_window=16)
+    name, path, model_config = save_tiny("gemma2-capped", tmp_path_factory, {"gemma2-capped": ("gemma2", sizes)})
+    config = settings(checkpointing, chunk=16, layout=layout)
+    before = attention.calls
+    check_saved(f"{name} {layout} ckpt={int(checkpointing)}", path, model_config, config)
+    assert attention.calls > before  # the capped blocks ran, not the eager path
 
 
 # ---------------------------------------------------------------- 3. the step's high-water mark
