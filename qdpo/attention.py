@@ -70,6 +70,8 @@ def span_attention(
     window = layer_window(module)
     sdpa = dict(dropout_p=dropout, scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
     if kwargs.get("softcap"):  # Gemma-2: soft-capped scores, in blocks with their own backward (capped_attention)
+        if dropout:  # qdpo.model.disable_dropout sets every dropout to 0 before training
+            raise RuntimeError("qdpo's soft-capped attention blocks have no dropout; attention dropout must be 0")
         sdpa = dict(softcap=kwargs["softcap"], scale=scaling if scaling is not None else query.shape[-1] ** -0.5)
     rows, width = query.shape[0], query.shape[2]
     if qdpo_spans == tuple((row, 0, width, 0, 0) for row in range(rows)):  # whole rows (the plain layout): batched
@@ -255,15 +257,13 @@ def no_mask() -> Iterator[None]:
 def use_span_attention(model) -> bool:
     """Switch a model on transformers' SDPA to qdpo_sdpa, or a verified soft-capped family on eager to qdpo_eager
     (the same attention until spans are given); True if done."""
-    from qdpo.families import family_of
-
     config = model.config
     impl = getattr(config, "_attn_implementation", None)
     if impl == "sdpa":
         register()
         model.set_attn_implementation(IMPLEMENTATION)
         return True
-    if impl == "eager" and getattr(config, "attn_logit_softcapping", None) and family_of(config) is not None:
+    if impl == "eager" and softcapped(config):
         register()
         model.set_attn_implementation(EAGER_IMPLEMENTATION)
         return True
@@ -271,8 +271,12 @@ def use_span_attention(model) -> bool:
 
 
 def softcapped(config) -> bool:
-    """Whether the model soft-caps its attention scores (then qdpo.step hands even plain rows to the blocks)."""
-    return bool(getattr(config, "attn_logit_softcapping", None))
+    """Whether a verified family soft-caps this model's attention scores (then qdpo.step hands even plain rows to
+    the blocks)."""
+    from qdpo.families import family_of
+
+    family = family_of(config)
+    return bool(family and family.capped_scores and getattr(config, "attn_logit_softcapping", None))
 
 
 def span_problem(config) -> str | None:
@@ -282,6 +286,4 @@ def span_problem(config) -> str | None:
         return f"the model's attention is {impl}"
     if softcapped(config) and impl != EAGER_IMPLEMENTATION:
         return "its attention scores are soft-capped, which SDPA cannot do"
-    if softcapped(config) and getattr(config, "attention_dropout", 0.0):
-        return "its soft-capped attention has dropout, which qdpo's blocks do not do"
     return None

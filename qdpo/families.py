@@ -38,6 +38,8 @@ class Family:
     logits: str = "none"
     # Whether its modelling code applies config.sliding_window (the others ignore a stray one in their config).
     windowed: bool = False
+    # Whether its attention soft-caps scores with config.attn_logit_softcapping (Gemma-2; Gemma-3's ignores it).
+    capped_scores: bool = False
 
 
 # Keyed by config.model_type. Every entry has a tiny model in tests/test_families.py; add one only with it.
@@ -49,7 +51,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family("Qwen2-MoE", windowed=True),
     "qwen3": Family("Qwen3", windowed=True),
     "gemma": Family("Gemma"),
-    "gemma2": Family("Gemma-2", logits="softcap", windowed=True),
+    "gemma2": Family("Gemma-2", logits="softcap", windowed=True, capped_scores=True),
     "gemma3_text": Family("Gemma-3 (text)", logits="softcap", windowed=True),
     "phi": Family("Phi-2"),
     "phi3": Family("Phi-3", windowed=True),

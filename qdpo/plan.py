@@ -40,10 +40,10 @@ from qdpo.attention import (
     span_problem,
     window_cuts,
 )
-from qdpo.capped_attention import SCORES_PER_BLOCK
+from qdpo.capped_attention import largest_block_scores
 from qdpo.config import Config
 from qdpo.errors import UserError
-from qdpo.families import FAMILIES, exact_settings, layer_windows, shared_layout_problem
+from qdpo.families import exact_settings, layer_windows, shared_layout_problem
 from qdpo.model import resolve_model
 from qdpo.nf4 import NF4_BLOCKSIZE
 from qdpo.shapes import ModelShape, model_config
@@ -461,9 +461,19 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
         tile = (g.rows * cfg.tiled_mlp, untiled)
     work = layer_work(shape, d, g.tokens, per_layer if cfg.gradient_checkpointing or offload else 0, tile)
     if g.capped:  # a soft-capped block's backward: ~6 fp32 and 2 compute-dtype temporaries per score element
-        work = max(work, SCORES_PER_BLOCK * (6 * FP32 + 2 * d))
+        longest = g.span[0] + max(g.span[1], g.span[2])
+        scores = max(
+            largest_block_scores(
+                1 if g.shared else g.rows, shape.heads, longest, longest, w if cuts(w, longest) else None
+            )
+            for w in g.windows
+        )
+        work = max(work, scores * (6 * FP32 + 2 * d))
     mlp_work = f"one MLP tile's tensors and gradients ({tile[0]} tokens)" if tile else "MLP gradients"
-    lines.append(Line(LAYER_WORK, work, f"{mlp_work} + one dequantized weight, or the final norm's fp32 backward"))
+    other = ", or a soft-capped attention block's backward" if g.capped else ""
+    lines.append(
+        Line(LAYER_WORK, work, f"{mlp_work} + one dequantized weight, or the final norm's fp32 backward{other}")
+    )
     lines.append(Line(OTHER_SAVED, g.tokens * (shape.hidden * FP32 + FP32), "final RMSNorm: fp32 input and rsqrt"))
     return lines
 
@@ -643,7 +653,7 @@ def span_attention_applies(decoder: dict[str, Any], spans: bool = True) -> bool:
 
 def loaded_config(decoder: dict[str, Any]) -> SimpleNamespace:
     """A config.json as qdpo loads the model: qdpo_sdpa, or qdpo_eager for a verified soft-capped family."""
-    capped = softcapped(SimpleNamespace(**decoder)) and decoder.get("model_type") in FAMILIES
+    capped = softcapped(SimpleNamespace(**decoder))
     return SimpleNamespace(**{**decoder, "_attn_implementation": EAGER_IMPLEMENTATION if capped else IMPLEMENTATION})
 
 

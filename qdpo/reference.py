@@ -36,7 +36,7 @@ from qdpo.step import reference_scores
 from qdpo.tokenize import TokenizedPair
 
 FORMAT_VERSION = 4  # bump when the log-prob computation or the key changes: every older table is then a miss
-# 4: sliding windows that cut a row run in blocks (qdpo.attention.windowed), on every layout, not the dense mask
+# 4: sliding windows that cut a row, and soft-capped scores, run in blocks on every layout, not the dense mask
 
 LIBRARIES = ("torch", "transformers", "bitsandbytes", "peft", "qdpo")  # their versions are part of the key
 QUANTIZATION = {"type": "nf4", "double_quant": True}  # as load_base_4bit sets it; the compute dtype is keyed apart

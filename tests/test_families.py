@@ -526,3 +526,19 @@ def test_soft_capped_attention_gradients_match_the_eager_path(layout, family_dir
     for name, want in grads["eager"].items():
         error = (grads["blocks"][name] - want).abs().max().item()
         assert error <= 1e-4 * want.abs().max().item(), f"{name}: {error:.3g} off, of {want.abs().max().item():.3g}"
+
+
+def test_gemma3_ignores_attn_logit_softcapping_and_so_does_qdpo(tmp_path, pairs, tokenizer):
+    """Gemma-3's attention never passes the config's attn_logit_softcapping on (unlike Gemma-2's): with one set, its
+    scores are still uncapped, so qdpo keeps it on the span path, on every layout, and the plan agrees."""
+    from qdpo import attention
+    from qdpo.plan import loaded_config
+
+    make_family_model(tmp_path, "gemma3_text", attn_logit_softcapping=5.0)
+    model = load(tmp_path)
+    assert model.config.attn_logit_softcapping == 5.0 and not attention.softcapped(model.config)
+    assert loaded_config(model.config.to_dict())._attn_implementation == model.config._attn_implementation
+    span_layouts_match_the_oracle(model, pairs, tokenizer.pad_token_id)
+    want = oracle(model, pairs[:3], reference=False)
+    got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, "plain"), 5).logps.detach().double()
+    assert (got - want).abs().max().item() < 2e-3

@@ -381,3 +381,16 @@ def test_capped_attention_equals_its_definition_in_float64(window, monkeypatch):
     torch.testing.assert_close(got.double(), want.detach(), rtol=0, atol=2e-6)
     for mine, theirs in zip(inputs, exact):
         torch.testing.assert_close(mine.grad.double(), theirs.grad, rtol=0, atol=1e-5)
+
+
+def test_capped_attention_blocks_stay_near_their_bound_and_the_planner_knows_the_largest():
+    """Blocks of at least 16 queries: a call too wide for SCORES_PER_BLOCK at 16 queries makes blocks above it, and
+    largest_block_scores (what the planner counts) is the largest block the function actually runs."""
+    from qdpo import capped_attention as C
+
+    for n, heads, nq, nk, window in ((1, 8, 300, 300, None), (4, 32, 16384, 16384, None), (2, 16, 5000, 9000, 4096)):
+        q, k = torch.empty(n, heads, nq, 1, device="meta"), torch.empty(n, 1, nk, 1, device="meta")
+        runs = max(n * heads * (b - a) * (hi - lo) for a, b, lo, hi in C.query_blocks(q, k, window))
+        assert C.largest_block_scores(n, heads, nq, nk, window) == runs
+    assert C.largest_block_scores(4, 32, 16384, 16384, None) > C.SCORES_PER_BLOCK  # 16 queries x 16k keys x 128
+    assert C.largest_block_scores(1, 8, 300, 300, None) <= C.SCORES_PER_BLOCK
