@@ -138,11 +138,24 @@ def draw(results: dict[str, list[tuple[int, int]]]) -> None:
     print(f"wrote {PNG}")
 
 
+def step_seconds(model, batch, cfg: Config, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` steps (forward + backward of one pair, no optimizer)."""
+    import time
+
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        losses, *_ = qdpo.step.preference_loss(model, batch, cfg, torch.zeros(2))
+        losses.sum().backward()
+        seconds.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return seconds
+
+
 def time_tiling(repeats: int = 3) -> None:
     """Seconds per step (forward + backward) of SmolLM2-135M on one pair of 2 x 1984 response tokens, checkpointed,
     shared prompt, with and without tiled_mlp=1024: what tiling costs in time."""
     import sys
-    import time
 
     from qdpo.model import resolve_model
 
@@ -157,13 +170,7 @@ def time_tiling(repeats: int = 3) -> None:
         if tile:
             tile_mlps(model, tile)
         cfg = Config(model="x", data="y", tiled_mlp=tile)
-        seconds = []
-        for _ in range(repeats):
-            start = time.time()
-            losses, *_ = qdpo.step.preference_loss(model, batch, cfg, torch.zeros(2))
-            losses.sum().backward()
-            seconds.append(time.time() - start)
-            model.zero_grad(set_to_none=True)
+        seconds = step_seconds(model, batch, cfg, repeats)
         print(f"tiled_mlp={tile}: seconds per step {', '.join(f'{t:.1f}' for t in seconds)}", flush=True)
 
 
@@ -172,7 +179,6 @@ def windowed(repeats: int = 3, capped: bool = False) -> None:
     per step of the dense mask (as qdpo ran windowed families before) and of qdpo.attention's windowed blocks, on
     both layouts, one pair per step, checkpointed, lm_head in chunks of 256. capped: as Gemma-2 has it (scores
     soft-capped at 50, the same window), transformers' eager attention vs qdpo.capped_attention's blocks."""
-    import time
 
     from transformers import AutoModelForCausalLM, Gemma2Config, MistralConfig
 
@@ -203,13 +209,7 @@ def windowed(repeats: int = 3, capped: bool = False) -> None:
                 qdpo.attention.span_problem = (lambda c: "dense, for comparison") if dense else original
                 qdpo.attention.full_band_mask.cache_clear()
                 peak = peak_bytes(model, batch, cfg)
-                seconds = []
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    losses, *_ = qdpo.step.preference_loss(model, batch, cfg, torch.zeros(2))
-                    losses.sum().backward()
-                    seconds.append(time.perf_counter() - start)
-                    model.zero_grad(set_to_none=True)
+                seconds = step_seconds(model, batch, cfg, repeats)
                 print(f"| {layout} | {length} | {name} | {peak / 1e6:.1f} | {min(seconds):.2f} |", flush=True)
     qdpo.attention.span_problem = original
 
