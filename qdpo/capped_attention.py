@@ -24,27 +24,24 @@ def capped_attention(
     return _Capped.apply(q, k, v, window, cap, scale)
 
 
-def block_rows(n: int, heads: int, nq: int, nk: int, window: int | None) -> int:
-    """Queries per block: as many as keep n x heads x queries x keys read under SCORES_PER_BLOCK (at least 16)."""
+def block_plan(n: int, heads: int, nq: int, nk: int, window: int | None) -> list[tuple[int, int, int, int]]:
+    """(first query, one past the last, first key, one past the last) per block of a call of n rows: as many
+    queries per block as keep n x heads x queries x keys read under SCORES_PER_BLOCK (at least 16)."""
+    from qdpo.attention import blocks
+
     reach = nk if window is None else min(nk, window + nq)
-    return max(16, min(nq, SCORES_PER_BLOCK // max(1, n * heads * reach)))
+    rows = max(16, min(nq, SCORES_PER_BLOCK // max(1, n * heads * reach)))
+    return blocks(nq, nk, window if window is not None else nk, rows)
 
 
 def largest_block_scores(n: int, heads: int, nq: int, nk: int, window: int | None) -> int:
     """Score elements of the largest block of such a call (for the planner)."""
-    from qdpo.attention import blocks
-
-    rows = block_rows(n, heads, nq, nk, window)
-    return max(n * heads * (b - a) * (hi - lo) for a, b, lo, hi in blocks(nq, nk, window or nk, rows))
+    return max(n * heads * (b - a) * (hi - lo) for a, b, lo, hi in block_plan(n, heads, nq, nk, window))
 
 
 def query_blocks(q: torch.Tensor, k: torch.Tensor, window: int | None) -> list[tuple[int, int, int, int]]:
-    """(first query, one past the last, first key, one past the last) per block, sized by SCORES_PER_BLOCK."""
-    from qdpo.attention import blocks
-
-    nq, nk = q.shape[2], k.shape[2]
-    rows = block_rows(q.shape[0], q.shape[1], nq, nk, window)
-    return blocks(nq, nk, window if window is not None else nk, rows)
+    """block_plan for these queries and keys ([n, heads, queries, dim], [n, kv heads, keys, dim])."""
+    return block_plan(q.shape[0], q.shape[1], q.shape[2], k.shape[2], window)
 
 
 def _visible(rows: int, cols: int, first: int, window: int | None, device: torch.device) -> torch.Tensor:

@@ -20,12 +20,8 @@ import torch
 from qdpo.config import Config
 from qdpo.errors import UserError
 
-EXACT_ATTENTION = (
-    "sdpa",
-    "eager",
-    "qdpo_sdpa",
-    "qdpo_eager",
-)  # the implementations whose mask semantics qdpo builds for
+# The implementations whose mask semantics qdpo builds for (qdpo.attention's two take SDPA's and eager's masks)
+EXACT_ATTENTION = ("sdpa", "eager", "qdpo_sdpa", "qdpo_eager")
 
 
 @dataclass(frozen=True)

@@ -411,8 +411,8 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
     )
     # cos and sin: one copy shared by every layer (per row when shared rows carry their own position ids)
     rotary = 2 * (g.rows if g.shared else 1) * g.width * shape.head_dim * d
+    longest = g.span[0] + max(g.span[1], g.span[2]) if g.span else 0  # the longest call's keys
     if g.span and not g.capped:  # and the windowed blocks' one band mask per window (qdpo.attention.full_band_mask)
-        longest = g.span[0] + max(g.span[1], g.span[2])
         groups = shape.heads // shape.kv_heads if cuda else 1  # stacked per folded query head on the GPU
         rotary += sum(band_mask_bytes(w, d, groups) for w in set(g.windows) if cuts(w, longest))
     offload = getattr(cfg, "offload_activations", False)
@@ -461,7 +461,6 @@ def activation_lines(shape: ModelShape, cfg: Config, d: int, g: Geometry, cuda: 
         tile = (g.rows * cfg.tiled_mlp, untiled)
     work = layer_work(shape, d, g.tokens, per_layer if cfg.gradient_checkpointing or offload else 0, tile)
     if g.capped:  # a soft-capped block's backward: ~6 fp32 and 2 compute-dtype temporaries per score element
-        longest = g.span[0] + max(g.span[1], g.span[2])
         scores = max(
             largest_block_scores(
                 1 if g.shared else g.rows, shape.heads, longest, longest, w if cuts(w, longest) else None
@@ -590,13 +589,13 @@ def plan_memory(
     loaded = loaded_config(decoder)
     windows = tuple(layer_windows(loaded).values()) if shared_layout_problem(loaded) is None else (None,)
     capped = softcapped(loaded)
-    if g.shared and span_attention_applies(decoder):
+    if g.shared and span_attention_applies(loaded):
         p = min(max(prompt_len, 1), t - 1)
         g = replace(g, span=(p, t - p, t - p), windows=windows, capped=capped)
     elif not g.shared and getattr(cfg, "logits_chunk_size", 0) > 0:
         # qdpo.step's right-padded rows without a padding mask: one causal call (in blocks, through spans, where a
         # window cuts the row or the scores are soft-capped)
-        if span_attention_applies(decoder, spans=window_cuts(loaded, t) or capped):
+        if span_attention_applies(loaded, spans=window_cuts(loaded, t) or capped):
             g = replace(g, span=(0, t, 0), windows=windows, capped=capped)
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
     lines += peak_lines(activation_lines(shape, cfg, d, g, device == "cuda"), logits_lines(shape, cfg, d, g))
@@ -642,13 +641,13 @@ def plan_memory(
     return Plan(lines, b, t, name, device, assumptions)
 
 
-def span_attention_applies(decoder: dict[str, Any], spans: bool = True) -> bool:
-    """Whether a step on this config.json runs causal SDPA calls with no mask: qdpo.attention's own rule
-    (span_problem) on a model loaded as qdpo loads it, and (spans: the forward hands spans down) not a family whose
-    layers drop the attention kwargs (found only at run time, known here)."""
-    if spans and decoder.get("model_type") in DROPS_ATTENTION_KWARGS:
+def span_attention_applies(loaded: SimpleNamespace, spans: bool = True) -> bool:
+    """Whether a step on this config (loaded_config) runs causal SDPA calls with no mask: qdpo.attention's own rule
+    (span_problem), and (spans: the forward hands spans down) not a family whose layers drop the attention kwargs
+    (found only at run time, known here)."""
+    if spans and getattr(loaded, "model_type", None) in DROPS_ATTENTION_KWARGS:
         return False
-    return span_problem(loaded_config(decoder)) is None
+    return span_problem(loaded) is None
 
 
 def loaded_config(decoder: dict[str, Any]) -> SimpleNamespace:

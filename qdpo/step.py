@@ -105,8 +105,8 @@ def score_batch(
         # every head on its masked path; without, it runs causal kernels with K/V at their own head count.
         ids = batch.input_ids.to(device)
         hidden = None
-        cut = attention.window_cuts(base.config, ids.shape[1])
-        if (cut or attention.softcapped(base.config)) and attention.span_problem(base.config) is None:
+        blocked = attention.window_cuts(base.config, ids.shape[1]) or attention.softcapped(base.config)
+        if blocked and attention.span_problem(base.config) is None:
             # A sliding window that cuts the rows, or soft-capped scores: transformers would build a [2B, 1, T, T]
             # mask (and eagerly, [2B, heads, T, T] scores); qdpo.attention's blocks need neither (a row is one span).
             hidden = span_forward(base, ids, None, tuple((row, 0, ids.shape[1], 0, 0) for row in range(ids.shape[0])))
