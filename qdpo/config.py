@@ -277,7 +277,7 @@ class Config:
         0,
         "At each eval, greedy-generate answers to the first this many held-out prompts and log them with their "
         "length to generations.jsonl (0 = off); step 0's are the model before tuning. Costs max_new_tokens "
-        "forwards per prompt.",
+        "forwards per batch of up to 8 prompts.",
         min=0,
     )
     max_new_tokens: int = _f(64, "Longest greedy answer, in new tokens, for eval_generate and `qdpo generate`.", min=1)

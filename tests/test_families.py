@@ -542,3 +542,20 @@ def test_gemma3_ignores_attn_logit_softcapping_and_so_does_qdpo(tmp_path, pairs,
     want = oracle(model, pairs[:3], reference=False)
     got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, "plain"), 5).logps.detach().double()
     assert (got - want).abs().max().item() < 2e-3
+
+
+@pytest.mark.parametrize("model_type", list(FAMILY_SETTINGS))
+def test_batched_greedy_answers_are_each_prompts_own(model_type, family_dirs, pairs, tokenizer):
+    """Eval answers decode prompts in left-padded batches: each answer must be what its prompt alone gets from an
+    argmax loop over the model's own logits (no cache, no padding), prompts longer than every window."""
+    from test_generate import argmax_loop
+
+    from qdpo.generate import greedy
+
+    model = load(family_dirs[model_type])
+    perturb_policy(model)
+    prompts = [p.prompt_ids + p.chosen_ids[:k] for p, k in zip(pairs, (0, 7, 3))]  # three lengths
+    assert len({len(ids) for ids in prompts}) == 3
+    got = greedy(model, tokenizer, prompts, max_new_tokens=6)
+    for ids, answer in zip(prompts, got):
+        assert answer.ids == argmax_loop(model, ids, 6, {tokenizer.eos_token_id}), model_type

@@ -11,7 +11,15 @@ from click.testing import CliRunner
 from test_merge import make_run, random_adapter
 
 from qdpo.cli import main
-from qdpo.generate import Generation, eval_generations, greedy, log_generations, read_generations, side_by_side
+from qdpo.generate import (
+    Generation,
+    eval_generations,
+    greedy,
+    log_generations,
+    read_generations,
+    side_by_side,
+    stop_ids,
+)
 from qdpo.model import ModelSource, add_lora, load_base_4bit
 from qdpo.tokenize import encode_prompt
 
@@ -97,6 +105,12 @@ def test_greedy_stops_at_eos(policy, tiny_model_dir, prompts):
     assert got.ids == free and got.tokens == 3 and got.stopped
     (cut,) = greedy(policy, tokenizer, prompts[1:], max_new_tokens=2)
     assert cut.ids == free[:2] and cut.tokens == 2 and not cut.stopped
+    # In one batch with a prompt that decodes on: the stopped answer ends at its EOS (the padding generate() puts
+    # after it is no part of it), and the other is what it gets alone.
+    stopped, other = greedy(policy, tokenizer, [prompts[1], prompts[0]], max_new_tokens=6)
+    assert stopped.ids == free and stopped.stopped
+    assert other.ids == argmax_loop(policy, prompts[0], 6, set(stop_ids(policy, tokenizer)))
+    assert len(other.ids) > 3  # it did decode on after the first one stopped
 
 
 def test_reference_is_the_base_without_lora_and_both_are_logged(policy, tokenizer, tiny_model_dir, prompts, tmp_path):
