@@ -439,11 +439,15 @@ def train_step(
     start = time.time()
     metrics, tokens, pairs = Metrics(), 0, []
     world, accumulate = t.world, config.gradient_accumulation_steps
-    pairs_per_step = config.micro_batch_size * accumulate  # per rank: DDP averages the ranks' gradients
-    for k in range(accumulate):
-        # Every rank walks the same stream; of each world.size micro-batches in a row, rank r takes the r-th: the
-        # global step is the one micro-batch sequence a single process with world.size times the accumulation sees.
-        idx = world.share([next(stream) for _ in range(world.size)])[0]
+    # Every rank walks the same stream; of each world.size micro-batches in a row, rank r takes the r-th: the
+    # global step is the one micro-batch sequence a single process with world.size times the accumulation sees.
+    drawn = [[next(stream) for _ in range(world.size)] for _ in range(accumulate)]
+    # Each pair weighs 1 / (the pairs this step really has, on all ranks): the epoch's one short micro-batch, or a
+    # training set smaller than a micro-batch, must not shrink the step's gradient. Per rank the global count over
+    # world.size, since DDP averages the ranks' gradients; every rank knows it, as every rank walks the stream.
+    pairs_per_step = sum(len(idx) for group in drawn for idx in group) / world.size
+    for k, group in enumerate(drawn):
+        idx = world.share(group)[0]
         pairs += idx
         batch = make_batch([data.train[j] for j in idx], data.tokenizer.pad_token_id, config.batch_layout)
         reference = table_rows(t.train_ref, idx) if t.train_ref is not None else None
@@ -451,7 +455,7 @@ def train_step(
         # DDP reduces the accumulated gradients in the last micro-batch's backward, not in every one.
         with contextlib.nullcontext() if k == accumulate - 1 else t.no_sync():
             losses, cr, rr, policy = t.loss(batch, reference, desirable)
-            # Sum / pairs-per-step: every pair weighs the same across accumulated micro-batches.
+            # Sum / pairs-per-step: every pair of the step weighs the same, whichever micro-batch it is in.
             t.scaler.scale(losses.sum() / pairs_per_step).backward()
         metrics.add(losses, cr, rr, policy, t.model.config.vocab_size, desirable)
         tokens += batch.num_tokens
