@@ -37,13 +37,12 @@ EAGER_IMPLEMENTATION = "qdpo_eager"
 Span = tuple[int, int, int, int, int]  # row, start, prompt, chosen and rejected tokens of one pair
 calls = 0  # span calls made: qdpo.step checks that every layer made one, and tests that this path ran
 _maskless = False  # inside `no_mask()`: transformers builds no mask, since span_attention needs none
+# Families whose decoder layers do not hand the attention kwargs on (transformers 5.24): hand_spans_on makes them.
+DROPS_ATTENTION_KWARGS = ("stablelm",)
 # Queries per block of a windowed call: each reads BLOCK + window keys, and the one band mask they share is
 # BLOCK x (BLOCK + window) scores (per query head of a kv head on the GPU); smaller blocks waste fewer masked
 # scores but make more calls.
 BLOCK = 1024
-# Families whose decoder layers do not hand the attention kwargs on (transformers 5.24), so the spans never arrive:
-# qdpo.step finds that out at the first forward and keeps the dense mask; the planner knows it beforehand.
-DROPS_ATTENTION_KWARGS = ("stablelm",)
 
 
 def span_attention(
@@ -262,12 +261,57 @@ def use_span_attention(model) -> bool:
     if impl == "sdpa":
         register()
         model.set_attn_implementation(IMPLEMENTATION)
-        return True
-    if impl == "eager" and softcapped(config):
+    elif impl == "eager" and softcapped(config):
         register()
         model.set_attn_implementation(EAGER_IMPLEMENTATION)
-        return True
-    return False
+    else:
+        return False
+    hand_spans_on(model)
+    return True
+
+
+def hand_spans_on(model) -> int:
+    """Make each decoder layer of a family in DROPS_ATTENTION_KWARGS hand its spans to its attention; returns how
+    many layers now do.
+
+    Such a layer takes **kwargs but calls its attention without them (StableLM's, transformers 5.24), so the spans
+    would never arrive and the shared and packed layouts would need the dense mask. Each layer becomes an instance of
+    a subclass whose forward notes its spans on the attention module, and a pre-hook on the attention adds them to
+    its call. A forward, not a hook on the layer: gradient checkpointing replays the layer's forward (with the same
+    kwargs) in backward, but not its hooks, so only a forward notes the right spans for the recomputation too.
+    """
+    if getattr(model.config, "model_type", None) not in DROPS_ATTENTION_KWARGS:
+        return 0
+    layers = [layer for layer in model.get_decoder().layers if hasattr(layer, "self_attn")]
+    for layer in layers:
+        if not isinstance(layer, _HandsSpansOn):
+            layer.__class__ = _spans_handing_class(type(layer))
+            layer.self_attn.register_forward_pre_hook(_add_noted_spans, with_kwargs=True)
+    return len(layers)
+
+
+class _HandsSpansOn:
+    """Marks a decoder layer class made by _spans_handing_class."""
+
+
+@functools.lru_cache(maxsize=None)
+def _spans_handing_class(cls: type) -> type:
+    """A subclass of the decoder layer class cls whose forward notes its spans on its attention module first."""
+
+    def forward(self, *args, **kwargs):
+        self.self_attn._qdpo_spans = kwargs.get("qdpo_spans")  # None when this call has none: nothing stale
+        return cls.forward(self, *args, **kwargs)
+
+    # transformers wraps a subclass's forward for checkpointing too; the outermost wrapper checkpoints this one.
+    return type(cls.__name__, (_HandsSpansOn, cls), {"forward": forward, "__module__": cls.__module__})
+
+
+def _add_noted_spans(attn: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """The attention's forward pre-hook: the spans its layer noted, where the layer's call did not pass them."""
+    spans = getattr(attn, "_qdpo_spans", None)
+    if spans is None or "qdpo_spans" in kwargs:
+        return None
+    return args, {**kwargs, "qdpo_spans": spans}
 
 
 def softcapped(config) -> bool:

@@ -30,7 +30,6 @@ from typing import Any
 
 from qdpo.attention import (
     BLOCK,
-    DROPS_ATTENTION_KWARGS,
     EAGER_IMPLEMENTATION,
     IMPLEMENTATION,
     band_mask_bytes,
@@ -38,7 +37,6 @@ from qdpo.attention import (
     cuts,
     softcapped,
     span_problem,
-    window_cuts,
 )
 from qdpo.capped_attention import largest_block_scores
 from qdpo.config import Config
@@ -595,7 +593,7 @@ def plan_memory(
     elif not g.shared and getattr(cfg, "logits_chunk_size", 0) > 0:
         # qdpo.step's right-padded rows without a padding mask: one causal call (in blocks, through spans, where a
         # window cuts the row or the scores are soft-capped)
-        if span_attention_applies(loaded, spans=window_cuts(loaded, t) or capped):
+        if span_attention_applies(loaded):
             g = replace(g, span=(0, t, 0), windows=windows, capped=capped)
     lines = resident_lines(shape, cfg, d) + optimizer_lines(shape, cfg)
     lines += peak_lines(activation_lines(shape, cfg, d, g, device == "cuda"), logits_lines(shape, cfg, d, g))
@@ -641,12 +639,8 @@ def plan_memory(
     return Plan(lines, b, t, name, device, assumptions)
 
 
-def span_attention_applies(loaded: SimpleNamespace, spans: bool = True) -> bool:
-    """Whether a step on this config (loaded_config) runs causal SDPA calls with no mask: qdpo.attention's own rule
-    (span_problem), and (spans: the forward hands spans down) not a family whose layers drop the attention kwargs
-    (found only at run time, known here)."""
-    if spans and getattr(loaded, "model_type", None) in DROPS_ATTENTION_KWARGS:
-        return False
+def span_attention_applies(loaded: SimpleNamespace) -> bool:
+    """Whether a step on this config (loaded_config) runs causal SDPA calls with no mask: qdpo.attention's own rule."""
     return span_problem(loaded) is None
 
 

@@ -44,8 +44,9 @@ def span_forward(base, input_ids: torch.Tensor, positions: torch.Tensor | None, 
             qdpo_spans=spans,
         ).last_hidden_state
     if attention.calls - before != len(base.get_decoder().layers):
-        # Some layer never saw the spans (StableLM's decoder layer drops the attention kwargs): its attention was
-        # plain causal over the whole row. Throw that away.
+        # Some layer never saw the spans (a decoder layer that drops the attention kwargs, which
+        # attention.hand_spans_on does not know of): its attention was plain causal over the whole row. Throw that
+        # away.
         DENSE_ONLY.add(base)
         return None
     return hidden

@@ -352,9 +352,9 @@ def test_readme_family_table_is_the_suites():
 
 
 # The shared-prompt layout without a dense mask (qdpo.attention), windows and Gemma-2's soft-capped scores included;
-# only decoder layers that drop the attention kwargs keep the mask (StableLM, found at its first forward).
+# StableLM's decoder layers drop the attention kwargs, and qdpo hands the spans on (attention.hand_spans_on).
 WINDOWED = ("mistral", "mixtral", "qwen2", "qwen2_moe", "gemma3_text", "phi3")
-SPAN_ATTENTION = {"llama", "qwen3", "gemma", "phi", "granite", "cohere", "olmo2", "gemma2", *WINDOWED}
+SPAN_ATTENTION = {"llama", "qwen3", "gemma", "phi", "granite", "cohere", "olmo2", "gemma2", "stablelm", *WINDOWED}
 
 
 def takes_span_attention(model, pairs, pad_id: int) -> bool:
@@ -374,6 +374,45 @@ def test_which_families_take_the_span_attention(family_dirs, pairs, tokenizer):
     assert took == SPAN_ATTENTION
 
 
+def test_a_layer_whose_attention_never_sees_the_spans_falls_back_to_the_dense_mask(family_dirs, pairs, tokenizer):
+    """StableLM without the hook that hands its spans on is what a family whose layers drop the attention kwargs looks like: the
+    first forward finds a layer that made no span call, throws that forward away and keeps the dense mask, exactly."""
+    from qdpo.step import DENSE_ONLY
+
+    model = load(family_dirs["stablelm"])
+    for layer in model.get_base_model().get_decoder().layers:
+        layer.self_attn._forward_pre_hooks.clear()
+    span_layouts_match_the_oracle(model, pairs, tokenizer.pad_token_id, spans=False)
+    assert model.get_base_model() in DENSE_ONLY
+
+
+@pytest.mark.parametrize("layout", ("shared", "packed"))
+def test_handed_on_spans_give_stablelms_gradients_through_checkpointed_layers(layout, family_dirs, pairs, tokenizer):
+    """The hooks that hand StableLM's spans to its attention also act when gradient checkpointing replays a layer in
+    backward: the LoRA gradients of a DPO loss equal those through the dense mask, to fp32 rounding."""
+    from qdpo.step import DENSE_ONLY
+
+    batch = make_batch(pairs[:3], tokenizer.pad_token_id, layout)
+    config = Config(model="x", data="y", logits_chunk_size=5)
+    grads = {}
+    for path in ("spans", "dense"):
+        model = load(family_dirs["stablelm"])
+        assert model.get_base_model().is_gradient_checkpointing
+        if path == "dense":
+            DENSE_ONLY.add(model.get_base_model())
+        perturb_policy(model)
+        model.train()
+        losses, _, _, _ = preference_loss(model, batch, config)
+        losses.sum().backward()
+        assert (model.get_base_model() in DENSE_ONLY) == (path == "dense")
+        grads[path] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["spans"].keys() == grads["dense"].keys() and len(grads["dense"]) > 4
+    for name, want in grads["dense"].items():
+        assert want.abs().max() > 0, name
+        error = (grads["spans"][name] - want).abs().max().item()
+        assert error <= 1e-4 * want.abs().max().item(), f"{name}: {error:.3g} off, of {want.abs().max().item():.3g}"
+
+
 @pytest.mark.parametrize("model_type", WINDOWED)
 def test_span_attention_where_the_window_does_not_cut(model_type, tmp_path, pairs, tokenizer):
     """A window longer than every pair leaves the span path exact for the windowed families too (MoE included)."""
@@ -381,10 +420,11 @@ def test_span_attention_where_the_window_does_not_cut(model_type, tmp_path, pair
     span_layouts_match_the_oracle(load(tmp_path), pairs, tokenizer.pad_token_id)
 
 
-def span_layouts_match_the_oracle(model, pairs, pad_id: int) -> None:
-    """With the adapter moved off the reference: the span path runs, and both shared layouts equal the oracle."""
+def span_layouts_match_the_oracle(model, pairs, pad_id: int, spans: bool = True) -> None:
+    """With the adapter moved off the reference: the span path runs (or not), and both shared layouts equal the
+    oracle."""
     perturb_policy(model)
-    assert takes_span_attention(model, pairs[:2], pad_id)
+    assert takes_span_attention(model, pairs[:2], pad_id) == spans
     want = oracle(model, pairs[:3], reference=False)
     for layout in ("shared", "packed"):
         model.train()

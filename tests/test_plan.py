@@ -113,10 +113,18 @@ def settings(checkpointing: bool, dtype: str = "float32", chunk: int = 0, layout
 
 def save_tiny(name: str, tmp_path_factory, shapes: dict = SHAPES) -> tuple[str, Path, dict]:
     """A tiny random model of shape `name` saved as a transformers directory, with its config.json."""
-    from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma2Config,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        StableLmConfig,
+    )
 
     arch, sizes = shapes[name]
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config}[arch]
+    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "gemma2": Gemma2Config}
+    cls = {**classes, "stablelm": StableLmConfig}[arch]
     path = tmp_path_factory.mktemp(name)
     config = cls(
         max_position_embeddings=sizes.pop("max_position_embeddings", 256),
@@ -426,6 +434,22 @@ def test_saved_tensors_match_plan_with_a_sliding_window(tmp_path_factory, checkp
     assert attention.calls > before  # the windowed blocks ran, not transformers' mask
     unwindowed = plan_for({**model_config, "sliding_window": None}, config).bytes_of(P.RECOMPUTE, P.LAYERS)
     assert plan_for(model_config, config).bytes_of(P.RECOMPUTE, P.LAYERS) != unwindowed or layout == "plain"
+
+
+@pytest.mark.parametrize("layout", ["shared", "packed"])
+def test_stablelm_takes_the_spans_without_a_mask_and_the_plan_counts_them(tmp_path_factory, layout):
+    """StableLM's layers drop the attention kwargs; qdpo hands its spans on, so its shared rows (recomputed under
+    checkpointing too) run the causal calls with no [T, T] mask, as the plan says."""
+    from qdpo.step import DENSE_ONLY
+
+    sizes = dict(SHAPES["llama-mha"][1])
+    name, path, model_config = save_tiny("stablelm", tmp_path_factory, {"stablelm": ("stablelm", sizes)})
+    config = settings(True, chunk=16, layout=layout)
+    model = load(path, config)
+    before = attention.calls
+    check_saved(f"{name} {layout} ckpt=1", path, model_config, config, model)
+    assert attention.calls > before and model.get_base_model() not in DENSE_ONLY
+    assert any("no mask" in a for a in plan_for(model_config, config).assumptions)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
