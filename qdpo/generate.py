@@ -84,9 +84,9 @@ def greedy(
     model.eval()
     out = []
     try:
-        with _plain_greedy(model, stop, pad_id), torch.no_grad():
-            # a bar: on a CPU a pass takes minutes (bitsandbytes dequantizes every weight for each new token)
-            bar = progress_bar(total=len(prompts), desc=desc, unit="prompt", leave=False)
+        # a bar: on a CPU a pass takes minutes (bitsandbytes dequantizes every weight for each new token)
+        bar = progress_bar(total=len(prompts), desc=desc, unit="prompt", leave=False)
+        with _plain_greedy(model, stop, pad_id), torch.no_grad(), bar:
             for first in range(0, len(prompts), GENERATE_BATCH):
                 batch = prompts[first : first + GENERATE_BATCH]
                 width = max(len(ids) for ids in batch)
@@ -103,7 +103,6 @@ def greedy(
                 )
                 out += [_answer(row, stop, tokenizer) for row in generated[:, width:].tolist()]
                 bar.update(len(batch))
-            bar.close()
     finally:
         model.train(was_training)
     return out

@@ -595,7 +595,8 @@ def test_batched_greedy_answers_are_each_prompts_own(model_type, family_dirs, pa
     model = load(family_dirs[model_type])
     perturb_policy(model)
     prompts = [p.prompt_ids + p.chosen_ids[:k] for p, k in zip(pairs, (0, 7, 3))]  # three lengths
-    assert len({len(ids) for ids in prompts}) == 3
+    prompts.append(pairs[3].prompt_ids[:4])  # padded by more than the window (8) in its batch
+    assert len({len(ids) for ids in prompts}) == 4 and max(map(len, prompts)) - 4 > WINDOW
     got = greedy(model, tokenizer, prompts, max_new_tokens=6)
     for ids, answer in zip(prompts, got):
         assert answer.ids == argmax_loop(model, ids, 6, {tokenizer.eos_token_id}), model_type
