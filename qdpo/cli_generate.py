@@ -57,7 +57,7 @@ def generate(
     """
     from jinja2 import TemplateError  # chat templates are jinja (a transformers dependency)
 
-    from qdpo.generate import find_tuned_adapter, load_tuned, run_settings, side_by_side
+    from qdpo.generate import find_tuned_adapter, load_tuned, run_settings, side_by_side, training_tokens
     from qdpo.tokenize import encode_prompt
 
     if not prompts and not data:
@@ -94,9 +94,8 @@ def generate(
         if not encoded:
             raise UserError(f"prompt {shown(text)!r} encodes to no tokens; give it some text.")
         ids.append(encoded[-cut:] if cut else encoded)  # training kept the end: it holds the question
-    answers = side_by_side(
-        tuned.model, tokenizer, ids, max_new_tokens or settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-    )
+    new_tokens = max_new_tokens or settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+    answers = side_by_side(tuned.model, tokenizer, ids, new_tokens, training_tokens(settings))
     width = shutil.get_terminal_size().columns
     for number, (text, (policy, reference)) in enumerate(zip(texts, answers), start=1):
         for line in layout(f"{number}. {shown(text)}", policy, reference, tuned.reference, width):

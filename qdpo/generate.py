@@ -20,8 +20,9 @@ from qdpo.model import REFERENCE_ADAPTER, reference_model
 from qdpo.quiet import progress_bar
 
 GENERATIONS = "generations.jsonl"
-# Prompts per generate() call: enough to share each forward's weight reads, few enough that a batch's KV cache
-# stays small next to training's activations.
+# Prompts per generate() call at most: enough to share each forward's weight reads. A batch also holds no more
+# tokens (prompt + answer, per row) than a training micro-batch did (training_tokens): a token's KV cache is about
+# what a checkpointed training step keeps per token, so decoding fits where the run's steps fit.
 GENERATE_BATCH = 8
 
 
@@ -66,10 +67,40 @@ def _plain_greedy(model, stop: list[int], pad_id: int) -> Iterator[None]:
         inner.generation_config = saved
 
 
+def training_tokens(settings: dict) -> int:
+    """Tokens in one training micro-batch of these settings (a config.yaml): micro_batch_size x 2 x max_length."""
+    from qdpo.config import Config
+
+    defaults = Config()
+    mb = settings.get("micro_batch_size") or defaults.micro_batch_size
+    return mb * 2 * (settings.get("max_length") or defaults.max_length)
+
+
+def generation_batches(lengths: list[int], max_new_tokens: int, max_batch_tokens: int | None = None) -> list[range]:
+    """Consecutive prompts per generate() call: at most GENERATE_BATCH, and rows x (longest prompt + max_new_tokens)
+    within max_batch_tokens (None: no bound), except that a prompt too long for it still goes, alone."""
+    batches, start, width = [], 0, 0
+    for i, n in enumerate(lengths):
+        rows, wider = i - start + 1, max(width, n)
+        too_many = rows > GENERATE_BATCH or bool(
+            max_batch_tokens and rows * (wider + max_new_tokens) > max_batch_tokens
+        )
+        if i > start and too_many:
+            batches.append(range(start, i))
+            start, wider = i, n
+        width = wider
+    return batches + [range(start, len(lengths))] if lengths else []
+
+
 def greedy(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, desc: str = "greedy answers"
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    desc: str = "greedy answers",
+    max_batch_tokens: int | None = None,
 ) -> list[Generation]:
-    """Greedy answers to prompts (token ids), GENERATE_BATCH prompts per generate() call.
+    """Greedy answers to prompts (token ids), in the batches generation_batches makes, one generate() call each.
 
     A batch is padded on the left and the padding masked, with positions counted from each prompt's first real
     token, so every answer is the one its prompt would get alone (tested against a one-sequence argmax loop on
@@ -87,8 +118,8 @@ def greedy(
         # a bar: on a CPU a pass takes minutes (bitsandbytes dequantizes every weight for each new token)
         bar = progress_bar(total=len(prompts), desc=desc, unit="prompt", leave=False)
         with _plain_greedy(model, stop, pad_id), torch.no_grad(), bar:
-            for first in range(0, len(prompts), GENERATE_BATCH):
-                batch = prompts[first : first + GENERATE_BATCH]
+            for rows in generation_batches([len(ids) for ids in prompts], max_new_tokens, max_batch_tokens):
+                batch = [prompts[i] for i in rows]
                 width = max(len(ids) for ids in batch)
                 input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in batch], device=device)
                 mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=device)
@@ -116,13 +147,13 @@ def _answer(new: list[int], stop: list[int], tokenizer) -> Generation:
 
 
 def side_by_side(
-    model, tokenizer, prompts: list[list[int]], max_new_tokens: int
+    model, tokenizer, prompts: list[list[int]], max_new_tokens: int, max_batch_tokens: int | None = None
 ) -> list[tuple[Generation, Generation]]:
     """(policy, reference) greedy answers to each prompt: adapter on, then the reference (adapters off, or the
     frozen init adapter), from the same loaded weights."""
-    policy = greedy(model, tokenizer, prompts, max_new_tokens, "policy answers")
+    policy = greedy(model, tokenizer, prompts, max_new_tokens, "policy answers", max_batch_tokens)
     with reference_model(model):
-        reference = greedy(model, tokenizer, prompts, max_new_tokens, "reference answers")
+        reference = greedy(model, tokenizer, prompts, max_new_tokens, "reference answers", max_batch_tokens)
     return list(zip(policy, reference))
 
 
@@ -163,6 +194,7 @@ def eval_generations(
     path: Path | None,
     step: int,
     reference: bool,
+    max_batch_tokens: int | None = None,
 ) -> list[Generation]:
     """What the training loop calls at an eval: greedy answers to the held-out prompts, logged to path.
 
@@ -170,12 +202,12 @@ def eval_generations(
     path None: generate without logging (a rank other than 0 of a sharded model, which must take part).
     """
     texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
-    policy = greedy(model, tokenizer, prompt_ids, max_new_tokens, "policy answers")
+    policy = greedy(model, tokenizer, prompt_ids, max_new_tokens, "policy answers", max_batch_tokens)
     if path is not None:
         log_generations(path, step, texts, policy, "policy")
     if reference:
         with reference_model(model):
-            answers = greedy(model, tokenizer, prompt_ids, max_new_tokens, "reference answers")
+            answers = greedy(model, tokenizer, prompt_ids, max_new_tokens, "reference answers", max_batch_tokens)
             if path is not None:
                 log_generations(path, step, texts, answers, "reference")
     return policy

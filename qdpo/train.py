@@ -57,7 +57,7 @@ from qdpo.errors import UserError
 from qdpo.families import exact_settings
 from qdpo.faults import crash_point
 from qdpo.fs import staged, write_json, write_text
-from qdpo.generate import GENERATIONS, eval_generations
+from qdpo.generate import GENERATIONS, eval_generations, training_tokens
 from qdpo.model import (
     adapter_lora_settings,
     add_lora,
@@ -739,7 +739,8 @@ def train_loop(
             clock.enter("generate")
             prompts = [p.prompt_ids for p in data.eval[: config.eval_generate]]
             log = out / GENERATIONS if world.main else None
-            eval_generations(t.model, data.tokenizer, prompts, config.max_new_tokens, log, step, reference=False)
+            budget = training_tokens(config.to_dict())
+            eval_generations(t.model, data.tokenizer, prompts, config.max_new_tokens, log, step, False, budget)
             if world.size > 1:
                 reshard(t.model)
         clock.enter("steps")

@@ -82,6 +82,27 @@ def test_greedy_is_the_argmax_loop_and_restores_the_mode(policy, tokenizer, prom
     assert not policy.training
 
 
+@pytest.mark.parametrize(
+    "lengths, new_tokens, budget, expected",
+    [
+        ([5] * 20, 10, None, [8, 8, 4]),  # at most GENERATE_BATCH prompts per call
+        ([5] * 5, 10, 45, [3, 2]),  # 3 rows x (5 + 10) = 45 fit, a 4th would not
+        ([5, 5, 30, 5], 10, 90, [2, 2]),  # the long prompt widens the batch: 3 x 40 > 90; it starts the next (2 x 40)
+        ([5, 200, 5], 10, 100, [1, 1, 1]),  # too long for the budget even alone: it still goes, alone
+        ([], 10, 100, []),
+    ],
+)
+def test_generation_batches_hold_no_more_tokens_than_a_training_micro_batch(lengths, new_tokens, budget, expected):
+    from qdpo.generate import generation_batches, training_tokens
+
+    batches = generation_batches(lengths, new_tokens, budget)
+    assert [len(b) for b in batches] == expected
+    assert [i for b in batches for i in b] == list(range(len(lengths)))  # every prompt once, in order
+    for b in batches:
+        assert len(b) == 1 or budget is None or len(b) * (max(lengths[i] for i in b) + new_tokens) <= budget
+    assert training_tokens({"micro_batch_size": 2, "max_length": 512}) == 2 * 2 * 512
+
+
 def test_greedy_shows_a_bar_only_when_progress_is_on(policy, tokenizer, prompts, capsys):
     """Decoding is the slowest phase of a CPU smoke run: it has its own bar (on stderr), hidden by --no-progress."""
     from qdpo.quiet import showing_progress
