@@ -52,10 +52,15 @@ def generate(
     """Answer prompts greedily with a run's tuned adapter and with its reference, side by side.
 
     Both come from the same 4-bit weights, loaded as the run loaded them (base, compute dtype, tokenizer); the
-    reference is the base with adapters off, or the run's init adapter. Prompts are encoded as training encoded
-    them: chat template with the generation prompt, cut from the left to the run's max_prompt_length.
+    reference is the base with adapters off, or the run's init adapter. --prompt texts go through the chat template
+    with the generation prompt (see --raw); a file's prompts are encoded as training encodes that file (messages
+    through the chat template, plain text as it is). All are cut from the left to the run's max_prompt_length.
     """
     from jinja2 import TemplateError  # chat templates are jinja (a transformers dependency)
+
+    from qdpo.quiet import quiet_libraries
+
+    quiet_libraries()  # before the model loads: no "Loading weights" bar or library notes between the answers
 
     from qdpo.generate import find_tuned_adapter, load_tuned, run_settings, side_by_side, training_tokens
     from qdpo.tokenize import encode_prompt
@@ -64,8 +69,9 @@ def generate(
         raise UserError("nothing to answer: give --prompt TEXT (repeatable) or --data FILE.")
     if any(not p.strip() for p in prompts):
         raise UserError("--prompt is empty; write the prompt text after it, in quotes.")
-    if limit < 1 or (max_new_tokens is not None and max_new_tokens < 1):
-        raise UserError("--limit and --max-new-tokens must be at least 1.")
+    for name, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens)):
+        if value is not None and value < 1:
+            raise UserError(f"{name} must be at least 1, not {value}.")
     adapter = find_tuned_adapter(source, choice)
     settings = run_settings(source)
     texts: list = list(prompts)
@@ -75,12 +81,20 @@ def generate(
         found = file_prompts(data, settings, prompt_column)
         if len(found) > limit:
             click.echo(f"answering the first {limit} of the {len(found)} prompts in {data} (--limit)")
+        for number, prompt in enumerate(found[:limit], start=1):
+            if not shown(prompt).strip():  # before the model loads: a refusal costs nothing
+                raise UserError(f"prompt {number} in {data} is empty; give it some text or remove it.")
         texts += found[:limit]
     tuned = load_tuned(adapter, settings)
     tokenizer = tuned.tokenizer
     chat = bool(getattr(tokenizer, "chat_template", None)) and not raw
+    if data and getattr(tokenizer, "chat_template", None) and any(isinstance(t, str) for t in texts[len(prompts) :]):
+        click.echo(
+            f"note: the prompts in {data} are plain text, so they go without the chat template, as training "
+            "encodes plain-text prompts; --prompt TEXT applies it."
+        )
     cut = settings.get("max_prompt_length")
-    ids = []
+    ids, cut_numbers = [], []
     for number, text in enumerate(texts):
         typed = number < len(prompts)  # --prompt texts are what a user types in a chat; file prompts are as trained
         try:
@@ -93,7 +107,16 @@ def generate(
             ) from None
         if not encoded:
             raise UserError(f"prompt {shown(text)!r} encodes to no tokens; give it some text.")
+        if cut and len(encoded) > cut:
+            cut_numbers.append(str(number + 1))
         ids.append(encoded[-cut:] if cut else encoded)  # training kept the end: it holds the question
+    if cut_numbers:
+        which = (
+            f"prompt {cut_numbers[0]} cut to its"
+            if len(cut_numbers) == 1
+            else f"prompts {', '.join(cut_numbers)} cut to their"
+        )
+        click.echo(f"note: {which} last {cut} tokens (the run's max_prompt_length), as training cuts prompts.")
     new_tokens = max_new_tokens or settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
     answers = side_by_side(tuned.model, tokenizer, ids, new_tokens, training_tokens(settings))
     width = shutil.get_terminal_size().columns
@@ -115,12 +138,13 @@ def _side(label: str, generation, width: int) -> list[str]:
         for paragraph in (generation.text.strip() or "(empty)").splitlines()
         for line in (textwrap.wrap(paragraph, width) or [""])
     ]
-    return [label, *body, f"[{generation.tokens} tokens, {end}]"]
+    count = f"{generation.tokens} token" + ("" if generation.tokens == 1 else "s")
+    return [label, *body, f"[{count}, {end}]"]
 
 
 def layout(title: str, policy, reference, reference_label: str, width: int) -> list[str]:
     """The two answers to one prompt: in two columns on a wide terminal, one after the other on a narrow one."""
-    lines = ["=" * 3 + " " + title]
+    lines = textwrap.wrap("=" * 3 + " " + title, width) or ["==="]  # a long prompt wraps like the answers
     if width >= SIDE_BY_SIDE_COLUMNS:
         column = (width - 3) // 2
         left = _side("tuned (adapter on)", policy, column)

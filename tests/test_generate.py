@@ -237,15 +237,50 @@ def test_cli_reads_prompts_from_a_file_and_answers_with_a_checkpoint(run_dir, tm
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"answering the first 2 of the 3 prompts in {data} (--limit)"
+    # plain-text prompts go as training encodes them, without the chat template the tokenizer has: said once
+    assert lines[1].startswith(f"note: the prompts in {data} are plain text, so they go without the chat template")
     assert "=== 1. Question 0?" in lines and "=== 2. Question 1?" in lines and "=== 3. Question 2?" not in lines
     # narrow: one answer after the other, each with its length
     assert lines.count("tuned (adapter on)") == 2 and lines.count("reference (adapters off)") == 2
     assert sum(line.startswith("[2 tokens,") for line in lines) == 4
 
 
+def test_cli_says_which_prompts_it_cut_and_wraps_a_long_title(run_dir, tmp_path):
+    """A file prompt longer than the run's max_prompt_length (128) is cut from the left as training cuts it, and the
+    output says so; its title wraps at the terminal width like the answers; one new token is "1 token"."""
+    data = tmp_path / "long.jsonl"
+    long_prompt = "Please answer this question, which is long on purpose: " + "what is two plus two? " * 40
+    data.write_text("\n".join(json.dumps({"prompt": [{"role": "user", "content": c}]}) for c in ("Hi?", long_prompt)))
+    result = CliRunner(env={"COLUMNS": "60"}).invoke(
+        main, ["generate", str(run_dir), "--data", str(data), "--max-new-tokens", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert (
+        "note: prompt 2 cut to its last 128 tokens (the run's max_prompt_length), as training cuts prompts." in lines
+    )
+    assert not any("plain text" in line for line in lines)  # these prompts are messages: the template applies
+    start = next(k for k, line in enumerate(lines) if line.startswith("=== 2. Please answer this question"))
+    title = lines[start : start + 5]
+    assert all(len(line) <= 60 for line in title) and title[2].startswith("two plus two?")
+    assert sum(line.startswith("[1 token, ") for line in lines) == 4
+
+
+def test_cli_silences_the_libraries_before_loading(run_dir, monkeypatch):
+    """As run, merge and export do (what silencing does is tested in test_quiet): no "Loading weights" bar."""
+    import qdpo.quiet
+
+    calls = []
+    monkeypatch.setattr(qdpo.quiet, "quiet_libraries", lambda: calls.append(1))
+    result = CliRunner().invoke(main, ["generate", str(run_dir), "--prompt", "Hi", "--max-new-tokens", "1"])
+    assert result.exit_code == 0 and calls, result.output
+
+
 def test_cli_user_errors_are_one_line(run_dir, tmp_path):
     (tmp_path / "no-prompt.jsonl").write_text(json.dumps({"question": "hi"}))
     (tmp_path / "bad.jsonl").write_text("{not json")
+    empty = [{"prompt": "Hello?"}, {"prompt": [{"role": "user", "content": "  "}]}]
+    (tmp_path / "empty.jsonl").write_text("\n".join(json.dumps(row) for row in empty))
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
     (unfinished / "run.json").write_text(json.dumps({"status": "running", "adapter_dir": "adapter"}))
@@ -258,7 +293,9 @@ def test_cli_user_errors_are_one_line(run_dir, tmp_path):
         "has neither a 'prompt' column": [str(run_dir), "--data", str(tmp_path / "no-prompt.jsonl")],
         "bad.jsonl": [str(run_dir), "--data", str(tmp_path / "bad.jsonl")],
         "does not exist": [str(run_dir), "--data", str(tmp_path / "absent.jsonl")],
-        "must be at least 1": [str(run_dir), "--prompt", "hi", "--max-new-tokens", "0"],
+        "--max-new-tokens must be at least 1, not 0": [str(run_dir), "--prompt", "hi", "--max-new-tokens", "0"],
+        "--limit must be at least 1, not -2": [str(run_dir), "--data", str(tmp_path / "empty.jsonl"), "--limit", "-2"],
+        f"prompt 2 in {tmp_path / 'empty.jsonl'} is empty": [str(run_dir), "--data", str(tmp_path / "empty.jsonl")],
     }
     for expected, args in cases.items():
         result = CliRunner().invoke(main, ["generate", *args])
