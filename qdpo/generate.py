@@ -22,7 +22,8 @@ from qdpo.quiet import progress_bar
 GENERATIONS = "generations.jsonl"
 # Prompts per generate() call at most: enough to share each forward's weight reads. A batch also holds no more
 # tokens (prompt + answer, per row) than a training micro-batch did (training_tokens): a token's KV cache is about
-# what a checkpointed training step keeps per token, so decoding fits where the run's steps fit.
+# what a checkpointed training step keeps per token, so decoding should fit where the run's steps fit (reasoned;
+# not yet measured on a GPU).
 GENERATE_BATCH = 8
 
 
@@ -103,10 +104,10 @@ def greedy(
     """Greedy answers to prompts (token ids), in the batches generation_batches makes, one generate() call each.
 
     A batch is padded on the left and the padding masked, with positions counted from each prompt's first real
-    token, so every answer is the one its prompt would get alone (tested against a one-sequence argmax loop on
-    every family). Batching matters most on the CPU, where each forward dequantizes every 4-bit weight: four
-    prompts per call decode ~2.3x faster than one (SmolLM2-135M, 2 cores). The model is in eval mode meanwhile
-    (no dropout) and goes back to the mode it was in.
+    token, so every answer is the one its prompt would get alone (tested in fp32 against a one-sequence argmax loop
+    on every family; bf16 batch kernels may round a near-tie the other way). Batching matters most on the CPU,
+    where each forward dequantizes every 4-bit weight: four prompts per call decode ~2.3x faster than one
+    (SmolLM2-135M, 2 cores). The model is in eval mode meanwhile (no dropout) and goes back to the mode it was in.
     """
     device = compute_device(model)
     stop = stop_ids(model, tokenizer)
