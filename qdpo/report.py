@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -251,9 +252,17 @@ def generations_section(run: Run) -> Section | None:
     by_prompt: dict[str, dict[int, str]] = {}
     for g in run.generations:
         if g.get("which", "policy") == "policy" and g["step"] in (first, last):
-            by_prompt.setdefault(g["prompt"], {})[g["step"]] = g["text"]
-    # The prompt as the model saw it (chat template included); its end holds the question.
-    shown = lambda prompt: prompt if len(prompt) <= 200 else "..." + prompt[-200:]  # noqa: E731
+            cut = "" if g.get("stopped", True) else " [cut at max_new_tokens]"  # else a cut answer reads as finished
+            by_prompt.setdefault(g["prompt"], {})[g["step"]] = g["text"] + cut
+    # The prompt as the model saw it (chat template included), less the lines every prompt starts with (a system
+    # line, the template's header): its end holds the question.
+    common = os.path.commonprefix(list(by_prompt)) if len(by_prompt) > 1 else ""
+    skip = common.rfind("\n") + 1
+
+    def shown(prompt: str) -> str:
+        text = ("..." if skip else "") + prompt[skip:]
+        return text if len(text) <= 200 else "..." + text[-200:]
+
     rows = [[shown(prompt), texts.get(first, ""), texts.get(last, "")] for prompt, texts in by_prompt.items()]
     return Section("Generations", ["prompt", f"step {first}", f"step {last}"], rows)
 

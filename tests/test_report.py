@@ -190,6 +190,29 @@ def test_two_runs_compared_show_only_the_settings_that_differ(tiny_runs):
     assert "| beta | 0.1 | 0.5 |" in differing
 
 
+def test_generations_show_each_question_once_and_mark_cut_answers(tmp_path):
+    """The lines every prompt starts with (system line, template header) are left out; an answer that ran into
+    max_new_tokens says so."""
+    from qdpo.report import Run, generations_section
+
+    head = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    prompts = [head + "What is 2 + 2?<|im_end|>\n", head + "What is 3 + 5?<|im_end|>\n"]
+    generations = [
+        dict(step=step, which=which, prompt=prompt, text=f"{which} {step} {k}", stopped=step == 0 or k == 0)
+        for step in (0, 8)
+        for which in ("policy", "reference")
+        for k, prompt in enumerate(prompts)
+    ]
+    section = generations_section(Run(tmp_path, {}, {}, {}, [], generations))
+    assert section.header == ["prompt", "step 0", "step 8"]
+    assert section.rows == [
+        ["...What is 2 + 2?<|im_end|>\n", "policy 0 0", "policy 8 0"],
+        ["...What is 3 + 5?<|im_end|>\n", "policy 0 1", "policy 8 1 [cut at max_new_tokens]"],
+    ]
+    alone = generations_section(Run(tmp_path, {}, {}, {}, [], [g for g in generations if g["prompt"] == prompts[0]]))
+    assert alone.rows[0][0] == prompts[0]  # one prompt: nothing to compare it with, shown whole
+
+
 def test_report_of_a_directory_that_is_not_a_run_is_one_line(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert result.exit_code == 2 and result.output.count("\n") == 1 and "no run.json" in result.output
