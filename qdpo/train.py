@@ -68,7 +68,7 @@ from qdpo.model import (
 )
 from qdpo.prepare import PreparedData, check_vocabulary, prepare_data
 from qdpo.quiet import progress_bar, quiet_libraries, showing_progress, tqdm_class
-from qdpo.reference import cache_key, compute_reference, load_or_compute
+from qdpo.reference import cache_key, load_or_compute
 from qdpo.rundir import (
     check_run_dir,
     claim_run_dir,
@@ -370,12 +370,28 @@ def setup_training(
 
     pad_id, chunk, layout = data.tokenizer.pad_token_id, config.logits_chunk_size, config.batch_layout
     clock.enter("reference")
-    # The eval reference is always scored once; the train reference too unless switched off.
+    # The eval reference is always scored once; the train reference too unless switched off. Both tables go to the
+    # cache: a rerun or a resume scores neither again.
     ld = config.ld_alpha
+    extra = {
+        "lora_dropout": config.lora_dropout,
+        **({"ld_alpha": ld} if ld is not None else {}),
+        **({"tiled_mlp": config.tiled_mlp} if config.tiled_mlp else {}),  # tiles: other float rounding
+    }
+
+    def reference_table(pairs: list, batches: list[list[int]]) -> tuple[torch.Tensor, bool]:
+        key = cache_key(
+            data.source, config.init_adapter, pairs, dtype, config.micro_batch_size, batches, chunk, layout,
+            device=device, extra=extra,
+        )  # fmt: skip
+        damage: list[str] = []
+        table, cached = load_or_compute(model, pairs, batches, pad_id, key, chunk, layout, damage, ld, world)
+        for note in damage:
+            echo(note)
+        return table, cached
+
     scored_eval = bool(data.eval) and config.needs_reference
-    eval_ref = (
-        compute_reference(model, data.eval, eval_batches, pad_id, chunk, layout, ld, world) if scored_eval else None
-    )
+    eval_ref = reference_table(data.eval, eval_batches)[0] if scored_eval else None
     train_ref = None
     if not config.needs_reference:
         echo(
@@ -386,26 +402,7 @@ def setup_training(
         # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
         used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps * world.size) :]
         used = epoch_batches if score_all else used
-        key = cache_key(
-            data.source,
-            config.init_adapter,
-            data.train,
-            dtype,
-            config.micro_batch_size,
-            used,
-            chunk,
-            layout,
-            device=device,
-            extra={
-                "lora_dropout": config.lora_dropout,
-                **({"ld_alpha": ld} if ld is not None else {}),
-                **({"tiled_mlp": config.tiled_mlp} if config.tiled_mlp else {}),  # tiles: other float rounding
-            },
-        )
-        damage: list[str] = []
-        train_ref, cached = load_or_compute(model, data.train, used, pad_id, key, chunk, layout, damage, ld, world)
-        for note in damage:
-            echo(note)
+        train_ref, cached = reference_table(data.train, used)
         echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
     stream = BatchStream(data.train, config.micro_batch_size, config.seed, epoch_batches)
     loss = PreferenceLoss(model, config)  # FSDP reduces gradients itself; DDP wraps the loss module

@@ -135,12 +135,11 @@ def test_reference_tables_are_gathered_and_cached_as_in_one_process(one_step_eac
     assert not torch.isnan(runs["ddp"]["eval_ref"]).any()  # every held-out pair scored, by one rank or the other
     names = ("one", "ddp", "fsdp")
     entries = {name: sorted((tmp / f"cache-{name}" / "reference").glob("*.safetensors")) for name in names}
-    assert len(entries["one"]) == 1
+    assert len(entries["one"]) == 2  # the training pairs' table and the held-out pairs'
     for name in ("ddp", "fsdp"):
         assert [p.name for p in entries[name]] == [p.name for p in entries["one"]]
-        torch.testing.assert_close(
-            load_file(entries[name][0])["logps"], load_file(entries["one"][0])["logps"], equal_nan=True
-        )
+        for got, want in zip(entries[name], entries["one"]):
+            torch.testing.assert_close(load_file(got)["logps"], load_file(want)["logps"], equal_nan=True)
 
 
 SETTINGS = [

@@ -105,3 +105,31 @@ def test_cache_is_reused_and_keyed_by_content(setup):
     assert cache_key(source, None, pairs[:-1], torch.float32, 3, batches) != key  # other data
     assert cache_key(source, None, pairs, torch.bfloat16, 3, batches) != key  # other compute dtype
     assert cache_key(source, None, pairs, torch.float32, 3, batches, layout="packed") != key  # other batch layout
+
+
+def test_a_rerun_scores_neither_reference_table_again(tiny_model_dir, chat_rows, tmp_path, monkeypatch):
+    """The held-out table is cached like the training one: a second run with the same model, data and settings
+    makes no reference pass at all, and its held-out evals are the first run's, to the last digit."""
+    import json
+
+    import qdpo
+    import qdpo.reference
+
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
+    evals = {}
+    for name in ("first", "again"):
+        if name == "again":
+            monkeypatch.setattr(qdpo.reference, "compute_reference", lambda *a, **k: pytest.fail("scored again"))
+        run = qdpo.tune(
+            "smoke",
+            model=str(tiny_model_dir),
+            data=str(tmp_path / "d.jsonl"),
+            output_dir=str(tmp_path / name),
+            overrides=["max_steps=2", "micro_batch_size=2", "eval_fraction=0.25", "eval_generate=0"],
+            progress=False,
+            echo=lambda line: None,
+        )
+        evals[name] = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in run.metrics if "eval_loss" in r]
+    assert len(evals["first"]) == 2 and evals["again"] == evals["first"]
+    assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 2  # train pairs and held-out pairs

@@ -128,16 +128,13 @@ def test_step_size_says_what_a_step_really_takes(pairs, micro_batch, accumulatio
     assert step_size(config, pairs) == expected
 
 
-@pytest.mark.parametrize("micro_batch, accumulation", [(2, 3), (8, 1)], ids=["short-micro-batch", "small-data"])
-def test_a_steps_gradient_is_the_mean_over_the_pairs_it_really_has(
-    tmp_path, tiny_model_dir, micro_batch, accumulation
-):
+def test_a_steps_gradient_is_the_mean_over_the_pairs_it_really_has(tmp_path, tiny_model_dir):
     """5 pairs in micro-batches of 2, 2 and 1, or in one micro-batch of 8 that holds all 5: the first step's gradient is
     the mean over those 5 pairs, the gradient of one micro-batch of exactly 5 (not scaled by 5/6 or 5/8)."""
     rows = [dict(prompt=f"What is {i} plus {i}?", chosen=f"{2 * i}.", rejected="Not sure at all.") for i in range(5)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     norms = {}
-    for name, mb, ga in (("whole", 5, 1), ("split", micro_batch, accumulation)):
+    for name, mb, ga in (("whole", 5, 1), ("short-micro-batch", 2, 3), ("small-data", 8, 1)):
         run = qdpo.tune(
             "smoke",
             model=str(tiny_model_dir),
@@ -151,7 +148,9 @@ def test_a_steps_gradient_is_the_mean_over_the_pairs_it_really_has(
         )
         (row,) = [r for r in run.metrics if r["step"] == 1]
         norms[name] = row["grad_norm"]
-    assert norms["whole"] > 0 and norms["split"] == pytest.approx(norms["whole"], rel=1e-4)
+    assert norms["whole"] > 0
+    assert norms["short-micro-batch"] == pytest.approx(norms["whole"], rel=1e-4), norms
+    assert norms["small-data"] == pytest.approx(norms["whole"], rel=1e-4), norms
 
 
 def test_a_run_writes_a_self_contained_report(tiny_runs):
