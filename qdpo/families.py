@@ -100,7 +100,9 @@ def layer_windows(config: Any) -> dict[str, int | None]:
     types = getattr(config, "layer_types", None)
     window = getattr(config, "sliding_window", None)
     family = family_of(config)
-    if getattr(config, "use_sliding_window", True) is False or (family is not None and not family.windowed):
+    # Not config.use_sliding_window: Qwen2/Qwen3/Qwen2-MoE fold it into sliding_window and layer_types when the
+    # config loads, and Mistral, Mixtral and Phi-3 never read it (a window beside use_sliding_window=false applies).
+    if family is not None and not family.windowed:
         window = None
     if not types:
         return {"*": window}
@@ -117,8 +119,6 @@ def shared_layout_problem(config: Any) -> str | None:
     family = family_of(config)
     if family is None:
         return f"model type {getattr(config, 'model_type', '?')} is not in qdpo's verified families"
-    if getattr(config, "use_bidirectional_attention", False):
-        return f"{family.label} is configured with bidirectional attention"
     types = set(getattr(config, "layer_types", None) or [])
     if types - {"full_attention", "sliding_attention"}:
         return f"{family.label} has {sorted(types - {'full_attention', 'sliding_attention'})[0]} layers"
@@ -148,6 +148,31 @@ def decoder_masks(config: Any, allowed: torch.Tensor, positions: torch.Tensor, d
     return masks["*"] if "*" in masks else masks
 
 
+def length_switched_rope(config: Any) -> tuple[str, int] | None:
+    """("longrope" or "dynamic", N) when the model's rotary frequencies change for a whole batch once a sequence in
+    it is longer than N tokens, else None.
+
+    transformers picks them from the batch's largest position id: LongRoPE (Phi-3-128k, Phi-3.5, Phi-4-mini) its
+    short or long factors, dynamic NTK a rescaling it also keeps for later batches. A sequence then scores as it
+    scores alone only when the whole batch is on its side of N (dynamic: at or below N).
+    """
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(params, dict):
+        return None
+    nested = params and all(isinstance(v, dict) for v in params.values())  # per layer type (Gemma-3)
+    for entry in params.values() if nested else [params]:
+        kind = str(entry.get("rope_type") or entry.get("type") or "")
+        if kind == "longrope":
+            limit = entry.get("original_max_position_embeddings") or getattr(
+                config, "original_max_position_embeddings", None
+            )
+            if limit:
+                return "longrope", int(limit)
+        if "dynamic" in kind and getattr(config, "max_position_embeddings", None):
+            return "dynamic", int(config.max_position_embeddings)
+    return None
+
+
 def describe(config: Any) -> str:
     """A one-line name for the family of a config, for messages."""
     family = family_of(config)
@@ -158,9 +183,16 @@ def exact_settings(config: Config, model_config: Any) -> tuple[Config, list[str]
     """config with each fast path this family cannot do exactly switched off, and one line naming the choice.
 
     Only a setting the user forced (share_prompt=true, pack_pairs=true) and that cannot be exact is
-    refused; an unset share_prompt becomes true or false here.
+    refused, and a model that is not causal; an unset share_prompt becomes true or false here.
     """
     label = describe(model_config)
+    if getattr(model_config, "use_bidirectional_attention", False):
+        # Every token then sees the ones after it, the response's own next token included: its "log-probs" are
+        # not a language model's, and no layout, fast or plain, can make DPO on them mean anything.
+        raise UserError(
+            f"{label} is configured with bidirectional attention (an embedding model), so it cannot score a response "
+            "token by token; tune a causal language model."
+        )
     problem = shared_layout_problem(model_config)
     if problem and config.batch_layout != "plain":
         if config.pack_pairs or config.share_prompt:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 from qdpo.config import Config
 from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
 from qdpo.errors import UserError
+from qdpo.families import describe, length_switched_rope
 from qdpo.model import ModelSource, load_model_config, load_tokenizer, resolve_model
 from qdpo.tokenize import TokenizedPair, TokenizeStats, tokenize_pairs
 
@@ -91,9 +92,11 @@ def prepare_data(config: Config, echo: Callable[[str], None] = print) -> Prepare
         raise UserError(
             f"no training {train_stats.unit} are left after filtering {config.data}; check the data and max_length."
         )
-    return PreparedData(
+    data = PreparedData(
         source, model_config, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs)
     )
+    check_rope_lengths(data)
+    return data
 
 
 def check_vocabulary(data: PreparedData, embedding_rows: int) -> None:
@@ -106,6 +109,30 @@ def check_vocabulary(data: PreparedData, embedding_rows: int) -> None:
         raise UserError(
             f"the tokenizer produces token id {largest} but {data.source.name} has only {embedding_rows} "
             "embeddings; use the model's own tokenizer (leave `tokenizer` unset) or one made for it."
+        )
+
+
+def check_rope_lengths(data: PreparedData) -> None:
+    """Refuse sequences that a length-switched RoPE would score unlike the model scores each alone (see
+    qdpo.families.length_switched_rope): every layout batches sequences, the plain one included."""
+    switch = length_switched_rope(data.model_config)
+    if switch is None:
+        return
+    kind, limit = switch
+    lengths = [len(p.prompt_ids) + len(r) for p in data.train + data.eval for r in (p.chosen_ids, p.rejected_ids) if r]
+    longer = sum(n > limit for n in lengths)
+    if kind == "longrope" and 0 < longer < len(lengths):
+        raise UserError(
+            f"{describe(data.model_config)} uses LongRoPE, whose long-context factors apply to a whole batch once one "
+            f"sequence in it is longer than {limit} tokens, and {longer} of the {len(lengths)} sequences (prompt + "
+            f"response) are longer while the rest are not, so a short one would be scored unlike the model scores it "
+            f"alone; set max_length={limit} to cut the long ones, or keep only pairs longer than {limit} tokens."
+        )
+    if kind == "dynamic" and longer:
+        raise UserError(
+            f"{describe(data.model_config)} uses dynamic RoPE scaling, which rescales a whole batch (and the batches "
+            f"after it) once one sequence is longer than {limit} tokens (max_position_embeddings), and {longer} "
+            f"sequences (prompt + response) are; set max_length={limit}."
         )
 
 

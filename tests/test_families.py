@@ -21,6 +21,7 @@ from conftest import make_tokenizer
 from qdpo.batching import make_batch
 from qdpo.config import Config
 from qdpo.data import Columns, to_pairs
+from qdpo.errors import UserError
 from qdpo.families import FAMILIES, family_table
 from qdpo.model import ModelSource, add_lora, load_base_4bit, reference_model
 from qdpo.reference import compute_reference
@@ -524,6 +525,19 @@ def test_windowed_attention_gradients_match_the_dense_mask(layout, fold, family_
     assert_same_gradients(grads["blocks"], grads["dense"])
 
 
+def errors_by_layout(model, pairs, pad_id: int, chunks=(5,)) -> dict[str, float]:
+    """Per layout and chunk size, the largest distance of the policy's scores (one micro-batch) from the oracle."""
+    perturb_policy(model)
+    want = oracle(model, pairs, reference=False)
+    errors = {}
+    for layout in LAYOUTS:
+        for chunk in chunks:
+            model.train()
+            got = score_batch(model, make_batch(pairs, pad_id, layout), chunk).logps.detach().double().cpu()
+            errors[f"{layout}/chunk{chunk}"] = (got - want).abs().max().item()
+    return errors
+
+
 @pytest.mark.parametrize("model_type", ["llama", "cohere"])
 def test_a_stray_sliding_window_is_ignored_as_the_model_ignores_it(model_type, tmp_path, pairs, tokenizer):
     """A config.json of a family whose code has no sliding window may still carry a `sliding_window` key (8 here,
@@ -531,13 +545,93 @@ def test_a_stray_sliding_window_is_ignored_as_the_model_ignores_it(model_type, t
     make_family_model(tmp_path, model_type, sliding_window=8)
     model = load(tmp_path)
     assert model.config.sliding_window == 8
-    perturb_policy(model)
-    want = oracle(model, pairs[:3], reference=False)
-    for layout in LAYOUTS:
-        model.train()
-        got = score_batch(model, make_batch(pairs[:3], tokenizer.pad_token_id, layout), 5).logps.detach().double()
-        error = (got - want).abs().max().item()
-        assert error < 2e-3, f"{model_type} {layout}: off the oracle by {error:.4g} nats"
+    for path, error in errors_by_layout(model, pairs[:3], tokenizer.pad_token_id).items():
+        assert error < 2e-3, f"{model_type} {path}: off the oracle by {error:.4g} nats"
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "phi3"])
+def test_a_window_beside_use_sliding_window_false_still_applies(model_type, tmp_path, pairs, tokenizer):
+    """Mistral's and Phi-3's code never reads `use_sliding_window` (Qwen's configs fold it into the window): with it
+    false beside a window of 8, the model's own forward still windows, and so must every layout (qdpo used to take
+    the flag at its word: full attention, 13-16 nats off)."""
+    make_family_model(tmp_path, model_type, use_sliding_window=False)
+    model = load(tmp_path)
+    assert model.config.use_sliding_window is False and model.config.sliding_window == WINDOW
+    for path, error in errors_by_layout(model, pairs[:3], tokenizer.pad_token_id, CHUNKS).items():
+        assert error < 2e-3, f"{model_type} {path}: off the oracle by {error:.4g} nats"
+
+
+def longrope(limit: int) -> dict:
+    """Phi-3.5-style LongRoPE on the tiny model (head_dim 16: 8 factors), switching past `limit` tokens."""
+    return dict(
+        rope_scaling={
+            "rope_type": "longrope",
+            "short_factor": [1.0] * 8,
+            "long_factor": [1.0 + 3 * i for i in range(8)],
+            "original_max_position_embeddings": limit,
+        },
+        original_max_position_embeddings=limit,
+    )
+
+
+def test_longrope_is_exact_when_every_sequence_is_past_its_switch_and_refused_across_it(tmp_path, pairs, tokenizer):
+    """transformers picks LongRoPE's short or long factors for a whole batch from its largest position: sequences
+    62-86 tokens long. With the switch at 40 all take the long factors, alone or batched, so every layout equals the
+    oracle; at 70 a batch mixes them, the short ones score unlike alone (the plain layout, the model's own batched
+    forward, too), and qdpo refuses the data before loading the model."""
+    from types import SimpleNamespace
+
+    from qdpo.families import length_switched_rope
+    from qdpo.prepare import check_rope_lengths
+
+    lengths = sorted(len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids))
+    assert lengths[0] <= 70 < lengths[-1] and lengths[0] > 40
+    make_family_model(tmp_path / "past", "phi3", **longrope(40))
+    model = load(tmp_path / "past")
+    assert length_switched_rope(model.config) == ("longrope", 40)
+    for path, error in errors_by_layout(model, pairs, tokenizer.pad_token_id, CHUNKS).items():
+        assert error < 2e-3, f"longrope past its switch {path}: off the oracle by {error:.4g} nats"
+    check_rope_lengths(SimpleNamespace(model_config=model.config, train=pairs[:3], eval=pairs[3:]))
+
+    make_family_model(tmp_path / "across", "phi3", **longrope(70))
+    model = load(tmp_path / "across")
+    errors = errors_by_layout(model, pairs, tokenizer.pad_token_id)
+    assert min(errors.values()) > 0.1, errors  # why it is refused: every layout batches a short one with a long one
+    with pytest.raises(UserError, match=r"Phi-3 uses LongRoPE.* set max_length=70 to cut the long ones"):
+        check_rope_lengths(SimpleNamespace(model_config=model.config, train=pairs[:3], eval=pairs[3:]))
+    model.config.rope_parameters["original_max_position_embeddings"] = lengths[-1]  # all on the short side
+    check_rope_lengths(SimpleNamespace(model_config=model.config, train=pairs[:3], eval=pairs[3:]))
+
+
+def test_dynamic_rope_is_refused_past_max_position_embeddings(pairs):
+    """Dynamic NTK rescales a whole batch once a sequence passes max_position_embeddings, and keeps the rescaling for
+    the batches after it: a sequence's score would depend on the batches before it."""
+    from types import SimpleNamespace
+
+    from qdpo.prepare import check_rope_lengths
+
+    def config(limit: int):
+        return SimpleNamespace(
+            model_type="llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0}, max_position_embeddings=limit
+        )
+
+    check_rope_lengths(SimpleNamespace(model_config=config(86), train=pairs, eval=[]))  # the longest is 86 tokens
+    with pytest.raises(UserError, match=r"Llama uses dynamic RoPE scaling.*set max_length=85\.$"):
+        check_rope_lengths(SimpleNamespace(model_config=config(85), train=pairs, eval=[]))
+
+
+def test_a_bidirectional_model_is_refused_before_loading():
+    """EmbeddingGemma-style configs: every token sees the next one, so there is no response log-prob to tune."""
+    from types import SimpleNamespace
+
+    from qdpo.families import exact_settings
+
+    config = SimpleNamespace(model_type="gemma3_text", use_bidirectional_attention=True)
+    with pytest.raises(UserError, match=r"^Gemma-3 \(text\) is configured with bidirectional attention"):
+        exact_settings(Config(model="x", data="y"), config)
+    exact_settings(
+        Config(model="x", data="y"), SimpleNamespace(model_type="gemma3_text", use_bidirectional_attention=False)
+    )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
