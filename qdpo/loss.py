@@ -187,11 +187,13 @@ def preference_losses(
     simpo_gamma: float = 0.5,
     orpo_alpha: float = 0.1,
     pair_weights: torch.Tensor | None = None,
+    sft_chosen_logps: torch.Tensor | None = None,
 ) -> PairLosses:
     """The weighted sum of loss terms [(loss_type, weight), ...] per pair, as TRL 1.x's loss_type list sums them.
 
     Reference log-probs are needed only by the DPO-style terms. The sft term is the chosen response's mean
-    per-token NLL (RPO, Pang et al. 2024, arXiv:2404.19733). pair_weights (WPO) multiply every term, as in TRL.
+    per-token NLL (RPO, Pang et al. 2024, arXiv:2404.19733), from sft_chosen_logps when the policy's log-probs are
+    LD-DPO-weighted (every token counts fully in an NLL, as in TRL). pair_weights (WPO) multiply every term.
     Rewards come from the method: beta x avg log-probs for simpo, orpo_alpha x avg log-probs for orpo,
     beta x the log-ratios otherwise.
     """
@@ -201,7 +203,7 @@ def preference_losses(
     rewards, extras = None, {}
     for loss_type, weight in terms:
         if loss_type == "sft":
-            losses = -chosen_avg
+            losses = -chosen_avg if sft_chosen_logps is None else -sft_chosen_logps / chosen_lengths.clamp(min=1)
         elif loss_type == "simpo":
             losses, cr, rr = simpo_loss(chosen_avg, rejected_avg, beta, simpo_gamma, label_smoothing)
             rewards = (cr, rr)

@@ -278,6 +278,7 @@ def preference_loss(
         simpo_gamma=config.simpo_gamma,
         orpo_alpha=config.orpo_alpha,
         pair_weights=weights,
+        sft_chosen_logps=policy.logps[:b],
     )
     policy.extras = out.extras
     return out.losses, out.chosen_rewards, out.rejected_rewards, policy

@@ -127,6 +127,28 @@ def test_sft_weight_computes_the_same_as_an_sft_term(model, pairs, tokenizer):
     model.zero_grad()
 
 
+def test_the_sft_term_is_the_plain_nll_under_ld_dpo(model, pairs, tokenizer):
+    """ld_alpha weights the log-probs of the DPO term only: [sigmoid, sft] weights [1, 0.5] with ld_alpha 0.3 is
+    sigmoid with ld_alpha 0.3 plus 0.5 x the chosen response's mean per-token NLL over all its tokens (the oracle's),
+    as TRL computes it; the chosen responses here differ in length from the rejected ones, so LD-DPO cuts a tail."""
+    from dataclasses import replace
+
+    pairs = [replace(p, chosen_ids=p.rejected_ids, rejected_ids=p.chosen_ids) for p in pairs]
+    assert any(len(p.chosen_ids) > len(p.rejected_ids) for p in pairs)  # a chosen tail the weighting would shrink
+    model.train()
+    batch = make_batch(pairs, tokenizer.pad_token_id, "shared")
+    with torch.no_grad():
+        both, *_ = preference_loss(
+            model,
+            batch,
+            build_config(None, {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5], "ld_alpha": 0.3}),
+        )
+        alone, *_ = preference_loss(model, batch, build_config(None, {"ld_alpha": 0.3}))
+    want = oracle(model, pairs)
+    nll = -(want[: len(pairs), 0] / want[: len(pairs), 1])
+    torch.testing.assert_close(both.double(), alone.double() + 0.5 * nll, rtol=1e-4, atol=1e-4)
+
+
 def test_ld_dpo_reference_table_equals_the_reference_forward(model, pairs, tokenizer):
     """With ld_alpha the precomputed table holds LD-weighted reference log-probs, as the per-step reference does."""
     config = build_config(None, {"ld_alpha": 0.4, "loss_type": "sigmoid_norm", "use_weighting": True})
