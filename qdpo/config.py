@@ -271,7 +271,9 @@ class Config:
     )
 
     # --- what the run reports
-    logging_steps: int = _f(1, "Write a metrics line every this many optimizer steps.", min=1)
+    logging_steps: int = _f(
+        1, "Write a metrics line every this many optimizer steps: the means over those steps, as TRL logs.", min=1
+    )
     eval_steps: int = _f(0, "Score the eval split every this many steps (0 = only at the end).", min=0)
     eval_generate: int = _f(
         0,

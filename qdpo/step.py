@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import Any
 
 import torch
 
@@ -218,6 +219,33 @@ class Metrics:
             if self.logit_counts[side]:
                 out[prefix + name] = self.logit_sums[side] / self.logit_counts[side]
         return out
+
+
+# What a logged row keeps from its own step; every other figure describes all the steps since the last row.
+AT_ITS_STEP = ("step", "learning_rate", "skipped", "pairs")
+
+
+def interval_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One metrics row for the steps since the last logged one (logging_steps > 1), under the last step's number.
+
+    Each metric is its mean over the steps that have it, as TRL logs an interval; tokens are summed,
+    tokens_per_second is over the whole interval, peak_memory_gb its highest; learning_rate is the last step's.
+    """
+    row = dict(rows[-1])
+    keys = dict.fromkeys(k for r in rows for k in r)  # first seen first: a KTO side may be missing from the last step
+    for key in keys:
+        values = [r[key] for r in rows if key in r]
+        if key in AT_ITS_STEP or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        if key == "tokens":
+            row[key] = sum(values)
+        elif key == "tokens_per_second":
+            row[key] = sum(r["tokens"] for r in rows) / sum(r["tokens"] / r[key] for r in rows)
+        elif key == "peak_memory_gb":
+            row[key] = max(values)
+        else:
+            row[key] = sum(values) / len(values)
+    return row
 
 
 def preference_loss(

@@ -78,7 +78,7 @@ from qdpo.rundir import (
     run_dir_for,
     touch_lock,
 )
-from qdpo.step import Metrics, PreferenceLoss, preference_loss
+from qdpo.step import Metrics, PreferenceLoss, interval_row, preference_loss
 from qdpo.stopping import Interrupted, stop_requests
 from qdpo.tiled_mlp import tile_mlps
 from qdpo.timing import PhaseClock
@@ -798,6 +798,7 @@ def train_loop(
     bar = progress_bar(total=t.steps, initial=first_step - 1, desc="dpo", unit="step")
     is_sharded = sharded(t.model)
     metrics_file = (out / "metrics.jsonl").open("a") if world.main else contextlib.nullcontext()
+    unlogged: list[dict[str, Any]] = []
     with stop_requests(echo) as stop, metrics_file as log:
         if baseline is not None:
             log_row(log, {"step": 0, **baseline})
@@ -820,12 +821,17 @@ def train_loop(
                 try:
                     last_eval = run_eval(step)
                 except torch.cuda.OutOfMemoryError:  # the step itself is done: keep it, then stop
-                    log_row(log, row)
+                    log_row(log, interval_row([*unlogged, row]))
                     kept = checkpoint(step) if world.size == 1 else None
                     raise out_of_memory(config, out, step, kept, during="evaluation", processes=world.size) from None
                 row.update(last_eval)
-            if evaluating or step % config.logging_steps == 0 or step == t.steps or row.get("skipped"):
+            if row.get("skipped"):  # alone, at once: its figures may not be finite, and the run may stop on it
                 log_row(log, row)
+            elif evaluating or step % config.logging_steps == 0 or step == t.steps:
+                log_row(log, interval_row([*unlogged, row]))
+                unlogged = []
+            else:
+                unlogged.append(row)  # logging_steps > 1: the next row averages over this step too
             for warning in watch.see(row, lambda: moved_before):
                 say(warning)
             saved = bool(config.save_steps) and (step % config.save_steps == 0 or step == t.steps)

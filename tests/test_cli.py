@@ -183,6 +183,29 @@ def test_existing_output_dir_is_refused(tmp_path, tiny_model_dir, chat_rows):
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep me"
 
 
+def test_logging_steps_averages_the_steps_between_rows(tmp_path, tiny_model_dir, chat_rows):
+    """logging_steps=3 over 4 steps: the row of step 3 holds the means of steps 1-3 as a logging_steps=1 run of the
+    same pairs logs them (tokens summed, the highest peak, step 3's learning rate), and step 4, the last, its own."""
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
+    rows = {}
+    for every in (1, 3):
+        out = tmp_path / f"every-{every}"
+        args = ["--model", str(tiny_model_dir), "--data", str(tmp_path / "d.jsonl"), "--output", str(out)]
+        settings = ["max_steps=4", "micro_batch_size=2", "eval_fraction=0", "save_steps=0", "learning_rate=1e-2"]
+        result = invoke("run", "--preset", "smoke", *args, "--no-progress", *settings, f"logging_steps={every}")
+        assert result.exit_code == 0, result.output
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rows[every] = {line["step"]: line for line in lines if line["step"] > 0}
+    each, averaged = rows[1], rows[3]
+    assert sorted(each) == [1, 2, 3, 4] and sorted(averaged) == [3, 4]
+    for name in ("loss", "rewards/chosen", "rewards/margins", "logps/rejected", "grad_norm"):
+        assert averaged[3][name] == pytest.approx(sum(each[s][name] for s in (1, 2, 3)) / 3, rel=1e-5, abs=1e-7)
+        assert averaged[4][name] == pytest.approx(each[4][name], rel=1e-5, abs=1e-7)
+    assert averaged[3]["tokens"] == sum(each[s]["tokens"] for s in (1, 2, 3))
+    assert averaged[3]["learning_rate"] == each[3]["learning_rate"] != each[1]["learning_rate"]
+    assert each[1]["loss"] != pytest.approx(each[3]["loss"])  # the steps differ: a mean is not any one of them
+
+
 def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, chat_rows):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
     out = tmp_path / "run"
