@@ -11,7 +11,7 @@ import resource
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -278,6 +278,8 @@ class Training:
     eval_ref: torch.Tensor | None
     padding_share: float = 0.0  # of the training tokens, over one epoch
     world: World = SINGLE
+    # logging_steps > 1: the rows of the steps since the last logged one (the next row averages them); checkpointed
+    unlogged: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _policy(config: Config, data: PreparedData, dtype: torch.dtype, device: torch.device, echo: Callable[[str], None]):
@@ -669,6 +671,7 @@ def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str]
     t.stream.load_state_dict(state["stream"])
     ranks = state.get("rank_rng", [])  # a checkpoint of several ranks keeps each one's random state
     set_rng_state(ranks[t.world.rank] if t.world.rank < len(ranks) else state["rng"])
+    t.unlogged = list(state.get("unlogged", []))
     note = world_size_note(checkpoint, config, t.world.size)
     if note:
         echo(note)
@@ -690,6 +693,7 @@ def trainer_state(t: Training) -> dict[str, Any]:
         "scaler": t.scaler.state_dict(),
         "stream": t.stream.state_dict(),
         "rng": rng_state(),
+        "unlogged": list(t.unlogged),
     }
 
 
@@ -798,7 +802,6 @@ def train_loop(
     bar = progress_bar(total=t.steps, initial=first_step - 1, desc="dpo", unit="step")
     is_sharded = sharded(t.model)
     metrics_file = (out / "metrics.jsonl").open("a") if world.main else contextlib.nullcontext()
-    unlogged: list[dict[str, Any]] = []
     with stop_requests(echo) as stop, metrics_file as log:
         if baseline is not None:
             log_row(log, {"step": 0, **baseline})
@@ -821,17 +824,18 @@ def train_loop(
                 try:
                     last_eval = run_eval(step)
                 except torch.cuda.OutOfMemoryError:  # the step itself is done: keep it, then stop
-                    log_row(log, interval_row([*unlogged, row]))
+                    log_row(log, interval_row([*t.unlogged, row]))
+                    t.unlogged.clear()
                     kept = checkpoint(step) if world.size == 1 else None
                     raise out_of_memory(config, out, step, kept, during="evaluation", processes=world.size) from None
                 row.update(last_eval)
             if row.get("skipped"):  # alone, at once: its figures may not be finite, and the run may stop on it
                 log_row(log, row)
             elif evaluating or step % config.logging_steps == 0 or step == t.steps:
-                log_row(log, interval_row([*unlogged, row]))
-                unlogged = []
+                log_row(log, interval_row([*t.unlogged, row]))
+                t.unlogged.clear()
             else:
-                unlogged.append(row)  # logging_steps > 1: the next row averages over this step too
+                t.unlogged.append(row)  # logging_steps > 1: the next row averages over this step too
             for warning in watch.see(row, lambda: moved_before):
                 say(warning)
             saved = bool(config.save_steps) and (step % config.save_steps == 0 or step == t.steps)

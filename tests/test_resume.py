@@ -244,6 +244,26 @@ def test_resume_trains_on_when_max_steps_is_raised(monkeypatch, tmp_path, uninte
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6] and rows[:5] == metrics(uninterrupted)
 
 
+def test_a_resume_between_logged_rows_logs_the_same_means(monkeypatch, tmp_path, tiny_model_dir, data_file):
+    """logging_steps=3: the row of step 3 averages steps 1-3. A resume from the checkpoint of step 2 must bring
+    the rows of steps 1 and 2 back (they are in no metrics line yet), so it logs what the run logged."""
+    import shutil
+
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    whole = tmp_path / "whole"
+    done = run_here(whole, tiny_model_dir, data_file, "logging_steps=3", "eval_steps=0", "save_steps=2")
+    assert done.exit_code == 0, done.output
+    assert [r["step"] for r in metrics(whole)] == [0, 3, 4]
+    out = tmp_path / "resumed"
+    shutil.copytree(whole, out)
+    for step in (4,):  # as if the run had died just after its checkpoint of step 2
+        shutil.rmtree(out / "checkpoints" / f"step-{step:06d}")
+    finished = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress"])
+    assert finished.exit_code == 0, finished.output
+    assert "resuming from" in finished.output and "(step 2 of 4)" in finished.output
+    assert_same_run(out, whole)
+
+
 def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
     monkeypatch, tmp_path, tiny_model_dir, data_file
 ):
