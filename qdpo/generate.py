@@ -254,11 +254,16 @@ def find_tuned_adapter(path: str | Path, choice: str = "final"):
 
 
 def run_settings(path: str | Path) -> dict:
-    """The run's resolved settings (config.yaml), or {} for an adapter directory that has none."""
+    """The run's resolved settings (config.yaml): of the run directory, or of the run or checkpoint that an adapter
+    directory (RUN/adapter, RUN/checkpoints/step-N/adapter) sits in; {} for an adapter directory on its own."""
     from qdpo.config import load_yaml
 
-    saved = Path(path).expanduser() / "config.yaml"
-    return load_yaml(saved) if saved.is_file() else {}
+    given = Path(path).expanduser()
+    # A run directory has run.json, a checkpoint trainer_state.pt: a stray config.yaml above an adapter is neither.
+    for place in (given, given.parent):
+        if (place / "config.yaml").is_file() and any((place / f).is_file() for f in ("run.json", "trainer_state.pt")):
+            return load_yaml(place / "config.yaml")
+    return {}
 
 
 def load_tuned(adapter, settings: dict) -> Tuned:

@@ -251,14 +251,18 @@ def test_cli_says_which_prompts_it_cut_and_wraps_a_long_title(run_dir, tmp_path)
     data = tmp_path / "long.jsonl"
     long_prompt = "Please answer this question, which is long on purpose: " + "what is two plus two? " * 40
     data.write_text("\n".join(json.dumps({"prompt": [{"role": "user", "content": c}]}) for c in ("Hi?", long_prompt)))
+    cut = "note: prompt 2 cut to its last 128 tokens (the run's max_prompt_length), as training cuts prompts."
+    # The run's adapter directory given instead of the run: the run's settings still apply.
+    args = ["--data", str(data), "--max-new-tokens", "1"]
+    result = CliRunner().invoke(main, ["generate", str(run_dir / "adapter"), *args])
+    assert result.exit_code == 0, result.output
+    assert cut in result.stdout.splitlines()
     result = CliRunner(env={"COLUMNS": "60"}).invoke(
         main, ["generate", str(run_dir), "--data", str(data), "--max-new-tokens", "1"]
     )
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert (
-        "note: prompt 2 cut to its last 128 tokens (the run's max_prompt_length), as training cuts prompts." in lines
-    )
+    assert cut in lines
     assert not any("plain text" in line for line in lines)  # these prompts are messages: the template applies
     start = next(k for k, line in enumerate(lines) if line.startswith("=== 2. Please answer this question"))
     title = lines[start : start + 5]
