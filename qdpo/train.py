@@ -665,6 +665,13 @@ def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str]
     load_adapter_weights(t.model, checkpoint)
     load_optimizer_state(t.model, t.optimizer, state["optimizer"])
     t.scheduler.load_state_dict(state["scheduler"])
+    # The saved rate is the old schedule's: a resume that changed the run's length (max_steps) goes on with this
+    # run's schedule at the restored step, not with the old one's last rate (0 after a finished decay). Computed as
+    # LambdaLR computes it, so an unchanged schedule gives back the saved rate to the bit.
+    rates = [rate(t.scheduler.last_epoch) * base for rate, base in zip(t.scheduler.lr_lambdas, t.scheduler.base_lrs)]
+    for group, rate in zip(t.optimizer.param_groups, rates):
+        group["lr"] = rate
+    t.scheduler._last_lr = rates  # what get_last_lr() reports; LambdaLR has no public setter
     scaler_note = load_scaler_state(t.scaler, state["scaler"])
     if scaler_note and t.world.main:
         echo(scaler_note)

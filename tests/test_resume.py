@@ -8,6 +8,7 @@ that way through qdpo's crash points (QDPO_CRASH_AT: mid-checkpoint-write, mid-r
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -242,6 +243,14 @@ def test_resume_trains_on_when_max_steps_is_raised(monkeypatch, tmp_path, uninte
     assert finished.exit_code == 0, finished.output
     rows = metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6] and rows[:5] == metrics(uninterrupted)
+
+    # The smoke preset's cosine decay without warmup: step k of n uses 1e-2 x (1 + cos(pi (k - 1) / n)) / 2. Steps 5
+    # and 6 follow the 6-step schedule; the 4-step one ended at 0, which step 5 must not inherit (a step doing nothing).
+    def cosine(k: int, n: int) -> float:
+        return 1e-2 * (1 + math.cos(math.pi * (k - 1) / n)) / 2
+
+    assert [r["learning_rate"] for r in rows[1:5]] == pytest.approx([cosine(k, 4) for k in (1, 2, 3, 4)])
+    assert [r["learning_rate"] for r in rows[5:]] == pytest.approx([cosine(5, 6), cosine(6, 6)])
 
 
 def test_a_resume_between_logged_rows_logs_the_same_means(monkeypatch, tmp_path, tiny_model_dir, data_file):
