@@ -43,6 +43,14 @@ class _Group(click.Group):
                 sys.exit(e.exit_code)
             stopped = e.exit_code in (130, 143)  # a stop all ranks made together: rank 0 speaks, unnamed
             _fail(("" if stopped else rank) + str(e), e.exit_code, "stopped: " if stopped else "error: ")
+        except KeyboardInterrupt as e:  # outside a run's own stop handling: the shell's exit code, no "Aborted!"
+            from qdpo.stopping import StoppedEarly
+
+            if isinstance(e, StoppedEarly):  # a run's signal before its directory was made
+                click.echo(f"stopped: {e} before the run started; nothing was written.", err=True)
+                sys.exit(e.exit_code)
+            click.echo("stopped: interrupted.", err=True)
+            sys.exit(130)
         except Exception as e:
             from qdpo.distributed import lost_peer
 

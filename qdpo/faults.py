@@ -28,4 +28,5 @@ def crash_point(name: str) -> None:
         return
     _reached[name] = _reached.get(name, 0) + 1
     if _reached[name] >= int(count or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        # QDPO_CRASH_SIGNAL=SIGTERM (or SIGINT) sends that one instead: a stop request at an exact moment.
+        os.kill(os.getpid(), getattr(signal, os.environ.get("QDPO_CRASH_SIGNAL", "SIGKILL")))

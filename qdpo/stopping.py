@@ -1,8 +1,8 @@
 """Ctrl-C, Colab's stop button and job schedulers' SIGTERM: finish the step, checkpoint, and say how to resume.
 
-The first SIGINT or SIGTERM only sets a flag the training loop reads after each optimizer step; a second
-one restores the default handlers and interrupts at once (KeyboardInterrupt), leaving the last complete
-checkpoint as it is: checkpoints are only ever renamed into place whole.
+During training the first SIGINT or SIGTERM only sets a flag the training loop reads after each optimizer step;
+a second one interrupts at once (KeyboardInterrupt), leaving the last complete checkpoint as it is: checkpoints
+are only ever renamed into place whole. Before the loop, either one stops at once (StoppedEarly).
 """
 
 from __future__ import annotations
@@ -23,6 +23,39 @@ class Interrupted(UserError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = EXIT_CODES.get(signum, 1)
+
+
+class StoppedEarly(KeyboardInterrupt):
+    """SIGINT or SIGTERM before the training loop: raised at once, as there is no step to finish or checkpoint.
+
+    A KeyboardInterrupt, so that no library's `except Exception` swallows it on the way out.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = EXIT_CODES.get(signum, 1)
+
+
+@contextlib.contextmanager
+def stop_at_once() -> Iterator[None]:
+    """Within this block SIGINT and SIGTERM raise StoppedEarly: SIGTERM (Colab's stop button, a scheduler) would
+    otherwise end the process on the spot, with its run directory still saying "running" and still locked."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in EXIT_CODES}
+
+    def handle(signum, frame):
+        raise StoppedEarly(signum)
+
+    for s in EXIT_CODES:
+        signal.signal(s, handle)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class StopRequest:

@@ -79,7 +79,7 @@ from qdpo.rundir import (
     touch_lock,
 )
 from qdpo.step import Metrics, PreferenceLoss, interval_row, preference_loss
-from qdpo.stopping import Interrupted, stop_requests
+from qdpo.stopping import Interrupted, StoppedEarly, stop_at_once, stop_requests
 from qdpo.tiled_mlp import tile_mlps
 from qdpo.timing import PhaseClock
 from qdpo.tokenize import TokenizedPair, TokenizeStats
@@ -518,8 +518,11 @@ def run(
         device = torch.device("cuda", world.local_rank)
     if not world.main:  # rank 0 speaks for the job
         echo, progress, callback = (lambda line: None), False, None
+    # Until the loop takes over (finish the step, checkpoint), a signal stops at once; several ranks are stopped by
+    # their launcher, which signals them all.
+    stopping = stop_at_once() if world.size == 1 else contextlib.nullcontext()
     try:
-        with showing_progress(progress):
+        with showing_progress(progress), stopping:
             return _run(config, preset, echo, resume, callback, device, world)
     finally:
         leave()
@@ -608,6 +611,18 @@ def _run(
                 shutil.rmtree(out, ignore_errors=True)  # a run that could not start leaves nothing behind
             release_lock(out)
         raise
+    except StoppedEarly as e:  # asked to stop before any step: nothing trained, nothing to keep
+        if world.main:
+            if checkpoint is None:
+                shutil.rmtree(out, ignore_errors=True)
+            release_lock(out)
+        if checkpoint is None:
+            raise Interrupted(
+                f"{e} before the first step: nothing was trained and {out} is removed; run the command again", e.signum
+            ) from None
+        raise Interrupted(
+            f"{e} before the first resumed step; {out} is as it was: {resume_command(out, world.size)}", e.signum
+        ) from None
     except BaseException as e:
         if world.main:
             if checkpoint is None:  # a resumed run's record stays as it was until its checkpoint is restored
@@ -631,6 +646,8 @@ def _run(
         mark_stopped(out, description, "interrupted" if stopped_by_signal else "failed", e)
         kept = f"; the adapter of step {found.step} is in {found.path / 'adapter'}" if found else ""
         echo(f"the run stopped early; {out} keeps the metrics logged so far{kept}, and run.json says why")
+        if isinstance(e, StoppedEarly):  # outside the loop's own stop handling (the step-0 eval, the final save)
+            raise Interrupted(f"{e}: stopped at once; continue with: {resume_command(out)}", e.signum) from None
         raise
     finally:
         error = sys.exc_info()[1]

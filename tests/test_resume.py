@@ -60,12 +60,16 @@ def chat_rows_module():
 
 
 def start(
-    out: Path, model: Path, data: Path, cache: Path, *extra: str, crash_at: str | None = None
+    out: Path, model: Path, data: Path, cache: Path, *extra: str, crash_at: str | None = None, signal_at: str = ""
 ) -> subprocess.Popen:
+    """`qdpo run` in a subprocess; crash_at: a crash point where it sends itself SIGKILL (or signal_at, by name)."""
     env = {**os.environ, "QDPO_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     env.pop("QDPO_CRASH_AT", None)
+    env.pop("QDPO_CRASH_SIGNAL", None)
     if crash_at:
         env["QDPO_CRASH_AT"] = crash_at
+    if signal_at:
+        env["QDPO_CRASH_SIGNAL"] = signal_at
     args = ["run", "--output", str(out), "--model", str(model), "--data", str(data), *SETTINGS, *extra]
     return subprocess.Popen(
         [sys.executable, str(REPO / "cli.py"), *args],
@@ -173,6 +177,24 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, tiny_model_dir, dat
     assert_same_run(out, uninterrupted)
 
 
+def test_sigterm_before_the_first_step_stops_at_once_and_leaves_nothing(tmp_path, tiny_model_dir, data_file):
+    """SIGTERM (Colab's stop button) while the reference table is computed: there is no step to finish, so the run
+    stops at once, with SIGTERM's exit code, one line, and no directory left "running" and locked; the same
+    command then starts over. (Without a handler SIGTERM ended the process on the spot.)"""
+    out = tmp_path / "run"
+    process = start(out, tiny_model_dir, data_file, tmp_path / "cache", crash_at="reference", signal_at="SIGTERM")
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 143, output
+    assert (
+        f"stopped: SIGTERM before the first step: nothing was trained and {out} is removed; run the command again"
+        in output
+    )
+    assert "Traceback" not in output and not out.exists()
+    again = start(out, tiny_model_dir, data_file, tmp_path / "cache", "max_steps=1", "eval_fraction=0")
+    output, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, output
+
+
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, data_file):
     out = tmp_path / "run"
     process = start(out, tiny_model_dir, data_file, tmp_path / "cache", "max_steps=40")
@@ -183,7 +205,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, t
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
-    assert process.returncode != 0
+    assert process.returncode == 130 and "stopped: interrupted." in output, output
     from qdpo.checkpoint import checkpoints, load_trainer_state
 
     kept = checkpoints(out)
