@@ -190,6 +190,9 @@ def run(
     if nproc is not None and nproc != 1:
         _launch(nproc, preset, config, resume)
         return
+    from qdpo.stopping import outlive_readers
+
+    outlive_readers()
     tune(loaded.name, config=config, echo=click.echo, progress=not no_progress, resume=resume is not None)
 
 
@@ -202,7 +205,7 @@ def _launch(nproc: int, preset: str, config, resume: str | None) -> None:
     if launched_size() > 1:
         raise UserError("--nproc starts torchrun itself; under torchrun, leave it out (torchrun sets the processes).")
     if nproc < 2:
-        raise UserError(f"--nproc must be 2 or more (or left out for one process), not {nproc}.")
+        raise UserError(f"--nproc must be 1 or more (1, or left out, for one process), not {nproc}.")
     argv = sys.argv[sys.argv.index("run") + 1 :] if "run" in sys.argv else []
     out = str(run_dir_for(config, preset))
     if not config.output_dir and resume is None:  # every rank must write to the one directory named now

@@ -8,7 +8,9 @@ are only ever renamed into place whole. Before the loop, either one stops at onc
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
 from typing import Callable, Iterator
 
@@ -102,3 +104,44 @@ def stop_requests(echo: Callable[[str], None] = print) -> Iterator[StopRequest]:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+class _Outliving:
+    """A text stream that goes quiet, instead of raising, once nobody reads it any more."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def _gone(self) -> None:
+        # The fd itself points at /dev/null from now on, so that what is still buffered, and the flush at exit,
+        # go there too instead of raising again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError):  # a stream without a file descriptor (a test's capture)
+            pass
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._gone()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+def outlive_readers() -> None:
+    """From now on a closed stdout or stderr is ignored: Ctrl-C on `qdpo run | tee log` ends tee as well, and the
+    run's last lines (stopping, checkpoint written, the final `stopped:` line) must not turn its clean stop into a
+    crash. For the rest of the process: those lines come after the run returns."""
+    if not isinstance(sys.stdout, _Outliving):
+        sys.stdout = _Outliving(sys.stdout)
+    if not isinstance(sys.stderr, _Outliving):
+        sys.stderr = _Outliving(sys.stderr)

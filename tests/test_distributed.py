@@ -246,7 +246,7 @@ def test_launcher_refusals_are_one_line(monkeypatch):
     assert result.exit_code == 0
     result = CliRunner().invoke(main, ["run", "--nproc", "0"])
     assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        "error: --nproc must be 2 or more (or left out for one process), not 0."
+        "error: --nproc must be 1 or more (1, or left out, for one process), not 0."
     ]
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each rank
     monkeypatch.setenv("RANK", "1")

@@ -195,6 +195,21 @@ def test_sigterm_before_the_first_step_stops_at_once_and_leaves_nothing(tmp_path
     assert again.returncode == 0, output
 
 
+def test_ctrl_c_on_a_pipe_whose_reader_is_gone_still_stops_cleanly(tmp_path, tiny_model_dir, data_file):
+    """`qdpo run | tee log` and Ctrl-C: the terminal's SIGINT ends tee too, and qdpo's stop lines then go to a closed
+    pipe. The stop must still write its checkpoint and exit 130 (a BrokenPipeError made it a failure, exit 1)."""
+    out = tmp_path / "run"
+    process = start(out, tiny_model_dir, data_file, tmp_path / "cache", "save_steps=0", "max_steps=40")
+    while '"step": 1,' not in ((out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").is_file() else ""):
+        assert process.poll() is None, process.communicate()[0]
+        time.sleep(0.05)
+    process.stdout.close()  # the reader is gone
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=120) == 130
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and (out / info["adapter_dir"] / "adapter_model.safetensors").is_file()
+
+
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, tiny_model_dir, data_file):
     out = tmp_path / "run"
     process = start(out, tiny_model_dir, data_file, tmp_path / "cache", "max_steps=40")
