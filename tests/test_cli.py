@@ -226,6 +226,7 @@ def test_run_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, chat_rows):
         "eval_fraction=0.25",
         "eval_steps=2",
         "learning_rate=1e-2",
+        "loss_type=sigmoid",  # plain DPO (the smoke preset adds an NLL term): step 1's loss is ln 2
     )
     assert result.exit_code == 0, result.output
     assert "9 pairs kept" in result.output and "3 pairs kept" in result.output

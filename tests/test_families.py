@@ -295,6 +295,7 @@ def test_qdpo_run_end_to_end_with_defaults(model_type, family_dirs, tmp_path, ch
             "micro_batch_size=4",
             "max_length=64",
             "eval_fraction=0.25",
+            "loss_type=sigmoid",  # plain DPO (the smoke preset adds an NLL term): step 1's loss is ln 2
         ],
     )
     assert result.exit_code == 0, result.output + repr(result.exception)

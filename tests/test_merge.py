@@ -58,6 +58,7 @@ def make_run(tmp_path_factory, model_dir: Path, name: str = "ship-run", *overrid
             "eval_fraction=0.25",
             "eval_steps=2",
             "learning_rate=1e-2",
+            "loss_type=sigmoid",
             *overrides,
         ],
     )

@@ -234,6 +234,7 @@ def run_args(tmp_path, tiny_model_dir, chat_rows):
         "max_steps=3",
         "micro_batch_size=2",
         "eval_fraction=0",
+        "loss_type=sigmoid",  # plain DPO (the smoke preset adds an NLL term): step 1's loss is ln 2
     ]
 
 
@@ -241,7 +242,7 @@ def run_args(tmp_path, tiny_model_dir, chat_rows):
     "error, status, exit_code",
     [
         (UserError("out of GPU memory at micro_batch_size=2, max_length=1024; lower one of them."), "failed", 2),
-        (KeyboardInterrupt(), "interrupted", 1),
+        (KeyboardInterrupt(), "interrupted", 130),
     ],
     ids=["oom", "ctrl-c"],
 )
