@@ -273,6 +273,12 @@ def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> li
                 raise UserError(
                     f"{at} has no column {_show(name)} ({has}); map yours with --chosen-column/--rejected-column."
                 )
+        if columns.prompt != Columns.prompt and columns.prompt not in row:  # named by the user: a typo, not HH-style
+            has = f"it has {', '.join(_show(key) for key in list(row)[:8])}" + (", ..." if len(row) > 8 else "")
+            raise UserError(
+                f"{at} has no column {_show(columns.prompt)} ({has}); fix --prompt-column, or leave it out for a "
+                "'prompt' column or a prompt shared by chosen and rejected."
+            )
         chosen = _check_text(row[columns.chosen], at, columns.chosen)
         rejected = _check_text(row[columns.rejected], at, columns.rejected)
         if columns.prompt in row:

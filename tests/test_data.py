@@ -292,6 +292,19 @@ def test_what_is_wrong_with_a_row_in_one_line(row, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+def test_a_prompt_column_named_by_the_user_must_be_there():
+    """--prompt-column q on rows with 'prompt': a typo, refused with the row's columns, not read as rows whose
+    prompt is the shared beginning of chosen and rejected (whose error named a marker the user never set)."""
+    row = {"prompt": "What is 2 + 2?", "chosen": "4.", "rejected": "5."}
+    with pytest.raises(UserError) as info:
+        to_pairs([row], Columns(prompt="q"), "x")
+    assert str(info.value) == (
+        "x row 1 has no column 'q' (it has 'prompt', 'chosen', 'rejected'); fix --prompt-column, or leave it out "
+        "for a 'prompt' column or a prompt shared by chosen and rejected."
+    )
+    assert to_pairs([row], Columns(), "x")[0].prompt == "What is 2 + 2?"
+
+
 def test_same_column_for_two_roles_is_refused():
     with pytest.raises(
         UserError,
