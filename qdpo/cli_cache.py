@@ -7,6 +7,11 @@ import time
 import click
 
 
+def _count(n: int, thing: str) -> str:
+    """'1 reference table', '2 reference tables'."""
+    return f"{n} {thing}" + ("" if n == 1 else "s")
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KB", "MB", "GB"):
@@ -53,7 +58,8 @@ def list_cache() -> None:
         click.echo(f"no reference tables in {reference_dir()} ({limit})")
     else:
         click.echo(
-            f"{len(entries)} reference tables, {_size(sum(e.bytes for e in entries))}, in {reference_dir()} ({limit}):"
+            f"{_count(len(entries), 'reference table')}, {_size(sum(e.bytes for e in entries))}, "
+            f"in {reference_dir()} ({limit}):"
         )
         width = max(len(e.path.name) for e in entries)
         for e in reversed(entries):  # most recently used first
@@ -61,7 +67,7 @@ def list_cache() -> None:
     models = converted_models()
     if models:
         click.echo(
-            f"{len(models)} converted GGUF models, {_size(sum(size for _, size in models))} "
+            f"{_count(len(models), 'converted GGUF model')}, {_size(sum(size for _, size in models))} "
             "(removed by `qdpo cache clear --all`):"
         )
         for path, size in models:
@@ -84,7 +90,7 @@ def clear_cache(everything: bool) -> None:
 
     tables, models, removed = clear(models=everything)
     click.echo(
-        f"removed {tables} reference tables"
-        + (f" and {models} converted GGUF models" if everything else "")
+        f"removed {_count(tables, 'reference table')}"
+        + (f" and {_count(models, 'converted GGUF model')}" if everything else "")
         + f" ({_size(removed)})"
     )

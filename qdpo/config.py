@@ -341,6 +341,10 @@ class Config:
         """The rules a loss_type (list), its weights and the method settings must follow."""
         types = self.loss_types
         for name in types:
+            if name == "dpo":  # what people call it; TRL names DPO's own loss sigmoid too
+                raise UserError(
+                    "loss_type dpo is called sigmoid (DPO's loss, as TRL names it); set loss_type=sigmoid."
+                )
             if name not in LOSS_TYPES:
                 raise UserError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {_show(name)}.")
         if len(set(types)) < len(types):

@@ -259,5 +259,5 @@ def test_cache_list_and_clear(tmp_path, monkeypatch, cache):
     assert result.exit_code == 0 and result.output.startswith("removed 2 reference tables")
     assert list_entries() == [] and converted.is_dir()  # converted models stay without --all
     result = runner.invoke(main, ["cache", "clear", "--all"])
-    assert result.exit_code == 0 and "1 converted GGUF models" in result.output
+    assert result.exit_code == 0 and "and 1 converted GGUF model (" in result.output
     assert not converted.exists()

@@ -189,6 +189,7 @@ def test_loss_settings_from_the_command_line():
         (["loss_type=[sigmoid, sft]", "loss_weights=[1]"], "loss_weights has 1 weights for 2 losses"),
         (["loss_weights=[-1, 1]"], "loss_weights must be finite and not negative"),
         (["loss_type=sft"], "loss_type sft is an extra term on another loss"),
+        (["loss_type=dpo"], "loss_type dpo is called sigmoid (DPO's loss, as TRL names it); set loss_type=sigmoid."),
         (["loss_type=[sigmoid, sigmoid]"], "loss_type lists a loss twice"),
         (["loss_type=[sigmoid, sft]", "sft_weight=0.5"], "sft_weight and sft in loss_type both add"),
         (["loss_type=orpo", "use_weighting=true"], "use_weighting weighs DPO-style losses"),
