@@ -46,6 +46,8 @@ class _Group(click.Group):
         except KeyboardInterrupt as e:  # outside a run's own stop handling: the shell's exit code, no "Aborted!"
             from qdpo.stopping import StoppedEarly
 
+            if several and current_rank() > 0:  # rank 0 speaks for the job
+                sys.exit(130)
             if isinstance(e, StoppedEarly):  # a run's signal before its directory was made
                 click.echo(f"stopped: {e} before the run started; nothing was written.", err=True)
                 sys.exit(e.exit_code)

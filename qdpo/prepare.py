@@ -119,18 +119,23 @@ def check_rope_lengths(data: PreparedData) -> None:
     if switch is None:
         return
     kind, limit = switch
-    lengths = [len(p.prompt_ids) + len(r) for p in data.train + data.eval for r in (p.chosen_ids, p.rejected_ids) if r]
+    for pairs in (data.train, data.eval):  # never batched together: each split on one side is enough
+        _check_rope_split(pairs, kind, limit, data.model_config)
+
+
+def _check_rope_split(pairs: list[TokenizedPair], kind: str, limit: int, model_config: Any) -> None:
+    lengths = [len(p.prompt_ids) + len(r) for p in pairs for r in (p.chosen_ids, p.rejected_ids) if r]
     longer = sum(n > limit for n in lengths)
     if kind == "longrope" and 0 < longer < len(lengths):
         raise UserError(
-            f"{describe(data.model_config)} uses LongRoPE, whose long-context factors apply to a whole batch once one "
+            f"{describe(model_config)} uses LongRoPE, whose long-context factors apply to a whole batch once one "
             f"sequence in it is longer than {limit} tokens, and {longer} of the {len(lengths)} sequences (prompt + "
             f"response) are longer while the rest are not, so a short one would be scored unlike the model scores it "
             f"alone; set max_length={limit} to cut the long ones, or keep only pairs longer than {limit} tokens."
         )
     if kind == "dynamic" and longer:
         raise UserError(
-            f"{describe(data.model_config)} uses dynamic RoPE scaling, which rescales a whole batch (and the batches "
+            f"{describe(model_config)} uses dynamic RoPE scaling, which rescales a whole batch (and the batches "
             f"after it) once one sequence is longer than {limit} tokens (max_position_embeddings), and {longer} "
             f"sequences (prompt + response) are; set max_length={limit}."
         )

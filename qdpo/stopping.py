@@ -39,14 +39,18 @@ class StoppedEarly(KeyboardInterrupt):
         self.exit_code = EXIT_CODES.get(signum, 1)
 
 
+_before_stop_at_once: dict | None = None  # the handlers stop_at_once replaced, while it is in force
+
+
 @contextlib.contextmanager
 def stop_at_once() -> Iterator[None]:
-    """Within this block SIGINT and SIGTERM raise StoppedEarly: SIGTERM (Colab's stop button, a scheduler) would
-    otherwise end the process on the spot, with its run directory still saying "running" and still locked."""
+    """Until end_stop_at_once() (or the block's end) SIGINT and SIGTERM raise StoppedEarly: SIGTERM (Colab's stop
+    button, a scheduler) would otherwise end the process on the spot, its run directory still "running" and locked."""
+    global _before_stop_at_once
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {s: signal.getsignal(s) for s in EXIT_CODES}
+    _before_stop_at_once = {s: signal.getsignal(s) for s in EXIT_CODES}
 
     def handle(signum, frame):
         raise StoppedEarly(signum)
@@ -56,8 +60,17 @@ def stop_at_once() -> Iterator[None]:
     try:
         yield
     finally:
-        for s, handler in previous.items():
+        end_stop_at_once()
+
+
+def end_stop_at_once() -> None:
+    """The training loop takes signals over from here: after it (the report, the summary) a signal is no longer
+    "before the first step", so StoppedEarly must not fire again when the loop hands its handlers back."""
+    global _before_stop_at_once
+    if _before_stop_at_once is not None:
+        for s, handler in _before_stop_at_once.items():
             signal.signal(s, handler)
+        _before_stop_at_once = None
 
 
 class StopRequest:

@@ -79,7 +79,7 @@ from qdpo.rundir import (
     touch_lock,
 )
 from qdpo.step import Metrics, PreferenceLoss, interval_row, preference_loss
-from qdpo.stopping import Interrupted, StoppedEarly, stop_at_once, stop_requests
+from qdpo.stopping import Interrupted, StoppedEarly, end_stop_at_once, stop_at_once, stop_requests
 from qdpo.tiled_mlp import tile_mlps
 from qdpo.timing import PhaseClock
 from qdpo.tokenize import TokenizedPair, TokenizeStats
@@ -613,15 +613,20 @@ def _run(
         raise
     except StoppedEarly as e:  # asked to stop before any step: nothing trained, nothing to keep
         if world.main:
-            if checkpoint is None:
+            if checkpoint is None and not resume:
                 shutil.rmtree(out, ignore_errors=True)
+            elif checkpoint is None:  # its directory was emptied to start over: keep what --resume reads
+                announce()
+                mark_stopped(out, describe("running"), "interrupted", e)
             release_lock(out)
-        if checkpoint is None:
+        if checkpoint is None and not resume:
             raise Interrupted(
                 f"{e} before the first step: nothing was trained and {out} is removed; run the command again", e.signum
             ) from None
         raise Interrupted(
-            f"{e} before the first resumed step; {out} is as it was: {resume_command(out, world.size)}", e.signum
+            f"{e} before the first resumed step: nothing was trained; continue with: "
+            f"{resume_command(out, world.size)}",
+            e.signum,
         ) from None
     except BaseException as e:
         if world.main:
@@ -754,6 +759,21 @@ def train_loop(
         if callback is not None:
             callback(row)
 
+    def log_step(log, row: dict[str, Any], due: bool) -> None:
+        """Log a step's row when a line is due (logging_steps, an eval, the last step): the mean over the steps since
+        the last line. A skipped step's row goes alone and at once (its figures may not be finite, and the run may
+        stop on it); the steps before it keep waiting, unless a line is due."""
+        if row.get("skipped"):
+            if due and t.unlogged:
+                log_row(log, interval_row(t.unlogged))
+                t.unlogged.clear()
+            log_row(log, row)
+        elif due:
+            log_row(log, interval_row([*t.unlogged, row]))
+            t.unlogged.clear()
+        else:
+            t.unlogged.append(row)
+
     def run_eval(step: int) -> dict[str, float]:
         clock.enter("eval")
         result = evaluate(t.model, data.eval, t.eval_batches, t.eval_ref, config, pad_id, world)
@@ -826,6 +846,7 @@ def train_loop(
     bar = progress_bar(total=t.steps, initial=first_step - 1, desc="dpo", unit="step")
     is_sharded = sharded(t.model)
     metrics_file = (out / "metrics.jsonl").open("a") if world.main else contextlib.nullcontext()
+    end_stop_at_once()  # from the first step on, a signal means: finish the step, checkpoint, stop
     with stop_requests(echo) as stop, metrics_file as log:
         if baseline is not None:
             log_row(log, {"step": 0, **baseline})
@@ -848,18 +869,11 @@ def train_loop(
                 try:
                     last_eval = run_eval(step)
                 except torch.cuda.OutOfMemoryError:  # the step itself is done: keep it, then stop
-                    log_row(log, interval_row([*t.unlogged, row]))
-                    t.unlogged.clear()
+                    log_step(log, row, due=True)
                     kept = checkpoint(step) if world.size == 1 else None
                     raise out_of_memory(config, out, step, kept, during="evaluation", processes=world.size) from None
                 row.update(last_eval)
-            if row.get("skipped"):  # alone, at once: its figures may not be finite, and the run may stop on it
-                log_row(log, row)
-            elif evaluating or step % config.logging_steps == 0 or step == t.steps:
-                log_row(log, interval_row([*t.unlogged, row]))
-                t.unlogged.clear()
-            else:
-                t.unlogged.append(row)  # logging_steps > 1: the next row averages over this step too
+            log_step(log, row, due=evaluating or step % config.logging_steps == 0 or step == t.steps)
             for warning in watch.see(row, lambda: moved_before):
                 say(warning)
             saved = bool(config.save_steps) and (step % config.save_steps == 0 or step == t.steps)
@@ -889,6 +903,9 @@ def train_loop(
                 tok_s=f"{row['tokens_per_second']:.0f}",
             )
             bar.update(1)
+        if t.unlogged:  # a resume past the new end (no step ran): the steps restored with the checkpoint
+            log_row(log, interval_row(t.unlogged))
+            t.unlogged.clear()
     bar.close()
     adapter = full_adapter_state(t.model)
     if not world.main:

@@ -343,6 +343,79 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
     assert all(torch.equal(first[k], third[k]) for k in first)  # no update was applied by the bad steps
 
 
+def test_a_skipped_last_step_still_logs_the_steps_before_it(monkeypatch, tmp_path, tiny_model_dir, data_file):
+    """logging_steps=5 over 4 steps, the last one NaN (skipped): steps 1-3 get their averaged line before the skipped
+    step's own, instead of never being logged."""
+    import qdpo.step as step
+    import qdpo.train as train
+
+    real, calls = step.preference_loss, []
+
+    def poisoned(*args, **kwargs):  # two micro-batches per step: calls 7 and 8 are step 4's
+        if torch.is_grad_enabled():
+            calls.append(1)
+        losses, *rest = real(*args, **kwargs)
+        return (losses * float("nan") if len(calls) > 6 else losses, *rest)
+
+    monkeypatch.setattr(step, "preference_loss", poisoned)
+    monkeypatch.setattr(train, "preference_loss", poisoned)
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    result = run_here(out, tiny_model_dir, data_file, "logging_steps=5", "eval_steps=0", "save_steps=0")
+    assert result.exit_code == 0, result.output
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [0, 3, 4] and [r.get("skipped") for r in rows] == [None, None, True]
+    assert math.isfinite(rows[1]["loss"])
+
+
+def test_a_signal_after_training_is_not_called_before_the_start(monkeypatch, tmp_path, tiny_model_dir, data_file):
+    """SIGINT while the report is drawn, after the last step: the run is done, so the line must not say it stopped
+    "before the run started; nothing was written" (the early handler must be gone by then)."""
+    import qdpo.report as report
+
+    def interrupted(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)
+
+    monkeypatch.setattr(report, "report_after_run", interrupted)
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    result = run_here(tmp_path / "run", tiny_model_dir, data_file, "max_steps=1", "save_steps=0", "eval_fraction=0")
+    assert result.exit_code == 130 and "stopped: interrupted." in result.output, result.output
+    assert "before the run started" not in result.output
+
+
+def test_a_resume_stopped_before_its_first_step_can_be_resumed(monkeypatch, tmp_path, tiny_model_dir, data_file):
+    """A run with no checkpoint yet, resumed (it starts over in its directory) and stopped by SIGTERM while the
+    reference is computed: its settings stay, so the `--resume` the line names works."""
+    import qdpo.train as train
+
+    out = tmp_path / "run"
+    real_step, calls = train.train_step, []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
+    with monkeypatch.context() as m:
+        m.setattr(train, "train_step", fail_second)
+        assert run_here(out, tiny_model_dir, data_file, "save_steps=0").exit_code == 130  # no checkpoint
+    monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cold"))  # the reference is computed again: the crash point
+    monkeypatch.setenv("QDPO_CRASH_AT", "reference")
+    monkeypatch.setenv("QDPO_CRASH_SIGNAL", "SIGTERM")
+    stopped = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress"])
+    assert stopped.exit_code == 143, stopped.output
+    assert f"before the first resumed step: nothing was trained; continue with: qdpo run --resume {out}" in (
+        stopped.output
+    )
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+    monkeypatch.delenv("QDPO_CRASH_AT")
+    finished = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress"])
+    assert finished.exit_code == 0, finished.output
+
+
 def test_out_of_memory_checkpoints_the_last_good_state(
     monkeypatch, tmp_path, tiny_model_dir, data_file, uninterrupted
 ):
