@@ -77,7 +77,7 @@ def test_precedence_defaults_preset_flags(tmp_path):
         (["bogus=1"], "unknown setting 'bogus'"),
         (["beta=abc"], "beta must be a number"),
         (["lora_r=2.5"], "lora_r must be an integer"),
-        (["loss_type=dpo"], "loss_type must be one of sigmoid, ipo, hinge, robust"),
+        (["loss_type=nca_pair"], "loss_type must be one of sigmoid, ipo, hinge, robust"),
         (["max_prompt_length=2000"], "max_prompt_length (2000) must be less than max_length"),
         (
             ["share_prompt=false", "pack_pairs=true"],
