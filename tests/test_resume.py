@@ -310,22 +310,27 @@ def test_a_resume_between_logged_rows_logs_the_same_means(monkeypatch, tmp_path,
     assert_same_run(out, whole)
 
 
-def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
-    monkeypatch, tmp_path, tiny_model_dir, data_file
-):
+def poison_losses(monkeypatch, after: int) -> None:
+    """Every training micro-batch's losses NaN after the first `after` (evaluations run without grad: untouched)."""
     import qdpo.step as step  # the training step's loss (through PreferenceLoss, the module DDP would wrap)
     import qdpo.train as train  # the eval pass's
 
     real, calls = step.preference_loss, []
 
-    def poisoned(*args, **kwargs):  # from the second step on, every loss is NaN (evaluations run without grad)
+    def poisoned(*args, **kwargs):
         if torch.is_grad_enabled():
             calls.append(1)
         losses, *rest = real(*args, **kwargs)
-        return (losses * float("nan") if len(calls) > 2 else losses, *rest)
+        return (losses * float("nan") if len(calls) > after else losses, *rest)
 
     monkeypatch.setattr(step, "preference_loss", poisoned)
     monkeypatch.setattr(train, "preference_loss", poisoned)
+
+
+def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
+    monkeypatch, tmp_path, tiny_model_dir, data_file
+):
+    poison_losses(monkeypatch, after=2)  # from the second step on (two micro-batches a step), every loss is NaN
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     result = run_here(out, tiny_model_dir, data_file, "max_nonfinite_steps=2")
@@ -346,19 +351,7 @@ def test_nan_steps_are_skipped_and_a_run_of_them_stops_with_the_pairs(
 def test_a_skipped_last_step_still_logs_the_steps_before_it(monkeypatch, tmp_path, tiny_model_dir, data_file):
     """logging_steps=5 over 4 steps, the last one NaN (skipped): steps 1-3 get their averaged line before the skipped
     step's own, instead of never being logged."""
-    import qdpo.step as step
-    import qdpo.train as train
-
-    real, calls = step.preference_loss, []
-
-    def poisoned(*args, **kwargs):  # two micro-batches per step: calls 7 and 8 are step 4's
-        if torch.is_grad_enabled():
-            calls.append(1)
-        losses, *rest = real(*args, **kwargs)
-        return (losses * float("nan") if len(calls) > 6 else losses, *rest)
-
-    monkeypatch.setattr(step, "preference_loss", poisoned)
-    monkeypatch.setattr(train, "preference_loss", poisoned)
+    poison_losses(monkeypatch, after=6)  # two micro-batches per step: calls 7 and 8 are step 4's
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
     result = run_here(out, tiny_model_dir, data_file, "logging_steps=5", "eval_steps=0", "save_steps=0")
