@@ -268,15 +268,14 @@ def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> li
             )
         for name in (columns.chosen, columns.rejected):
             if name not in row:
-                has = f"it has {', '.join(_show(key) for key in list(row)[:8])}" if row else "it has no columns"
-                has += ", ..." if len(row) > 8 else ""
                 raise UserError(
-                    f"{at} has no column {_show(name)} ({has}); map yours with --chosen-column/--rejected-column."
+                    f"{at} has no column {_show(name)} ({_columns_of(row)}); map yours with "
+                    "--chosen-column/--rejected-column."
                 )
         if columns.prompt != Columns.prompt and columns.prompt not in row:  # named by the user: a typo, not HH-style
-            has = f"it has {', '.join(_show(key) for key in list(row)[:8])}" + (", ..." if len(row) > 8 else "")
             raise UserError(
-                f"{at} has no column {_show(columns.prompt)} ({has}); fix --prompt-column, or leave it out for a "
+                f"{at} has no column {_show(columns.prompt)} ({_columns_of(row)}); fix --prompt-column, or leave it "
+                "out for a "
                 "'prompt' column or a prompt shared by chosen and rejected."
             )
         chosen = _check_text(row[columns.chosen], at, columns.chosen)
@@ -343,10 +342,10 @@ def to_examples(
             raise UserError(f"{at} is {_kind(row)}, not an object with prompt/completion/label columns.")
         for name in (columns.prompt, completion_column, label_column):
             if name not in row:
-                has = f"it has {', '.join(_show(key) for key in list(row)[:8])}" if row else "it has no columns"
                 raise UserError(
-                    f"{at} has no column {_show(name)} ({has}); KTO reads prompt/completion/label rows (the first "
-                    "row has a completion column); map yours with prompt_column=, completion_column=, label_column=."
+                    f"{at} has no column {_show(name)} ({_columns_of(row)}); KTO reads prompt/completion/label rows "
+                    "(the first row has a completion column); map yours with prompt_column=, completion_column=, "
+                    "label_column=."
                 )
         prompt = _check_text(row[columns.prompt], at, columns.prompt)
         completion = _check_text(row[completion_column], at, completion_column)
@@ -381,6 +380,13 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return f"a {type(value).__name__}"
+
+
+def _columns_of(row: dict[str, Any]) -> str:
+    """The columns a row has, for a message about the one it lacks: the first 8, then '...'."""
+    if not row:
+        return "it has no columns"
+    return f"it has {', '.join(_show(key) for key in list(row)[:8])}" + (", ..." if len(row) > 8 else "")
 
 
 def _show(value: Any, limit: int = 40) -> str:
