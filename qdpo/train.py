@@ -612,14 +612,15 @@ def _run(
             release_lock(out)
         raise
     except StoppedEarly as e:  # asked to stop before any step: nothing trained, nothing to keep
+        fresh = checkpoint is None and not resume
         if world.main:
-            if checkpoint is None and not resume:
+            if fresh:
                 shutil.rmtree(out, ignore_errors=True)
             elif checkpoint is None:  # its directory was emptied to start over: keep what --resume reads
                 announce()
                 mark_stopped(out, describe("running"), "interrupted", e)
             release_lock(out)
-        if checkpoint is None and not resume:
+        if fresh:
             raise Interrupted(
                 f"{e} before the first step: nothing was trained and {out} is removed; run the command again", e.signum
             ) from None
@@ -759,20 +760,23 @@ def train_loop(
         if callback is not None:
             callback(row)
 
+    def log_unlogged(log) -> None:  # one line for the steps since the last one, if there are any
+        if t.unlogged:
+            log_row(log, interval_row(t.unlogged))
+            t.unlogged.clear()
+
     def log_step(log, row: dict[str, Any], due: bool) -> None:
         """Log a step's row when a line is due (logging_steps, an eval, the last step): the mean over the steps since
         the last line. A skipped step's row goes alone and at once (its figures may not be finite, and the run may
         stop on it); the steps before it keep waiting, unless a line is due."""
         if row.get("skipped"):
-            if due and t.unlogged:
-                log_row(log, interval_row(t.unlogged))
-                t.unlogged.clear()
+            if due:
+                log_unlogged(log)
             log_row(log, row)
-        elif due:
-            log_row(log, interval_row([*t.unlogged, row]))
-            t.unlogged.clear()
-        else:
-            t.unlogged.append(row)
+            return
+        t.unlogged.append(row)
+        if due:
+            log_unlogged(log)
 
     def run_eval(step: int) -> dict[str, float]:
         clock.enter("eval")
@@ -903,9 +907,7 @@ def train_loop(
                 tok_s=f"{row['tokens_per_second']:.0f}",
             )
             bar.update(1)
-        if t.unlogged:  # a resume past the new end (no step ran): the steps restored with the checkpoint
-            log_row(log, interval_row(t.unlogged))
-            t.unlogged.clear()
+        log_unlogged(log)  # a resume past the new end (no step ran): the steps restored with the checkpoint
     bar.close()
     adapter = full_adapter_state(t.model)
     if not world.main:
