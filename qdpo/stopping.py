@@ -39,6 +39,19 @@ class StoppedEarly(KeyboardInterrupt):
         self.exit_code = EXIT_CODES.get(signum, 1)
 
 
+def _handle_with(handler) -> dict:
+    """Make handler SIGINT's and SIGTERM's; returns the handlers it replaced, for _restore."""
+    previous = {s: signal.getsignal(s) for s in EXIT_CODES}
+    for s in EXIT_CODES:
+        signal.signal(s, handler)
+    return previous
+
+
+def _restore(previous: dict) -> None:
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
 _before_stop_at_once: dict | None = None  # the handlers stop_at_once replaced, while it is in force
 
 
@@ -50,13 +63,11 @@ def stop_at_once() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _before_stop_at_once = {s: signal.getsignal(s) for s in EXIT_CODES}
 
     def handle(signum, frame):
         raise StoppedEarly(signum)
 
-    for s in EXIT_CODES:
-        signal.signal(s, handle)
+    _before_stop_at_once = _handle_with(handle)
     try:
         yield
     finally:
@@ -68,8 +79,7 @@ def end_stop_at_once() -> None:
     "before the first step", so StoppedEarly must not fire again when the loop hands its handlers back."""
     global _before_stop_at_once
     if _before_stop_at_once is not None:
-        for s, handler in _before_stop_at_once.items():
-            signal.signal(s, handler)
+        _restore(_before_stop_at_once)
         _before_stop_at_once = None
 
 
@@ -97,12 +107,10 @@ def stop_requests(echo: Callable[[str], None] = print) -> Iterator[StopRequest]:
     if threading.current_thread() is not threading.main_thread():  # signal handlers only exist on the main thread
         yield request
         return
-    previous = {s: signal.getsignal(s) for s in EXIT_CODES}
 
     def handle(signum, frame):
         if request.requested:  # the second one: the user means now
-            for s, handler in previous.items():
-                signal.signal(s, handler)
+            _restore(previous)
             raise KeyboardInterrupt
         request.signum = signum
         echo(
@@ -110,13 +118,11 @@ def stop_requests(echo: Callable[[str], None] = print) -> Iterator[StopRequest]:
             "(press Ctrl-C again to stop at once)"
         )
 
-    for s in EXIT_CODES:
-        signal.signal(s, handle)
+    previous = _handle_with(handle)
     try:
         yield request
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        _restore(previous)
 
 
 class _Outliving:
