@@ -69,7 +69,7 @@ def load_rows(source: str, split: str = "train") -> tuple[list[dict[str, Any]], 
             )
         rows = readers[suffix](path)
         if not rows:
-            raise UserError(f"{path} has no rows; point data at a file with preference pairs.")
+            raise UserError(f"{path} has no rows; give a file that holds at least one row.")
         return rows, str(path)
     if looks_like_hub_id(source):
         return _read_hub(source, split), source
@@ -131,7 +131,7 @@ def _read_jsonl(path: Path) -> Rows:
         rows.append(row)
         numbers.append(number)
     if not rows:
-        raise UserError(f"{path} has no rows; point data at a file with preference pairs.")
+        raise UserError(f"{path} has no rows; give a file that holds at least one row.")
     if numbers != list(range(1, len(rows) + 1)):
         rows.lines = numbers
     return rows
@@ -194,7 +194,7 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
-        raise UserError(f"{path} has no rows; point data at a file with preference pairs.") from None
+        raise UserError(f"{path} has no rows; give a file that holds at least one row.") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a readable CSV file ({str(e).splitlines()[0]}).") from None
     rows = frame.to_dict(orient="records")

@@ -68,10 +68,10 @@ def split_pairs(config: Config) -> tuple[list[Pair], list[Pair]]:
 
 def prepare_data(config: Config, echo: Callable[[str], None] = print) -> PreparedData:
     """Resolve the model, load its tokenizer and tokenize train/eval pairs: every input error surfaces here."""
+    train_pairs, eval_pairs = split_pairs(config)  # first: a data error must not wait for a model conversion
     source = resolve_model(config.model)
     model_config = load_model_config(source)
     tokenizer = load_tokenizer(source, config.tokenizer)
-    train_pairs, eval_pairs = split_pairs(config)
     train, train_stats = tokenize_pairs(tokenizer, train_pairs, config.max_length, config.max_prompt_length)
     echo(f"train: {train_stats.describe()}")
     if config.unpaired:

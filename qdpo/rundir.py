@@ -37,7 +37,9 @@ def check_run_dir(out: Path, config: Config, resume: bool) -> None:
         if not (out / "run.json").is_file():
             raise UserError(f"cannot resume {out}: it is not a qdpo run directory (no run.json); check the path.")
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file, not a directory; pick another path.")
+    if out.exists() and any(out.iterdir()):
         if not (out / "run.json").is_file():  # neither --overwrite nor --resume applies: say only what does
             raise UserError(f"output_dir {out} is not a qdpo run directory; refusing to overwrite it, pick another.")
         if not config.overwrite:

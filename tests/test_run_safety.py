@@ -324,6 +324,26 @@ def test_an_existing_output_dir_is_refused_before_the_data_is_read(monkeypatch, 
     (out / "run.json").write_text("{}")  # an earlier run's directory: overwrite or resume it
     result = invoke("run", "--model", str(tiny_model_dir), "--data", "/no/such/file.jsonl", "--output", str(out))
     assert result.exit_code == 2 and "already exists and is not empty; pick another, pass --overwrite" in result.output
+    a_file = tmp_path / "README.md"
+    a_file.write_text("mine")
+    result = invoke("run", "--model", str(tiny_model_dir), "--data", "/no/such/file.jsonl", "--output", str(a_file))
+    assert result.exit_code == 2 and f"output_dir {a_file} is a file, not a directory" in result.output
+    assert "--overwrite" not in result.output and a_file.read_text() == "mine"
+
+
+def test_a_data_error_comes_before_the_model_is_resolved(monkeypatch, tmp_path):
+    """An empty data file, for training or held-out, is refused before a GGUF model would be converted."""
+    import qdpo.prepare as prepare
+
+    monkeypatch.setattr(prepare, "resolve_model", lambda *a, **k: pytest.fail("the model was resolved first"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    for data in (["--data", str(empty)], ["--data", str(good), "--eval-data", str(empty)]):
+        result = invoke("run", "--model", "no/such-model", *data, "--output", str(tmp_path / "run"))
+        assert result.exit_code == 2 and f"{empty} has no rows; give a file" in result.output, result.output
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_damaged_reference_cache_entry_is_reported_and_recomputed(

@@ -197,7 +197,7 @@ def test_the_scan_finds_the_messages():
         nodes = [n for n in ast.walk(trees[file]) if isinstance(n, ast.FunctionDef) and n.name == function]
         assert nodes and all(_part_nodes(n, targets) for n in nodes), (file, function, targets)
     assert {"error", "note", "echo", "part"} <= {m.kind for m in messages}
-    for expected in ("{} has no rows; point data at a file with preference pairs.", "warning: logps/chosen fell"):
+    for expected in ("{} has no rows; give a file that holds at least one row.", "warning: logps/chosen fell"):
         assert any(m.text().startswith(expected) for m in messages), expected
 
 
@@ -242,12 +242,12 @@ def test_a_new_undocumented_error_fails(tmp_path):
         "from qdpo.errors import UserError\n"
         "def f(path):\n"
         "    if path:\n"
-        "        raise UserError(f'{path} has no rows; point data at a file ' 'with preference pairs.')\n"
+        "        raise UserError(f'{path} has no rows; give a file ' 'that holds at least one row.')\n"
         "    raise UserError('a brand new message nobody documented')\n"
     )
     messages = find_messages([source])
     assert [m.text() for m in messages] == [
-        "{} has no rows; point data at a file with preference pairs.",
+        "{} has no rows; give a file that holds at least one row.",
         "a brand new message nobody documented",
     ]
     assert [m.text() for m in undocumented(messages, DOC.read_text())] == ["a brand new message nobody documented"]
