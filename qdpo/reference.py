@@ -374,19 +374,24 @@ def load_or_compute(
     notes: list[str] | None = None,
     ld_alpha: float | None = None,
     world: World = SINGLE,
-) -> tuple[torch.Tensor, bool]:
-    """The reference table from the cache if present and intact, else computed and stored; and whether it was cached.
+) -> tuple[torch.Tensor, int]:
+    """The reference table with every pair of `batches` scored, and how many of those micro-batches were scored now.
 
-    With several ranks, rank 0 reads the cache; on a miss each rank scores its share of the micro-batches, the
-    shares are merged, and rank 0 stores the full table: the same entry one process would have written.
+    key covers the composition of all the micro-batches a table may ever hold (an epoch's), so a later run that
+    needs more of them (a larger max_steps) finds the entry, scores only the micro-batches it lacks (NaN rows), and
+    stores the grown table. A pair's score depends only on its own micro-batch, so the merged table is the one a
+    single pass would have written. With several ranks, rank 0 reads the cache; each rank scores its share of the
+    missing micro-batches, the shares are merged, and rank 0 stores the full table.
     """
     table = world.agree(cached_table(key, len(pairs), notes) if world.main else None)
-    if table is not None:
-        return table, True
-    table = compute_reference(model, pairs, batches, pad_id, logits_chunk_size, layout, ld_alpha, world)
+    missing = batches if table is None else [b for b in batches if torch.isnan(table[b]).any()]
+    if not missing:
+        return table, 0
+    scored = compute_reference(model, pairs, missing, pad_id, logits_chunk_size, layout, ld_alpha, world)
+    table = scored if table is None else torch.where(torch.isnan(scored), table, scored)
     if world.main:
         store_table(table, key)
-    return table, False
+    return table, len(missing)
 
 
 @dataclass

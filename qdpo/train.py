@@ -381,19 +381,20 @@ def setup_training(
         **({"tiled_mlp": config.tiled_mlp} if config.tiled_mlp else {}),  # tiles: other float rounding
     }
 
-    def reference_table(pairs: list, batches: list[list[int]]) -> tuple[torch.Tensor, bool]:
+    def reference_table(pairs: list, every: list[list[int]], needed: list[list[int]]) -> tuple[torch.Tensor, int]:
+        # Keyed on every micro-batch the table may hold: a later run that needs more of them extends the entry.
         key = cache_key(
-            data.source, config.init_adapter, pairs, dtype, config.micro_batch_size, batches, chunk, layout,
+            data.source, config.init_adapter, pairs, dtype, config.micro_batch_size, every, chunk, layout,
             device=device, extra=extra,
         )  # fmt: skip
         damage: list[str] = []
-        table, cached = load_or_compute(model, pairs, batches, pad_id, key, chunk, layout, damage, ld, world)
+        table, scored = load_or_compute(model, pairs, needed, pad_id, key, chunk, layout, damage, ld, world)
         for note in damage:
             echo(note)
-        return table, cached
+        return table, scored
 
     scored_eval = bool(data.eval) and config.needs_reference
-    eval_ref = reference_table(data.eval, eval_batches)[0] if scored_eval else None
+    eval_ref = reference_table(data.eval, eval_batches, eval_batches)[0] if scored_eval else None
     train_ref = None
     if not config.needs_reference:
         echo(
@@ -404,8 +405,16 @@ def setup_training(
         # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
         used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps * world.size) :]
         used = epoch_batches if score_all else used
-        train_ref, cached = reference_table(data.train, used)
-        echo("reference log-probs: " + ("reused from cache" if cached else "computed once and cached"))
+        train_ref, scored = reference_table(data.train, epoch_batches, used)
+        if scored == 0:
+            echo("reference log-probs: reused from cache")
+        elif scored == len(used):
+            echo("reference log-probs: computed once and cached")
+        else:
+            echo(
+                f"reference log-probs: {len(used) - scored} of {len(used)} micro-batches reused from cache, "
+                f"the other {scored} computed and cached"
+            )
     stream = BatchStream(data.train, config.micro_batch_size, config.seed, epoch_batches)
     loss = PreferenceLoss(model, config)  # FSDP reduces gradients itself; DDP wraps the loss module
     loss = loss if roots else data_parallel(loss, world, device)

@@ -98,10 +98,10 @@ def test_step_zero_is_exactly_log2_with_the_table(setup):
 def test_cache_is_reused_and_keyed_by_content(setup):
     source, model, pairs, batches, pad = setup
     key = cache_key(source, None, pairs, torch.float32, 3, batches)
-    first, cached = load_or_compute(model, pairs, batches, pad, key)
-    assert not cached
-    second, cached = load_or_compute(model, pairs, batches, pad, key)
-    assert cached and torch.equal(first, second)
+    first, scored = load_or_compute(model, pairs, batches, pad, key)
+    assert scored == len(batches)
+    second, scored = load_or_compute(model, pairs, batches, pad, key)
+    assert scored == 0 and torch.equal(first, second)
     assert cache_key(source, None, pairs[:-1], torch.float32, 3, batches) != key  # other data
     assert cache_key(source, None, pairs, torch.bfloat16, 3, batches) != key  # other compute dtype
     assert cache_key(source, None, pairs, torch.float32, 3, batches, layout="packed") != key  # other batch layout
@@ -117,6 +117,7 @@ def test_a_rerun_scores_neither_reference_table_again(tiny_model_dir, chat_rows,
 
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in chat_rows))
+    real = qdpo.reference.compute_reference
     evals = {}
     for name in ("first", "again"):
         if name == "again":
@@ -133,3 +134,38 @@ def test_a_rerun_scores_neither_reference_table_again(tiny_model_dir, chat_rows,
         evals[name] = [{k: v for k, v in r.items() if k.startswith("eval_")} for r in run.metrics if "eval_loss" in r]
     assert len(evals["first"]) == 2 and evals["again"] == evals["first"]
     assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 2  # train pairs and held-out pairs
+    # A longer run: the held-out table and the first run's two micro-batches come from the cache; the two more
+    # that max_steps=4 uses are scored, and they grow the same entry.
+    calls, lines = [], []
+    monkeypatch.setattr(
+        qdpo.reference, "compute_reference", lambda m, p, b, *a, **k: calls.append(len(b)) or real(m, p, b, *a, **k)
+    )
+    qdpo.tune(
+        "smoke",
+        model=str(tiny_model_dir),
+        data=str(tmp_path / "d.jsonl"),
+        output_dir=str(tmp_path / "longer"),
+        overrides=["max_steps=4", "micro_batch_size=2", "eval_fraction=0.25", "eval_generate=0", "eval_steps=0"],
+        progress=False,
+        echo=lines.append,
+    )
+    assert calls == [2] and "reference log-probs: 2 of 4 micro-batches reused from cache, the other 2 computed" in (
+        "\n".join(lines)
+    )
+    assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 2
+
+
+def test_a_longer_run_scores_only_the_micro_batches_the_cache_lacks(setup):
+    """A table keyed on an epoch's micro-batches grows: a run that needs more of them (a larger max_steps) scores
+    only those, and the grown table is the one a single pass over all of them gives, bit for bit."""
+    source, model, pairs, batches, pad = setup
+    assert len(batches) >= 3
+    key = cache_key(source, None, pairs, torch.float32, 3, batches)
+    part, scored = load_or_compute(model, pairs, batches[-1:], pad, key)  # a short run: the last micro-batch
+    assert scored == 1 and torch.isnan(part).any()
+    grown, scored = load_or_compute(model, pairs, batches[-2:], pad, key)
+    assert scored == 1  # batches[-1] came from the cache
+    full, scored = load_or_compute(model, pairs, batches, pad, key)
+    assert scored == len(batches) - 2 and not torch.isnan(full).any()
+    assert torch.equal(full, compute_reference(model, pairs, batches, pad))
+    assert load_or_compute(model, pairs, batches[:1], pad, key)[1] == 0

@@ -368,20 +368,20 @@ def test_a_damaged_reference_cache_entry_is_reported_and_recomputed(
     )
     pairs, _ = tokenize_pairs(tokenizer, to_pairs(chat_rows, Columns(), "t"), 128, 64)
     batches = length_grouped_batches(pairs, 4, seed=0)
-    good, cached = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1")
-    assert not cached
+    good, scored = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1")
+    assert scored == len(batches)
     path = reference_dir() / "k1.safetensors"
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF  # inside the last float of the table
     path.write_bytes(bytes(raw))
     notes: list[str] = []
-    again, cached = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1", notes=notes)
-    assert not cached and torch.equal(again, good)
+    again, scored = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1", notes=notes)
+    assert scored == len(batches) and torch.equal(again, good)
     assert notes == ["reference cache entry k1.safetensors is damaged (checksum mismatch): computing it again"]
     path.write_bytes(bytes(raw[: len(raw) // 2]))  # truncated
     notes.clear()
-    again, cached = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1", notes=notes)
-    assert not cached and torch.equal(again, good) and "damaged (unreadable" in notes[0]
+    again, scored = load_or_compute(model, pairs, batches, tokenizer.pad_token_id, "k1", notes=notes)
+    assert scored == len(batches) and torch.equal(again, good) and "damaged (unreadable" in notes[0]
 
 
 def test_out_of_memory_before_the_first_step_is_one_line_and_leaves_nothing(monkeypatch, tmp_path, run_args):
