@@ -1,9 +1,12 @@
-"""Turn preference pairs into token ids, following the DPO convention TRL uses.
+"""Turn preference pairs into token ids, following the DPO convention TRL uses (1.x: prompt and response
+encoded together, the response being what follows the prompt's ids).
 
-prompt ids   = the tokenizer's encoding of the prompt (chat template with the generation prompt
-               for conversational rows; the template already holds BOS, so no special tokens are added);
-response ids = the response encoded without special tokens, then EOS (unless the chat template
-               already ended the turn with EOS: never two).
+prompt ids   = the tokenizer's encoding of the prompt (chat template with the generation prompt for
+               conversational rows, or the prefilled answer start left open; the template already holds BOS,
+               so no special tokens are added);
+response ids = the ids that follow the prompt's in the encoding of prompt + response, then EOS (unless the chat
+               template already ended the turn with EOS: never two). The response is encoded alone only where
+               the two encodings disagree at the boundary, and the run says how often.
 """
 
 from __future__ import annotations
@@ -70,6 +73,42 @@ def text_is_empty(t: str | list[dict[str, str]]) -> bool:
     return all(not m["content"].strip() for m in t)
 
 
+class Unsplittable(ValueError):
+    """The chat template does not render prompt + response as the prompt's rendering followed by more text."""
+
+
+def _prefilled(prompt: list[dict[str, str]]) -> bool:
+    """A prompt that ends with the start of the assistant's answer, which the response continues."""
+    return bool(prompt) and prompt[-1]["role"] == "assistant"
+
+
+def render_prompt(tokenizer, prompt: list[dict[str, str]]) -> str:
+    """The chat template's text of a prompt: the generation prompt, or an answer's prefilled start left open."""
+    if _prefilled(prompt):
+        try:
+            return tokenizer.apply_chat_template(prompt, continue_final_message=True, tokenize=False)
+        except ValueError as e:  # transformers: the template dropped part of the prefilled text
+            raise Unsplittable(str(e)) from None
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+def _render_whole(tokenizer, prompt: list[dict[str, str]], response: list[dict[str, str]]) -> str:
+    if _prefilled(prompt):  # the response continues the prefilled turn: one assistant message, not two
+        first = {**prompt[-1], "content": prompt[-1]["content"] + response[0]["content"]}
+        return tokenizer.apply_chat_template(prompt[:-1] + [first] + response[1:], tokenize=False)
+    return tokenizer.apply_chat_template(prompt + response, tokenize=False)
+
+
+def _encode_text(tokenizer, text: str) -> list[int]:
+    """Plain text with the tokenizer's own special tokens, less an EOS it appends (add_eos_token): a prompt must
+    not end its sequence, and a response gets its one EOS later."""
+    ids = tokenizer(text)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids and ids[-1] == eos and not text.endswith(tokenizer.eos_token or "\0"):
+        ids = ids[:-1]
+    return ids
+
+
 def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], fixed: list[str] | None = None) -> list[int]:
     """Token ids of a prompt: chat template + generation prompt for messages, plain encoding otherwise.
 
@@ -77,10 +116,9 @@ def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], fixed: list[str
     is appended to fixed so the run can say how often that happened.
     """
     if isinstance(prompt, list):
-        text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
     else:
-        ids = tokenizer(prompt)["input_ids"]
+        ids = _encode_text(tokenizer, prompt)
     bos = tokenizer.bos_token_id
     doubled = bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos
     while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
@@ -93,18 +131,32 @@ def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], fixed: list[str
 def encode_response(
     tokenizer, prompt: str | list[dict[str, str]], response: str | list[dict[str, str]], fixed: list[str] | None = None
 ) -> list[int]:
-    """Token ids of a response: no special tokens added, ending in exactly one EOS ("eos" goes to fixed when
-    the text and the template both closed the turn and one EOS was dropped)."""
+    """Token ids of a response: the tokens that follow the prompt's in the encoding of prompt + response (the
+    sequence as the model reads it), ending in exactly one EOS.
+
+    Encoded alone, a response can start with a token the whole text never has (a SentencePiece tokenizer's "▁"
+    before the first word). Where the whole encoding does not begin with the prompt's ids (a merge across the
+    boundary, e.g. a prompt that ends with a space), the response is encoded alone and "apart" goes to fixed;
+    "eos" goes there when the text and the template both closed the turn and one EOS was dropped. Raises
+    Unsplittable when the chat template renders prompt + response not as the prompt's text followed by more.
+    """
     if isinstance(response, list):
-        prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        full_text = tokenizer.apply_chat_template(prompt + response, tokenize=False)
-        if full_text.startswith(prompt_text):
-            text = full_text[len(prompt_text) :]
-        else:  # templates that render the last turn differently (e.g. strip reasoning): use the content
-            text = "".join(m["content"] for m in response)
+        prompt_text, whole = render_prompt(tokenizer, prompt), _render_whole(tokenizer, prompt, response)
+        if not whole.startswith(prompt_text):  # e.g. a template that strips reasoning from answered turns
+            raise Unsplittable(prompt_text, whole)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        whole_ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
+        text = whole[len(prompt_text) :]
     else:
+        prompt_ids, whole_ids = _encode_text(tokenizer, prompt), _encode_text(tokenizer, prompt + response)
         text = response
-    ids = _end_with_one_eos(tokenizer, tokenizer(text, add_special_tokens=False)["input_ids"])
+    if whole_ids[: len(prompt_ids)] == prompt_ids and len(whole_ids) > len(prompt_ids):
+        ids = whole_ids[len(prompt_ids) :]
+    else:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if fixed is not None:
+            fixed.append("apart")
+    ids = _end_with_one_eos(tokenizer, ids)
     if len(ids) > 1 and ids[-2] == ids[-1] == tokenizer.eos_token_id:
         while len(ids) > 1 and ids[-2] == ids[-1]:
             ids = ids[:-1]
@@ -153,6 +205,13 @@ def tokenize_pairs(
             prompt = encode_prompt(tokenizer, pair.prompt, fixed)
             chosen = encode_response(tokenizer, pair.prompt, pair.chosen, fixed)
             rejected = encode_response(tokenizer, pair.prompt, pair.rejected, fixed)
+        except Unsplittable:
+            raise UserError(
+                f"{pair.origin or f'pair {number}'}: the tokenizer's chat template writes the answered "
+                "conversation so that it does not start with the prompt's own text (e.g. it strips reasoning "
+                "from answered turns), so the answer's tokens cannot be found; give plain-text prompts and "
+                "responses, or set tokenizer= to one whose template keeps the prompt."
+            ) from None
         except _template_errors() as e:  # e.g. "Conversation roles must alternate user/assistant/..."
             reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
             reason = reason if len(reason) <= 160 else reason[:157] + "..."
@@ -185,6 +244,12 @@ def tokenize_pairs(
         stats.notes.append(
             f"{fixed.count('bos')} prompts started with two BOS tokens (the text or chat template "
             "writes one and the tokenizer adds one); qdpo kept one"
+        )
+    if fixed.count("apart"):
+        stats.notes.append(
+            f"{fixed.count('apart')} responses were encoded apart from their prompt (the tokenizer merges the "
+            "prompt's last characters with the response's first, e.g. after a trailing space); end prompts "
+            "where a word ends to score them as the model reads them"
         )
     if fixed.count("eos"):
         stats.notes.append(

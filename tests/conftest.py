@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,6 +52,24 @@ def make_tokenizer(path: Path):
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(path)
     return fast
+
+
+def make_sentencepiece_style_tokenizer(path: Path):
+    """A Llama-2-style tokenizer (▁ for spaces, <0xNN> byte fallback, BOS added) trained on the test corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=200, show_progress=False))
+    trained = json.loads(bpe.to_str())["model"]
+    pieces = sorted(trained["vocab"], key=trained["vocab"].get)
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces])}
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return tokenizer
 
 
 def make_model(path: Path, arch: str = "llama", vocab_size: int = 320, seed: int = 0) -> None:

@@ -42,19 +42,38 @@ def render(messages: list[dict]) -> str:
     return "<s>" + "".join(f"<|{m['role']}|>\n{m['content']}</s>\n" for m in messages)
 
 
+def prompt_text(prompt: list[dict]) -> str:
+    """The prompt's template text: the generation prompt, or a last assistant turn (a prefilled answer) left open."""
+    if prompt[-1]["role"] == "assistant":
+        return render(prompt).removesuffix("</s>\n")
+    return render(prompt) + "<|assistant|>\n"
+
+
 def expected_prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, list):
-        return ids(tokenizer, render(prompt) + "<|assistant|>\n")
+        return ids(tokenizer, prompt_text(prompt))
     return ids(tokenizer, "<s>" + re.sub(r"\A(?:<s>)+", "", prompt))  # one BOS, even if the text starts with some
 
 
-def expected_response_ids(tokenizer, response) -> list[int]:
-    if isinstance(response, list):  # what the template adds after the generation prompt, up to the last EOS
-        text = render(response)[len("<s><|assistant|>\n") :].removesuffix("\n")
+def expected_response_ids(tokenizer, prompt, response) -> list[int]:
+    """The ids that follow the prompt's in the encoding of the whole text (prompt + response up to its EOS), or
+    the response's text encoded alone where the whole encoding does not start with the prompt's ids."""
+    if isinstance(response, list):
+        before = prompt_text(prompt)
+        if prompt[-1]["role"] == "assistant":  # the answer continues the prefilled turn
+            joined = {"role": "assistant", "content": prompt[-1]["content"] + response[0]["content"]}
+            whole = render(prompt[:-1] + [joined] + response[1:])
+        else:
+            whole = render(prompt + response)
+        whole = whole.removesuffix("\n")  # the template's text after the last EOS
     else:
+        before = "<s>" + prompt  # the tokenizer's own BOS, as qdpo encodes plain text
         end = re.search(r"</s>\s*\Z", response)  # a text that already ends in EOS (and blanks) gets no second one
-        text = response[: end.start() + 4] if end else response + "</s>"
-    return ids(tokenizer, text)
+        whole = before + (response[: end.start() + 4] if end else response + "</s>")
+    start, every = ids(tokenizer, before), ids(tokenizer, whole)
+    if every[: len(start)] == start and len(every) > len(start):
+        return every[len(start) :]
+    return ids(tokenizer, whole[len(before) :])
 
 
 def blank(text) -> bool:
@@ -65,7 +84,8 @@ def oracle(tokenizer, pair: Pair, max_length: int, max_prompt_length: int):
     """What tokenizing one pair must give: a TokenizedPair, or the name of the drop counter."""
     if blank(pair.chosen) or blank(pair.rejected):
         return "dropped_empty"
-    chosen, rejected = expected_response_ids(tokenizer, pair.chosen), expected_response_ids(tokenizer, pair.rejected)
+    chosen = expected_response_ids(tokenizer, pair.prompt, pair.chosen)
+    rejected = expected_response_ids(tokenizer, pair.prompt, pair.rejected)
     if chosen == rejected:
         return "dropped_identical"
     prompt = expected_prompt_ids(tokenizer, pair.prompt)[-max_prompt_length:]

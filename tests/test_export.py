@@ -119,27 +119,8 @@ def test_gguf_round_trip_for_mistral_and_qwen2(tmp_path, arch):
     assert_same_tokenizer(base, out)
 
 
-def make_sentencepiece_style_tokenizer(path: Path):
-    """A Llama-2-style tokenizer (▁ for spaces, <0xNN> byte fallback, BOS added) trained on the test corpus."""
-    from conftest import CHAT_TEMPLATE, CORPUS
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import LlamaTokenizer
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
-    bpe.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=200, show_progress=False))
-    trained = json.loads(bpe.to_str())["model"]
-    pieces = sorted(trained["vocab"], key=trained["vocab"].get)
-    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces])}
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
 def test_gguf_round_trip_with_a_sentencepiece_style_tokenizer(tmp_path):
-    from conftest import make_model
+    from conftest import make_model, make_sentencepiece_style_tokenizer
     from gguf import GGUFReader, TokenType
 
     base = tmp_path / "base"

@@ -1,6 +1,10 @@
 """Tokenization follows the DPO convention: one BOS, one EOS, prompts cut left, responses cut right."""
 
-from qdpo.data import Pair
+import copy
+
+import pytest
+
+from qdpo.data import Pair, unify
 from qdpo.tokenize import encode_prompt, encode_response, tokenize_pairs
 
 MSG = [{"role": "user", "content": "What is two plus two?"}]
@@ -124,3 +128,90 @@ def test_each_pair_records_what_truncation_cut_and_the_preview_marks_it(tokenize
     assert shown[0]["prompt"].startswith(f"[... {len(full[0]) - 8} tokens cut] ")
     assert shown[0]["chosen"].endswith(f" [... {len(full[1]) - budget} tokens cut]")
     assert "cut" not in shown[0]["rejected"] and shown[0]["rejected"].startswith("I am not sure.")
+
+
+@pytest.fixture(scope="module")
+def sp_tokenizer(tmp_path_factory):
+    """Llama-2/Mistral-style: a SentencePiece-like tokenizer that writes a space ("▁") before the text it encodes."""
+    from conftest import make_sentencepiece_style_tokenizer
+
+    return make_sentencepiece_style_tokenizer(tmp_path_factory.mktemp("sp"))
+
+
+def test_responses_are_the_tokens_that_follow_the_prompt_in_the_whole_encoding(sp_tokenizer):
+    """Encoded alone, a SentencePiece-style response would start with "▁", a token the whole text never has: the
+    ids are those of the whole sequence, chat (the template's text of the whole conversation, less what follows
+    its EOS) and plain text (prompt + response, then EOS)."""
+    tok = sp_tokenizer
+    answer = [{"role": "assistant", "content": "Two plus two is four."}]
+    alone = tok("Two plus two is four.", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(alone[0]).startswith("▁")  # the trap
+    whole = tok(tok.apply_chat_template(MSG + answer, tokenize=False).rstrip("\n"), add_special_tokens=False)
+    response = encode_response(tok, MSG, answer)
+    assert encode_prompt(tok, MSG) + response == whole["input_ids"]
+    assert not tok.convert_ids_to_tokens(response[0]).startswith("▁")
+    for prompt, text in (("Question: what is two plus two?\nAnswer:", " Four."), ("Say it:\n", "Four.")):
+        assert encode_prompt(tok, prompt) + encode_response(tok, prompt, text) == tok(prompt + text)["input_ids"] + [
+            tok.eos_token_id
+        ]
+
+
+def test_a_response_that_merges_with_its_prompt_is_encoded_apart_and_counted(sp_tokenizer):
+    """A prompt that ends with a space: the whole encoding joins that space to the next word, so the prompt's ids
+    are not its start; the response is encoded alone, and the run says how often."""
+    tok = sp_tokenizer
+    pairs = [Pair("Say it: ", "two.", "four."), Pair("Say it:", " two.", " four.")]
+    assert tok.convert_ids_to_tokens(tok("Say it: two.")["input_ids"])[-2:] == ["▁two", "."]  # the space joins "two"
+    kept, stats = tokenize_pairs(tok, pairs, 64, 32)
+    assert stats.kept == 2
+    assert kept[0].chosen_ids == tok("two.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert kept[1].prompt_ids + kept[1].chosen_ids == tok("Say it: two.")["input_ids"] + [tok.eos_token_id]
+    assert stats.notes == [
+        "2 responses were encoded apart from their prompt (the tokenizer merges the prompt's last characters with "
+        "the response's first, e.g. after a trailing space); end prompts where a word ends to score them as the "
+        "model reads them"
+    ]
+
+
+def test_a_prefilled_answer_start_is_continued_not_closed(tokenizer):
+    """A prompt ending with the assistant's first words: the response continues that turn (one assistant turn in
+    the sequence), as the template renders the joined answer."""
+    prompt = MSG + [{"role": "assistant", "content": "Two plus two"}]
+    answer = [{"role": "assistant", "content": " is four."}]
+    ids = encode_prompt(tokenizer, prompt) + encode_response(tokenizer, prompt, answer)
+    joined = MSG + [{"role": "assistant", "content": "Two plus two is four."}]
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(joined, tokenize=False).rstrip("\n")
+    assert tokenizer.decode(encode_prompt(tokenizer, prompt)).endswith("<|assistant|>\nTwo plus two")
+
+
+def test_a_template_that_rewrites_answered_turns_is_refused(tokenizer):
+    """DeepSeek-R1-style: the generation prompt opens <think>, an answered turn keeps only what follows </think>.
+    The whole conversation does not start with the prompt's text, so the answer's tokens are unknown: refused."""
+    from qdpo.errors import UserError
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'].split('</think>')[-1] }}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}"
+    )
+    answer = [{"role": "assistant", "content": "<think>\n2+2 is 4.\n</think>Four."}]
+    pair = Pair(MSG, answer, [{"role": "assistant", "content": "Five."}], "prefs.jsonl row 3")
+    with pytest.raises(UserError, match=r"^prefs.jsonl row 3: the tokenizer's chat template writes the answered"):
+        tokenize_pairs(tokenizer, [pair], 64, 32)
+    prefilled = MSG + [{"role": "assistant", "content": "<think>\nHmm.\n</think>Fo"}]  # a prefill it cuts too
+    with pytest.raises(UserError, match=r"^prefs.jsonl row 4: the tokenizer's chat template writes the answered"):
+        tokenize_pairs(tokenizer, [unify(prefilled, "ur.", "ive.", "prefs.jsonl row 4")], 64, 32)
+
+
+def test_an_eos_the_tokenizer_appends_to_plain_text_does_not_end_the_prompt(tokenizer):
+    """add_eos_token-style tokenizers end every encoding with EOS: the prompt must not, the response once."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", tok.bos_token_id), ("</s>", tok.eos_token_id)]
+    )
+    assert tok("Hi")["input_ids"][-1] == tok.eos_token_id
+    (pair,), _ = tokenize_pairs(tok, [Pair("What is two plus two?", " Four.", " Five.")], 64, 32)
+    assert tok.eos_token_id not in pair.prompt_ids
+    assert pair.prompt_ids + pair.chosen_ids == tok("What is two plus two? Four.")["input_ids"]
