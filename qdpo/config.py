@@ -90,7 +90,10 @@ class Config:
         None, "Held-out preference data (same formats as `data`); if unset, `eval_fraction` of `data` is held out."
     )
     eval_fraction: float = _f(
-        0.05, "Share of `data` held out for evaluation when `eval_data` is unset (0 disables eval).", min=0, lt=1
+        0.05,
+        "Share of `data` held out for evaluation when `eval_data` is unset, by whole prompts (0 disables eval).",
+        min=0,
+        lt=1,
     )
     prompt_column: str = _f("prompt", "Column with the prompt (string or chat messages).")
     chosen_column: str = _f("chosen", "Column with the preferred response.")

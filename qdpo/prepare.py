@@ -5,6 +5,7 @@ Every input error surfaces here, before anything is written or any weight is rea
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -39,13 +40,25 @@ def read_pairs(source: str, config: Config) -> list[Pair]:
 
 
 def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """Hold out `fraction` of the pairs (at least one when fraction > 0), chosen by seed."""
+    """Hold out about `fraction` of the pairs (at least one when fraction > 0), chosen by seed, whole prompts at a
+    time: a held-out prompt is never trained on, so several pairs per prompt do not inflate held-out accuracy.
+
+    With one distinct prompt (or one pair) that is impossible: single pairs are held out instead. With one pair
+    per prompt the split is the one single pairs give.
+    """
     if fraction <= 0 or len(pairs) < 2:
         return pairs, []
-    order = list(range(len(pairs)))
+    groups: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(json.dumps(pair.prompt, ensure_ascii=False, sort_keys=True), []).append(i)
+    order = list(groups.values()) if len(groups) > 1 else [[i] for i in range(len(pairs))]
     random.Random(seed).shuffle(order)
-    n_eval = max(1, round(fraction * len(pairs)))
-    held = set(order[:n_eval])
+    held: set[int] = set()
+    want = max(1, round(fraction * len(pairs)))
+    for group in order[:-1]:  # the last group always stays for training
+        if len(held) >= want:
+            break
+        held.update(group)
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
 
 

@@ -319,3 +319,26 @@ def test_a_bad_row_after_blank_lines_is_named_with_its_line(tmp_path):
     rows, where = load_rows(str(tmp_path / "d.jsonl"))
     with pytest.raises(UserError, match=r"d.jsonl row 2 \(line 4\) has no column 'rejected'"):
         to_pairs(rows, Columns(), where)
+
+
+def test_held_out_pairs_never_share_a_prompt_with_training_pairs():
+    """With several pairs per prompt, eval_fraction holds out whole prompts (else held-out accuracy measures pairs
+    whose prompt was trained on); with one pair per prompt it is the split of single pairs, as before."""
+    import random
+
+    from qdpo.prepare import split_eval
+
+    pairs = [Pair(f"question {q}", f"good {q}.{k}", f"bad {q}.{k}") for q in range(20) for k in range(4)]
+    train, held = split_eval(pairs, 0.25, seed=3)
+    assert len(train) + len(held) == 80 and len(held) == 20
+    assert not {p.prompt for p in train} & {p.prompt for p in held}
+    assert all(sum(p.prompt == h.prompt for p in held) == 4 for h in held)  # each held-out prompt whole
+    assert split_eval(pairs, 0.25, seed=4)[1] != held  # the seed picks the prompts
+
+    single = pairs[::4]  # one pair per prompt: the positions a seeded shuffle of the pairs puts first
+    order = list(range(len(single)))
+    random.Random(3).shuffle(order)
+    assert split_eval(single, 0.25, seed=3)[1] == [single[i] for i in sorted(order[:5])]
+    one_prompt = [Pair("q", f"good {k}", f"bad {k}") for k in range(8)]  # nothing to split by: single pairs
+    train, held = split_eval(one_prompt, 0.25, seed=3)
+    assert len(held) == 2 and len(train) == 6
