@@ -537,6 +537,11 @@ def run(
         leave()
 
 
+def generation_prompts(pairs: list[TokenizedPair], limit: int) -> list[list[int]]:
+    """The first `limit` distinct prompts of the held-out pairs (several pairs, or KTO's examples, share one)."""
+    return [list(ids) for ids in dict.fromkeys(tuple(p.prompt_ids) for p in pairs)][:limit]
+
+
 def _run(
     config: Config,
     preset: str,
@@ -795,7 +800,7 @@ def train_loop(
         # Rank 0 writes them; with FSDP every rank generates too, as each forward needs them all.
         if config.eval_generate and (world.main or sharded(t.model)):
             clock.enter("generate")
-            prompts = [p.prompt_ids for p in data.eval[: config.eval_generate]]
+            prompts = generation_prompts(data.eval, config.eval_generate)
             log = out / GENERATIONS if world.main else None
             budget = training_tokens(config.to_dict())
             eval_generations(t.model, data.tokenizer, prompts, config.max_new_tokens, log, step, False, budget)

@@ -325,3 +325,13 @@ def test_cli_chat_prompts_without_a_chat_template_are_one_line(run_dir, tmp_path
 def test_cli_help():
     result = CliRunner().invoke(main, ["generate", "--help"])
     assert result.exit_code == 0 and "side by side" in result.output and "--adapter" in result.output
+
+
+def test_eval_generate_answers_distinct_prompts():
+    """KTO's examples (and pairs sharing a prompt) sit side by side: eval_generate takes each prompt once."""
+    from qdpo.tokenize import TokenizedPair
+    from qdpo.train import generation_prompts
+
+    pairs = [TokenizedPair(p, [9], [8]) for p in ([1, 2], [1, 2], [3], [1, 2], [4, 5], [3], [6])]
+    assert generation_prompts(pairs, 3) == [[1, 2], [3], [4, 5]]
+    assert generation_prompts(pairs, 10) == [[1, 2], [3], [4, 5], [6]]
