@@ -226,17 +226,16 @@ def tokenize_pairs(
             stats.dropped_identical += 1
             continue
         full = len(prompt), len(chosen), len(rejected)
-        if len(prompt) > max_prompt_length:
-            prompt = prompt[-max_prompt_length:]  # keep the end: it holds the question and the turn marker
-            stats.prompts_truncated += 1
+        prompt = prompt[-max_prompt_length:]  # keep the end: it holds the question and the turn marker
         budget = max_length - len(prompt)
-        if len(chosen) > budget or len(rejected) > budget:
-            chosen, rejected = chosen[:budget], rejected[:budget]
-            stats.responses_truncated += 1
-            if chosen == rejected and not kto:  # the difference lay past max_length: nothing left to prefer
-                stats.dropped_too_long += 1
-                continue
+        chosen, rejected = chosen[:budget], rejected[:budget]
+        if chosen == rejected and not kto:  # the difference lay past max_length: nothing left to prefer
+            stats.dropped_too_long += 1
+            continue
         cut = (full[0] - len(prompt), full[1] - len(chosen), full[2] - len(rejected))
+        # Counted on kept pairs, per response; KTO's rejected is another example's answer (its KL sample).
+        stats.prompts_truncated += cut[0] > 0
+        stats.responses_truncated += (cut[1] > 0) + (cut[2] > 0 and not kto)
         out.append(TokenizedPair(prompt, chosen, rejected, pair.origin, cut, pair.desirable))
     stats.kept = len(out)
     # A second BOS or EOS would be scored as text (DPO users' most reported tokenization bug): say it happened.

@@ -56,6 +56,13 @@ def test_truncation_and_drop_counts(tokenizer):
     kept, stats = tokenize_pairs(tokenizer, pairs, max_length=24, max_prompt_length=8)
     assert (stats.dropped_empty, stats.dropped_identical, stats.dropped_too_long) == (1, 1, 1)
     assert stats.prompts_truncated == 1 and stats.responses_truncated == 2 and stats.kept == 2
+    # counted per response, on kept pairs only: one cut answer is 1; a dropped pair's cuts are not counted
+    _, stats = tokenize_pairs(tokenizer, [pairs[0], Pair("Hi", "I am fine. " * 10, "No.")], 24, 8)
+    assert stats.responses_truncated == 1 and stats.prompts_truncated == 1
+    _, stats = tokenize_pairs(
+        tokenizer, [Pair("Hello there, how are you today? " * 10, pairs[4].chosen, pairs[4].rejected)], 24, 8
+    )
+    assert stats.dropped_too_long == 1 and (stats.prompts_truncated, stats.responses_truncated) == (0, 0)
     first, second = kept
     full_prompt = encode_prompt(tokenizer, long_prompt)
     assert first.prompt_ids == full_prompt[-8:]  # the end of the prompt is kept
