@@ -70,11 +70,11 @@ def main(model: str, data_path: str, out: str, accumulation: int) -> None:
         return make_batch(pairs, *args)
 
     train.make_batch = recording
-    grads: dict[str, torch.Tensor] = {}
+    step_grads: list[dict[str, torch.Tensor]] = []
     step = t.optimizer.step
 
-    def spying(*args, **kwargs):  # the gradients the update uses: after DDP's reduction and clipping
-        grads.update({names[id(p)]: whole(p.grad) for p in t.params})
+    def spying(*args, **kwargs):  # the gradients each update uses: after DDP's reduction and clipping
+        step_grads.append({names[id(p)]: whole(p.grad) for p in t.params})
         return step(*args, **kwargs)
 
     t.optimizer.step = spying
@@ -90,7 +90,8 @@ def main(model: str, data_path: str, out: str, accumulation: int) -> None:
             {
                 "rows": rows,
                 "eval": evaluated,
-                "grads": grads,
+                "grads": step_grads[-1],
+                "step_grads": step_grads,
                 "adapter": adapter,
                 "train_ref": t.train_ref,
                 "eval_ref": t.eval_ref,

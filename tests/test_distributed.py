@@ -95,8 +95,18 @@ def test_two_ranks_give_the_loss_gradients_and_update_of_one_process(one_step_ea
     for name, grad in one["grads"].items():
         assert grad.abs().sum() > 0, name
         torch.testing.assert_close(two["grads"][name], grad, rtol=1e-5, atol=1e-7)
+    lr = 1e-2  # ddp_worker's learning_rate
     for name, weight in one["adapter"].items():
-        torch.testing.assert_close(two["adapter"][name], weight, rtol=1e-5, atol=1e-7)
+        # Where a step's gradient is near Adam's eps (1e-8), its update lr * g / (|g| + eps) turns float noise in g
+        # (another summation order: 2e-10 on 4e-8, seen with FSDP on AVX512) into differences of 1e-5: those
+        # elements only have to move alike to within 1% of lr. (A gradient of exactly 0, lora_A's at the first
+        # step while lora_B is 0, moves nothing on either side.)
+        steps = torch.stack([g[name].abs() for g in one["step_grads"]])
+        tiny = ((steps > 0) & (steps < 1e-6)).any(0)
+        assert tiny.float().mean() < 0.05, name  # a few elements, not a weaker check of the whole adapter
+        got = two["adapter"][name]
+        torch.testing.assert_close(got[~tiny], weight[~tiny], rtol=1e-5, atol=1e-7)
+        assert torch.all((got[tiny] - weight[tiny]).abs() <= 1e-2 * lr), name
     assert two["eval"] == pytest.approx(one["eval"], rel=1e-5, abs=1e-6)
 
 
