@@ -240,6 +240,7 @@ def _read_hub(name: str, split: str) -> list[dict[str, Any]]:
 _MISSING = object()
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}  # ShareGPT "from" -> chat role
 PROMPT_TURNS_COLUMN = "conversations"  # ShareGPT preference rows (LLaMA-Factory): the prompt turns
+SYSTEM_COLUMN = "system"  # beside them, LLaMA-Factory's optional system prompt
 
 
 def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> list[Pair]:
@@ -290,6 +291,7 @@ def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> li
                     f"{columns.chosen!r}/{columns.rejected!r} it must hold only the prompt turns; "
                     "drop the answer from it or name the prompt column with --prompt-column."
                 )
+            prompt = _with_system(prompt, row.get(SYSTEM_COLUMN), at)
         else:
             prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, columns.assistant_marker, at)
         pair = unify(prompt, chosen, rejected, at)
@@ -440,6 +442,23 @@ def _check_message(message: Any, i: int, at: str, column: str) -> dict[str, str]
             raise UserError(f"{expected}, but the {what} of message {i} is {_kind(value)}, not a string.")
         _check_chars(value, f"{at} column {column!r}: the {what} of message {i}")
     return {"role": role, "content": content}
+
+
+def _with_system(prompt: Text, system: Any, at: str) -> Text:
+    """ShareGPT prompt turns with the row's `system` column (LLaMA-Factory's layout) as their first message."""
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return prompt
+    if not isinstance(system, str):
+        raise UserError(f"{at} column {SYSTEM_COLUMN!r} is {_kind(system)}; write the system prompt as a string.")
+    if not isinstance(prompt, list):
+        prompt = [{"role": "user", "content": prompt}]
+    if prompt[0]["role"] == "system":  # LLaMA-Factory reads the turns' own system message first
+        if prompt[0]["content"] == system:
+            return prompt
+        raise UserError(
+            f"{at} has a {SYSTEM_COLUMN!r} column and another system message in {PROMPT_TURNS_COLUMN!r}; keep one."
+        )
+    return [{"role": "system", "content": _check_chars(system, f"{at} column {SYSTEM_COLUMN!r}")}, *prompt]
 
 
 def _check_response(response: Text, at: str, column: str, prompt_column: str) -> None:

@@ -193,6 +193,19 @@ def test_sharegpt_preference_rows_read_as_chat(tmp_path, tokenizer):
     )
 
 
+def test_a_system_column_beside_sharegpt_turns_is_their_system_message():
+    """LLaMA-Factory keeps the system prompt in its own column: it becomes the first message, not dropped."""
+    turns = SHAREGPT_ROW["conversations"][1:]
+    (pair,) = to_pairs([{**SHAREGPT_ROW, "conversations": turns, "system": "Be brief."}], Columns(), "x")
+    assert pair == CHAT_PAIR
+    for system in (None, "", "Be brief."):  # none, blank, or the turns' own system message again: as it was
+        assert to_pairs([{**SHAREGPT_ROW, "system": system}], Columns(), "x") == [CHAT_PAIR]
+    with pytest.raises(UserError, match=r"^x row 1 has a 'system' column and another system message"):
+        to_pairs([{**SHAREGPT_ROW, "system": "Be long."}], Columns(), "x")
+    with pytest.raises(UserError, match=r"^x row 1 column 'system' is a list; write the system prompt as a string"):
+        to_pairs([{**SHAREGPT_ROW, "conversations": turns, "system": ["Be brief."]}], Columns(), "x")
+
+
 @pytest.mark.parametrize(
     "row",
     [
