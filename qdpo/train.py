@@ -936,6 +936,7 @@ def train_loop(
     accuracy = eval_accuracy(last_eval, len(data.eval)) if last_eval else None
     summary = {
         "steps": t.steps,
+        "resumed_at": first_step - 1,  # 0 for a run that started here; "seconds" counts from this process's start
         "seconds": round(time.time() - started, 1),
         "train_pairs": len(data.train),
         "eval_pairs": len(data.eval),
@@ -984,8 +985,10 @@ def format_summary(summary: dict[str, Any], out: Path) -> str:
     """The closing lines printed after a run."""
     margin = summary["eval_rewards/margins"]
     margins = f"; held-out margin {margin:.3f}" if margin is not None else ""
+    resumed = summary.get("resumed_at") or 0
+    ran = f" ({summary['steps'] - resumed} after resuming at step {resumed})" if resumed else ""
     return (
-        f"done: {summary['steps']} steps in {summary['seconds']:.0f}s{margins}; "
+        f"done: {summary['steps']} steps{ran} in {summary['seconds']:.0f}s{margins}; "
         f"peak memory {summary['peak_memory_gb']:.2f} GB ({summary['peak_memory_kind']})\n"
         f"{summary['verdict']}\n"
         f"adapter: {out / 'adapter'}  (loads with peft.PeftModel.from_pretrained); report: {out / 'report.html'}"

@@ -174,6 +174,8 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, tiny_model_dir, dat
     assert (out / info["adapter_dir"] / "adapter_model.safetensors").is_file()  # a loadable adapter is left
     finished = resume(out, tmp_path / "cache", "save_steps=0")
     assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert f"done: 4 steps ({4 - stopped_at} after resuming at step {stopped_at}) in " in finished.stdout
+    assert json.loads((out / "summary.json").read_text())["resumed_at"] == stopped_at
     assert_same_run(out, uninterrupted)
 
 
