@@ -839,6 +839,8 @@ def train_loop(
     last_eval: dict[str, float] = {}
     nonfinite: list[dict[str, Any]] = []
     watch = Watch(config.chosen_nll_weight, paired=not config.unpaired)
+    if first_step > 1:  # a resume: the trend of chosen log-probs starts at the run's first step, not here
+        watch.recall([r for r in RunResult(out, {}).metrics if 0 < r["step"] < first_step])
     # Enough to see whether the adapter moved (with FSDP: this rank's shards).
     start = [local(p).detach().flatten()[:64].clone() for p in t.params]
 

@@ -36,6 +36,13 @@ class Watch:
         self.updated = False  # an optimizer update has been applied since the start
         self.warned = False
 
+    def recall(self, rows: list[dict[str, Any]]) -> None:
+        """Take in the logged rows of the steps before a resume, so the trend spans the whole run (no warning now)."""
+        for row in (r for r in rows if "loss" in r):  # training rows: eval rows carry eval_loss
+            self.updated = self.updated or not row.get("skipped")
+            if row["loss"] == row["loss"]:
+                self.rows.append(row)
+
     def see(self, row: dict[str, Any], adapter_moved: Callable[[], bool]) -> list[str]:
         """Check one step's row; adapter_moved() says whether the trainable LoRA weights differ from their start."""
         zero = row.get("rewards/chosen") == 0 and row.get("rewards/rejected") == 0
