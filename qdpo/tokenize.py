@@ -5,8 +5,8 @@ prompt ids   = the tokenizer's encoding of the prompt (chat template with the ge
                conversational rows, or the prefilled answer start left open; the template already holds BOS,
                so no special tokens are added);
 response ids = the ids that follow the prompt's in the encoding of prompt + response, then EOS (unless the chat
-               template already ended the turn with EOS: never two). The response is encoded alone only where
-               the two encodings disagree at the boundary, and the run says how often.
+               template already ended the turn with EOS: never two). Where the tokenizer joins the prompt's end
+               with a response's start, the prompt keeps the ids both share; the run says how often.
 """
 
 from __future__ import annotations
@@ -99,69 +99,114 @@ def _render_whole(tokenizer, prompt: list[dict[str, str]], response: list[dict[s
     return tokenizer.apply_chat_template(prompt + response, tokenize=False)
 
 
+def _appends_eos(tokenizer) -> bool:
+    """Whether the tokenizer ends every plain encoding with EOS (add_eos_token), beyond the text's own tokens."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    return (
+        len(with_special) > len(plain)
+        and with_special[-1] == tokenizer.eos_token_id
+        and plain[-1:] != [tokenizer.eos_token_id]
+    )
+
+
 def _encode_text(tokenizer, text: str) -> list[int]:
     """Plain text with the tokenizer's own special tokens, less an EOS it appends (add_eos_token): a prompt must
     not end its sequence, and a response gets its one EOS later."""
     ids = tokenizer(text)["input_ids"]
-    eos = tokenizer.eos_token_id
-    if eos is not None and ids and ids[-1] == eos and not text.endswith(tokenizer.eos_token or "\0"):
+    if ids and _appends_eos(tokenizer):
         ids = ids[:-1]
     return ids
 
 
-def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], fixed: list[str] | None = None) -> list[int]:
-    """Token ids of a prompt: chat template + generation prompt for messages, plain encoding otherwise.
-
-    A doubled BOS (the text or template writes one, the tokenizer adds another) is cut to one, and "bos"
-    is appended to fixed so the run can say how often that happened.
-    """
-    if isinstance(prompt, list):
-        ids = tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    else:
-        ids = _encode_text(tokenizer, prompt)
+def _dedupe_bos(tokenizer, ids: list[int], fixed: list[str] | None) -> list[int]:
+    """A doubled BOS (the text or template writes one, the tokenizer adds another) cut to one; "bos" to fixed."""
     bos = tokenizer.bos_token_id
-    doubled = bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos
-    while bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]  # a prompt text that already starts with BOS, plus the tokenizer's own
-    if doubled and fixed is not None:
+    if bos is None or len(ids) < 2 or ids[0] != bos or ids[1] != bos:
+        return ids
+    while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+        ids = ids[1:]
+    if fixed is not None:
         fixed.append("bos")
     return ids
 
 
-def encode_response(
-    tokenizer, prompt: str | list[dict[str, str]], response: str | list[dict[str, str]], fixed: list[str] | None = None
-) -> list[int]:
-    """Token ids of a response: the tokens that follow the prompt's in the encoding of prompt + response (the
-    sequence as the model reads it), ending in exactly one EOS.
+def _raw_prompt_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+    if isinstance(prompt, list):
+        return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    return _encode_text(tokenizer, prompt)
+
+
+def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], fixed: list[str] | None = None) -> list[int]:
+    """Token ids of a prompt alone (to generate from): chat template + generation prompt for messages, plain
+    encoding otherwise, a doubled BOS cut to one ("bos" goes to fixed)."""
+    return _dedupe_bos(tokenizer, _raw_prompt_ids(tokenizer, prompt), fixed)
+
+
+def _repeats_the_prompt_end(prompt_text: str, content: str) -> bool:
+    """Whether the answer starts with the end of the prompt's text (R1-style data writing "<think>" again)."""
+    tail = prompt_text[-64:]
+    return any(len(tail[k:].strip()) >= 3 and content.startswith(tail[k:]) for k in range(len(tail)))
+
+
+def _whole_ids(tokenizer, prompt, response, fixed: list[str]) -> list[int]:
+    """The ids of prompt + response as the model reads them, before the response's EOS is settled."""
+    if not isinstance(response, list):
+        return _encode_text(tokenizer, prompt + response)
+    prompt_text, whole = render_prompt(tokenizer, prompt), _render_whole(tokenizer, prompt, response)
+    if not whole.startswith(prompt_text):
+        # The template writes an answered turn unlike the turn it prompts for (Mistral v0.3 drops the system prompt
+        # once the last message is not the user's; R1-style templates strip reasoning). One answer message is
+        # scored as the model would write it after the prompt: its content, then EOS. Several, or an answer that
+        # repeats the prompt's end, have no such reading.
+        content = response[0]["content"]
+        if len(response) > 1 or _repeats_the_prompt_end(prompt_text, content):
+            raise Unsplittable(prompt_text, whole)
+        whole = prompt_text + content
+        fixed.append("generated")
+    return tokenizer(whole, add_special_tokens=False)["input_ids"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def encode_pair(
+    tokenizer,
+    prompt: str | list[dict[str, str]],
+    chosen: str | list[dict[str, str]],
+    rejected: str | list[dict[str, str]],
+    fixed: list[str] | None = None,
+) -> tuple[list[int], list[int], list[int]]:
+    """Prompt, chosen and rejected ids: each response is the tokens that follow the prompt's in the encoding of
+    prompt + response (the sequence as the model reads it), ending in exactly one EOS.
 
     Encoded alone, a response can start with a token the whole text never has (a SentencePiece tokenizer's "▁"
-    before the first word). Where the whole encoding does not begin with the prompt's ids (a merge across the
-    boundary, e.g. a prompt that ends with a space), the response is encoded alone and "apart" goes to fixed;
-    "eos" goes there when the text and the template both closed the turn and one EOS was dropped. Raises
-    Unsplittable when the chat template renders prompt + response not as the prompt's text followed by more.
+    before the first word). Where the tokenizer joins the prompt's last characters with a response's first (a
+    prompt ending with a space), the prompt keeps the ids both sequences share and the rest belongs to the
+    responses ("boundary" goes to fixed). Raises Unsplittable when a chat template gives the answer no place after
+    the prompt's text.
     """
-    if isinstance(response, list):
-        prompt_text, whole = render_prompt(tokenizer, prompt), _render_whole(tokenizer, prompt, response)
-        if not whole.startswith(prompt_text):  # e.g. a template that strips reasoning from answered turns
-            raise Unsplittable(prompt_text, whole)
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        whole_ids = tokenizer(whole, add_special_tokens=False)["input_ids"]
-        text = whole[len(prompt_text) :]
-    else:
-        prompt_ids, whole_ids = _encode_text(tokenizer, prompt), _encode_text(tokenizer, prompt + response)
-        text = response
-    if whole_ids[: len(prompt_ids)] == prompt_ids and len(whole_ids) > len(prompt_ids):
-        ids = whole_ids[len(prompt_ids) :]
-    else:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if fixed is not None:
-            fixed.append("apart")
+    fixed = [] if fixed is None else fixed
+    prompt_ids = _raw_prompt_ids(tokenizer, prompt)
+    wholes = [_whole_ids(tokenizer, prompt, response, fixed) for response in (chosen, rejected)]
+    shared = min(_common_prefix(prompt_ids, whole) for whole in wholes)
+    if shared < len(prompt_ids):
+        fixed.append("boundary")
+    chosen_ids, rejected_ids = (_finish_response(tokenizer, whole[shared:], fixed) for whole in wholes)
+    return _dedupe_bos(tokenizer, prompt_ids[:shared], fixed), chosen_ids, rejected_ids
+
+
+def _finish_response(tokenizer, ids: list[int], fixed: list[str]) -> list[int]:
+    """End a response at one EOS ("eos" to fixed when the text and the template both closed the turn)."""
     ids = _end_with_one_eos(tokenizer, ids)
     if len(ids) > 1 and ids[-2] == ids[-1] == tokenizer.eos_token_id:
         while len(ids) > 1 and ids[-2] == ids[-1]:
             ids = ids[:-1]
-        if fixed is not None:
-            fixed.append("eos")
+        fixed.append("eos")
     return ids
 
 
@@ -201,16 +246,15 @@ def tokenize_pairs(
         if pair.chosen == pair.rejected and not kto:
             stats.dropped_identical += 1
             continue
+        fixes: list[str] = []  # what was fixed in this pair: counted only if the pair is kept
         try:
-            prompt = encode_prompt(tokenizer, pair.prompt, fixed)
-            chosen = encode_response(tokenizer, pair.prompt, pair.chosen, fixed)
-            rejected = encode_response(tokenizer, pair.prompt, pair.rejected, fixed)
+            prompt, chosen, rejected = encode_pair(tokenizer, pair.prompt, pair.chosen, pair.rejected, fixes)
         except Unsplittable:
             raise UserError(
-                f"{pair.origin or f'pair {number}'}: the tokenizer's chat template writes the answered "
-                "conversation so that it does not start with the prompt's own text (e.g. it strips reasoning "
-                "from answered turns), so the answer's tokens cannot be found; give plain-text prompts and "
-                "responses, or set tokenizer= to one whose template keeps the prompt."
+                f"{pair.origin or f'pair {number}'}: the tokenizer's chat template writes the conversation with "
+                "its answer so that it does not start with the prompt's own text, and this answer cannot simply "
+                "follow the prompt (it has several messages, or it repeats the prompt's end, e.g. <think>); give "
+                "plain-text prompts and responses, or set tokenizer= to one whose template keeps the prompt."
             ) from None
         except _template_errors() as e:  # e.g. "Conversation roles must alternate user/assistant/..."
             reason = " ".join(str(e).split()).rstrip(".") or type(e).__name__
@@ -233,6 +277,7 @@ def tokenize_pairs(
             stats.dropped_too_long += 1
             continue
         cut = (full[0] - len(prompt), full[1] - len(chosen), full[2] - len(rejected))
+        fixed += fixes
         # Counted on kept pairs, per response; KTO's rejected is another example's answer (its KL sample).
         stats.prompts_truncated += cut[0] > 0
         stats.responses_truncated += (cut[1] > 0) + (cut[2] > 0 and not kto)
@@ -244,11 +289,16 @@ def tokenize_pairs(
             f"{fixed.count('bos')} prompts started with two BOS tokens (the text or chat template "
             "writes one and the tokenizer adds one); qdpo kept one"
         )
-    if fixed.count("apart"):
+    if fixed.count("boundary"):
         stats.notes.append(
-            f"{fixed.count('apart')} responses were encoded apart from their prompt (the tokenizer merges the "
-            "prompt's last characters with the response's first, e.g. after a trailing space); end prompts "
-            "where a word ends to score them as the model reads them"
+            f"{fixed.count('boundary')} prompts end in characters the tokenizer joins with the response's first "
+            "(e.g. a trailing space); their last tokens are scored as the start of the responses"
+        )
+    if fixed.count("generated"):
+        stats.notes.append(
+            f"{fixed.count('generated')} responses are scored as their text after the prompt, then EOS: the chat "
+            "template writes an answered conversation differently from the prompt it generates from (e.g. it "
+            "moves the system prompt)"
         )
     if fixed.count("eos"):
         stats.notes.append(

@@ -49,15 +49,8 @@ def prompt_text(prompt: list[dict]) -> str:
     return render(prompt) + "<|assistant|>\n"
 
 
-def expected_prompt_ids(tokenizer, prompt) -> list[int]:
-    if isinstance(prompt, list):
-        return ids(tokenizer, prompt_text(prompt))
-    return ids(tokenizer, "<s>" + re.sub(r"\A(?:<s>)+", "", prompt))  # one BOS, even if the text starts with some
-
-
-def expected_response_ids(tokenizer, prompt, response) -> list[int]:
-    """The ids that follow the prompt's in the encoding of the whole text (prompt + response up to its EOS), or
-    the response's text encoded alone where the whole encoding does not start with the prompt's ids."""
+def prompt_and_whole(prompt, response) -> tuple[str, str]:
+    """The prompt's text and the whole sequence's text (prompt + response, ending in one EOS)."""
     if isinstance(response, list):
         before = prompt_text(prompt)
         if prompt[-1]["role"] == "assistant":  # the answer continues the prefilled turn
@@ -65,15 +58,24 @@ def expected_response_ids(tokenizer, prompt, response) -> list[int]:
             whole = render(prompt[:-1] + [joined] + response[1:])
         else:
             whole = render(prompt + response)
-        whole = whole.removesuffix("\n")  # the template's text after the last EOS
-    else:
-        before = "<s>" + prompt  # the tokenizer's own BOS, as qdpo encodes plain text
-        end = re.search(r"</s>\s*\Z", response)  # a text that already ends in EOS (and blanks) gets no second one
-        whole = before + (response[: end.start() + 4] if end else response + "</s>")
-    start, every = ids(tokenizer, before), ids(tokenizer, whole)
-    if every[: len(start)] == start and len(every) > len(start):
-        return every[len(start) :]
-    return ids(tokenizer, whole[len(before) :])
+        return before, re.sub(r"(</s>)+\n\Z", "</s>", whole)  # the template's text after the last EOS goes; one EOS
+    before = "<s>" + re.sub(r"\A(?:<s>)+", "", prompt)  # the tokenizer's own BOS, once even if the text has some
+    end = re.search(r"</s>\s*\Z", response)  # a text that already ends in EOS (and blanks) gets no second one
+    return before, before + (response[: end.start() + 4] if end else response + "</s>")
+
+
+def shared_length(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def expected_ids(tokenizer, pair: Pair) -> tuple[list[int], list[int], list[int]]:
+    """Each sequence is the encoding of its whole text; the prompt is what the prompt's own encoding shares with
+    both (all of it, unless the tokenizer joins its last characters with a response's first)."""
+    texts = [prompt_and_whole(pair.prompt, r) for r in (pair.chosen, pair.rejected)]
+    start = ids(tokenizer, texts[0][0])
+    wholes = [ids(tokenizer, whole) for _, whole in texts]
+    shared = min(shared_length(start, whole) for whole in wholes)
+    return start[:shared], wholes[0][shared:], wholes[1][shared:]
 
 
 def blank(text) -> bool:
@@ -84,11 +86,10 @@ def oracle(tokenizer, pair: Pair, max_length: int, max_prompt_length: int):
     """What tokenizing one pair must give: a TokenizedPair, or the name of the drop counter."""
     if blank(pair.chosen) or blank(pair.rejected):
         return "dropped_empty"
-    chosen = expected_response_ids(tokenizer, pair.prompt, pair.chosen)
-    rejected = expected_response_ids(tokenizer, pair.prompt, pair.rejected)
+    prompt, chosen, rejected = expected_ids(tokenizer, pair)
     if chosen == rejected:
         return "dropped_identical"
-    prompt = expected_prompt_ids(tokenizer, pair.prompt)[-max_prompt_length:]
+    prompt = prompt[-max_prompt_length:]
     budget = max_length - len(prompt)
     if chosen[:budget] == rejected[:budget]:
         return "dropped_too_long"
@@ -216,6 +217,7 @@ def through_the_data_path(tokenizer, rows: list, lengths: tuple[int, int]) -> st
     lengths=(32, 16),
 )  # same ids, other role
 @example(row=GOOD_ROW, lengths=(32, 16))  # a duplicated pair: kept twice, as TRL does
+@example(row={"prompt": "Say it: ", "chosen": "Paris.", "rejected": "two"}, lengths=(32, 16))  # a joined boundary
 @example(row={"prompt": "Q", "chosen": "Same.", "rejected": "Same."}, lengths=(32, 16))  # chosen == rejected
 @example(
     row={"prompt": "Hello there, how are you today? " * 20, "chosen": "Yes.", "rejected": "No."}, lengths=(8, 4)

@@ -5,9 +5,14 @@ import copy
 import pytest
 
 from qdpo.data import Pair, unify
-from qdpo.tokenize import encode_prompt, encode_response, tokenize_pairs
+from qdpo.tokenize import encode_pair, encode_prompt, tokenize_pairs
 
 MSG = [{"role": "user", "content": "What is two plus two?"}]
+
+
+def encode_response(tokenizer, prompt, response) -> list[int]:
+    """One response's ids, as tokenize_pairs gives them (with the same text as the rival)."""
+    return encode_pair(tokenizer, prompt, response, response)[1]
 
 
 def test_chat_prompt_has_one_bos_and_the_generation_prompt(tokenizer):
@@ -163,21 +168,53 @@ def test_responses_are_the_tokens_that_follow_the_prompt_in_the_whole_encoding(s
         ]
 
 
-def test_a_response_that_merges_with_its_prompt_is_encoded_apart_and_counted(sp_tokenizer):
-    """A prompt that ends with a space: the whole encoding joins that space to the next word, so the prompt's ids
-    are not its start; the response is encoded alone, and the run says how often."""
+def test_a_prompt_that_merges_with_its_responses_keeps_the_shared_ids(sp_tokenizer):
+    """A prompt that ends with a space: the whole encoding joins that space to the next word, so the prompt's own
+    ids are not its start. The prompt keeps the ids both sequences share, and the joined token starts the
+    responses: each sequence is still the tokenizer's encoding of prompt + response, and the run says how often."""
     tok = sp_tokenizer
     pairs = [Pair("Say it: ", "two.", "four."), Pair("Say it:", " two.", " four.")]
     assert tok.convert_ids_to_tokens(tok("Say it: two.")["input_ids"])[-2:] == ["▁two", "."]  # the space joins "two"
     kept, stats = tokenize_pairs(tok, pairs, 64, 32)
     assert stats.kept == 2
-    assert kept[0].chosen_ids == tok("two.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert kept[1].prompt_ids + kept[1].chosen_ids == tok("Say it: two.")["input_ids"] + [tok.eos_token_id]
+    for pair in kept:
+        assert pair.prompt_ids == tok("Say it:")["input_ids"]
+        assert pair.prompt_ids + pair.chosen_ids == tok("Say it: two.")["input_ids"] + [tok.eos_token_id]
+        assert pair.prompt_ids + pair.rejected_ids == tok("Say it: four.")["input_ids"] + [tok.eos_token_id]
     assert stats.notes == [
-        "2 responses were encoded apart from their prompt (the tokenizer merges the prompt's last characters with "
-        "the response's first, e.g. after a trailing space); end prompts where a word ends to score them as the "
-        "model reads them"
+        "1 prompts end in characters the tokenizer joins with the response's first (e.g. a trailing space); "
+        "their last tokens are scored as the start of the responses"
     ]
+
+
+MISTRAL_V3_TEMPLATE = (  # Mistral-7B-Instruct-v0.3's shape: the system prompt joins the last message, if a user's
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
+    "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message + '\\n\\n' + message['content'] "
+    "+ '[/INST]' }}{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_a_template_that_moves_the_system_prompt_scores_the_answer_after_the_prompt(tokenizer):
+    """Mistral v0.3 writes the system prompt only into a conversation that ends with the user: with the answer, it
+    is gone, so the whole conversation does not start with the prompt. The answer is scored as the model writes it
+    after that prompt (its text, then EOS), and the run says how often."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = MISTRAL_V3_TEMPLATE
+    prompt = [{"role": "system", "content": "Be brief."}, *MSG]
+    text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    assert text == "<s>[INST] Be brief.\n\nWhat is two plus two?[/INST]"
+    pair = unify(prompt, "Four.", "Five.", "prefs.jsonl row 1")
+    (kept,), stats = tokenize_pairs(tok, [pair], 64, 32)
+    assert kept.prompt_ids + kept.chosen_ids == tok(text + "Four.", add_special_tokens=False)["input_ids"] + [
+        tok.eos_token_id
+    ]
+    assert stats.notes[0].startswith("2 responses are scored as their text after the prompt, then EOS")
+    (plain,), stats = tokenize_pairs(tok, [unify(MSG, "Four.", "Five.")], 64, 32)  # no system prompt: no change
+    assert tok.decode(plain.prompt_ids + plain.chosen_ids) == "<s>[INST] What is two plus two?[/INST]Four.</s>"
+    assert stats.notes == []
 
 
 def test_a_prefilled_answer_start_is_continued_not_closed(tokenizer):
@@ -193,7 +230,8 @@ def test_a_prefilled_answer_start_is_continued_not_closed(tokenizer):
 
 def test_a_template_that_rewrites_answered_turns_is_refused(tokenizer):
     """DeepSeek-R1-style: the generation prompt opens <think>, an answered turn keeps only what follows </think>.
-    The whole conversation does not start with the prompt's text, so the answer's tokens are unknown: refused."""
+    An answer that writes <think> again has no reading after the prompt (it would be there twice): refused, as is
+    a prefilled start the template cuts."""
     from qdpo.errors import UserError
 
     tokenizer = copy.deepcopy(tokenizer)
@@ -203,10 +241,14 @@ def test_a_template_that_rewrites_answered_turns_is_refused(tokenizer):
     )
     answer = [{"role": "assistant", "content": "<think>\n2+2 is 4.\n</think>Four."}]
     pair = Pair(MSG, answer, [{"role": "assistant", "content": "Five."}], "prefs.jsonl row 3")
-    with pytest.raises(UserError, match=r"^prefs.jsonl row 3: the tokenizer's chat template writes the answered"):
+    with pytest.raises(
+        UserError, match=r"^prefs.jsonl row 3: the tokenizer's chat template writes the conversation with its answer"
+    ):
         tokenize_pairs(tokenizer, [pair], 64, 32)
     prefilled = MSG + [{"role": "assistant", "content": "<think>\nHmm.\n</think>Fo"}]  # a prefill it cuts too
-    with pytest.raises(UserError, match=r"^prefs.jsonl row 4: the tokenizer's chat template writes the answered"):
+    with pytest.raises(
+        UserError, match=r"^prefs.jsonl row 4: the tokenizer's chat template writes the conversation with its answer"
+    ):
         tokenize_pairs(tokenizer, [unify(prefilled, "ur.", "ive.", "prefs.jsonl row 4")], 64, 32)
 
 
