@@ -264,3 +264,18 @@ def test_an_eos_the_tokenizer_appends_to_plain_text_does_not_end_the_prompt(toke
     (pair,), _ = tokenize_pairs(tok, [Pair("What is two plus two?", " Four.", " Five.")], 64, 32)
     assert tok.eos_token_id not in pair.prompt_ids
     assert pair.prompt_ids + pair.chosen_ids == tok("What is two plus two? Four.")["input_ids"]
+
+
+def test_a_bos_that_is_also_eos_starts_an_empty_prompt(tokenizer):
+    """GPT-2-style tokenizers add one token that is both BOS and EOS: it is the BOS of an empty prompt, not an
+    appended EOS to strip (the pair would be dropped as having no prompt)."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    tok.bos_token = tok.eos_token
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="</s> $A", special_tokens=[("</s>", tok.eos_token_id)]
+    )
+    (pair,), stats = tokenize_pairs(tok, [Pair("", "Yes.", "No.")], 24, 8)
+    assert stats.kept == 1 and pair.prompt_ids == [tok.eos_token_id]
+    assert pair.chosen_ids == tok("Yes.", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
