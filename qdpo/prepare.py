@@ -39,27 +39,47 @@ def read_pairs(source: str, config: Config) -> list[Pair]:
     return to_pairs(rows, columns, where)
 
 
+def _prompt_key(pair: Pair) -> str:
+    return json.dumps(pair.prompt, ensure_ascii=False, sort_keys=True)
+
+
 def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
     """Hold out about `fraction` of the pairs (at least one when fraction > 0), chosen by seed, whole prompts at a
-    time: a held-out prompt is never trained on, so several pairs per prompt do not inflate held-out accuracy.
+    time: a held-out prompt is not trained on, so several pairs per prompt do not inflate held-out accuracy.
 
-    With one distinct prompt (or one pair) that is impossible: single pairs are held out instead. With one pair
-    per prompt the split is the one single pairs give.
+    A prompt with more pairs than twice the share is never held out whole; when no prompt is small enough (or
+    there is one pair, or one prompt) single pairs are held out instead. With one pair per prompt the split is the
+    one single pairs give.
     """
     if fraction <= 0 or len(pairs) < 2:
         return pairs, []
+    want = max(1, round(fraction * len(pairs)))
     groups: dict[str, list[int]] = {}
     for i, pair in enumerate(pairs):
-        groups.setdefault(json.dumps(pair.prompt, ensure_ascii=False, sort_keys=True), []).append(i)
-    order = list(groups.values()) if len(groups) > 1 else [[i] for i in range(len(pairs))]
+        groups.setdefault(_prompt_key(pair), []).append(i)
+    order = [g for g in groups.values() if len(g) <= 2 * want]
+    if len(groups) < 2 or not order:
+        order = [[i] for i in range(len(pairs))]
     random.Random(seed).shuffle(order)
     held: set[int] = set()
-    want = max(1, round(fraction * len(pairs)))
-    for group in order[:-1]:  # the last group always stays for training
+    for group in order:
         if len(held) >= want:
             break
-        held.update(group)
+        if len(held) + len(group) <= 2 * want and len(held) + len(group) < len(pairs):  # some pair stays to train on
+            held.update(group)
     return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+def trained_prompts_note(train: list[Pair], held: list[Pair]) -> str | None:
+    """A line when held-out pairs share their prompt with training pairs (their accuracy is then optimistic)."""
+    trained = {_prompt_key(p) for p in train}
+    shared = sum(_prompt_key(p) in trained for p in held)
+    if not shared:
+        return None
+    return (
+        f"{shared} of {len(held)} held-out pairs have a prompt that training pairs also have, so their accuracy "
+        "measures answers to trained prompts"
+    )
 
 
 def split_pairs(config: Config) -> tuple[list[Pair], list[Pair]]:
@@ -96,6 +116,9 @@ def prepare_data(config: Config, echo: Callable[[str], None] = print) -> Prepare
     for note in train_stats.notes:
         echo(f"train: {note}")
     eval_, eval_stats = [], None
+    note = trained_prompts_note(train_pairs, eval_pairs) if not config.unpaired else None
+    if note:
+        echo(f"eval:  {note}")
     if eval_pairs:
         eval_, eval_stats = tokenize_pairs(tokenizer, eval_pairs, config.max_length, config.max_prompt_length)
         echo(f"eval:  {eval_stats.describe()}")

@@ -339,7 +339,7 @@ def test_held_out_pairs_never_share_a_prompt_with_training_pairs():
     whose prompt was trained on); with one pair per prompt it is the split of single pairs, as before."""
     import random
 
-    from qdpo.prepare import split_eval
+    from qdpo.prepare import split_eval, trained_prompts_note
 
     pairs = [Pair(f"question {q}", f"good {q}.{k}", f"bad {q}.{k}") for q in range(20) for k in range(4)]
     train, held = split_eval(pairs, 0.25, seed=3)
@@ -355,3 +355,24 @@ def test_held_out_pairs_never_share_a_prompt_with_training_pairs():
     one_prompt = [Pair("q", f"good {k}", f"bad {k}") for k in range(8)]  # nothing to split by: single pairs
     train, held = split_eval(one_prompt, 0.25, seed=3)
     assert len(held) == 2 and len(train) == 6
+    assert trained_prompts_note(train, held) == (
+        "2 of 2 held-out pairs have a prompt that training pairs also have, so their accuracy measures answers to "
+        "trained prompts"
+    )
+
+
+def test_a_prompt_with_many_pairs_is_not_held_out_whole():
+    """One prompt with 1,000 pairs beside 19 single ones: holding it out would leave almost nothing to train on.
+    Prompts with more than twice the share stay in training, whatever the seed."""
+    from qdpo.prepare import split_eval, trained_prompts_note
+
+    big = [Pair("popular", f"good {k}", f"bad {k}") for k in range(1000)]
+    pairs = big + [Pair(f"q{k}", "good", "bad") for k in range(19)]
+    for seed in range(20):
+        train, held = split_eval(pairs, 0.05, seed)
+        assert 1 <= len(held) <= 2 * round(0.05 * len(pairs)) and all(p.prompt != "popular" for p in held)
+        assert trained_prompts_note(train, held) is None
+    halves = [Pair(f"q{k % 2}", f"good {k}", f"bad {k}") for k in range(1000)]  # two prompts, each too big
+    train, held = split_eval(halves, 0.05, seed=0)
+    assert len(held) == 50 and len(train) == 950  # single pairs, and the run says their prompts are trained
+    assert trained_prompts_note(train, held).startswith("50 of 50 held-out pairs have a prompt that training")
