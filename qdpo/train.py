@@ -572,6 +572,11 @@ def _run(
         check_resume(checkpoint, config, world.size, data.fingerprint)
         num_batches = len(length_grouped_batches(data.train, config.micro_batch_size, config.seed))
         steps = total_steps(config, num_batches, world.size)
+        if checkpoint.step > steps:  # its adapter has trained past the new end: no step of this run could undo that
+            raise UserError(
+                f"cannot resume {out} to {steps} steps: its last checkpoint is at step {checkpoint.step}; raise "
+                f"max_steps (or num_train_epochs) to at least {checkpoint.step}, or start a new run."
+            )
         if checkpoint.step >= steps and (out / "summary.json").is_file():
             echo(f"{out} already finished its {steps} steps; raise max_steps (or num_train_epochs) to train on")
             return RunResult(out, read_json(out / "summary.json"))

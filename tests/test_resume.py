@@ -290,6 +290,12 @@ def test_resume_trains_on_when_max_steps_is_raised(monkeypatch, tmp_path, uninte
 
     assert [r["learning_rate"] for r in rows[1:5]] == pytest.approx([cosine(k, 4) for k in (1, 2, 3, 4)])
     assert [r["learning_rate"] for r in rows[5:]] == pytest.approx([cosine(5, 6), cosine(6, 6)])
+    # Lowered below the checkpoint: its adapter trained past the new end, so the resume is refused, nothing changed.
+    before = (out / "metrics.jsonl").read_text()
+    lowered = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", "max_steps=3"])
+    assert lowered.exit_code == 2 and "error: cannot resume" in lowered.output
+    assert "its last checkpoint is at step 6; raise max_steps (or num_train_epochs) to at least 6" in lowered.output
+    assert (out / "metrics.jsonl").read_text() == before
 
 
 def test_a_resume_between_logged_rows_logs_the_same_means(monkeypatch, tmp_path, tiny_model_dir, data_file):
