@@ -280,6 +280,7 @@ class Training:
     world: World = SINGLE
     # logging_steps > 1: the rows of the steps since the last logged one (the next row averages them); checkpointed
     unlogged: list[dict[str, Any]] = field(default_factory=list)
+    watch: Watch = field(default_factory=lambda: Watch(0.0))  # the training-health checks; checkpointed
 
 
 def _policy(config: Config, data: PreparedData, dtype: torch.dtype, device: torch.device, echo: Callable[[str], None]):
@@ -433,6 +434,7 @@ def setup_training(
         eval_ref,
         padding,
         world,
+        watch=Watch(config.chosen_nll_weight, paired=not config.unpaired),
     )
 
 
@@ -721,6 +723,8 @@ def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str]
     ranks = state.get("rank_rng", [])  # a checkpoint of several ranks keeps each one's random state
     set_rng_state(ranks[t.world.rank] if t.world.rank < len(ranks) else state["rng"])
     t.unlogged = list(state.get("unlogged", []))
+    if "watch" in state:  # checkpoints from before it was kept start the trend afresh
+        t.watch.load_state_dict(state["watch"])
     note = world_size_note(checkpoint, config, t.world.size)
     if note:
         echo(note)
@@ -743,6 +747,7 @@ def trainer_state(t: Training) -> dict[str, Any]:
         "stream": t.stream.state_dict(),
         "rng": rng_state(),
         "unlogged": list(t.unlogged),
+        "watch": t.watch.state_dict(),
     }
 
 
@@ -843,9 +848,7 @@ def train_loop(
     t.model.train()
     last_eval: dict[str, float] = {}
     nonfinite: list[dict[str, Any]] = []
-    watch = Watch(config.chosen_nll_weight, paired=not config.unpaired)
-    if first_step > 1:  # a resume: the trend of chosen log-probs starts at the run's first step, not here
-        watch.recall([r for r in RunResult(out, {}).metrics if 0 < r["step"] < first_step])
+    watch = t.watch
     # Enough to see whether the adapter moved (with FSDP: this rank's shards).
     start = [local(p).detach().flatten()[:64].clone() for p in t.params]
 

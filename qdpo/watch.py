@@ -36,12 +36,15 @@ class Watch:
         self.updated = False  # an optimizer update has been applied since the start
         self.warned = False
 
-    def recall(self, rows: list[dict[str, Any]]) -> None:
-        """Take in the logged rows of the steps before a resume, so the trend spans the whole run (no warning now)."""
-        for row in (r for r in rows if "loss" in r):  # training rows: eval rows carry eval_loss
-            self.updated = self.updated or not row.get("skipped")
-            if row["loss"] == row["loss"]:
-                self.rows.append(row)
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps, so a resumed run warns when and as the uninterrupted one would: the trend's
+        first and last WINDOW rows (all it reads), and whether it has updated and warned."""
+        rows = self.rows if len(self.rows) <= 2 * WINDOW else self.rows[:WINDOW] + self.rows[-WINDOW:]
+        return {"rows": list(rows), "updated": self.updated, "warned": self.warned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take back what state_dict() kept."""
+        self.rows, self.updated, self.warned = list(state["rows"]), state["updated"], state["warned"]
 
     def see(self, row: dict[str, Any], adapter_moved: Callable[[], bool]) -> list[str]:
         """Check one step's row; adapter_moved() says whether the trainable LoRA weights differ from their start."""

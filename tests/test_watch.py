@@ -38,15 +38,22 @@ def test_falling_chosen_logps_with_rising_margins_warns_once_with_the_numbers():
     assert "loss_type=[sigmoid,sft] loss_weights=[1,0.5]" in warnings[0]
 
 
-def test_a_resumed_run_reads_the_trend_from_its_first_step():
-    """Resumed at step 7, the warning comes at step 10 with the uninterrupted run's numbers, not at step 16 with
-    the resumed steps' alone (the rows before the resume come back from metrics.jsonl, eval rows among them)."""
-    watch = Watch(sft_weight=0.0)
-    logged = [row(step, -100 - 2 * step, 0.15 * step) for step in range(1, 7)] + [{"step": 6, "eval_loss": 0.6}]
-    watch.recall(logged)
-    warnings = {step: watch.see(row(step, -100 - 2 * step, 0.15 * step), lambda: True) for step in range(7, 11)}
-    assert [step for step, w in warnings.items() if w] == [10]
-    assert "logps/chosen fell from -106.0 to -116.0 while rewards/margins rose from 0.45 to 1.20" in warnings[10][0]
+def test_a_resumed_run_warns_when_and_as_the_uninterrupted_one_would():
+    """The checks' state goes into each checkpoint: resumed at any step, the warning comes at the same step with
+    the same numbers, and one already given is not given again. The chosen log-probs hold for 12 steps, then
+    fall (the first WINDOW rows stay the reference for the whole run)."""
+
+    def steps(watch, first, last):
+        return {s: watch.see(row(s, -100 - 3 * max(0, s - 12), 0.15 * s), lambda: True) for s in range(first, last)}
+
+    uninterrupted = steps(Watch(sft_weight=0.0), 1, 30)
+    assert [s for s, w in uninterrupted.items() if w] == [16]
+    for resumed_at in (3, 9, 15, 16, 20):
+        before = Watch(sft_weight=0.0)
+        earlier = steps(before, 1, resumed_at + 1)
+        after = Watch(sft_weight=0.0)
+        after.load_state_dict(before.state_dict())
+        assert {**earlier, **steps(after, resumed_at + 1, 30)} == uninterrupted, resumed_at
 
 
 @pytest.mark.parametrize(
