@@ -39,6 +39,7 @@ def check_run_dir(out: Path, config: Config, resume: bool) -> None:
         return
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file, not a directory; pick another path.")
+    _check_creatable(out)
     if out.exists() and any(out.iterdir()):
         if not (out / "run.json").is_file():  # neither --overwrite nor --resume applies: say only what does
             raise UserError(f"output_dir {out} is not a qdpo run directory; refusing to overwrite it, pick another.")
@@ -47,6 +48,19 @@ def check_run_dir(out: Path, config: Config, resume: bool) -> None:
                 f"output_dir {out} already exists and is not empty; pick another, pass --overwrite, "
                 "or continue it with --resume."
             )
+
+
+def _check_creatable(out: Path) -> None:
+    """Refuse an output_dir that cannot be made: its nearest existing parent is a file, or not writable."""
+    parent = out.absolute()
+    while not parent.exists():
+        parent = parent.parent
+    if parent == out.absolute():
+        parent = out  # exists already: it must be writable itself
+    if not parent.is_dir():
+        raise UserError(f"output_dir {out} cannot be created: {parent} is a file; pick another path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output_dir {out} cannot be created: {parent} is not writable; pick another path.")
 
 
 def claim_run_dir(out: Path, resume: bool) -> None:
@@ -70,7 +84,10 @@ def _alive(pid: int) -> bool:
 
 def take_lock(out: Path) -> None:
     """Mark the directory as this process's (pid + host); refuse a live owner, take over a stale lock."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a path check passed, then the disk disagreed (a read-only mount, /proc)
+        raise UserError(f"cannot create output_dir {out} ({e.strerror or e}); pick another path.") from None
     lock = out / LOCK
     me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
     for _ in range(2):

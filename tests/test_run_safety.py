@@ -329,6 +329,24 @@ def test_an_existing_output_dir_is_refused_before_the_data_is_read(monkeypatch, 
     result = invoke("run", "--model", str(tiny_model_dir), "--data", "/no/such/file.jsonl", "--output", str(a_file))
     assert result.exit_code == 2 and f"output_dir {a_file} is a file, not a directory" in result.output
     assert "--overwrite" not in result.output and a_file.read_text() == "mine"
+    result = invoke(
+        "run", "--model", str(tiny_model_dir), "--data", "/no/such/file.jsonl", "--output", f"{a_file}/run"
+    )
+    assert result.exit_code == 2 and f"cannot be created: {a_file} is a file; pick another path." in result.output
+
+
+def test_an_output_dir_the_disk_refuses_is_one_line(monkeypatch, tmp_path):
+    """The path checks pass, then mkdir fails (a read-only mount, /proc): one line, not a traceback."""
+    from pathlib import Path
+
+    import qdpo.rundir as rundir
+
+    def refuse(self, *args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(UserError, match=r"^cannot create output_dir .*/run \(Read-only file system\); pick another"):
+        rundir.take_lock(tmp_path / "run")
 
 
 def test_a_data_error_comes_before_the_model_is_resolved(monkeypatch, tmp_path):
