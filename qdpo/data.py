@@ -198,14 +198,26 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a readable CSV file ({str(e).splitlines()[0]}).") from None
     rows = frame.to_dict(orient="records")
-    for row in rows:  # chat messages exported to CSV arrive as JSON text
+    for row in rows:  # chat messages exported to CSV arrive as JSON text, or as Python's repr (pandas.to_csv)
         for key, value in row.items():
             if isinstance(value, str) and value.startswith("[{"):
-                try:
-                    row[key] = json.loads(value)
-                except json.JSONDecodeError:
-                    pass
+                row[key] = _parse_message_list(value)
     return rows
+
+
+def _parse_message_list(text: str) -> Any:
+    """A list written as JSON or as a Python literal, or the text unchanged (a literal only: nothing is run)."""
+    import ast
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+    return value if isinstance(value, list) else text
 
 
 def _read_saved_dataset(path: Path, split: str) -> list[dict[str, Any]]:
@@ -408,8 +420,17 @@ def _check_chars(text: str, place: str) -> str:
     return text
 
 
+# A message list saved as text (pandas.to_csv writes Python's repr of it): '[{"role": ...' or "[{'content': ...".
+_SERIALIZED_MESSAGES = re.compile(r"""\A\s*\[\s*\{\s*["'](role|content|from|value)["']\s*:""")
+
+
 def _check_text(value: Any, at: str, column: str) -> Text:
     if isinstance(value, str):
+        if _SERIALIZED_MESSAGES.match(value):
+            raise UserError(
+                f"{at} column {column!r} is a list of messages written as text ({_show(value)}); store the list "
+                "itself (not its text) in .jsonl, .json or .parquet."
+            )
         return _check_chars(value, f"{at} column {column!r}")
     if value is None:
         raise UserError(f"{at} column {column!r} is empty; fill it or drop the row.")
@@ -431,9 +452,9 @@ def _check_message(message: Any, i: int, at: str, column: str) -> dict[str, str]
         role = message["role"]
     elif "from" in message:
         role = message["from"]
-        role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
     else:
         raise UserError(f"{expected}, but message {i} has no 'role' (or ShareGPT 'from').")
+    role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role  # human/gpt in either form
     content = message["content"] if "content" in message else message.get("value", _MISSING)
     if content is _MISSING:
         raise UserError(f"{expected}, but message {i} has no 'content' (or ShareGPT 'value').")

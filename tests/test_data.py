@@ -376,3 +376,35 @@ def test_a_prompt_with_many_pairs_is_not_held_out_whole():
     train, held = split_eval(halves, 0.05, seed=0)
     assert len(held) == 50 and len(train) == 950  # single pairs, and the run says their prompts are trained
     assert trained_prompts_note(train, held).startswith("50 of 50 held-out pairs have a prompt that training")
+
+
+def test_chat_rows_saved_by_pandas_to_csv_are_read_as_chat(tmp_path, tokenizer):
+    """pandas.to_csv writes a message list as Python's repr (single quotes), not JSON: still read as messages,
+    the same ids as the JSON-lines file; a list written as text in a JSON-lines file is refused, not trained on."""
+    import pandas as pd
+
+    pd.DataFrame(CHAT_ROWS).to_csv(tmp_path / "chat.csv", index=False)
+    assert "[{'role': " in (tmp_path / "chat.csv").read_text()
+    assert tokenized(tokenizer, str(tmp_path / "chat.csv")) == tokenized(
+        tokenizer, write(tmp_path, "jsonl", CHAT_ROWS)
+    )
+    as_text = [{**CHAT_ROWS[0], "chosen": str(CHAT_ROWS[0]["chosen"])}]
+    with pytest.raises(UserError, match=r"^t row 1 column 'chosen' is a list of messages written as text \("):
+        to_pairs(as_text, Columns(), "t")
+
+
+def test_human_and_gpt_roles_are_user_and_assistant_in_either_message_form():
+    (pair,) = to_pairs(
+        [
+            {
+                "prompt": [{"role": "human", "content": "Hi?"}],
+                "chosen": {"role": "gpt", "content": "Hi."},
+                "rejected": "No.",
+            }
+        ],
+        Columns(),
+        "t",
+    )
+    assert pair.prompt == [{"role": "user", "content": "Hi?"}] and pair.chosen == [
+        {"role": "assistant", "content": "Hi."}
+    ]
