@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import yaml
 
-from qdpo.config import Config
+from qdpo.config import PATH_SETTINGS, Config, absolute_paths, local_path
 from qdpo.distributed import load_adapter_state, sharded
 from qdpo.errors import UserError
 from qdpo.faults import crash_point
@@ -117,7 +117,7 @@ def save_checkpoint(
         crash_point("checkpoint")
         if (run_dir / "metrics.jsonl").is_file():
             shutil.copyfile(run_dir / "metrics.jsonl", tmp / "metrics.jsonl")
-        write_text(tmp / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text(tmp / "config.yaml", yaml.safe_dump(absolute_paths(config).to_dict(), sort_keys=False))
         meta = {"format": FORMAT, "step": step, "saved": time.time(), "world_size": world_size}
         write_json(tmp / "checkpoint.json", meta)
     prune(run_dir, keep)
@@ -201,7 +201,8 @@ def resume_conflicts(saved: dict[str, Any], config: Config, saved_world: int = 1
     the same (the way out of running out of GPU memory, or onto another number of processes: the global batch
     counts every process's); the pairs left in the epoch are then regrouped.
     """
-    now = config.to_dict()
+    now = absolute_paths(config).to_dict()
+    saved = {**saved, **{name: local_path(saved.get(name)) for name in PATH_SETTINGS if name in saved}}
     regroup = ("micro_batch_size", "gradient_accumulation_steps")
     same_step = (
         saved.get(regroup[0], 0) * saved.get(regroup[1], 0) * saved_world

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -660,3 +661,19 @@ def read_json(path: Path) -> Any:
         raise UserError(f"cannot read {path}: {e.strerror}.") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}).") from None
+
+
+PATH_SETTINGS = ("model", "tokenizer", "data", "eval_data", "init_adapter")
+
+
+def local_path(value: Any) -> Any:
+    """An existing local path made absolute; anything else (a hub id, a built-in name, None) as it is."""
+    if isinstance(value, str) and value and Path(value).expanduser().exists():
+        return os.path.abspath(Path(value).expanduser())
+    return value
+
+
+def absolute_paths(config: Config) -> Config:
+    """config with its local paths absolute: what config.yaml records, so a resume, merge or export run from another
+    directory still finds them (messages keep the paths as the user typed them)."""
+    return dataclasses.replace(config, **{name: local_path(getattr(config, name)) for name in PATH_SETTINGS})

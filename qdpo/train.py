@@ -35,7 +35,7 @@ from qdpo.checkpoint import (
     set_rng_state,
     world_size_note,
 )
-from qdpo.config import Config, read_json
+from qdpo.config import Config, absolute_paths, read_json
 from qdpo.distributed import (
     SINGLE,
     World,
@@ -604,7 +604,7 @@ def _run(
     def announce() -> None:  # the run's own record: on a resume only once the checkpoint is back in place
         if not world.main:
             return
-        write_text(out / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        write_text(out / "config.yaml", yaml.safe_dump(absolute_paths(config).to_dict(), sort_keys=False))
         write_json(out / "run.json", describe("running"))
 
     try:

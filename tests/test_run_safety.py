@@ -413,3 +413,31 @@ def test_out_of_memory_before_the_first_step_is_one_line_and_leaves_nothing(monk
         "error: out of GPU memory before the first step, scoring the reference"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_local_paths_are_written_absolute_so_the_run_resumes_from_anywhere(monkeypatch, tmp_path):
+    """config.yaml keeps the paths a resume, merge or export reads: relative ones broke them from another directory.
+    Hub ids and built-in names are not paths and stay as typed."""
+    from qdpo.config import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "prefs.jsonl").write_text("{}\n")
+    config = absolute_paths(Config(model="org/name", data="data/prefs.jsonl", eval_data="builtin:answers:eval"))
+    assert config.data == str(tmp_path / "data" / "prefs.jsonl")
+    assert (config.model, config.eval_data, config.tokenizer) == ("org/name", "builtin:answers:eval", None)
+
+
+def test_a_run_started_with_relative_paths_resumes_from_another_directory(monkeypatch, tmp_path, run_args):
+    """The run records absolute paths: `qdpo run --resume` from elsewhere finds its data (it did not)."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    args = [a.replace(str(tmp_path / "d.jsonl"), "../d.jsonl") for a in run_args] + ["save_steps=1"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"] == str(tmp_path / "d.jsonl")
+    monkeypatch.chdir(tmp_path.parent)
+    again = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "run"), "--no-progress", "max_steps=4"])
+    assert again.exit_code == 0, again.output
+    assert "resuming from" in again.output
