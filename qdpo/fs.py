@@ -107,6 +107,17 @@ def _swap_in(new: Path, out: Path) -> None:
         old.unlink()
 
 
+def default_permissions(root: Path) -> None:
+    """Give root and everything under it the modes a plain mkdir/open would (0777/0666 less the umask): mkdtemp makes
+    0700 and safetensors writes 0600, which would hide an adapter or model from the other users of a server."""
+    mask = os.umask(0)
+    os.umask(mask)
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def staged(out: Path, inner: str | None = None) -> Iterator[Path]:
     """A temp directory next to out; when the block completes, it (or its file inner) becomes out, else it is removed.
@@ -120,6 +131,7 @@ def staged(out: Path, inner: str | None = None) -> Iterator[Path]:
         raise UserError(f"cannot write next to {out} ({e.strerror or e}).") from None
     try:
         yield tmp
+        default_permissions(tmp)
         fsync_tree(tmp)
         _swap_in(tmp / inner if inner else tmp, out)
         fsync_dir(out.parent)

@@ -441,3 +441,22 @@ def test_a_run_started_with_relative_paths_resumes_from_another_directory(monkey
     again = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "run"), "--no-progress", "max_steps=4"])
     assert again.exit_code == 0, again.output
     assert "resuming from" in again.output
+
+
+def test_written_outputs_get_the_usual_permissions(tmp_path):
+    """mkdtemp's 0700 and safetensors' 0600 would hide an adapter from the other users of a shared server: staged
+    outputs get what mkdir and open give (0777/0666 less the umask)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from qdpo.fs import staged
+
+    with staged(tmp_path / "adapter") as tmp:
+        (tmp / "sub").mkdir()
+        save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "w.safetensors"))
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "adapter" / "sub").stat().st_mode & 0o777 == 0o777 & ~mask
+    assert (tmp_path / "adapter" / "sub" / "w.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
