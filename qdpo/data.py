@@ -280,6 +280,11 @@ def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> li
                 f"{at} is {_kind(row)}, not an object with {columns.chosen!r} and {columns.rejected!r} columns."
             )
         for name in (columns.chosen, columns.rejected):
+            if name not in row and {"completion", "label"} <= set(row):
+                raise UserError(
+                    f"{at} has no column {_show(name)} ({_columns_of(row)}); these are KTO rows "
+                    "(prompt/completion/label): add loss_type=kto."
+                )
             if name not in row:
                 raise UserError(
                     f"{at} has no column {_show(name)} ({_columns_of(row)}); map yours with "
@@ -524,7 +529,7 @@ def _split_shared_prompt(chosen: Text, rejected: Text, marker: str, at: str) -> 
         if end < 0 or (end + len(marker) > k):
             raise UserError(
                 f"{at}: no prompt column and no shared beginning ending in {marker!r}; "
-                "add a prompt column or set assistant_marker."
+                "add a prompt column (or name yours with --prompt-column) or set assistant_marker."
             )
         cut = end + len(marker)
         return chosen[:cut], chosen[cut:], rejected[cut:]

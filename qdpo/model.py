@@ -69,6 +69,8 @@ def resolve_model(name: str) -> ModelSource:
                 "directory, a .gguf file or a hub id."
             )
         return ModelSource(name, str(path.resolve()))
+    if path.is_file():
+        raise UserError(f"model path {name} is a file, not a model; pass a model directory, a .gguf file or a hub id.")
     if looks_like_hub_id(name):
         return ModelSource(name, name)  # a hub id: transformers downloads it (or finds it in its cache)
     raise UserError(f"model path {name} does not exist; pass a model directory, a .gguf file or a hub id.")

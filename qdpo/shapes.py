@@ -182,4 +182,6 @@ def model_config(name: str) -> tuple[dict[str, Any], str]:
         raise UserError(
             f"no config.json for {name} offline and no built-in shape; pass --model with its directory or config.json."
         )
+    if path.is_file():
+        raise UserError(f"model path {name} is a file, not a model; pass a model directory or a config.json file.")
     raise UserError(f"model path {name} does not exist; pass a model directory or a config.json file.")

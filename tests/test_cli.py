@@ -85,6 +85,7 @@ def test_precedence_defaults_preset_flags(tmp_path):
         ),
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
+        (["--model", "README.md"], "model path README.md is a file, not a model"),
         (
             ["strategy=fsdp", "lora_target_modules=[q_proj,lm_head]"],
             "strategy=fsdp keeps lm_head whole and frozen: take lm_head out of lora_target_modules",

@@ -408,3 +408,10 @@ def test_human_and_gpt_roles_are_user_and_assistant_in_either_message_form():
     assert pair.prompt == [{"role": "user", "content": "Hi?"}] and pair.chosen == [
         {"role": "assistant", "content": "Hi."}
     ]
+
+
+def test_kto_rows_under_a_paired_loss_are_told_to_use_kto():
+    with pytest.raises(
+        UserError, match=r"^t row 1 has no column 'chosen' .*these are KTO rows .*add loss_type=kto\.$"
+    ):
+        to_pairs([{"prompt": "Hi?", "completion": "Hi.", "label": True}], Columns(), "t")

@@ -638,6 +638,7 @@ def test_plan_command_reads_a_model_directory_or_config_file(tiny_model_dir):
     [
         (["--preset", "nope"], "unknown preset 'nope'"),
         (["--model", "/no/such/dir"], "model path /no/such/dir does not exist"),
+        (["--model", "README.md"], "model path README.md is a file, not a model"),
         (["--model", "/no/such/config.json"], "config file /no/such/config.json does not exist"),
         (["--model", "someone/unknown-model"], "no config.json for someone/unknown-model offline"),
         (["bogus=1"], "unknown setting 'bogus'"),
