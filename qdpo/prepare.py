@@ -128,6 +128,13 @@ def prepare_data(config: Config, echo: Callable[[str], None] = print) -> Prepare
         raise UserError(
             f"no training {train_stats.unit} are left after filtering {config.data}; check the data and max_length."
         )
+    if eval_pairs and not eval_ and config.eval_data:
+        raise UserError(
+            f"no held-out {eval_stats.unit} are left after filtering {config.eval_data} (see the eval: line); check "
+            "that file and max_length, or leave eval_data out."
+        )
+    if eval_pairs and not eval_:
+        echo(f"eval:  every held-out {eval_stats.unit[:-1]} was dropped, so this run measures no held-out accuracy")
     data = PreparedData(
         source, model_config, tokenizer, train, eval_, train_stats, eval_stats, fingerprint(train_pairs)
     )

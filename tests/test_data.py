@@ -415,3 +415,17 @@ def test_kto_rows_under_a_paired_loss_are_told_to_use_kto():
         UserError, match=r"^t row 1 has no column 'chosen' .*these are KTO rows .*add loss_type=kto\.$"
     ):
         to_pairs([{"prompt": "Hi?", "completion": "Hi.", "label": True}], Columns(), "t")
+
+
+def test_held_out_data_that_filtering_empties_is_refused(tmp_path, tiny_model_dir):
+    """--eval-data whose every pair is dropped used to train on and then ask for eval_data at the end."""
+    from qdpo.config import Config
+    from qdpo.prepare import prepare_data
+
+    good = tmp_path / "train.jsonl"
+    good.write_text("\n".join(json.dumps({"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."}) for i in range(4)))
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "Q?", "chosen": "Same.", "rejected": "Same."}) + "\n")
+    config = Config(model=str(tiny_model_dir), data=str(good), eval_data=str(same))
+    with pytest.raises(UserError, match=rf"^no held-out pairs are left after filtering {same} \(see the eval: line\)"):
+        prepare_data(config, echo=lambda line: None)
