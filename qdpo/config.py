@@ -584,6 +584,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int too long for int(); RecursionError: deep
         value = raw
+    if key.isidentifier() and raw.lstrip().startswith("[") and not raw.rstrip().endswith("]"):  # unquoted a=[b, c]
+        raise UserError(
+            f"{key} got {_show(raw)}, a list cut short (the shell splits unquoted words at spaces); quote the whole "
+            f"setting, as in '{key}=[a, b]', or write it without spaces."
+        )
     # Keep strings that YAML would turn into other things when the field is a string (e.g. a path "123").
     if (
         key in field_names()

@@ -84,6 +84,7 @@ def test_precedence_defaults_preset_flags(tmp_path):
             "pack_pairs packs prompt+chosen+rejected runs, so it needs share_prompt=true",
         ),
         (["--preset", "nope"], "unknown preset 'nope'"),
+        (["loss_type=[sigmoid,", "sft]"], "loss_type got '[sigmoid,', a list cut short (the shell splits unquoted"),
         (["--model", "/no/such/model"], "model path /no/such/model does not exist"),
         (["--model", "README.md"], "model path README.md is a file, not a model"),
         (
