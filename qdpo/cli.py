@@ -230,12 +230,16 @@ def _auto_micro_batch(config, budget_gb: float | None, processes: int = 1):
         budget_gb = torch.cuda.get_device_properties(0).total_memory / 1e9
     if budget_gb is None:
         raise UserError("--micro-batch auto needs a GPU budget: use a GPU preset (gpu_memory_gb) or run on a GPU.")
-    size = auto_micro_batch(config, budget_gb, processes)
+    fits = auto_micro_batch(config, budget_gb, processes)
+    # The same pairs per optimizer step as the settings ask for: auto changes memory use, not the optimization.
+    per_step = config.micro_batch_size * config.gradient_accumulation_steps
+    size = max(b for b in range(1, min(fits, per_step) + 1) if per_step % b == 0)
     click.echo(
-        f"micro_batch_size {size}: the largest that fits {budget_gb:g} GB at max_length "
-        f"{config.max_length} (qdpo plan)"
+        f"micro_batch_size {size} x gradient_accumulation_steps {per_step // size}: the largest micro-batch of "
+        f"{per_step} pairs per step that fits {budget_gb:g} GB at max_length {config.max_length} (the plan fits "
+        f"{fits}; qdpo plan)"
     )
-    return dataclasses.replace(config, micro_batch_size=size)
+    return dataclasses.replace(config, micro_batch_size=size, gradient_accumulation_steps=per_step // size)
 
 
 def _memory_switches(config, budget_gb: float | None, dry_run: bool, processes: int = 1):

@@ -285,12 +285,17 @@ def test_micro_batch_auto_uses_the_planner():
 
     result = invoke("run", "--preset", "7b-24gb", "--micro-batch", "auto", "--dry-run")
     assert result.exit_code == 0, result.output
-    chosen = yaml.safe_load(result.output.split("\n", 1)[1])["micro_batch_size"]
+    settings = yaml.safe_load(result.output.split("\n", 1)[1])
+    chosen, accumulation = settings["micro_batch_size"], settings["gradient_accumulation_steps"]
     config = build_config(load_preset("7b-24gb").settings)
     shape, _ = model_config(config.model)
     gb = 1e9  # the planner's GB are decimal, like GPU spec sheets
-    assert plan_memory(shape, config, chosen, config.max_length).total <= 24 * gb
-    assert plan_memory(shape, config, chosen + 1, config.max_length).total > 24 * gb
+    fits = next(b for b in range(64, 0, -1) if plan_memory(shape, config, b, config.max_length).total <= 24 * gb)
+    # the preset's pairs per step kept: the largest micro-batch that divides them and fits
+    per_step = config.micro_batch_size * config.gradient_accumulation_steps
+    assert chosen * accumulation == per_step
+    assert chosen == max(b for b in range(1, fits + 1) if per_step % b == 0)
+    assert f"(the plan fits {fits}; qdpo plan)" in result.output
     no_budget = invoke("run", "--preset", "smoke", "--micro-batch", "auto", "--dry-run")
     assert no_budget.exit_code == 2 and "needs a GPU budget" in no_budget.output
 
