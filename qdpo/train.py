@@ -716,6 +716,12 @@ def restore(t: Training, checkpoint: Checkpoint, out: Path, echo: Callable[[str]
     for group, rate in zip(t.optimizer.param_groups, rates):
         group["lr"] = rate
     t.scheduler._last_lr = rates  # what get_last_lr() reports; LambdaLR has no public setter
+    saved_rates = state["scheduler"].get("_last_lr") or rates
+    if t.world.main and saved_rates[0] != rates[0]:
+        echo(
+            f"learning rate: this run's {t.steps}-step schedule from step {checkpoint.step + 1} ({rates[0]:.3g} now; "
+            f"the checkpoint's schedule was at {saved_rates[0]:.3g})"
+        )
     scaler_note = load_scaler_state(t.scaler, state["scaler"])
     if scaler_note and t.world.main:
         echo(scaler_note)

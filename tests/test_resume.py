@@ -176,6 +176,7 @@ def test_ctrl_c_checkpoints_and_says_how_to_resume(tmp_path, tiny_model_dir, dat
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert f"done: 4 steps ({4 - stopped_at} after resuming at step {stopped_at}) in " in finished.stdout
     assert json.loads((out / "summary.json").read_text())["resumed_at"] == stopped_at
+    assert "learning rate: this run's" not in finished.stdout  # the same schedule: nothing to say
     assert_same_run(out, uninterrupted)
 
 
@@ -280,6 +281,7 @@ def test_resume_trains_on_when_max_steps_is_raised(monkeypatch, tmp_path, uninte
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     finished = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", "max_steps=6"])
     assert finished.exit_code == 0, finished.output
+    assert "learning rate: this run's 6-step schedule from step 5 (" in finished.output  # the change is said
     rows = metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5, 6] and rows[:5] == metrics(uninterrupted)
 
