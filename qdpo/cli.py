@@ -175,6 +175,8 @@ def run(
         click.echo(note, err=dry_run)  # a dry run's stdout is the YAML alone
     from qdpo.distributed import launched_size
 
+    if nproc is not None and nproc < 1:
+        raise UserError(f"--nproc must be 1 or more (1, or left out, for one process), not {nproc}.")
     processes = nproc or launched_size()
     if processes < loaded.processes and not dry_run:
         raise UserError(
@@ -206,8 +208,6 @@ def _launch(nproc: int, preset: str, config, resume: str | None) -> None:
 
     if launched_size() > 1:
         raise UserError("--nproc starts torchrun itself; under torchrun, leave it out (torchrun sets the processes).")
-    if nproc < 2:
-        raise UserError(f"--nproc must be 1 or more (1, or left out, for one process), not {nproc}.")
     argv = sys.argv[sys.argv.index("run") + 1 :] if "run" in sys.argv else []
     out = str(run_dir_for(config, preset))
     if not config.output_dir and resume is None:  # every rank must write to the one directory named now

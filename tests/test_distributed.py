@@ -252,12 +252,11 @@ def test_launcher_refusals_are_one_line(monkeypatch):
 
     from qdpo.cli import main
 
-    result = CliRunner().invoke(main, ["run", "--nproc", "0", "--dry-run"])  # a dry run launches nothing
-    assert result.exit_code == 0
-    result = CliRunner().invoke(main, ["run", "--nproc", "0"])
-    assert result.exit_code == 2 and result.output.strip().splitlines() == [
-        "error: --nproc must be 1 or more (1, or left out, for one process), not 0."
-    ]
+    for count, dry in (("0", []), ("-1", []), ("0", ["--dry-run"])):  # refused before any preset check, dry or not
+        result = CliRunner().invoke(main, ["run", "--nproc", count, *dry])
+        assert result.exit_code == 2 and result.output.strip().splitlines() == [
+            f"error: --nproc must be 1 or more (1, or left out, for one process), not {count}."
+        ]
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for each rank
     monkeypatch.setenv("RANK", "1")
     result = CliRunner().invoke(main, ["run", "--nproc", "2"])
