@@ -300,6 +300,8 @@ def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> li
         rejected = _check_text(row[columns.rejected], at, columns.rejected)
         if columns.prompt in row:
             prompt = _check_text(row[columns.prompt], at, columns.prompt)
+            if isinstance(prompt, list):  # chat turns: a system column beside them is their system prompt
+                prompt = _with_system(prompt, row.get(SYSTEM_COLUMN), at, columns.prompt)
         elif PROMPT_TURNS_COLUMN in row:
             prompt = _check_text(row[PROMPT_TURNS_COLUMN], at, PROMPT_TURNS_COLUMN)
             if isinstance(prompt, list) and prompt[-1]["role"] == "assistant":
@@ -308,7 +310,7 @@ def to_pairs(rows: Iterable[dict[str, Any]], columns: Columns, where: str) -> li
                     f"{columns.chosen!r}/{columns.rejected!r} it must hold only the prompt turns; "
                     "drop the answer from it or name the prompt column with --prompt-column."
                 )
-            prompt = _with_system(prompt, row.get(SYSTEM_COLUMN), at)
+            prompt = _with_system(prompt, row.get(SYSTEM_COLUMN), at, PROMPT_TURNS_COLUMN)
         else:
             prompt, chosen, rejected = _split_shared_prompt(chosen, rejected, columns.assistant_marker, at)
         pair = unify(prompt, chosen, rejected, at)
@@ -470,8 +472,8 @@ def _check_message(message: Any, i: int, at: str, column: str) -> dict[str, str]
     return {"role": role, "content": content}
 
 
-def _with_system(prompt: Text, system: Any, at: str) -> Text:
-    """ShareGPT prompt turns with the row's `system` column (LLaMA-Factory's layout) as their first message."""
+def _with_system(prompt: Text, system: Any, at: str, column: str) -> Text:
+    """Prompt turns with the row's `system` column (LLaMA-Factory's layout) as their first message."""
     if system is None or (isinstance(system, str) and not system.strip()):
         return prompt
     if not isinstance(system, str):
@@ -481,9 +483,7 @@ def _with_system(prompt: Text, system: Any, at: str) -> Text:
     if prompt[0]["role"] == "system":  # LLaMA-Factory reads the turns' own system message first
         if prompt[0]["content"] == system:
             return prompt
-        raise UserError(
-            f"{at} has a {SYSTEM_COLUMN!r} column and another system message in {PROMPT_TURNS_COLUMN!r}; keep one."
-        )
+        raise UserError(f"{at} has a {SYSTEM_COLUMN!r} column and another system message in {column!r}; keep one.")
     return [{"role": "system", "content": _check_chars(system, f"{at} column {SYSTEM_COLUMN!r}")}, *prompt]
 
 

@@ -204,6 +204,13 @@ def test_a_system_column_beside_sharegpt_turns_is_their_system_message():
         to_pairs([{**SHAREGPT_ROW, "system": "Be long."}], Columns(), "x")
     with pytest.raises(UserError, match=r"^x row 1 column 'system' is a list; write the system prompt as a string"):
         to_pairs([{**SHAREGPT_ROW, "conversations": turns, "system": ["Be brief."]}], Columns(), "x")
+    # beside a prompt column of chat turns too; a plain-text prompt stays plain text
+    chat = {"prompt": [{"role": "user", "content": "Capital of France?"}], "chosen": "Paris.", "rejected": "Madrid."}
+    assert to_pairs([{**chat, "system": "Be brief."}], Columns(), "x") == [CHAT_PAIR]
+    plain = to_pairs(
+        [{"prompt": "Capital?", "chosen": "Paris.", "rejected": "Madrid.", "system": "Be brief."}], Columns(), "x"
+    )
+    assert plain[0].prompt == "Capital?"
 
 
 @pytest.mark.parametrize(
