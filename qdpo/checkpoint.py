@@ -265,7 +265,8 @@ def check_resume(checkpoint: Checkpoint, config: Config, world: int = 1, data_fi
     if data_fingerprint and saved and saved != data_fingerprint:
         raise UserError(
             f"cannot resume {run}: the training pairs differ from the ones it was started with (data fingerprint "
-            f"{saved} -> {data_fingerprint}); resume with the same data, or start a new run with "
+            f"{saved} -> {data_fingerprint}: the data changed, or how its held-out share is split off, as qdpo "
+            "releases before whole-prompt splits did); resume with the same data, or start a new run with "
             f"init_adapter={checkpoint.path / 'adapter'} to carry on from this checkpoint's adapter."
         )
 
