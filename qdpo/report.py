@@ -169,6 +169,8 @@ def curve_png(rows: list[dict[str, Any]], stem: str) -> bytes | None:
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, list) and value and all(isinstance(v, float) for v in value):  # e.g. a 95% interval
+        return "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return "-" if value is None else str(value)
@@ -317,7 +319,7 @@ def render_markdown(title: str, blocks: list[Section], figures: dict[str, bytes]
     for block in blocks:
         out += [f"## {block.title}", ""]
         out += [f"- {line}" for line in block.lines] + ([""] if block.lines else [])
-        if block.header:
+        if block.header and block.rows:
             out.append("| " + " | ".join(_md_cell(h) for h in block.header) + " |")
             out.append("|" + "---|" * len(block.header))
             out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
@@ -343,7 +345,7 @@ def render_html(title: str, blocks: list[Section], figures: dict[str, bytes]) ->
     for block in blocks:
         out.append(f"<h2>{esc(block.title)}</h2>")
         out += [f"<p>{esc(line)}</p>" for line in block.lines]
-        if block.header:
+        if block.header and block.rows:
             out.append("<table><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in block.header) + "</tr>")
             out += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in block.rows]
             out.append("</table>")

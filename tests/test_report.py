@@ -187,6 +187,14 @@ def test_two_runs_compared_show_only_the_settings_that_differ(tiny_runs):
     names = re.findall(r"^\| (\w+) \|", differing, flags=re.M)
     assert names == ["setting", "beta"]
     assert "| beta | 0.1 | 0.5 |" in differing
+    interval = re.search(r"^\| 95% interval \| (.*) \|$", md, flags=re.M).group(1)
+    assert re.fullmatch(r"\[[0-9.e-]{1,10}, [0-9.e-]{1,10}\] \| \[[0-9.e-]{1,10}, [0-9.e-]{1,10}\]", interval), (
+        interval
+    )
+    same = CliRunner().invoke(main, ["report", str(root / "a"), str(root / "a"), "--out", str(root / "aa")])
+    assert same.exit_code == 0, same.output
+    alike = (root / "aa" / "report.md").read_text().split("## Settings that differ")[1].split("##")[0]
+    assert "the runs' settings are identical" in alike and "| setting |" not in alike  # no empty table under it
 
 
 def test_generations_show_each_question_once_and_mark_cut_answers(tmp_path):
