@@ -157,6 +157,12 @@ def run(
     if resume:  # the run's own resolved settings are the base; flags and overrides still apply on top
         from qdpo.config import build_config, load_yaml
 
+        if click.get_current_context().get_parameter_source("preset") != click.core.ParameterSource.DEFAULT:
+            raise UserError(
+                "--preset does not apply to --resume: a resumed run keeps its own settings; leave --preset out "
+                "(and change what a resume may change with key=value)."
+            )
+
         run_dir = Path(resume).expanduser()
         if not (run_dir / "config.yaml").is_file() or not (run_dir / "run.json").is_file():
             raise UserError(f"cannot resume {run_dir}: it is not a qdpo run directory (no run.json); check the path.")

@@ -365,3 +365,11 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_model_di
     assert result.exit_code == 2, result.output
     assert "has only 64 embeddings" in result.output.splitlines()[-1]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_preset_with_resume_is_refused(tmp_path):
+    """A resumed run keeps its own settings, so a --preset beside --resume would be silently ignored: refused."""
+    result = invoke("run", "--preset", "7b-24gb", "--resume", str(tmp_path))
+    assert result.exit_code == 2 and result.output.startswith("error: --preset does not apply to --resume"), (
+        result.output
+    )
