@@ -195,6 +195,12 @@ def run(
     if dry_run:
         import yaml
 
+        if resume:  # the settings a resume would refuse are refused here too (the data is not read: not its check)
+            from qdpo.checkpoint import check_resume, latest
+
+            checkpoint = latest(Path(config.output_dir))
+            if checkpoint is not None:
+                check_resume(checkpoint, config, processes)
         click.echo(yaml.safe_dump(config.to_dict(), sort_keys=False), nl=False)
         return
     if nproc is not None and nproc != 1:

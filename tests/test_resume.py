@@ -245,6 +245,9 @@ def test_a_resume_that_changes_the_computation_is_refused(tmp_path, uninterrupte
     ):
         result = CliRunner().invoke(main, ["run", "--resume", str(out), "--no-progress", override])
         assert result.exit_code == 2 and field in result.output and "cannot resume" in result.output, result.output
+        dry = CliRunner().invoke(main, ["run", "--resume", str(out), "--dry-run", override])  # what a run would say
+        assert dry.exit_code == 2 and field in dry.output and "cannot resume" in dry.output, dry.output
+    assert CliRunner().invoke(main, ["run", "--resume", str(out), "--dry-run", "logging_steps=2"]).exit_code == 0
     done = CliRunner().invoke(
         main, ["run", "--resume", str(out), "--no-progress", "logging_steps=2", "offload_activations=true"]
     )
