@@ -584,7 +584,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an int too long for int(); RecursionError: deep
         value = raw
-    if key.isidentifier() and raw.lstrip().startswith("[") and not raw.rstrip().endswith("]"):  # unquoted a=[b, c]
+    kinds = (_type_of(key), *typing.get_args(_type_of(key))) if key in field_names() else ()
+    takes_lists = any(typing.get_origin(kind) is list for kind in kinds)
+    if takes_lists and raw.lstrip().startswith("[") and not raw.rstrip().endswith("]"):  # unquoted a=[b, c]
         raise UserError(
             f"{key} got {_show(raw)}, a list cut short (the shell splits unquoted words at spaces); quote the whole "
             f"setting, as in '{key}=[a, b]', or write it without spaces."

@@ -367,6 +367,13 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tiny_model_di
     assert not (tmp_path / "out").exists()
 
 
+def test_a_bracket_in_a_text_setting_is_not_a_cut_list():
+    from qdpo.config import parse_override
+
+    assert parse_override("assistant_marker=[Assistant]:") == ("assistant_marker", "[Assistant]:")
+    assert parse_override("prompt_column=[q]x") == ("prompt_column", "[q]x")
+
+
 def test_a_preset_with_resume_is_refused(tmp_path):
     """A resumed run keeps its own settings, so a --preset beside --resume would be silently ignored: refused."""
     result = invoke("run", "--preset", "7b-24gb", "--resume", str(tmp_path))
