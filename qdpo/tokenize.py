@@ -76,6 +76,10 @@ def text_is_empty(t: str | list[dict[str, str]]) -> bool:
 class Unsplittable(ValueError):
     """The chat template does not render prompt + response as the prompt's rendering followed by more text."""
 
+    def __init__(self, prefilled: bool = False) -> None:
+        super().__init__("prefilled" if prefilled else "answer")
+        self.prefilled = prefilled  # the template changed the prompt's own (prefilled) assistant turn
+
 
 def _prefilled(prompt: list[dict[str, str]]) -> bool:
     """A prompt that ends with the start of the assistant's answer, which the response continues."""
@@ -87,8 +91,8 @@ def render_prompt(tokenizer, prompt: list[dict[str, str]]) -> str:
     if _prefilled(prompt):
         try:
             return tokenizer.apply_chat_template(prompt, continue_final_message=True, tokenize=False)
-        except ValueError as e:  # transformers: the template dropped part of the prefilled text
-            raise Unsplittable(str(e)) from None
+        except ValueError:  # transformers: the template dropped part of the prefilled text
+            raise Unsplittable(prefilled=True) from None
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
@@ -149,25 +153,56 @@ def _repeats_the_prompt_end(prompt_text: str, content: str) -> bool:
     return any(len(tail[k:].strip()) >= 3 and content.startswith(tail[k:]) for k in range(len(tail)))
 
 
+SENTINELS = ("Xq9", "Zq9")  # two one-message answers that differ from their first character on
+
+
+def _common_suffix(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[-1 - n] == b[-1 - n]:
+        n += 1
+    return n
+
+
+def _after_prompt(tokenizer, prompt_text: str, prompt: list[dict[str, str]], content: str) -> str:
+    """The text of a one-message answer as the template writes it after the prompt it generates from: the turn's
+    opening the generation prompt lacks (Mistral v0.3's space), the content as written, and the turn's end."""
+    a, b = (
+        tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": x}], tokenize=False)
+        for x in SENTINELS
+    )
+    start = _common_prefix(a, b)  # where the answer's content begins
+    if a[start : start + len(SENTINELS[0])] != SENTINELS[0]:
+        raise Unsplittable()
+    before, end = a[:start], a[start + len(SENTINELS[0]) :]
+    # The generation prompt's end is the place in `before` that ends the way prompt_text ends (the question and
+    # the turn marker); what follows it there is the turn's opening.
+    cut = max(range(max(0, start - 64), start + 1), key=lambda e: (_common_suffix(before[:e], prompt_text), e))
+    opening = before[cut:] if _common_suffix(before[:cut], prompt_text) >= 4 else ""
+    return opening + content + end
+
+
 def _whole_ids(tokenizer, prompt, response, fixed: list[str]) -> list[int]:
     """The ids of prompt + response as the model reads them, before the response's EOS is settled."""
     if not isinstance(response, list):
         return _encode_text(tokenizer, prompt + response)
     prompt_text, whole = render_prompt(tokenizer, prompt), _render_whole(tokenizer, prompt, response)
     if not whole.startswith(prompt_text):
-        # The template writes an answered turn unlike the turn it prompts for (Mistral v0.3 drops the system prompt
-        # once the last message is not the user's; R1-style templates strip reasoning). One answer message is
-        # scored as the model would write it after the prompt: its content, then EOS. Several, or an answer that
-        # repeats the prompt's end, have no such reading.
+        # The template writes an answered conversation unlike the prompt it generates from (Mistral v0.3 drops the
+        # system prompt once the last message is not the user's; R1-style templates strip reasoning). One answer
+        # message is scored as the model would write it after that prompt: the turn's own opening and end around
+        # the content as written. Several, an answer that repeats the prompt's end, or a prefilled turn the
+        # template changes have no such reading.
         content = response[0]["content"]
+        if _prefilled(prompt):
+            raise Unsplittable(prefilled=True)
         if len(response) > 1 or _repeats_the_prompt_end(prompt_text, content):
-            raise Unsplittable(prompt_text, whole)
-        whole = prompt_text + content
+            raise Unsplittable()
+        whole = prompt_text + _after_prompt(tokenizer, prompt_text, prompt, content)
         fixed.append("generated")
     return tokenizer(whole, add_special_tokens=False)["input_ids"]
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
+def _common_prefix(a, b) -> int:  # two lists or two strings
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
         n += 1
@@ -196,8 +231,22 @@ def encode_pair(
     shared = min(_common_prefix(prompt_ids, whole) for whole in wholes)
     if shared < len(prompt_ids):
         fixed.append("boundary")
+    if shared == 0 and prompt_ids:  # the prompt would vanish (one word piece, no BOS): the responses go apart
+        texts = [_response_text(tokenizer, prompt, response) for response in (chosen, rejected)]
+        wholes, shared = (
+            [prompt_ids + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
+            len(prompt_ids),
+        )
     chosen_ids, rejected_ids = (_finish_response(tokenizer, whole[shared:], fixed) for whole in wholes)
     return _dedupe_bos(tokenizer, prompt_ids[:shared], fixed), chosen_ids, rejected_ids
+
+
+def _response_text(tokenizer, prompt, response) -> str:
+    """A response's own text: plain, or what the chat template writes for it after the prompt."""
+    if not isinstance(response, list):
+        return response
+    prompt_text, whole = render_prompt(tokenizer, prompt), _render_whole(tokenizer, prompt, response)
+    return whole[len(prompt_text) :] if whole.startswith(prompt_text) else response[0]["content"]
 
 
 def _finish_response(tokenizer, ids: list[int], fixed: list[str]) -> list[int]:
@@ -249,7 +298,13 @@ def tokenize_pairs(
         fixes: list[str] = []  # what was fixed in this pair: counted only if the pair is kept
         try:
             prompt, chosen, rejected = encode_pair(tokenizer, pair.prompt, pair.chosen, pair.rejected, fixes)
-        except Unsplittable:
+        except Unsplittable as e:
+            if e.prefilled:
+                raise UserError(
+                    f"{pair.origin or f'pair {number}'}: the tokenizer's chat template changes the prefilled start "
+                    "of the answer (the prompt's last, assistant message), so the answer cannot continue it; give "
+                    "plain-text prompts and responses, or set tokenizer= to one whose template keeps that turn."
+                ) from None
             raise UserError(
                 f"{pair.origin or f'pair {number}'}: the tokenizer's chat template writes the conversation with "
                 "its answer so that it does not start with the prompt's own text, and this answer cannot simply "

@@ -193,39 +193,39 @@ MISTRAL_V3_TEMPLATE = (  # Mistral-7B-Instruct-v0.3's shape: the system prompt j
     "{{- bos_token }}{%- for message in loop_messages %}{%- if message['role'] == 'user' %}"
     "{%- if loop.last and system_message is defined %}{{- '[INST] ' + system_message + '\\n\\n' + message['content'] "
     "+ '[/INST]' }}{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
-    "{%- elif message['role'] == 'assistant' %}{{- message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
 )
 
 
-def test_a_template_that_moves_the_system_prompt_scores_the_answer_after_the_prompt(tokenizer):
+def test_a_template_that_moves_the_system_prompt_scores_the_answer_after_the_prompt(sp_tokenizer):
     """Mistral v0.3 writes the system prompt only into a conversation that ends with the user: with the answer, it
-    is gone, so the whole conversation does not start with the prompt. The answer is scored as the model writes it
-    after that prompt (its text, then EOS), and the run says how often."""
-    tok = copy.deepcopy(tokenizer)
+    is gone, so the whole conversation does not start with the prompt. The answer is scored as the template
+    writes its turn after that prompt (its opening space, the text, EOS): the same tokens as in a row without a
+    system prompt, and the run says how often."""
+    tok = copy.deepcopy(sp_tokenizer)
     tok.chat_template = MISTRAL_V3_TEMPLATE
     prompt = [{"role": "system", "content": "Be brief."}, *MSG]
     text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     assert text == "<s>[INST] Be brief.\n\nWhat is two plus two?[/INST]"
-    pair = unify(prompt, "Four.", "Five.", "prefs.jsonl row 1")
-    (kept,), stats = tokenize_pairs(tok, [pair], 64, 32)
-    assert kept.prompt_ids + kept.chosen_ids == tok(text + "Four.", add_special_tokens=False)["input_ids"] + [
-        tok.eos_token_id
-    ]
+    (kept,), stats = tokenize_pairs(tok, [unify(prompt, "Two.", "Four.", "prefs.jsonl row 1")], 64, 32)
+    assert kept.prompt_ids + kept.chosen_ids == tok(text + " Two.</s>", add_special_tokens=False)["input_ids"]
     assert stats.notes[0].startswith("2 responses are scored as their text after the prompt, then EOS")
-    (plain,), stats = tokenize_pairs(tok, [unify(MSG, "Four.", "Five.")], 64, 32)  # no system prompt: no change
-    assert tok.decode(plain.prompt_ids + plain.chosen_ids) == "<s>[INST] What is two plus two?[/INST]Four.</s>"
-    assert stats.notes == []
+    (plain,), stats = tokenize_pairs(tok, [unify(MSG, "Two.", "Four.")], 64, 32)  # no system prompt: no fallback
+    assert tok.decode(plain.prompt_ids + plain.chosen_ids) == "<s>[INST] What is two plus two?[/INST] Two.</s>"
+    assert stats.notes == [] and plain.chosen_ids == kept.chosen_ids  # the same answer tokens either way
+    assert tok.convert_ids_to_tokens(kept.chosen_ids[0]).startswith("▁")  # the template's space, joined to the word
 
 
-def test_a_prefilled_answer_start_is_continued_not_closed(tokenizer):
-    """A prompt ending with the assistant's first words: the response continues that turn (one assistant turn in
-    the sequence), as the template renders the joined answer."""
-    prompt = MSG + [{"role": "assistant", "content": "Two plus two"}]
-    answer = [{"role": "assistant", "content": " is four."}]
-    ids = encode_prompt(tokenizer, prompt) + encode_response(tokenizer, prompt, answer)
-    joined = MSG + [{"role": "assistant", "content": "Two plus two is four."}]
-    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(joined, tokenize=False).rstrip("\n")
-    assert tokenizer.decode(encode_prompt(tokenizer, prompt)).endswith("<|assistant|>\nTwo plus two")
+def test_a_prompt_that_would_vanish_at_the_boundary_keeps_its_ids(tokenizer):
+    """Without a BOS, a prompt that is one word piece of the answer's first word ("Tw" + "o ...") shares no id with
+    the whole encoding: it keeps its own ids and the responses are encoded apart, rather than an empty prompt."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    tok.backend_tokenizer.post_processor = processors.Sequence([])
+    (pair,), stats = tokenize_pairs(tok, [Pair("Tw", "o plus two.", "o.")], 64, 32)
+    assert pair.prompt_ids == tok("Tw")["input_ids"] and stats.kept == 1
+    assert pair.chosen_ids == tok("o plus two.")["input_ids"] + [tok.eos_token_id]
 
 
 def test_a_template_that_rewrites_answered_turns_is_refused(tokenizer):
@@ -247,7 +247,7 @@ def test_a_template_that_rewrites_answered_turns_is_refused(tokenizer):
         tokenize_pairs(tokenizer, [pair], 64, 32)
     prefilled = MSG + [{"role": "assistant", "content": "<think>\nHmm.\n</think>Fo"}]  # a prefill it cuts too
     with pytest.raises(
-        UserError, match=r"^prefs.jsonl row 4: the tokenizer's chat template writes the conversation with its answer"
+        UserError, match=r"^prefs.jsonl row 4: the tokenizer's chat template changes the prefilled start"
     ):
         tokenize_pairs(tokenizer, [unify(prefilled, "ur.", "ive.", "prefs.jsonl row 4")], 64, 32)
 
