@@ -83,6 +83,21 @@ def _metric(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def shareable_settings(run_dir: Path) -> str:
+    """The run's config.yaml for an exported card, with absolute local paths cut to their last part (config.yaml
+    records them absolute so the run resumes from anywhere; they would show the user's directories)."""
+    import yaml
+
+    from qdpo.config import PATH_SETTINGS
+
+    settings = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for name in (*PATH_SETTINGS, "output_dir"):
+        value = settings.get(name)
+        if isinstance(value, str) and Path(value).is_absolute():
+            settings[name] = Path(value).name
+    return yaml.safe_dump(settings, sort_keys=False)
+
+
 def base_model_name(adapter: Adapter) -> str | None:
     """The base as the user named it (hub id, their path, a .gguf file, builtin:...), never qdpo's converted copy."""
     return ((adapter.run or {}).get("base_model") or {}).get("name") or adapter.config.get("base_model_name_or_path")
@@ -192,7 +207,7 @@ def model_card(adapter: Adapter, title: str) -> str:
             "Every resolved setting of the run (`qdpo_config.yaml`):",
             "",
             "```yaml",
-            (adapter.run_dir / "config.yaml").read_text().rstrip(),
+            shareable_settings(adapter.run_dir).rstrip(),
             "```",
         ]
     parts += ["", "## Final metrics", ""]
@@ -231,7 +246,7 @@ def export_peft(
             if item.is_file() and item.name != "README.md":  # PEFT's placeholder card is replaced by ours
                 shutil.copy2(item, tmp / item.name)
         if adapter.run_dir and (adapter.run_dir / "config.yaml").is_file():
-            shutil.copy2(adapter.run_dir / "config.yaml", tmp / "qdpo_config.yaml")
+            (tmp / "qdpo_config.yaml").write_text(shareable_settings(adapter.run_dir))
         # PEFT wrote the path transformers loaded, which for a .gguf or built-in base is qdpo's converted copy
         # in the cache: the exported adapter names the base the user gave instead.
         config = dict(adapter.config, base_model_name_or_path=base_model_name(adapter))

@@ -107,11 +107,19 @@ def _swap_in(new: Path, out: Path) -> None:
         old.unlink()
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: once, at import, before any thread writes files
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def default_permissions(root: Path) -> None:
     """Give root and everything under it the modes a plain mkdir/open would (0777/0666 less the umask): mkdtemp makes
     0700 and safetensors writes 0600, which would hide an adapter or model from the other users of a server."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _UMASK
     root.chmod(0o777 & ~mask)
     for path in root.rglob("*"):
         if not path.is_symlink():

@@ -115,6 +115,7 @@ def describe_run(
     config: Config, data: PreparedData, dtype: torch.dtype, device: torch.device, status: str
 ) -> dict[str, Any]:
     """The self-description written as run.json: later commands read it instead of asking again."""
+    config = absolute_paths(config)  # read back from other directories (init_adapter by merge, export, generate)
     return {
         "qdpo_version": __version__,
         "status": status,

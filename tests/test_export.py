@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from test_merge import dir_logits, make_run, peft_logits, random_adapter
 
@@ -157,6 +158,9 @@ def test_peft_export_loads_and_has_a_model_card(run_dir, tiny_model_dir, tmp_pat
     assert "eval_rewards/accuracies" in card and f"{summary['final_train_loss']:.4g}" in card
     assert "ship-data.jsonl" in card and "learning_rate: 0.01" in card  # data and settings
     assert (out / "qdpo.json").is_file() and (out / "qdpo_config.yaml").is_file()
+    shared = yaml.safe_load((out / "qdpo_config.yaml").read_text())  # the run's directories are not shipped
+    assert (shared["data"], shared["model"]) == ("ship-data.jsonl", tiny_model_dir.name), shared
+    assert str(run_dir.parent) not in (out / "qdpo_config.yaml").read_text()
     assert "0.25 of the pairs in the training data file, set aside by seed and never trained on" in card
 
     result = CliRunner().invoke(export_command, [str(run_dir), "--format", "peft", "--out", str(out)])
