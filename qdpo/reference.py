@@ -274,6 +274,7 @@ def compute_reference(
     layout: str = "plain",
     ld_alpha: float | None = None,
     world: World = SINGLE,
+    split: str = "",
 ) -> torch.Tensor:
     """[N, 2] reference log-probs (chosen, rejected) of the pairs in the given micro-batches; NaN for the others.
 
@@ -283,7 +284,9 @@ def compute_reference(
     table = torch.full((len(pairs), 2), float("nan"), dtype=torch.float32)  # an unscored pair can never pass as 0
     was_training = model.training
     model.eval()
-    for idx, counts in progress_bar(world.share_evenly(batches), desc="reference", unit="batch", leave=False):
+    for idx, counts in progress_bar(
+        world.share_evenly(batches), desc=f"reference ({split})" if split else "reference", unit="batch", leave=False
+    ):
         crash_point("reference")
         scores = (
             reference_scores(model, make_batch([pairs[i] for i in idx], pad_id, layout), logits_chunk_size)
@@ -374,6 +377,7 @@ def load_or_compute(
     notes: list[str] | None = None,
     ld_alpha: float | None = None,
     world: World = SINGLE,
+    split: str = "",
 ) -> tuple[torch.Tensor, int]:
     """The reference table with every pair of `batches` scored, and how many of those micro-batches were scored now.
 
@@ -387,7 +391,7 @@ def load_or_compute(
     missing = batches if table is None else [b for b in batches if torch.isnan(table[b]).any()]
     if not missing:
         return table, 0
-    scored = compute_reference(model, pairs, missing, pad_id, logits_chunk_size, layout, ld_alpha, world)
+    scored = compute_reference(model, pairs, missing, pad_id, logits_chunk_size, layout, ld_alpha, world, split)
     table = scored if table is None else torch.where(torch.isnan(scored), table, scored)
     if world.main:
         store_table(table, key)

@@ -383,20 +383,22 @@ def setup_training(
         **({"tiled_mlp": config.tiled_mlp} if config.tiled_mlp else {}),  # tiles: other float rounding
     }
 
-    def reference_table(pairs: list, every: list[list[int]], needed: list[list[int]]) -> tuple[torch.Tensor, int]:
+    def reference_table(
+        pairs: list, every: list[list[int]], needed: list[list[int]], split: str
+    ) -> tuple[torch.Tensor, int]:
         # Keyed on every micro-batch the table may hold: a later run that needs more of them extends the entry.
         key = cache_key(
             data.source, config.init_adapter, pairs, dtype, config.micro_batch_size, every, chunk, layout,
             device=device, extra=extra,
         )  # fmt: skip
         damage: list[str] = []
-        table, scored = load_or_compute(model, pairs, needed, pad_id, key, chunk, layout, damage, ld, world)
+        table, scored = load_or_compute(model, pairs, needed, pad_id, key, chunk, layout, damage, ld, world, split)
         for note in damage:
             echo(note)
         return table, scored
 
     scored_eval = bool(data.eval) and config.needs_reference
-    eval_ref = reference_table(data.eval, eval_batches, eval_batches)[0] if scored_eval else None
+    eval_ref = reference_table(data.eval, eval_batches, eval_batches, "held-out")[0] if scored_eval else None
     train_ref = None
     if not config.needs_reference:
         echo(
@@ -407,7 +409,7 @@ def setup_training(
         # Score only what the run will use: the loop pops epoch 0's micro-batches from the end.
         used = epoch_batches[-min(len(epoch_batches), steps * config.gradient_accumulation_steps * world.size) :]
         used = epoch_batches if score_all else used
-        train_ref, scored = reference_table(data.train, epoch_batches, used)
+        train_ref, scored = reference_table(data.train, epoch_batches, used, "train")
         if scored == 0:
             echo("reference log-probs: reused from cache")
         elif scored == len(used):
