@@ -32,7 +32,9 @@ def _age(seconds: float) -> str:
 def _what(about: dict | None) -> str:
     if not about:
         return "(no description: written by an older qdpo)"
-    text = f"{about.get('model')}, {about.get('pairs', '?'):,} pairs (data {about.get('data_sha256', '?')})"
+    pairs, scored = about.get("pairs", "?"), about.get("scored")
+    count = f"{scored:,} of {pairs:,} pairs" if scored is not None and scored != pairs else f"{pairs:,} pairs"
+    text = f"{about.get('model')}, {count} (data {about.get('data_sha256', '?')})"
     if about.get("init_adapter"):
         text += f", init adapter {about['init_adapter']}"
     return text

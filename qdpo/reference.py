@@ -357,7 +357,8 @@ def store_table(table: torch.Tensor, key: str) -> None:
         about = getattr(key, "about", None)
         if about is not None:  # what the table is for, for `qdpo cache list`
             sidecar = path.with_suffix(".json")
-            write_json(sidecar, {**about, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            scored = int((~torch.isnan(table).any(dim=1)).sum())  # a run scores only the micro-batches it uses
+            write_json(sidecar, {**about, "scored": scored, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     except OSError as e:
         raise UserError(
             f"cannot write the reference cache in {directory} ({e.strerror or e}); set QDPO_CACHE to a "

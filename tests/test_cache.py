@@ -263,3 +263,11 @@ def test_cache_list_and_clear(tmp_path, monkeypatch, cache):
     result = runner.invoke(main, ["cache", "clear", "--all"])
     assert result.exit_code == 0 and "and 1 converted GGUF model (" in result.output
     assert not converted.exists()
+
+
+def test_cache_list_counts_the_pairs_a_table_holds(tmp_path, monkeypatch, cache):
+    """A short run scores only the micro-batches it uses: the listing says how many of the split's pairs it holds."""
+    key = key_of(make_model(tmp_path / "m"))
+    ref.store_table(torch.tensor([[-1.0, -2.0], [float("nan"), float("nan")]]), key)
+    line = CliRunner().invoke(main, ["cache", "list"]).output.splitlines()[1]
+    assert f"{tmp_path / 'm'}, 1 of 2 pairs (data " in line, line
