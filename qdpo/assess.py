@@ -74,15 +74,15 @@ def eval_line(step: int, row: dict[str, Any], pairs: int) -> str:
     )
 
 
-def small_eval_warning(pairs: int) -> str | None:
-    """A warning when the held-out set is too small for its accuracy to mean much."""
+def small_eval_warning(pairs: int, unit: str = "pair") -> str | None:
+    """A warning when the held-out set is too small for its accuracy to mean much (unit: KTO counts examples)."""
     if pairs >= SMALL_EVAL:
         return None
     low, high = wilson_interval(pairs // 2, pairs)
     return (
-        f"warning: only {pairs} held-out pair{'' if pairs == 1 else 's'}, so eval accuracy is uncertain by about "
+        f"warning: only {pairs} held-out {unit}{'' if pairs == 1 else 's'}, so eval accuracy is uncertain by about "
         f"+-{(high - low) / 2:.2f}; "
-        f"give eval_data (or raise eval_fraction) for at least {SMALL_EVAL} pairs to judge the run."
+        f"give eval_data (or raise eval_fraction) for at least {SMALL_EVAL} {unit}s to judge the run."
     )
 
 

@@ -866,7 +866,7 @@ def train_loop(
 
     baseline: dict[str, float] | None = None
     if first_step == 1 and data.eval:  # the baseline every later eval is read against
-        warning = small_eval_warning(len(data.eval))
+        warning = small_eval_warning(len(data.eval), "example" if config.unpaired else "pair")
         if warning:
             echo(warning)
         if t.eval_ref is not None and not config.unpaired:  # KTO's second column is the KL sample, no rival

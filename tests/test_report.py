@@ -35,6 +35,8 @@ def test_accuracy_line_and_small_eval_warning():
     # One pair: the interval spans almost everything, and the run says so.
     assert "only 1 held-out pair," in small_eval_warning(1) and "+-0.4" in small_eval_warning(1)
     assert small_eval_warning(30) is None and "+-0.17" in small_eval_warning(29)
+    assert small_eval_warning(4, "example").startswith("warning: only 4 held-out examples, so")
+    assert "for at least 30 examples to judge" in small_eval_warning(4, "example")
 
 
 @pytest.mark.parametrize(
