@@ -117,9 +117,16 @@ def join(device_type: str) -> World:
     return world
 
 
-def leave() -> None:
-    """Tear the process group down (nothing to do for a plain process)."""
+def leave(finished: bool = True) -> None:
+    """Tear the process group down (nothing to do for a plain process).
+
+    finished: every rank gets here, so wait for all of them first. A rank that tore its group down while another
+    still had work in flight was seen to abort at exit (gloo's worker threads still holding that work: SIGABRT,
+    "terminate called without an active exception"). After a failure the others may be gone: no wait.
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if finished:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 

@@ -535,11 +535,14 @@ def run(
     # Until the loop takes over (finish the step, checkpoint), a signal stops at once; several ranks are stopped by
     # their launcher, which signals them all.
     stopping = stop_at_once() if world.size == 1 else contextlib.nullcontext()
+    finished = False
     try:
         with showing_progress(progress), stopping:
-            return _run(config, preset, echo, resume, callback, device, world)
+            result = _run(config, preset, echo, resume, callback, device, world)
+        finished = True
+        return result
     finally:
-        leave()
+        leave(finished)
 
 
 def generation_prompts(pairs: list[TokenizedPair], limit: int) -> list[list[int]]:
