@@ -210,6 +210,9 @@ def run(
 
     outlive_readers()
     tune(loaded.name, config=config, echo=click.echo, progress=not no_progress, resume=resume is not None)
+    from qdpo.distributed import end_gloo_process
+
+    end_gloo_process()  # a rank of a finished CPU job: exit before finalization can abort it
 
 
 def _launch(nproc: int, preset: str, config, resume: str | None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator, TypeVar
 
@@ -117,17 +118,34 @@ def join(device_type: str) -> World:
     return world
 
 
+_left_gloo = False  # this process ran in a gloo group of several ranks and left it
+
+
 def leave(finished: bool = True) -> None:
     """Tear the process group down (nothing to do for a plain process).
 
-    finished: every rank gets here, so wait for all of them first. A rank that tore its group down while another
-    still had work in flight was seen to abort at exit (gloo's worker threads still holding that work: SIGABRT,
-    "terminate called without an active exception"). After a failure the others may be gone: no wait.
+    finished: every rank gets here, so wait for all of them first; after a failure the others may be gone.
     """
+    global _left_gloo
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         if finished:
             torch.distributed.barrier()
+        _left_gloo = torch.distributed.get_world_size() > 1 and _backend() == "gloo"
         torch.distributed.destroy_process_group()
+
+
+def end_gloo_process() -> None:
+    """After a finished job of several CPU (gloo) processes, exit now, skipping interpreter finalization.
+
+    Under load a rank was seen to abort there after its run had finished and left the group (SIGABRT, "terminate
+    called without an active exception"), failing the job: gloo's worker threads can still hold work whose
+    tensors are freed while the interpreter is torn down (pytorch/pytorch#179291). Everything qdpo writes is
+    already on disk (atomic, fsynced); only the streams need flushing.
+    """
+    if _left_gloo:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def current_rank() -> int:

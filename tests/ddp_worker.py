@@ -13,7 +13,7 @@ import torch
 
 import qdpo.train as train
 from qdpo.config import build_config
-from qdpo.distributed import join, leave, local
+from qdpo.distributed import end_gloo_process, join, leave, local
 from qdpo.model import pick_device
 from qdpo.prepare import prepare_data
 
@@ -104,6 +104,7 @@ def main(model: str, data_path: str, out: str, accumulation: int) -> None:
             out,
         )
     leave()
+    end_gloo_process()
 
 
 if __name__ == "__main__":
