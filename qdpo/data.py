@@ -556,6 +556,11 @@ def unify(prompt: Text, chosen: Text, rejected: Text, origin: str = "") -> Pair:
     return Pair(prompt, chosen, rejected, origin)
 
 
+def prompt_key(prompt: Text) -> str:
+    """A prompt (text or messages) as one string, equal for equal prompts: for grouping pairs by prompt."""
+    return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+
+
 def fingerprint(pairs: list[Pair]) -> str:
     """A content hash of the pairs, independent of the file format they came from."""
     digest = hashlib.sha256()

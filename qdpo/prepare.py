@@ -5,13 +5,12 @@ Every input error surfaces here, before anything is written or any weight is rea
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from qdpo.config import Config
-from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, to_pairs
+from qdpo.data import BUILTIN_DATA, Columns, Pair, fingerprint, load_rows, prompt_key, to_pairs
 from qdpo.errors import UserError
 from qdpo.families import describe, length_switched_rope
 from qdpo.model import ModelSource, load_model_config, load_tokenizer, resolve_model
@@ -39,10 +38,6 @@ def read_pairs(source: str, config: Config) -> list[Pair]:
     return to_pairs(rows, columns, where)
 
 
-def _prompt_key(pair: Pair) -> str:
-    return json.dumps(pair.prompt, ensure_ascii=False, sort_keys=True)
-
-
 def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
     """Hold out about `fraction` of the pairs (at least one when fraction > 0), chosen by seed, whole prompts at a
     time: a held-out prompt is not trained on, so several pairs per prompt do not inflate held-out accuracy.
@@ -56,7 +51,7 @@ def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair
     want = max(1, round(fraction * len(pairs)))
     groups: dict[str, list[int]] = {}
     for i, pair in enumerate(pairs):
-        groups.setdefault(_prompt_key(pair), []).append(i)
+        groups.setdefault(prompt_key(pair.prompt), []).append(i)
     order = [g for g in groups.values() if len(g) <= 2 * want]
     if len(groups) < 2 or not order:
         order = [[i] for i in range(len(pairs))]
@@ -72,8 +67,8 @@ def split_eval(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair
 
 def trained_prompts_note(train: list[Pair], held: list[Pair]) -> str | None:
     """A line when held-out pairs share their prompt with training pairs (their accuracy is then optimistic)."""
-    trained = {_prompt_key(p) for p in train}
-    shared = sum(_prompt_key(p) in trained for p in held)
+    trained = {prompt_key(p.prompt) for p in train}
+    shared = sum(prompt_key(p.prompt) in trained for p in held)
     if not shared:
         return None
     return (

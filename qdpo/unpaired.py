@@ -10,12 +10,11 @@ cache then work unchanged; only the loss (qdpo.loss.kto_loss) reads the slots di
 from __future__ import annotations
 
 import itertools
-import json
 import random
 from collections import Counter
 
 from qdpo.config import Config
-from qdpo.data import BUILTIN_DATA, Columns, Example, Pair, load_rows, to_examples, unify
+from qdpo.data import BUILTIN_DATA, Columns, Example, Pair, load_rows, prompt_key, to_examples, unify
 from qdpo.errors import UserError
 from qdpo.tokenize import text_is_empty
 
@@ -31,10 +30,6 @@ def read_examples(source: str, config: Config) -> list[Example]:
     return to_examples(rows, columns, config.completion_column, config.label_column, where)
 
 
-def _key(prompt) -> str:
-    return json.dumps(prompt, ensure_ascii=False, sort_keys=True)
-
-
 def kto_pairs(examples: list[Example], where: str) -> list[Pair]:
     """Each example as a Pair: its answer in chosen, an answer to a different prompt in rejected (its KL sample).
 
@@ -44,7 +39,7 @@ def kto_pairs(examples: list[Example], where: str) -> list[Pair]:
     one within each batch; qdpo fixes the pairing once, so the reference table can be scored and cached before
     training.) Where that is impossible, an example takes the next answer to another prompt.
     """
-    keys = [_key(e.prompt) for e in examples]
+    keys = [prompt_key(e.prompt) for e in examples]
     first_seen = {key: i for i, key in reversed(list(enumerate(keys)))}
     order = sorted(range(len(examples)), key=lambda i: first_seen[keys[i]])  # stable: each prompt's run in one piece
     n, shift = len(order), max(Counter(keys).values(), default=0)
@@ -79,7 +74,7 @@ def split_by_prompt(examples: list[Example], fraction: float, seed: int) -> tupl
     Each side keeps at least two prompts, since every KL sample must answer another prompt of the same split;
     with fewer than four prompts nothing is held out.
     """
-    keys = [_key(e.prompt) for e in examples]
+    keys = [prompt_key(e.prompt) for e in examples]
     sizes = Counter(keys)
     prompts = sorted(sizes)
     if fraction <= 0 or len(prompts) < 4:
