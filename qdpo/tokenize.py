@@ -114,37 +114,35 @@ def _appends_eos(tokenizer) -> bool:
     )
 
 
-def _encode_text(tokenizer, text: str) -> list[int]:
-    """Plain text with the tokenizer's own special tokens, less an EOS it appends (add_eos_token): a prompt must
-    not end its sequence, and a response gets its one EOS later."""
+def _encode_text(tokenizer, text: str, appends_eos: bool) -> list[int]:
+    """Plain text with the tokenizer's own special tokens, less an EOS it appends (appends_eos: add_eos_token): a
+    prompt must not end its sequence, and a response gets its one EOS later."""
     ids = tokenizer(text)["input_ids"]
-    if ids and _appends_eos(tokenizer):
-        ids = ids[:-1]
-    return ids
+    return ids[:-1] if ids and appends_eos else ids
 
 
 def _dedupe_bos(tokenizer, ids: list[int], fixed: list[str] | None) -> list[int]:
     """A doubled BOS (the text or template writes one, the tokenizer adds another) cut to one; "bos" to fixed."""
-    bos = tokenizer.bos_token_id
-    if bos is None or len(ids) < 2 or ids[0] != bos or ids[1] != bos:
-        return ids
-    while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-        ids = ids[1:]
-    if fixed is not None:
+    bos, extra = tokenizer.bos_token_id, 0
+    while bos is not None and extra + 1 < len(ids) and ids[extra] == ids[extra + 1] == bos:
+        extra += 1
+    if extra and fixed is not None:
         fixed.append("bos")
-    return ids
+    return ids[extra:]
 
 
-def _raw_prompt_ids(tokenizer, prompt: str | list[dict[str, str]]) -> list[int]:
+def _prompt_text_and_ids(tokenizer, prompt: str | list[dict[str, str]], appends_eos: bool) -> tuple[str, list[int]]:
+    """The prompt's text (the chat template's, for messages) and its ids, a doubled BOS not yet cut."""
     if isinstance(prompt, list):
-        return tokenizer(render_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-    return _encode_text(tokenizer, prompt)
+        text = render_prompt(tokenizer, prompt)
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    return prompt, _encode_text(tokenizer, prompt, appends_eos)
 
 
 def encode_prompt(tokenizer, prompt: str | list[dict[str, str]], fixed: list[str] | None = None) -> list[int]:
     """Token ids of a prompt alone (to generate from): chat template + generation prompt for messages, plain
     encoding otherwise, a doubled BOS cut to one ("bos" goes to fixed)."""
-    return _dedupe_bos(tokenizer, _raw_prompt_ids(tokenizer, prompt), fixed)
+    return _dedupe_bos(tokenizer, _prompt_text_and_ids(tokenizer, prompt, _appends_eos(tokenizer))[1], fixed)
 
 
 def _repeats_the_prompt_end(prompt_text: str, content: str) -> bool:
@@ -181,11 +179,11 @@ def _after_prompt(tokenizer, prompt_text: str, prompt: list[dict[str, str]], con
     return opening + content + end
 
 
-def _whole_ids(tokenizer, prompt, response, fixed: list[str]) -> list[int]:
+def _whole_ids(tokenizer, prompt, prompt_text: str, response, appends_eos: bool, fixed: list[str]) -> list[int]:
     """The ids of prompt + response as the model reads them, before the response's EOS is settled."""
     if not isinstance(response, list):
-        return _encode_text(tokenizer, prompt + response)
-    prompt_text, whole = render_prompt(tokenizer, prompt), _render_whole(tokenizer, prompt, response)
+        return _encode_text(tokenizer, prompt + response, appends_eos)
+    whole = _render_whole(tokenizer, prompt, response)
     if not whole.startswith(prompt_text):
         # The template writes an answered conversation unlike the prompt it generates from (Mistral v0.3 drops the
         # system prompt once the last message is not the user's; R1-style templates strip reasoning). One answer
@@ -226,13 +224,15 @@ def encode_pair(
     the prompt's text.
     """
     fixed = [] if fixed is None else fixed
-    prompt_ids = _raw_prompt_ids(tokenizer, prompt)
-    wholes = [_whole_ids(tokenizer, prompt, response, fixed) for response in (chosen, rejected)]
+    appends_eos = _appends_eos(tokenizer)
+    prompt_text, prompt_ids = _prompt_text_and_ids(tokenizer, prompt, appends_eos)
+    responses = (chosen, rejected)
+    wholes = [_whole_ids(tokenizer, prompt, prompt_text, r, appends_eos, fixed) for r in responses]
     shared = min(_common_prefix(prompt_ids, whole) for whole in wholes)
     if shared < len(prompt_ids):
         fixed.append("boundary")
     if shared == 0 and prompt_ids:  # the prompt would vanish (one word piece, no BOS): the responses go apart
-        texts = [_response_text(tokenizer, prompt, response) for response in (chosen, rejected)]
+        texts = [_response_text(tokenizer, prompt, prompt_text, response) for response in responses]
         wholes, shared = (
             [prompt_ids + tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
             len(prompt_ids),
@@ -241,11 +241,11 @@ def encode_pair(
     return _dedupe_bos(tokenizer, prompt_ids[:shared], fixed), chosen_ids, rejected_ids
 
 
-def _response_text(tokenizer, prompt, response) -> str:
+def _response_text(tokenizer, prompt, prompt_text: str, response) -> str:
     """A response's own text: plain, or what the chat template writes for it after the prompt."""
     if not isinstance(response, list):
         return response
-    prompt_text, whole = render_prompt(tokenizer, prompt), _render_whole(tokenizer, prompt, response)
+    whole = _render_whole(tokenizer, prompt, response)
     return whole[len(prompt_text) :] if whole.startswith(prompt_text) else response[0]["content"]
 
 
