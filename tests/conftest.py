@@ -72,6 +72,21 @@ def make_sentencepiece_style_tokenizer(path: Path):
     return tokenizer
 
 
+def train_step_failing_at(call: int, error: BaseException):
+    """qdpo.train.train_step, but raising error at that call; the calls before it train for real."""
+    import qdpo.train as train
+
+    real, calls = train.train_step, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise error
+        return real(*args, **kwargs)
+
+    return step
+
+
 def make_model(path: Path, arch: str = "llama", vocab_size: int = 320, seed: int = 0) -> None:
     """Save a tiny random causal LM of the given architecture (fp32) into path."""
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config

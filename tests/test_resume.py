@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import train_step_failing_at
 from safetensors.torch import load_file
 
 from qdpo.cli import main
@@ -396,17 +397,9 @@ def test_a_resume_stopped_before_its_first_step_can_be_resumed(monkeypatch, tmp_
     import qdpo.train as train
 
     out = tmp_path / "run"
-    real_step, calls = train.train_step, []
-
-    def fail_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_step(*args, **kwargs)
-
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cache"))
     with monkeypatch.context() as m:
-        m.setattr(train, "train_step", fail_second)
+        m.setattr(train, "train_step", train_step_failing_at(2, KeyboardInterrupt()))
         assert run_here(out, tiny_model_dir, data_file, "save_steps=0").exit_code == 130  # no checkpoint
     monkeypatch.setenv("QDPO_CACHE", str(tmp_path / "cold"))  # the reference is computed again: the crash point
     monkeypatch.setenv("QDPO_CRASH_AT", "reference")

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import train_step_failing_at
 
 from qdpo.cli import main
 from qdpo.config import Config, build_config
@@ -250,15 +251,7 @@ def test_a_failure_after_training_started_keeps_the_run(monkeypatch, tmp_path, r
     """Out of memory at step 2 (or Ctrl-C): metrics.jsonl keeps step 1, run.json says why, exit is non-zero."""
     import qdpo.train as train
 
-    real_step, calls = train.train_step, []
-
-    def step_then_fail(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise error
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_step", step_then_fail)
+    monkeypatch.setattr(train, "train_step", train_step_failing_at(2, error))
     result = invoke(*run_args)
     assert result.exit_code == exit_code, result.output
     out = tmp_path / "run"
