@@ -119,11 +119,10 @@ _UMASK = _read_umask()
 def default_permissions(root: Path) -> None:
     """Give root and everything under it the modes a plain mkdir/open would (0777/0666 less the umask): mkdtemp makes
     0700 and safetensors writes 0600, which would hide an adapter or model from the other users of a server."""
-    mask = _UMASK
-    root.chmod(0o777 & ~mask)
+    root.chmod(0o777 & ~_UMASK)
     for path in root.rglob("*"):
         if not path.is_symlink():
-            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
 @contextlib.contextmanager
